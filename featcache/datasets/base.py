@@ -1,0 +1,93 @@
+"""The dataset item model shared by every layout reader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "query", "gallery")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DatasetLayoutError(ValueError):
+    """The folder does not follow the dataset's official layout or naming rule."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: its path relative to the dataset root, identity, camera and split.
+
+    Identities and cameras are kept as the dataset names them (Market-1501
+    cameras are 1-6, VeRi-776 cameras 1-20); pid 0 is a distractor.
+    """
+
+    path: str
+    pid: int
+    camid: int
+    split: str
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise DatasetLayoutError(f"{self.path}: split {self.split!r} is not one of {SPLITS}")
+
+
+@dataclass
+class Listing:
+    """What a reader found: the usable items and the files it had to reject (path, reason)."""
+
+    name: str
+    root: Path
+    items: list[Item] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, split: str) -> int:
+        return sum(1 for it in self.items if it.split == split)
+
+    def summary(self) -> str:
+        parts = [f"{s}: {self.count(s)}" for s in SPLITS]
+        if self.rejected:
+            parts.append(f"rejected names: {len(self.rejected)}")
+        return f"{self.name} at {self.root} ({', '.join(parts)})"
+
+
+def require_dir(root: Path, sub: str, dataset: str, hint: str) -> Path:
+    """Return ``root/sub`` or raise naming the missing folder and the expected layout."""
+    path = root / sub
+    if not path.is_dir():
+        raise DatasetLayoutError(
+            f"{dataset}: folder {path} not found. Expected layout under {root}: {hint}"
+        )
+    return path
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (other files, e.g. Thumbs.db, are skipped)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    others = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        logger.debug("%s: skipping %d non-image files (%s ...)", folder, len(others), others[0])
+    return files
+
+
+def raise_on_rejected(listing: Listing, pattern: str, strict: bool) -> None:
+    """In strict mode, refuse a listing with badly named files; else log them.
+
+    Names that break the dataset's rule are never guessed into an identity.
+    """
+    if not listing.rejected:
+        return
+    shown = "\n".join(f"  {p}: {why}" for p, why in listing.rejected[:20])
+    more = f"\n  ... and {len(listing.rejected) - 20} more" if len(listing.rejected) > 20 else ""
+    if strict:
+        raise DatasetLayoutError(
+            f"{listing.name}: {len(listing.rejected)} file(s) under {listing.root} do not follow "
+            f"the naming rule {pattern}:\n{shown}{more}\n"
+            "Rename or remove them, or pass --skip-bad-names to record them as failed and go on."
+        )
+    logger.warning(
+        "%s: %d file(s) do not follow %s and are recorded as failed:\n%s%s",
+        listing.name, len(listing.rejected), pattern, shown, more,
+    )

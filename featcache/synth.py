@@ -1,0 +1,149 @@
+"""``featcache synth``: synthetic re-ID datasets written as real JPEGs in the official layouts.
+
+Market-1501 layout: ``bounding_box_train``, ``bounding_box_test`` (with 0000
+distractors and -1 junk boxes), ``query`` (one image per identity and camera,
+as in the official split). VeRi-776 layout: ``image_train``, ``image_test``,
+``image_query`` (queries also appear in the test set, as in the official data),
+the ``name_*.txt`` lists and ``gt_index.txt`` / ``jk_index.txt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from featcache.synth_render import Person, Scene, Vehicle, render_person, render_vehicle
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_CAMS = {"market1501": 6, "veri776": 20}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out: Path
+    layout: str = "market1501"
+    ids: int = 50
+    cams: int = 6
+    seed: int = 0
+    images_per_cam: tuple[int, int] = (2, 4)
+    cams_per_id: tuple[int, int] = (2, 4)
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUT_CAMS:
+            raise ValueError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CAMS)}")
+        if not 2 <= self.cams <= LAYOUT_CAMS[self.layout]:
+            raise ValueError(f"--cams {self.cams}: {self.layout} takes 2 to {LAYOUT_CAMS[self.layout]} cameras")
+        if self.ids < 4:
+            raise ValueError(f"--ids {self.ids}: at least 4 identities (half train, half test)")
+
+
+@dataclass
+class _Shot:
+    pid: int
+    cam: int
+    frame: int
+    image_seed: int
+
+
+def _plan(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[int], list[int], list[_Shot]]:
+    """Choose train/test identities and the shots (identity, camera, frame) of each."""
+    pids = list(range(1, cfg.ids + 1))
+    perm = rng.permutation(pids)
+    train = sorted(int(p) for p in perm[: cfg.ids // 2])
+    test = sorted(int(p) for p in perm[cfg.ids // 2:])
+    shots: list[_Shot] = []
+    for pid in pids:
+        n_cam = int(rng.integers(cfg.cams_per_id[0], min(cfg.cams_per_id[1], cfg.cams) + 1))
+        for cam in sorted(rng.choice(np.arange(1, cfg.cams + 1), n_cam, replace=False)):
+            for _ in range(int(rng.integers(cfg.images_per_cam[0], cfg.images_per_cam[1] + 1))):
+                shots.append(_Shot(pid, int(cam), int(rng.integers(0, 99_999)), int(rng.integers(2**31))))
+    return train, test, shots
+
+
+def _queries(shots: list[_Shot], test: set[int]) -> set[int]:
+    """Indices of query shots: the first shot of each test identity in each camera."""
+    seen: set[tuple[int, int]] = set()
+    out: set[int] = set()
+    for i, s in enumerate(shots):
+        if s.pid in test and (s.pid, s.cam) not in seen:
+            seen.add((s.pid, s.cam))
+            out.add(i)
+    return out
+
+
+def generate(cfg: SynthConfig) -> dict[str, int]:
+    """Write the dataset under ``cfg.out``; return the number of files per folder."""
+    rng = np.random.default_rng(cfg.seed)
+    scenes = {c: Scene.sample(np.random.default_rng([cfg.seed, 1, c])) for c in range(1, cfg.cams + 1)}
+    train, test, shots = _plan(cfg, rng)
+    if cfg.layout == "market1501":
+        return _write_market(cfg, rng, scenes, set(train), set(test), shots)
+    return _write_veri(cfg, rng, scenes, set(train), set(test), shots)
+
+
+def _save(img, path: Path, rng: np.random.Generator) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, "JPEG", quality=int(rng.integers(75, 96)))
+
+
+def _write_market(cfg: SynthConfig, rng, scenes, train: set[int], test: set[int], shots: list[_Shot]) -> dict[str, int]:
+    people = {pid: Person.sample(np.random.default_rng([cfg.seed, 2, pid])) for pid in train | test}
+    queries = _queries(shots, test)
+    counts = {"bounding_box_train": 0, "bounding_box_test": 0, "query": 0}
+    for i, s in enumerate(tqdm(shots, desc="synth market1501", unit="img")):
+        folder = "bounding_box_train" if s.pid in train else ("query" if i in queries else "bounding_box_test")
+        seq = 1 + s.frame % 6
+        name = f"{s.pid:04d}_c{s.cam}s{seq}_{s.frame:06d}_{i % 100:02d}.jpg"
+        img = render_person(people[s.pid], scenes[s.cam], np.random.default_rng(s.image_seed))
+        _save(img, cfg.out / folder / name, rng)
+        counts[folder] += 1
+    # distractors (0000: people outside the query identities) and junk boxes (-1: background crops)
+    for k in range(max(5, cfg.ids // 2)):
+        cam = int(rng.integers(1, cfg.cams + 1))
+        img = render_person(Person.sample(np.random.default_rng([cfg.seed, 3, k])), scenes[cam], rng)
+        _save(img, cfg.out / "bounding_box_test" / f"0000_c{cam}s1_{k:06d}_00.jpg", rng)
+        counts["bounding_box_test"] += 1
+    for k in range(max(3, cfg.ids // 10)):
+        cam = int(rng.integers(1, cfg.cams + 1))
+        img = scenes[cam].finish(scenes[cam].background(64, 128, rng), rng)
+        _save(img, cfg.out / "bounding_box_test" / f"-1_c{cam}s1_{k:06d}_00.jpg", rng)
+        counts["bounding_box_test"] += 1
+    return counts
+
+
+def _write_veri(cfg: SynthConfig, rng, scenes, train: set[int], test: set[int], shots: list[_Shot]) -> dict[str, int]:
+    cars = {pid: Vehicle.sample(np.random.default_rng([cfg.seed, 2, pid])) for pid in train | test}
+    queries = _queries(shots, test)
+    names: dict[str, list[str]] = {"train": [], "query": [], "test": []}
+    test_meta: list[tuple[int, int]] = []
+    query_meta: list[tuple[int, int]] = []
+    for i, s in enumerate(tqdm(shots, desc="synth veri776", unit="img")):
+        name = f"{s.pid:04d}_c{s.cam:03d}_{s.frame:08d}_{i % 2}.jpg"
+        img = render_vehicle(cars[s.pid], scenes[s.cam], np.random.default_rng(s.image_seed))
+        if s.pid in train:
+            _save(img, cfg.out / "image_train" / name, rng)
+            names["train"].append(name)
+            continue
+        _save(img, cfg.out / "image_test" / name, rng)
+        names["test"].append(name)
+        test_meta.append((s.pid, s.cam))
+        if i in queries:  # as in VeRi-776, a query image is also part of the test set
+            _save(img, cfg.out / "image_query" / name, rng)
+            names["query"].append(name)
+            query_meta.append((s.pid, s.cam))
+    for split, lst in names.items():
+        (cfg.out / f"name_{split}.txt").write_text("".join(n + "\n" for n in lst))
+    gt_lines, jk_lines = [], []
+    for qpid, qcam in query_meta:
+        good = [str(j + 1) for j, (p, c) in enumerate(test_meta) if p == qpid and c != qcam]
+        junk = [str(j + 1) for j, (p, c) in enumerate(test_meta) if p == qpid and c == qcam]
+        gt_lines.append(" ".join(good) + " \n")
+        jk_lines.append(" ".join(junk) + " \n")
+    (cfg.out / "gt_index.txt").write_text("".join(gt_lines))
+    (cfg.out / "jk_index.txt").write_text("".join(jk_lines))
+    return {"image_train": len(names["train"]), "image_test": len(names["test"]), "image_query": len(names["query"])}
