@@ -1,0 +1,71 @@
+"""Backbone presets: data, one JSON file each in ``presets/``, discovered by name (as open_clip does).
+
+A preset names a model family and either a published model (``model`` plus
+``pretrained`` tag for open_clip, a Hugging Face id for ALIGN) or an inline
+architecture (``model_cfg``) for the tiny randomly initialised presets.
+``attn_depths`` are 1-based: transformer blocks for open_clip, EfficientNet
+stages (of 7) for ALIGN, whose outputs give the attention maps of Eq. 11.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class PresetError(ValueError):
+    """An unknown preset name or a malformed preset file."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    description: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    attn_depths: tuple[int, ...]
+    random_init: bool = False
+    model: str | None = None
+    pretrained: str | None = None
+    quick_gelu: bool = False
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> "Preset":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PresetError(f"{source}: unknown preset keys {unknown}; known: {sorted(known)}")
+        try:
+            p = cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"]), "attn_depths": tuple(data["attn_depths"])})
+        except (KeyError, TypeError) as exc:
+            raise PresetError(f"{source}: malformed preset ({exc})") from None
+        if p.model is None and not p.model_cfg:
+            raise PresetError(f"{source}: a preset needs 'model' (a published model) or 'model_cfg' (an inline architecture)")
+        if p.family == "align" and not p.model_cfg:
+            raise PresetError(f"{source}: an ALIGN preset needs 'model_cfg' (the architecture, for --random-init)")
+        if len(p.attn_depths) < 4:
+            raise PresetError(f"{source}: attn_depths needs at least four depths, got {list(p.attn_depths)}")
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def get_preset(name: str) -> Preset:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise PresetError(f"unknown backbone preset {name!r}; available: {', '.join(available_presets())}")
+    data = json.loads(path.read_text())
+    if data.get("name") != name:
+        raise PresetError(f"{path}: 'name' is {data.get('name')!r}, expected {name!r} (the file name)")
+    return Preset.from_dict(data, str(path))

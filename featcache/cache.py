@@ -1,0 +1,299 @@
+"""The HDF5 feature cache: layout, creation, compatibility check, writes and summary.
+
+Layout (all readable with plain h5py; see docs/cache-format.md):
+
+- root attributes: ``format`` ('featcache-cache'), ``format_version``,
+  ``featcache_version``, ``identity`` (JSON: dataset, root, preprocessing,
+  views, backbones and their weights), ``created``.
+- ``images/``: one row per listed image: ``path`` (relative to the dataset
+  root), ``pid``, ``camid``, ``split`` (0 train, 1 query, 2 gallery),
+  ``width``, ``height``, ``sha1`` (of the file bytes), ``status`` (0 pending,
+  1 cached, 2 failed), ``reason`` (why it failed), ``n_views``, ``view_start``.
+- ``views/``: one row per (image, view): ``image``, ``view``, ``dx``, ``dy``,
+  ``flip`` (see featcache.preprocess).
+- ``backbones/<preset>/<output>``: one row per view row (``tokens``: one
+  per image for ``--tokens view0``, per view row for ``all``).
+
+Every array is allocated contiguously when the file is created, and the
+file is created under a temporary name and renamed. A run then only
+overwrites raw bytes at fixed offsets and never changes HDF5 metadata, so a
+process killed at any moment leaves a file that opens; ``status`` is written
+after the arrays of its batch, so a killed batch is simply redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+from featcache import __version__
+from featcache.datasets import SPLITS, Listing
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "featcache-cache"
+FORMAT_VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+REASON_LEN = 256
+SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
+
+
+class CacheError(ValueError):
+    """A cache file that is not a featcache cache, or does not match the requested run."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+    doc: str
+    token: bool = False
+
+
+def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    """A contiguous dataset allocated now (no fill): later writes touch raw data only."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(shape if all(shape) else tuple(max(1, s) for s in shape))
+    tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
+    dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+    return h5py.Dataset(dsid)
+
+
+def _items_digest(listing: Listing) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for it in listing.items:
+        h.update(f"{it.path}\t{it.pid}\t{it.camid}\t{it.split}\n".encode())
+    for path, _ in listing.rejected:
+        h.update(f"{path}\trejected\n".encode())
+    return h.hexdigest()
+
+
+def make_identity(listing: Listing, preprocessing: dict[str, Any], backbones: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything that must match for a cache to be resumed or reused (JSON-normalised)."""
+    return json.loads(json.dumps({
+        "dataset": listing.name,
+        "dataset_root": str(listing.root),
+        "items": _items_digest(listing),
+        "preprocessing": preprocessing,
+        "backbones": backbones,
+    }))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            key = f"{prefix}.{k}" if prefix else k
+            if k not in old:
+                out.append(f"{key}: absent in the cache, requested {new[k]!r}")
+            elif k not in new:
+                out.append(f"{key}: cache has {old[k]!r}, not requested")
+            else:
+                out += _diff(old[k], new[k], key)
+        return out
+    return [] if old == new else [f"{prefix}: cache has {old!r}, requested {new!r}"]
+
+
+def check_identity(path: Path, wanted: dict[str, Any]) -> None:
+    """Refuse to resume a cache made from other data, preprocessing, backbones or weights."""
+    with open_cache(path) as f:
+        have = json.loads(f.attrs["identity"])
+    diffs = _diff(have, wanted)
+    if diffs:
+        raise CacheError(
+            f"{path} was built differently and cannot be resumed:\n  " + "\n  ".join(diffs)
+            + "\nUse --overwrite to replace it, or another --out."
+        )
+
+
+def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
+    """Open a featcache cache, refusing other files with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"cache {path} does not exist")
+    try:
+        f = h5py.File(path, mode)
+    except OSError as exc:
+        raise CacheError(f"{path} is not a readable HDF5 file ({exc})") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise CacheError(f"{path} is not a featcache cache (no format={FORMAT!r} attribute)")
+    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
+        f.close()
+        raise CacheError(f"{path} has format version {f.attrs['format_version']}, newer than this featcache reads ({FORMAT_VERSION})")
+    return f
+
+
+def create_cache(
+    path: Path,
+    listing: Listing,
+    identity: dict[str, Any],
+    n_views: dict[str, int],
+    specs: dict[str, dict[str, ArraySpec]],
+    tokens: str,
+) -> None:
+    """Create the whole file under a temporary name, then rename it into place."""
+    rows = [(it, n_views[it.split]) for it in listing.items] + [(None, 0)] * len(listing.rejected)
+    n_img = len(rows)
+    counts = np.array([v for _, v in rows], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_img else np.zeros(0, np.int64)
+    n_rows = int(counts.sum())
+    tmp = path.with_name(path.name + ".creating")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            format=FORMAT, format_version=FORMAT_VERSION, featcache_version=__version__,
+            identity=json.dumps(identity, sort_keys=True), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            split_codes=json.dumps(list(SPLITS)), status_codes=json.dumps({"pending": PENDING, "cached": DONE, "failed": FAILED}),
+            tokens=tokens,
+        )
+        g = f.create_group("images")
+        paths = [it.path for it, _ in rows if it is not None] + [p for p, _ in listing.rejected]
+        g.create_dataset("path", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
+        items = [it for it, _ in rows if it is not None]
+        rej_split = [_split_of_rejected(p, listing) for p, _ in listing.rejected]
+        g.create_dataset("pid", data=np.array([it.pid for it in items] + [-1] * len(rej_split), dtype=np.int32))
+        g.create_dataset("camid", data=np.array([it.camid for it in items] + [-1] * len(rej_split), dtype=np.int32))
+        g.create_dataset("split", data=np.array([SPLIT_CODE[it.split] for it in items] + rej_split, dtype=np.uint8))
+        g.create_dataset("n_views", data=counts.astype(np.uint8))
+        g.create_dataset("view_start", data=starts.astype(np.int64))
+        status = np.array([PENDING] * len(items) + [FAILED] * len(rej_split), dtype=np.uint8)
+        reason = np.array([b""] * len(items) + [r.encode()[:REASON_LEN] for _, r in listing.rejected], dtype=f"S{REASON_LEN}")
+        for name, data in (("status", status), ("reason", reason)):
+            _create_fixed(g, name, data.shape, data.dtype)[...] = data
+        for name, dt in (("width", np.int32), ("height", np.int32), ("sha1", "S40")):
+            _create_fixed(g, name, (n_img,), dt)
+        v = f.create_group("views")
+        v.create_dataset("image", data=np.repeat(np.arange(n_img), counts).astype(np.int64))
+        v.create_dataset("view", data=np.concatenate([np.arange(c) for c in counts]).astype(np.uint8) if n_rows else np.zeros(0, np.uint8))
+        for name, dt in (("dx", np.int16), ("dy", np.int16), ("flip", np.uint8)):
+            _create_fixed(v, name, (n_rows,), dt)
+        for bname, outs in specs.items():
+            bg = f.create_group(f"backbones/{bname}")
+            bg.attrs["outputs"] = json.dumps({k: s.doc for k, s in outs.items()})
+            for oname, spec in outs.items():
+                if spec.token and tokens == "none":
+                    continue
+                n = (n_img if tokens == "view0" else n_rows) if spec.token else n_rows
+                ds = _create_fixed(bg, oname, (n, *spec.shape), spec.dtype)
+                ds.attrs["doc"] = spec.doc
+                ds.attrs["rows"] = ("image" if tokens == "view0" else "view") if spec.token else "view"
+    os.replace(tmp, path)
+
+
+def _split_of_rejected(path: str, listing: Listing) -> int:
+    """Rejected names keep the split of their folder, so `info` can count them per split."""
+    top = path.split("/", 1)[0]
+    mapping = {"bounding_box_train": "train", "image_train": "train", "train": "train", "mask_train_v2": "train",
+               "query": "query", "image_query": "query", "bounding_box_test": "gallery", "image_test": "gallery"}
+    return SPLIT_CODE.get(mapping.get(top, "gallery"), 2)
+
+
+def summary(path: str | Path) -> dict[str, Any]:
+    """What ``featcache info --json`` prints: counts per split, failures, arrays and sizes per backbone."""
+    with open_cache(path) as f:
+        g = f["images"]
+        status, split = g["status"][...], g["split"][...]
+        paths, reasons = g["path"].asstr()[...], g["reason"][...]
+        out: dict[str, Any] = {
+            "path": str(path),
+            "featcache_version": f.attrs["featcache_version"],
+            "identity": json.loads(f.attrs["identity"]),
+            "splits": {s: int(((status == DONE) & (split == i)).sum()) for i, s in enumerate(SPLITS)},
+            "pending": int((status == PENDING).sum()),
+            "failed": [{"path": str(paths[i]), "reason": reasons[i].decode(errors="replace")} for i in np.flatnonzero(status == FAILED)],
+            "tokens": f.attrs["tokens"],
+            "backbones": {},
+            "file_bytes": Path(path).stat().st_size,
+        }
+        for name, bg in f["backbones"].items():
+            arrays = {k: {"shape": list(d.shape), "dtype": str(d.dtype), "rows": d.attrs["rows"], "doc": d.attrs["doc"]} for k, d in bg.items()}
+            out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(d.id.get_storage_size() for d in bg.values()))}
+    return out
+
+
+class CacheWriter:
+    """Writes finished batches into an open cache: arrays first, then status (see module doc)."""
+
+    def __init__(self, path: Path) -> None:
+        self.f = open_cache(path, "r+")
+        g = self.f["images"]
+        self.view_start = g["view_start"][...]
+        self.n_views = g["n_views"][...]
+        self.tokens = self.f.attrs["tokens"]
+
+    def write(self, batch: "BatchResult") -> None:
+        g = self.f["images"]
+        ok = batch.ok_images
+        if len(ok):
+            rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok])
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            contiguous = r1 - r0 == len(rows)
+            for name, arr in (("dx", batch.params[:, 0]), ("dy", batch.params[:, 1]), ("flip", batch.params[:, 2])):
+                _put(self.f["views"][name], rows, arr, contiguous)
+            for bname, outs in batch.outputs.items():
+                bg = self.f["backbones"][bname]
+                for oname, arr in outs.items():
+                    if oname not in bg:
+                        continue
+                    if bg[oname].attrs["rows"] == "image":
+                        _put(bg[oname], np.asarray(ok), arr[batch.first_view_index], False)
+                    else:
+                        _put(bg[oname], rows, arr, contiguous)
+            for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):
+                _put(g[name], np.asarray(ok), arr, False)
+        self.f.flush()
+        idx = np.asarray(batch.images)
+        order = np.argsort(idx)
+        status = np.where(batch.failed_mask, FAILED, DONE).astype(np.uint8)
+        reasons = np.array([r.encode()[:REASON_LEN] for r in batch.reasons], dtype=f"S{REASON_LEN}")
+        _put(g["reason"], idx[order], reasons[order], False)
+        _put(g["status"], idx[order], status[order], False)
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _put(ds: h5py.Dataset, rows: np.ndarray, arr: np.ndarray, contiguous: bool) -> None:
+    """Write ``arr`` at ``rows``: one slice when the rows are contiguous, else runs of consecutive rows."""
+    if len(rows) == 0:
+        return
+    if contiguous:
+        ds[int(rows[0]): int(rows[0]) + len(rows)] = arr
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+        ds[int(rows[a]): int(rows[a]) + int(b - a)] = arr[a:b]
+
+
+@dataclass
+class BatchResult:
+    """One batch of images after inference: what the writer stores."""
+
+    images: list[int]              # image indices, cached and failed
+    failed_mask: np.ndarray        # bool per entry of ``images``
+    reasons: list[str]             # '' for cached images
+    ok_images: list[int]           # image indices with outputs, in row order
+    widths: np.ndarray
+    heights: np.ndarray
+    sha1: np.ndarray
+    params: np.ndarray             # (rows, 3) dx, dy, flip
+    first_view_index: np.ndarray   # row of view 0 of each ok image within the batch
+    outputs: dict[str, dict[str, np.ndarray]]
+
+
+def iter_failed(path: str | Path) -> Iterable[tuple[str, str]]:
+    for rec in summary(path)["failed"]:
+        yield rec["path"], rec["reason"]

@@ -1,0 +1,155 @@
+"""The ``featcache`` command line: one click group, each command parses options and calls one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from featcache import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="featcache")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML of defaults per command (the command line overrides).")
+@click.option("-v", "--verbose", count=True, help="-v for progress logs, -vv for debug.")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, verbose: int) -> None:
+    """featcache: run foundation backbones once, cache their features, train and evaluate re-ID from the cache."""
+    _setup_logging(max(verbose, 1))
+    if config is not None:
+        from featcache.config import load_default_map
+
+        ctx.default_map = load_default_map(config, main)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--layout", type=click.Choice(["market1501", "veri776"]), default="market1501", show_default=True)
+@click.option("--ids", type=int, default=50, show_default=True, help="Number of identities (half train, half test).")
+@click.option("--cams", type=int, default=6, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: Path, layout: str, ids: int, cams: int, seed: int) -> None:
+    """Write a synthetic dataset of real JPEGs in an official layout."""
+    from featcache.synth import SynthConfig, generate
+
+    try:
+        cfg = SynthConfig(out, layout, ids, cams, seed)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    counts = generate(cfg)
+    click.echo(f"wrote {sum(counts.values())} images to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: expected PRESET=PATH", param_hint="--weights")
+        out[name] = path
+    return out
+
+
+@main.command()
+@click.option("--dataset", required=True, type=click.Choice(["market1501", "veri776", "dukemtmc", "msmt17", "csv"]))
+@click.option("--root", required=True, type=click.Path(path_type=Path), help="Dataset folder in its official layout (csv: the manifest or its folder).")
+@click.option("--backbone", "backbones", multiple=True, required=True, help="Backbone preset; repeat for several (see `featcache backbones`).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write or resume.")
+@click.option("--views", type=int, default=4, show_default=True, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch (keep it fixed across a resume for bit-equal results).")
+@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader decoding processes (0: decode in the main process).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--weights", "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir).")
+@click.option("--random-init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache instead of resuming it.")
+@click.option("--tokens", type=click.Choice(["view0", "all", "none"]), default="view0", show_default=True, help="Which views keep token features.")
+@click.option("--image-size", default="256", show_default=True, help="Input size N or HxW (256x128 is usual for persons).")
+@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the stored training augmentations.")
+@click.option("--skip-bad-names", is_flag=True, help="Record files that break the naming rule as failed instead of stopping.")
+@click.pass_context
+def extract(ctx: click.Context, **params) -> None:
+    """Run the frozen backbones once over every image and cache their outputs in HDF5."""
+    from featcache.config import save_resolved
+    from featcache.extract.runner import ExtractConfig, run_extract
+    from featcache.preprocess import parse_size
+
+    try:
+        cfg = ExtractConfig(
+            dataset=params["dataset"], root=params["root"], backbones=tuple(params["backbones"]), out=params["out"],
+            views=params["views"], batch_size=params["batch_size"], workers=params["workers"], device=params["device"],
+            weights=_parse_weights(params["weights"]), overwrite=params["overwrite"], tokens=params["tokens"],
+            image_size=parse_size(params["image_size"]), aug_seed=params["aug_seed"], random_init=params["random_init"],
+            skip_bad_names=params["skip_bad_names"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    res = _run(run_extract, cfg)
+    save_resolved(cfg.out.with_name(cfg.out.name + ".config.yaml"), "extract", params)
+    s = res.summary
+    click.echo(
+        f"{cfg.out}: cached train {s['splits']['train']}, query {s['splits']['query']}, gallery {s['splits']['gallery']}; "
+        f"failed {len(s['failed'])}; {res.processed} images this run at {res.images_per_second:.1f} img/s"
+    )
+
+
+def _run(fn, *args):
+    """Turn expected input errors into a clean message and exit code 2 (no traceback)."""
+    from featcache.backbones import PresetError, WeightsNotFoundError
+    from featcache.cache import CacheError
+    from featcache.datasets import DatasetLayoutError
+
+    try:
+        return fn(*args)
+    except (DatasetLayoutError, CacheError, PresetError, WeightsNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def info(cache: Path, as_json: bool) -> None:
+    """Describe a cache: images per split, failures, stored arrays and sizes per backbone."""
+    from featcache.cache import summary
+
+    s = _run(summary, cache)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    ident = s["identity"]
+    pre = ident["preprocessing"]
+    click.echo(f"{cache}  (featcache {s['featcache_version']}, {s['file_bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"dataset {ident['dataset']} at {ident['dataset_root']}")
+    click.echo(f"input {pre['image_size'][0]}x{pre['image_size'][1]} ({pre['resize']}); views {pre['views']}; tokens {pre['tokens']}")
+    click.echo("cached: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"; pending {s['pending']}; failed {len(s['failed'])}")
+    for name, b in s["backbones"].items():
+        click.echo(f"\nbackbone {name}  weights {ident['backbones'][name]['weights']}  ({b['bytes'] / 2**20:.1f} MiB)")
+        for k, a in b["arrays"].items():
+            click.echo(f"  {k:10s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} per {a['rows']:5s}  {a['doc']}")
+    if s["failed"]:
+        click.echo("\nfailed:")
+        for rec in s["failed"]:
+            click.echo(f"  {rec['path']}: {rec['reason']}")
+
+
+@main.command()
+def backbones() -> None:
+    """List the backbone presets."""
+    from featcache.backbones import available_presets, get_preset
+
+    for name in available_presets():
+        p = get_preset(name)
+        src = f"{p.model}" + (f" ({p.pretrained})" if p.pretrained else "") if not p.random_init else "random init"
+        click.echo(f"{name:14s} {p.family:9s} {src:34s} {p.description}")

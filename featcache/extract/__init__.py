@@ -1,0 +1,1 @@
+"""Extraction as reader -> mapper -> writer (as clip-retrieval does), wired by ``runner``."""

@@ -1,0 +1,172 @@
+"""``featcache extract``: list the dataset, build the backbones, stream images through reader -> mapper -> writer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featcache.backbones import build_backbone
+from featcache.cache import PENDING, ArraySpec, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
+from featcache.datasets import load_listing
+from featcache.extract.mapper import Mapper
+from featcache.extract.reader import BlockSampler, ImageReader, collate, stack_views
+from featcache.extract.writer import BackgroundWriter
+from featcache.preprocess import AUG_PAD
+
+logger = logging.getLogger(__name__)
+
+TOKEN_MODES = ("view0", "all", "none")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    dataset: str
+    root: Path
+    backbones: tuple[str, ...]
+    out: Path
+    views: int = 4
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    weights: dict[str, str] = field(default_factory=dict)
+    overwrite: bool = False
+    tokens: str = "view0"
+    image_size: tuple[int, int] = (256, 256)
+    aug_seed: int = 0
+    random_init: bool = False
+    skip_bad_names: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.backbones:
+            raise ValueError("--backbone: give at least one backbone preset (see `featcache backbones`)")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ValueError(f"--backbone: a preset is named twice in {list(self.backbones)}")
+        unknown = sorted(set(self.weights) - set(self.backbones))
+        if unknown:
+            raise ValueError(f"--weights names {unknown}, which are not among the --backbone presets {list(self.backbones)}")
+        if not 1 <= self.views <= 64:
+            raise ValueError(f"--views {self.views}: expected 1 to 64 (0 clean, 1 flip, 2+ augmentations)")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError("--batch-size must be at least 1 and --workers at least 0")
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"--tokens {self.tokens!r}: expected one of {TOKEN_MODES}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: expected auto, cpu or cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class ExtractResult:
+    cache: Path
+    processed: int
+    seconds: float
+    summary: dict[str, Any]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached."""
+    listing = load_listing(cfg.dataset, cfg.root, strict=not cfg.skip_bad_names)
+    logger.info("dataset: %s", listing.summary())
+    device = resolve_device(cfg.device)
+    backbones = {n: build_backbone(n, cfg.image_size, cfg.weights.get(n), cfg.random_init) for n in cfg.backbones}
+    specs = {n: {k: ArraySpec(s.shape, s.dtype, s.doc, s.token) for k, s in b.output_specs().items()} for n, b in backbones.items()}
+    n_views = {"train": cfg.views, "query": min(cfg.views, 2), "gallery": min(cfg.views, 2)}
+    preprocessing = {
+        "image_size": list(cfg.image_size),
+        "resize": "PIL bilinear, aspect preserved, zero padded, centred",
+        "views": n_views,
+        "augment": {"kind": "pad-crop-flip", "pad": AUG_PAD, "seed": cfg.aug_seed},
+        "tokens": cfg.tokens,
+    }
+    identity = make_identity(
+        listing, preprocessing,
+        {n: {"family": b.family, "weights": b.weights_id, "preset": b.preset.to_dict()} for n, b in backbones.items()},
+    )
+    out = cfg.out
+    if out.exists() and cfg.overwrite:
+        logger.warning("--overwrite: replacing %s", out)
+        out.unlink()
+    if out.exists():
+        check_identity(out, identity)
+        logger.info("resuming %s", out)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        create_cache(out, listing, identity, n_views, specs, cfg.tokens)
+
+    with open_cache(out) as f:
+        pending = f["images/status"][: len(listing.items)] == PENDING
+    sampler = BlockSampler(len(listing.items), cfg.batch_size, pending)
+    todo = sum(len(b) for b in sampler.blocks)
+    logger.info("%d of %d images to extract (%d already done)", todo, len(listing.items), len(listing.items) - int(pending.sum()))
+    reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
+    loader = torch.utils.data.DataLoader(
+        reader, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+    )
+    batches = iter(loader)  # fork the decoding workers before the cache is opened for writing,
+    # so that no worker inherits its file lock (a killed run must leave the file free to resume)
+    mapper = Mapper(backbones, specs, device)
+    bg = BackgroundWriter(CacheWriter(out))
+    start = time.perf_counter()
+    done = 0
+    try:
+        with tqdm(total=todo, unit="img", desc="extract", dynamic_ncols=True) as bar:
+            for records in batches:
+                bg.submit(_map_batch(records, mapper))
+                done += len(records)
+                bar.update(len(records))
+    finally:
+        bg.close()
+    seconds = time.perf_counter() - start
+    result = ExtractResult(out, done, seconds, summary(out))
+    _log_summary(result)
+    return result
+
+
+def _map_batch(records, mapper: Mapper) -> BatchResult:
+    ok = [r for r in records if r.views is not None]
+    outputs = mapper(stack_views(ok)) if ok else {}
+    counts = np.array([len(r.views) for r in ok], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if ok else np.zeros(0, np.int64)
+    return BatchResult(
+        images=[r.index for r in records],
+        failed_mask=np.array([r.views is None for r in records]),
+        reasons=[r.error for r in records],
+        ok_images=[r.index for r in ok],
+        widths=np.array([r.width for r in ok], dtype=np.int32),
+        heights=np.array([r.height for r in ok], dtype=np.int32),
+        sha1=np.array([r.sha1.encode() for r in ok], dtype="S40"),
+        params=np.concatenate([r.params for r in ok]) if ok else np.zeros((0, 3), np.int16),
+        first_view_index=first,
+        outputs=outputs,
+    )
+
+
+def _log_summary(res: ExtractResult) -> None:
+    s = res.summary
+    logger.info(
+        "extracted %d images in %.1f s (%.1f img/s); cached per split: %s; failed: %d; pending: %d",
+        res.processed, res.seconds, res.images_per_second, s["splits"], len(s["failed"]), s["pending"],
+    )
+    for rec in s["failed"][:50]:
+        logger.warning("failed: %s (%s)", rec["path"], rec["reason"])
+    if len(s["failed"]) > 50:
+        logger.warning("... and %d more failures (featcache info %s)", len(s["failed"]) - 50, res.cache)

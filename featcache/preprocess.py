@@ -1,0 +1,67 @@
+"""Image preprocessing shared by extraction and every later stage, so pixels match exactly.
+
+An image is resized with PIL bilinear interpolation to fit (H, W) keeping its
+aspect ratio, and centred on a zero (black) canvas. View 0 is that image,
+view 1 its horizontal flip; training views 2+ are seeded augmentations:
+pad by ``AUG_PAD`` zeros, crop (H, W) at offset (dy, dx), flip if drawn. The
+parameters (dx, dy, flip) of every view are stored in the cache, so
+``apply_view(letterbox(img), dx, dy, flip)`` rebuilds the exact pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+AUG_PAD = 10
+
+
+def letterbox(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB image -> uint8 array (H, W, 3), aspect preserved, zero padded, centred."""
+    h, w = size
+    scale = min(h / img.height, w / img.width)
+    nh, nw = max(1, round(img.height * scale)), max(1, round(img.width * scale))
+    resized = np.asarray(img.convert("RGB").resize((nw, nh), Image.BILINEAR))
+    out = np.zeros((h, w, 3), dtype=np.uint8)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    out[top: top + nh, left: left + nw] = resized
+    return out
+
+
+def view_params(n_views: int, seed: int, index: int) -> np.ndarray:
+    """(n_views, 3) int16 rows of (dx, dy, flip): view 0 clean, view 1 flipped, then seeded crops and flips.
+
+    The seed of view v of image ``index`` is (seed, index, v), independent of
+    batch order, so a resumed run draws the same augmentations.
+    """
+    rows = [(AUG_PAD, AUG_PAD, 0), (AUG_PAD, AUG_PAD, 1)][:n_views]
+    for v in range(2, n_views):
+        rng = np.random.default_rng([seed, index, v])
+        dx, dy = rng.integers(0, 2 * AUG_PAD + 1, size=2)
+        rows.append((int(dx), int(dy), int(rng.random() < 0.5)))
+    return np.asarray(rows, dtype=np.int16).reshape(-1, 3)
+
+
+def apply_view(base: np.ndarray, dx: int, dy: int, flip: int) -> np.ndarray:
+    """Pad ``base`` (H, W, 3) by AUG_PAD zeros, crop (H, W) at (dy, dx), optionally flip left-right."""
+    h, w = base.shape[:2]
+    if (dx, dy) == (AUG_PAD, AUG_PAD):
+        out = base
+    else:
+        padded = np.pad(base, ((AUG_PAD, AUG_PAD), (AUG_PAD, AUG_PAD), (0, 0)))
+        out = padded[dy: dy + h, dx: dx + w]
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '256x128' -> (256, 128) as (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected N or HxW, e.g. 256 or 256x128") from None
+    if len(vals) == 1:
+        vals *= 2
+    if len(vals) != 2 or min(vals) < 16:
+        raise ValueError(f"image size {text!r}: expected N or HxW with sides of at least 16 pixels")
+    return vals[0], vals[1]
