@@ -1,0 +1,5 @@
+"""``python -m featcache`` runs the command line."""
+
+from featcache.cli import main
+
+main()

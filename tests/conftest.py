@@ -1,0 +1,63 @@
+"""Shared fixtures: a small synthetic Market-1501, one extracted cache, and the real material in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, skipping the test when the material is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real material {p} not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def market_root(tmp_path_factory) -> Path:
+    from featcache.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth") / "market"
+    generate(SynthConfig(root, "market1501", ids=8, cams=3, seed=1))
+    return root
+
+
+def extract_cfg(root: Path, out: Path, **kw):
+    from featcache.extract.runner import ExtractConfig
+
+    base = dict(dataset="market1501", root=root, backbones=("clip-tiny", "align-tiny"), out=out, views=3,
+                batch_size=8, workers=0, image_size=(64, 32))
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def market_cache(market_root, tmp_path_factory) -> Path:
+    from featcache.extract.runner import run_extract
+
+    out = tmp_path_factory.mktemp("cache") / "market.h5"
+    run_extract(extract_cfg(market_root, out))
+    return out
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Every array of two caches equal bit for bit (attributes such as creation time aside)."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names: list[str] = []
+        fa.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        other: list[str] = []
+        fb.visititems(lambda n, o: other.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert sorted(names) == sorted(other)
+        for n in names:
+            assert np.array_equal(fa[n][...], fb[n][...]), f"{n} differs"

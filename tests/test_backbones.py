@@ -1,0 +1,79 @@
+"""Presets as data, weights loading from local checkpoints, and errors when weights are missing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featcache.backbones import PresetError, WeightsNotFoundError, available_presets, build_backbone, get_preset
+from featcache.backbones.presets import Preset
+
+
+def test_presets_listed_and_unknown_name_lists_them():
+    assert {"clip-vit-b16", "align-b7", "clip-tiny", "align-tiny"} <= set(available_presets())
+    with pytest.raises(PresetError, match="available: align-b7, align-tiny, clip-tiny, clip-vit-b16"):
+        get_preset("clip-huge")
+
+
+def test_preset_rejects_unknown_keys():
+    data = get_preset("clip-tiny").to_dict() | {"colour": "red"}
+    with pytest.raises(PresetError, match="unknown preset keys \\['colour'\\]"):
+        Preset.from_dict(json.loads(json.dumps(data)), "x.json")
+
+
+@pytest.mark.parametrize("name, how", [("clip-vit-b16", "--weights clip-vit-b16=PATH"), ("align-b7", "--weights align-b7=DIR")])
+def test_full_size_preset_without_weights_is_an_error(name, how):
+    with pytest.raises(WeightsNotFoundError) as err:
+        build_backbone(name, (64, 64))
+    msg = str(err.value)
+    assert how in msg and "Hugging Face cache" in msg
+
+
+def test_clip_local_checkpoint_gives_the_saved_models_outputs(tmp_path):
+    from open_clip.model import CLIP
+
+    preset = get_preset("clip-tiny")
+    torch.manual_seed(123)  # other weights than the preset's own random init
+    cfg = dict(preset.model_cfg)
+    cfg["vision_cfg"] = {**cfg["vision_cfg"], "image_size": [64, 64]}
+    src = CLIP(**cfg).eval()
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(src.state_dict(), ckpt)
+    bb = build_backbone("clip-tiny", (64, 64), weights=str(ckpt)).eval()
+    assert bb.weights_id.startswith("file:tiny.pt:sha256:")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        out = bb(x)
+        ref = src.visual(x)
+    torch.testing.assert_close(out["embed"], ref)
+    default = build_backbone("clip-tiny", (64, 64)).eval()
+    with torch.inference_mode():
+        assert not torch.allclose(default(x)["embed"], ref)
+    # position embeddings are interpolated when the checkpoint's grid differs
+    wide = build_backbone("clip-tiny", (64, 32), weights=str(ckpt))
+    assert wide.output_specs()["tokens"].shape == (8, 96)
+
+
+def test_align_local_directory_gives_the_saved_models_outputs(tmp_path):
+    from transformers import AlignVisionConfig, AlignVisionModel
+
+    torch.manual_seed(7)
+    src = AlignVisionModel(AlignVisionConfig(**get_preset("align-tiny").model_cfg)).eval()
+    src.save_pretrained(tmp_path / "align")
+    bb = build_backbone("align-tiny", (64, 64), weights=str(tmp_path / "align")).eval()
+    assert bb.weights_id.startswith("dir:align:sha256:")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(bb(x)["pooled"], src(pixel_values=x).pooler_output)
+    with pytest.raises(WeightsNotFoundError, match="config.json"):
+        build_backbone("align-tiny", (64, 64), weights=str(tmp_path))
+
+
+def test_outputs_cover_the_cache_contract():
+    clip = build_backbone("clip-tiny", (64, 32)).output_specs()
+    assert clip["pooled"].shape == (96,) and clip["tokens"].shape == (8, 96) and clip["cls_attn"].shape == (4, 2)
+    assert sum(k.startswith("attn_") for k in clip) >= 4 and clip["attn_01"].dtype == "float32"
+    align = build_backbone("align-tiny", (64, 64)).output_specs()
+    assert sum(k.startswith("attn_") for k in align) >= 4 and align["tokens"].token

@@ -1,0 +1,126 @@
+"""Extraction: the cache holds the right numbers in the right rows, survives kill -9, records bad files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_same_cache, extract_cfg
+from featcache.backbones import build_backbone
+from featcache.cache import DONE, FAILED, CacheError, summary
+from featcache.datasets import load_listing
+from featcache.extract.runner import run_extract
+from featcache.preprocess import apply_view, letterbox
+
+
+def test_round_trip_matches_a_direct_forward_pass(market_root, market_cache):
+    lst = load_listing("market1501", market_root)
+    with h5py.File(market_cache, "r") as f:
+        img = f["images"]
+        assert (img["status"][...] == DONE).all()
+        assert [p for p in img["path"].asstr()[...]] == [i.path for i in lst.items]
+        i = int(np.flatnonzero(img["split"][...] == 0)[3])  # a training image
+        start, n = int(img["view_start"][i]), int(img["n_views"][i])
+        assert n == 3
+        params = np.stack([f["views/dx"][start: start + n], f["views/dy"][start: start + n], f["views/flip"][start: start + n]], 1)
+        pooled = f["backbones/clip-tiny/pooled"][start: start + n]
+        attn = f["backbones/align-tiny/attn_02"][start: start + n]
+        tokens = f["backbones/clip-tiny/tokens"][i]
+        assert img["sha1"][i].decode() == __import__("hashlib").sha1((market_root / lst.items[i].path).read_bytes()).hexdigest()
+    base = letterbox(Image.open(market_root / lst.items[i].path), (64, 32))
+    views = torch.from_numpy(np.stack([apply_view(base, *map(int, p)) for p in params])).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        clip = build_backbone("clip-tiny", (64, 32)).eval()
+        out = clip(clip.normalize(views))
+        align = build_backbone("align-tiny", (64, 32)).eval()
+        a_out = align(align.normalize(views))
+    np.testing.assert_allclose(pooled, out["pooled"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tokens, out["tokens"][0].numpy(), rtol=1e-2, atol=1e-3)  # stored as fp16
+    np.testing.assert_allclose(attn, a_out["attn_02"].numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(pooled[0], pooled[2])  # the augmented view differs from the clean one
+
+
+def test_rerun_skips_everything(market_root, market_cache, tmp_path):
+    copy = tmp_path / "again.h5"
+    shutil.copy(market_cache, copy)
+    res = run_extract(extract_cfg(market_root, copy))
+    assert res.processed == 0
+    assert_same_cache(market_cache, copy)
+
+
+def test_mismatched_cache_is_refused_and_kept(market_root, market_cache, tmp_path):
+    copy = tmp_path / "c.h5"
+    shutil.copy(market_cache, copy)
+    with pytest.raises(CacheError) as err:
+        run_extract(extract_cfg(market_root, copy, backbones=("clip-tiny",), image_size=(64, 64)))
+    msg = str(err.value)
+    assert "backbones.align-tiny" in msg and "image_size" in msg and "--overwrite" in msg
+    assert_same_cache(market_cache, copy)  # nothing already computed is lost
+    res = run_extract(extract_cfg(market_root, copy, backbones=("clip-tiny",), overwrite=True))
+    assert set(res.summary["backbones"]) == {"clip-tiny"}
+
+
+def test_bad_files_are_recorded_and_do_not_stop_the_run(market_root, tmp_path):
+    root = tmp_path / "m"
+    shutil.copytree(market_root, root)
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))
+    train[0].write_bytes(b"")
+    train[1].write_bytes(train[1].read_bytes()[:300])
+    train[2].write_text("this is not a JPEG")
+    res = run_extract(extract_cfg(root, tmp_path / "c.h5", backbones=("clip-tiny",)))
+    failed = {rec["path"]: rec["reason"] for rec in res.summary["failed"]}
+    assert set(failed) == {f"bounding_box_train/{p.name}" for p in train[:3]}
+    assert "zero-byte" in failed[f"bounding_box_train/{train[0].name}"]
+    assert "truncated" in failed[f"bounding_box_train/{train[1].name}"].lower()
+    assert "not an image" in failed[f"bounding_box_train/{train[2].name}"]
+    n = len(load_listing("market1501", root).items)
+    assert sum(res.summary["splits"].values()) + len(failed) == n and res.summary["pending"] == 0
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert (f["images/status"][...] == FAILED).sum() == 3
+
+
+def test_rejected_names_are_recorded_as_failed(market_root, tmp_path):
+    root = tmp_path / "m"
+    shutil.copytree(market_root, root)
+    shutil.copy(next((root / "query").glob("*.jpg")), root / "query" / "b0280_c3s3_065619_00.jpg")
+    res = run_extract(extract_cfg(root, tmp_path / "c.h5", backbones=("clip-tiny",), skip_bad_names=True))
+    assert [r["path"] for r in res.summary["failed"]] == ["query/b0280_c3s3_065619_00.jpg"]
+    assert "does not match" in res.summary["failed"][0]["reason"]
+
+
+def _done(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int((f["images/status"][...] != 0).sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cache, tmp_path):
+    out = tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "featcache", "extract", "--dataset", "market1501", "--root", str(market_root),
+           "--backbone", "clip-tiny", "--backbone", "align-tiny", "--out", str(out), "--views", "3",
+           "--batch-size", "8", "--workers", "1", "--image-size", "64x32"]
+    total = len(load_listing("market1501", market_root).items)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _done(out) < 16:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: main process and decoding workers
+    proc.wait()
+    killed_at = _done(out)
+    assert 0 < killed_at < total, f"the kill should land mid-run (cached {killed_at} of {total})"
+    assert summary(out)["pending"] == total - killed_at  # the killed file opens
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert_same_cache(market_cache, out)

@@ -1,0 +1,79 @@
+"""The synthetic generator writes the exact official layouts, deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from featcache.datasets import load_listing
+from featcache.datasets.layouts import MARKET_RE, VERI_RE
+from featcache.synth import SynthConfig, generate
+
+
+def test_market_layout(market_root):
+    assert sorted(p.name for p in market_root.iterdir()) == ["bounding_box_test", "bounding_box_train", "query"]
+    for f in market_root.rglob("*.jpg"):
+        assert MARKET_RE.match(f.name), f.name
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.size == (64, 128)
+    lst = load_listing("market1501", market_root)
+    train_ids = {i.pid for i in lst.items if i.split == "train"}
+    test_ids = {i.pid for i in lst.items if i.split != "train"} - {0}
+    assert train_ids and test_ids and not train_ids & test_ids
+    gallery = defaultdict(set)
+    for i in lst.items:
+        if i.split == "gallery":
+            gallery[i.pid].add(i.camid)
+    per_cam = defaultdict(int)
+    for q in (i for i in lst.items if i.split == "query"):
+        per_cam[(q.pid, q.camid)] += 1
+        assert gallery[q.pid] - {q.camid}, f"query {q.path} has no cross-camera match"
+    assert set(per_cam.values()) == {1}  # one query per identity and camera, as in Market-1501
+
+
+def test_veri_layout_and_index_files(tmp_path):
+    root = tmp_path / "veri"
+    generate(SynthConfig(root, "veri776", ids=8, cams=5, seed=3))
+    for name in ("name_train.txt", "name_query.txt", "name_test.txt", "gt_index.txt", "jk_index.txt"):
+        assert (root / name).is_file()
+    q_names = (root / "name_query.txt").read_text().split()
+    t_names = (root / "name_test.txt").read_text().split()
+    assert all(VERI_RE.match(n) for n in q_names + t_names)
+    assert set(q_names) <= set(t_names)  # as in VeRi-776, queries are part of the test set
+    assert sorted(p.name for p in (root / "image_test").iterdir()) == sorted(t_names)
+    gt = (root / "gt_index.txt").read_text().splitlines()
+    jk = (root / "jk_index.txt").read_text().splitlines()
+    assert len(gt) == len(jk) == len(q_names)
+    for qn, good, junk in zip(q_names, gt, jk):
+        assert good.split(), f"{qn} has no good match"
+        assert str(t_names.index(qn) + 1) in junk.split()  # the query itself is junk (same camera)
+        for j in good.split():
+            t = t_names[int(j) - 1]
+            assert t[:4] == qn[:4] and t[5:9] != qn[5:9]
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha1()
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    generate(SynthConfig(a, "market1501", ids=4, cams=2, seed=5))
+    generate(SynthConfig(b, "market1501", ids=4, cams=2, seed=5))
+    generate(SynthConfig(c, "market1501", ids=4, cams=2, seed=6))
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="--cams 7"):
+        SynthConfig(Path("x"), "market1501", ids=10, cams=7)
+    with pytest.raises(ValueError, match="--layout"):
+        SynthConfig(Path("x"), "duke", ids=10, cams=3)
