@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from featcache import __version__
+from featcache.backbones.base import OutputSpec
 from featcache.datasets import SPLITS, Listing
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,6 @@ SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
 
 class CacheError(ValueError):
     """A cache file that is not a featcache cache, or does not match the requested run."""
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    shape: tuple[int, ...]
-    dtype: str
-    doc: str
-    token: bool = False
 
 
 def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
@@ -141,7 +134,7 @@ def create_cache(
     listing: Listing,
     identity: dict[str, Any],
     n_views: dict[str, int],
-    specs: dict[str, dict[str, ArraySpec]],
+    specs: dict[str, dict[str, OutputSpec]],
     tokens: str,
 ) -> None:
     """Create the whole file under a temporary name, then rename it into place."""

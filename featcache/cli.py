@@ -63,6 +63,15 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _parse_workers(value: str | int) -> int | None:
+    if str(value) == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a number or auto", param_hint="--workers") from None
+
+
 @main.command()
 @click.option("--dataset", required=True, type=click.Choice(["market1501", "veri776", "dukemtmc", "msmt17", "csv"]))
 @click.option("--root", required=True, type=click.Path(path_type=Path), help="Dataset folder in its official layout (csv: the manifest or its folder).")
@@ -70,7 +79,7 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write or resume.")
 @click.option("--views", type=int, default=4, show_default=True, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch (keep it fixed across a resume for bit-equal results).")
-@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader decoding processes (0: decode in the main process).")
+@click.option("--workers", default="auto", show_default=True, help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--weights", "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir).")
 @click.option("--random-init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results).")
@@ -89,7 +98,7 @@ def extract(ctx: click.Context, **params) -> None:
     try:
         cfg = ExtractConfig(
             dataset=params["dataset"], root=params["root"], backbones=tuple(params["backbones"]), out=params["out"],
-            views=params["views"], batch_size=params["batch_size"], workers=params["workers"], device=params["device"],
+            views=params["views"], batch_size=params["batch_size"], workers=_parse_workers(params["workers"]), device=params["device"],
             weights=_parse_weights(params["weights"]), overwrite=params["overwrite"], tokens=params["tokens"],
             image_size=parse_size(params["image_size"]), aug_seed=params["aug_seed"], random_init=params["random_init"],
             skip_bad_names=params["skip_bad_names"],

@@ -8,14 +8,13 @@ import logging
 import numpy as np
 import torch
 
-from featcache.backbones import Backbone
-from featcache.cache import ArraySpec
+from featcache.backbones import Backbone, OutputSpec
 
 logger = logging.getLogger(__name__)
 
 
 class Mapper:
-    def __init__(self, backbones: dict[str, Backbone], specs: dict[str, dict[str, ArraySpec]], device: torch.device) -> None:
+    def __init__(self, backbones: dict[str, Backbone], specs: dict[str, dict[str, OutputSpec]], device: torch.device) -> None:
         self.backbones = {k: b.to(device).eval() for k, b in backbones.items()}
         self.specs = specs
         self.device = device
