@@ -27,6 +27,7 @@ def test_market_synthetic_drops_junk_keeps_distractors(market_root):
     assert any(it.pid == 0 and it.split == "gallery" for it in lst.items)
     junk = list((market_root / "bounding_box_test").glob("-1_*.jpg"))
     assert junk and not any(it.path.endswith(junk[0].name) for it in lst.items)
+    assert lst.junk == len(junk) and f"left out by the protocol: {len(junk)}" in lst.summary()
 
 
 def test_market_real_names(tmp_path):

@@ -42,12 +42,15 @@ class Listing:
     root: Path
     items: list[Item] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    junk: int = 0  # files the protocol itself leaves out (Market-1501 / Duke pid -1 boxes)
 
     def count(self, split: str) -> int:
         return sum(1 for it in self.items if it.split == split)
 
     def summary(self) -> str:
         parts = [f"{s}: {self.count(s)}" for s in SPLITS]
+        if self.junk:
+            parts.append(f"junk boxes left out by the protocol: {self.junk}")
         if self.rejected:
             parts.append(f"rejected names: {len(self.rejected)}")
         return f"{self.name} at {self.root} ({', '.join(parts)})"

@@ -72,6 +72,7 @@ def _read_bbox_layout(
                 continue
             pid, cam = int(m.group(1)), int(m.group(2))
             if pid == -1:  # junk boxes of the official test set: not part of the protocol
+                listing.junk += 1
                 continue
             if cam not in cams:
                 listing.rejected.append((rel, f"camera c{cam} outside c{cams.start}-c{cams.stop - 1}"))
