@@ -15,10 +15,10 @@ logger = logging.getLogger(__name__)
 
 
 def _setup_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True,
-    )
+    """Warnings from everyone; featcache's own progress at INFO (-v), everything at DEBUG (-vv)."""
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("featcache").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +28,7 @@ def _setup_logging(verbose: int) -> None:
 @click.pass_context
 def main(ctx: click.Context, config: Path | None, verbose: int) -> None:
     """featcache: run foundation backbones once, cache their features, train and evaluate re-ID from the cache."""
-    _setup_logging(max(verbose, 1))
+    _setup_logging(verbose)
     if config is not None:
         from featcache.config import load_default_map
 
@@ -119,11 +119,51 @@ def _run(fn, *args):
     from featcache.backbones import PresetError, WeightsNotFoundError
     from featcache.cache import CacheError
     from featcache.datasets import DatasetLayoutError
+    from featcache.evaluation.features import EvalInputError
 
     try:
         return fn(*args)
-    except (DatasetLayoutError, CacheError, PresetError, WeightsNotFoundError) as exc:
+    except (DatasetLayoutError, CacheError, PresetError, WeightsNotFoundError, EvalInputError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _parse_ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated ranks, e.g. 1,5,10,20", param_hint="--ranks") from None
+    return ranks
+
+
+@main.command("eval")
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the queries (and the gallery unless --gallery-cache).")
+@click.option("--model", required=True, help="KIND:REF, e.g. backbone:clip-vit-b16 or concat:clip-vit-b16,align-b7.")
+@click.option("--gallery-cache", type=click.Path(path_type=Path), help="Take the gallery from another cache (cross-domain).")
+@click.option("--protocol", type=click.Choice(["market1501", "veri776", "auto"]), default="auto", show_default=True)
+@click.option("--ap", type=click.Choice(["plain", "trapezoid"]), default="plain", show_default=True, help="plain: torchreid/fast-reid; trapezoid: the official MATLAB kits.")
+@click.option("--ranks", default="1,5,10,20", show_default=True, help="CMC ranks to report.")
+@click.option("--rerank", is_flag=True, help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3).")
+@click.option("--k1", type=int, default=20, show_default=True)
+@click.option("--k2", type=int, default=6, show_default=True)
+@click.option("--lambda", "lambda_", type=float, default=0.3, show_default=True)
+@click.option("--flip", is_flag=True, help="Average the clean and flipped views' features.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write a CMC curve and ranked-list grids here.")
+@click.option("--save-features", type=click.Path(dir_okay=False, path_type=Path), help="Write the evaluated features and labels (.npz).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--budget-mb", type=int, default=256, show_default=True, help="Memory for one block of scores.")
+@click.option("--plot-queries", type=int, default=8, show_default=True, help="Queries per ranked-list grid.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample of plotted queries.")
+def eval_(**params) -> None:
+    """Evaluate a model on a cache: exact search, mAP / CMC / mINP under the dataset's protocol."""
+    from featcache.evaluation.runner import EvalConfig, format_table, run_eval
+
+    try:
+        cfg = EvalConfig(**{**params, "ranks": _parse_ranks(params["ranks"])})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    ev = _run(run_eval, cfg)
+    click.echo(format_table(ev.report))
 
 
 @main.command()

@@ -1,0 +1,102 @@
+"""Re-ID metrics from the exact rank of every positive, as the protocols define them.
+
+Rules (Market-1501, DukeMTMC-reID, MSMT17 and VeRi-776 alike): a gallery
+entry with the query's identity *and* camera is junk and is removed from the
+ranking; an entry with the query's identity from another camera is a
+positive (VeRi-776's "good"); everything else, distractors (pid 0)
+included, is a negative. A query with no positive is skipped and counted.
+
+Ranks are taken among the non-junk entries by descending similarity. Ties
+are broken deterministically by gallery order (the entry that comes first in
+the cache, i.e. in the dataset's listing, ranks first), so results do not
+depend on the search backend or block size.
+
+From the sorted 1-based ranks r_1 < ... < r_n of a query's n positives:
+
+- AP, plain (torchreid, fast-reid): mean over k of precision at each hit, k / r_k.
+- AP, trapezoid (the official Market-1501 and VeRi-776 MATLAB kits): sum over
+  k of (1/n) * (p_prev + k / r_k) / 2, where p_prev = (k-1)/(r_k - 1) is the
+  precision just before the hit (1 when r_1 = 1).
+- CMC@K: 1 if r_1 <= K.
+- INP (mINP's term, Ye et al. 2021): n / r_n, the share of positives above
+  the hardest one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+AP_FORMS = ("plain", "trapezoid")
+
+
+def positive_ranks(scores: np.ndarray, positives: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """Sorted 1-based ranks of the positives among non-junk entries (ties: lower gallery index first).
+
+    ``scores`` (G,) similarities; ``positives`` and ``junk`` are (G,) masks.
+    Counts, for each positive, the valid entries that beat it: O(n_pos * G),
+    no sort of the gallery.
+    """
+    pos = np.flatnonzero(positives)
+    if pos.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    sp = scores[pos]
+    valid = ~junk
+    sv = scores[valid]
+    iv = np.flatnonzero(valid)
+    better = (sv[None, :] > sp[:, None]).sum(1)
+    ties = ((sv[None, :] == sp[:, None]) & (iv[None, :] < pos[:, None])).sum(1)
+    return np.sort(better + ties + 1)
+
+
+def average_precision(ranks: np.ndarray, form: str = "plain") -> float:
+    k = np.arange(1, ranks.size + 1, dtype=np.float64)
+    r = ranks.astype(np.float64)
+    if form == "plain":
+        return float(np.mean(k / r))
+    if form == "trapezoid":
+        prev = np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0)
+        return float(np.mean((prev + k / r) / 2))
+    raise ValueError(f"AP form {form!r}: expected one of {AP_FORMS}")
+
+
+@dataclass
+class Accumulator:
+    """Collects per-query results; ``result`` gives the means over evaluated queries."""
+
+    ranks_wanted: tuple[int, ...]
+    ap_form: str = "plain"
+    aps: list[float] = field(default_factory=list)
+    inps: list[float] = field(default_factory=list)
+    first: list[int] = field(default_factory=list)
+    evaluated: list[int] = field(default_factory=list)
+    skipped: int = 0
+
+    def add(self, query_index: int, ranks: np.ndarray) -> None:
+        if ranks.size == 0:
+            self.skipped += 1
+            return
+        self.aps.append(average_precision(ranks, self.ap_form))
+        self.inps.append(ranks.size / float(ranks[-1]))
+        self.first.append(int(ranks[0]))
+        self.evaluated.append(query_index)
+
+    def result(self) -> dict:
+        if not self.aps:
+            raise ValueError("no query has a valid match in the gallery (same identity, another camera): nothing to evaluate")
+        first = np.asarray(self.first)
+        return {
+            "mAP": float(np.mean(self.aps)),
+            "mINP": float(np.mean(self.inps)),
+            "cmc": {str(k): float(np.mean(first <= k)) for k in self.ranks_wanted},
+            "queries_evaluated": len(self.aps),
+            "queries_skipped": self.skipped,
+        }
+
+
+def masks(q_pid: int, q_cam: int, g_pids: np.ndarray, g_cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, junk) for one query under the rule in the module doc."""
+    same = g_pids == q_pid
+    same_cam = g_cams == q_cam
+    return same & ~same_cam, same & same_cam

@@ -1,0 +1,165 @@
+"""featcache eval: protocol rules, metrics against independent references, search, re-ranking, the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import extract_cfg, shared_path
+from featcache.cli import main
+from featcache.evaluation.features import EvalInputError, known_kinds
+from featcache.evaluation.metrics import Accumulator, average_precision, masks, positive_ranks
+from featcache.evaluation.rerank import rerank_blocks
+from featcache.evaluation.runner import EvalConfig, run_eval
+from featcache.evaluation.search import l2_normalize
+from reference_reid import evaluate_reference, rerank_reference
+
+G_PIDS = np.array([1, 1, 2, 0, 1, 3])
+G_CAMS = np.array([1, 2, 1, 2, 3, 1])
+
+
+def test_hand_computed_case_with_junk_and_distractor():
+    pos, junk = masks(1, 1, G_PIDS, G_CAMS)
+    assert list(np.flatnonzero(pos)) == [1, 4] and list(np.flatnonzero(junk)) == [0]
+    scores = np.array([0.9, 0.5, 0.8, 0.7, 0.3, 0.1])  # junk first (ignored), distractor 0000 at 0.7 counts
+    r = positive_ranks(scores, pos, junk)
+    assert list(r) == [3, 4]
+    assert average_precision(r, "plain") == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert average_precision(r, "trapezoid") == pytest.approx(((0 + 1 / 3) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
+    acc = Accumulator((1, 5))
+    acc.add(0, r)
+    acc.add(1, positive_ranks(scores, *masks(3, 1, G_PIDS, G_CAMS)))  # pid 3 only in its own camera: no match
+    res = acc.result()
+    assert res["queries_evaluated"] == 1 and res["queries_skipped"] == 1
+    assert res["cmc"] == {"1": 0.0, "5": 1.0} and res["mINP"] == pytest.approx(2 / 4)
+
+
+def test_ties_break_by_gallery_order():
+    pos, junk = masks(1, 1, G_PIDS, G_CAMS)
+    tied = np.array([0.0, 0.7, 0.7, 0.7, 0.7, 0.7])  # everything ties but the junk
+    assert list(positive_ranks(tied, pos, junk)) == [1, 4]  # gallery 1 first, gallery 4 after 2 and 3
+    assert average_precision(np.array([1]), "trapezoid") == 1.0
+
+
+@pytest.mark.parametrize("ap_form", ["plain", "trapezoid"])
+def test_agrees_with_brute_force_reference(ap_form):
+    rng = np.random.default_rng(0)
+    nq, ng, d = 60, 400, 16
+    g_pids, g_cams = rng.integers(0, 30, ng), rng.integers(1, 7, ng)
+    q_pids, q_cams = rng.integers(1, 30, nq), rng.integers(1, 7, nq)
+    centers = rng.normal(size=(30, d))
+    qf = l2_normalize(centers[q_pids] + rng.normal(scale=1.2, size=(nq, d)))
+    gf = l2_normalize(centers[g_pids] + rng.normal(scale=1.2, size=(ng, d)))
+    gf[10:40] = gf[40:70]  # identical rows with other identities: exact ties
+    q_pids[0] = 99  # an identity absent from the gallery: skipped
+    scores = qf @ gf.T
+    assert any(len(np.unique(row)) < ng for row in scores)
+    ref = evaluate_reference(qf, gf, q_pids, q_cams, g_pids, g_cams, ap_form=ap_form, scores=scores)
+    acc = Accumulator((1, 5, 10, 20), ap_form)
+    for i in range(nq):
+        acc.add(i, positive_ranks(scores[i], *masks(q_pids[i], q_cams[i], g_pids, g_cams)))
+    ours = acc.result()
+    assert ours["queries_skipped"] == ref["queries_skipped"] > 0
+    for key in ("mAP", "mINP"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6)
+    assert ours["cmc"] == pytest.approx(ref["cmc"], abs=1e-6)
+
+
+def test_veri776_rule_reproduces_the_official_good_and_junk_lists():
+    proto = shared_path("veri776-protocol")
+    q = (proto / "name_query.txt").read_text().split()
+    t = (proto / "name_test.txt").read_text().split()
+    g_pids = np.array([int(n[:4]) for n in t])
+    g_cams = np.array([int(n[6:9]) for n in t])
+    gt = (proto / "gt_index.txt").read_text().splitlines()
+    jk = (proto / "jk_index.txt").read_text().splitlines()
+    for k, name in enumerate(q):
+        pos, junk = masks(int(name[:4]), int(name[6:9]), g_pids, g_cams)
+        assert list(np.flatnonzero(pos) + 1) == sorted(int(x) for x in gt[k].split()), name
+        assert list(np.flatnonzero(junk) + 1) == sorted(int(x) for x in jk[k].split()), name
+
+
+def test_rerank_matches_the_dense_reference_and_raises_map():
+    rng = np.random.default_rng(3)
+    ids, per, d = 12, 6, 8
+    centers = rng.normal(size=(ids, d)) * 0.6
+    pids = np.repeat(np.arange(1, ids + 1), per)
+    cams = np.tile(np.arange(1, per + 1), ids)
+    feats = l2_normalize(centers[pids - 1] + rng.normal(scale=0.55, size=(len(pids), d)))
+    qsel = cams == 1
+    qf, gf = feats[qsel], feats[~qsel]
+    ref = rerank_reference(qf, gf, k1=6, k2=3, lambda_value=0.3)
+    ours = np.concatenate([b for _, b in rerank_blocks(qf, gf, k1=6, k2=3, lam=0.3, device="cpu", budget=600)])
+    np.testing.assert_allclose(-ours, ref, atol=1e-5)
+    args = (pids[qsel], cams[qsel], pids[~qsel], cams[~qsel])
+    plain = evaluate_reference(qf, gf, *args)
+    reranked = evaluate_reference(qf, gf, *args, scores=ours)
+    assert reranked["mAP"] > plain["mAP"] + 0.02
+
+
+@pytest.fixture(scope="module")
+def small_cache(market_cache):
+    return market_cache
+
+
+def test_blockwise_equals_one_shot(small_cache):
+    one = run_eval(EvalConfig(small_cache, "concat:clip-tiny,align-tiny", budget_mb=64)).report
+    many = run_eval(EvalConfig(small_cache, "concat:clip-tiny,align-tiny", budget_mb=0)).report  # one query a block
+    for key in ("mAP", "mINP", "cmc", "queries_evaluated"):
+        assert one[key] == many[key]
+
+
+def test_eval_command_end_to_end(small_cache, tmp_path):
+    r = CliRunner()
+    out = ["--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "p"), "--save-features", str(tmp_path / "f.npz")]
+    res = r.invoke(main, ["eval", "--cache", str(small_cache), "--model", "backbone:clip-tiny", *out])
+    assert res.exit_code == 0, res.output
+    assert "mAP" in res.output and "R1" in res.output and "random weights" in res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    for key in ("mAP", "mINP", "cmc", "protocol", "ap_form", "queries_evaluated", "queries_skipped", "gallery_size", "model", "cache", "timings"):
+        assert key in rep
+    assert rep["protocol"] == "market1501" and set(rep["cmc"]) == {"1", "5", "10", "20"}
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["cmc.png", "ranked_random.png", "ranked_worst_ap.png"]
+    f = np.load(tmp_path / "f.npz")
+    assert {"query", "gallery", "query_pids", "query_camids", "gallery_pids", "gallery_camids", "query_names", "gallery_names"} <= set(f.files)
+    for form in ("plain", "trapezoid"):
+        res = r.invoke(main, ["eval", "--cache", str(small_cache), "--model", "backbone:clip-tiny", "--ap", form, "--json", str(tmp_path / f"{form}.json")])
+        assert res.exit_code == 0, res.output
+        ours = json.loads((tmp_path / f"{form}.json").read_text())
+        ref = evaluate_reference(f["query"], f["gallery"], f["query_pids"], f["query_camids"], f["gallery_pids"], f["gallery_camids"], ap_form=form)
+        assert ours["mAP"] == pytest.approx(ref["mAP"], abs=1e-6) and ours["mINP"] == pytest.approx(ref["mINP"], abs=1e-6)
+        assert ours["cmc"] == pytest.approx(ref["cmc"], abs=1e-6)
+    res = r.invoke(main, ["eval", "--cache", str(small_cache), "--model", "concat:clip-tiny,align-tiny", "--flip", "--rerank"])
+    assert res.exit_code == 0, res.output and "re-ranked" in res.output
+
+
+def test_bad_input(small_cache, market_root, tmp_path):
+    with pytest.raises(EvalInputError, match="known kinds: " + ", ".join(known_kinds())):
+        run_eval(EvalConfig(small_cache, "resnet:50"))
+    with pytest.raises(EvalInputError, match="holds: align-tiny, clip-tiny"):
+        run_eval(EvalConfig(small_cache, "backbone:clip-vit-b16"))
+    with pytest.raises(EvalInputError, match="KIND:REF"):
+        run_eval(EvalConfig(small_cache, "clip-tiny"))
+    from featcache.extract.runner import run_extract
+
+    other = tmp_path / "other.h5"
+    run_extract(extract_cfg(market_root, other, backbones=("clip-tiny",), image_size=(32, 32), views=1))
+    with pytest.raises(EvalInputError, match="image_size"):
+        run_eval(EvalConfig(small_cache, "backbone:clip-tiny", gallery_cache=other))
+    with pytest.raises(EvalInputError, match="no view 1"):
+        run_eval(EvalConfig(other, "backbone:clip-tiny", flip=True))
+    # a cache whose gallery split is empty (a CSV with only training and query rows)
+    root = tmp_path / "csv"
+    root.mkdir()
+    img = next((market_root / "query").glob("*.jpg"))
+    (root / "a.jpg").write_bytes(img.read_bytes())
+    (root / "manifest.csv").write_text("path,pid,camid,split\na.jpg,1,1,query\na.jpg,1,1,train\n")
+    run_extract(extract_cfg(root, tmp_path / "q.h5", dataset="csv", backbones=("clip-tiny",)))
+    with pytest.raises(EvalInputError, match="no cached gallery images"):
+        run_eval(EvalConfig(tmp_path / "q.h5", "backbone:clip-tiny"))
+    res = CliRunner().invoke(main, ["eval", "--cache", str(tmp_path / "q.h5"), "--model", "backbone:clip-tiny"])
+    assert res.exit_code == 1 and "no cached gallery images" in res.output
