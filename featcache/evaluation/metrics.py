@@ -42,11 +42,13 @@ def positive_ranks(scores: np.ndarray, positives: np.ndarray, junk: np.ndarray) 
     if pos.size == 0:
         return np.zeros(0, dtype=np.int64)
     sp = scores[pos]
-    valid = ~junk
-    sv = scores[valid]
-    iv = np.flatnonzero(valid)
-    better = (sv[None, :] > sp[:, None]).sum(1)
-    ties = ((sv[None, :] == sp[:, None]) & (iv[None, :] < pos[:, None])).sum(1)
+    jk = np.flatnonzero(junk)
+    better = (scores[None, :] > sp[:, None]).sum(1) - (scores[jk][None, :] > sp[:, None]).sum(1)
+    equal = scores[None, :] == sp[:, None]
+    ties = np.zeros_like(better)
+    if equal.sum() > pos.size:  # some score is shared beyond a positive with itself: count earlier entries
+        valid_before = ~junk[None, :] & (np.arange(scores.size)[None, :] < pos[:, None])
+        ties = (equal & valid_before).sum(1)
     return np.sort(better + ties + 1)
 
 

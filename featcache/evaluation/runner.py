@@ -95,29 +95,12 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         raise EvalInputError(f"query features are {qf.shape[1]}-d but gallery features {gf.shape[1]}-d")
     t_feat = time.perf_counter() - t0
 
-    acc = Accumulator(tuple(sorted(set(cfg.ranks))), cfg.ap)
-    per_query: dict[int, tuple[float, int]] = {}
-    budget = cfg.budget_mb * 2**20
     t1 = time.perf_counter()
-    if cfg.rerank:
-        blocks = rerank_blocks(qf, gf, cfg.k1, cfg.k2, cfg.lambda_, cfg.device, budget)
-        backend = "rerank"
-    else:
-        scorer = Scorer(gf, cfg.device)
-        blocks = score_blocks(qf, scorer, block_size(len(gf), budget))
-        backend = scorer.backend
-    with tqdm(total=len(qf), desc="eval", unit="query", leave=False) as bar:
-        for start, scores in blocks:
-            for b in range(len(scores)):
-                i = start + b
-                pos, junk = masks(int(q.pids[i]), int(q.camids[i]), g.pids, g.camids)
-                ranks = positive_ranks(scores[b], pos, junk)
-                acc.add(i, ranks)
-                if ranks.size:
-                    per_query[i] = (acc.aps[-1], int(ranks[0]))
-            bar.update(len(scores))
+    res, per_query, backend = evaluate(
+        qf, gf, q.pids, q.camids, g.pids, g.camids, cfg.ranks, cfg.ap, cfg.device, cfg.budget_mb * 2**20,
+        (cfg.k1, cfg.k2, cfg.lambda_) if cfg.rerank else None,
+    )
     t_search = time.perf_counter() - t1
-    res = acc.result()
     report = {
         **res,
         "protocol": _protocol(cfg, q),
@@ -150,6 +133,31 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         if cfg.json_out:
             cfg.json_out.write_text(json.dumps(report, indent=2))
     return ev
+
+
+def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray, g_cams: np.ndarray,
+             ranks=(1, 5, 10, 20), ap_form: str = "plain", device: str = "auto", budget: int = 256 * 2**20,
+             rerank: tuple[int, int, float] | None = None) -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
+    """Metrics of features (rows L2-normalised) under the protocol; returns (metrics, per-query (AP, first rank), backend)."""
+    acc = Accumulator(tuple(sorted(set(ranks))), ap_form)
+    per_query: dict[int, tuple[float, int]] = {}
+    if rerank is not None:
+        blocks = rerank_blocks(qf, gf, *rerank, device=device, budget=budget)
+        backend = "rerank"
+    else:
+        scorer = Scorer(gf, device)
+        blocks = score_blocks(qf, scorer, block_size(len(gf), budget))
+        backend = scorer.backend
+    with tqdm(total=len(qf), desc="eval", unit="query", leave=False) as bar:
+        for start, scores in blocks:
+            for b in range(len(scores)):
+                i = start + b
+                r = positive_ranks(scores[b], *masks(int(q_pids[i]), int(q_cams[i]), g_pids, g_cams))
+                acc.add(i, r)
+                if r.size:
+                    per_query[i] = (acc.aps[-1], int(r[0]))
+            bar.update(len(scores))
+    return acc.result(), per_query, backend
 
 
 def save_features(ev: Evaluation, path: Path) -> None:
