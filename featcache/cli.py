@@ -120,10 +120,11 @@ def _run(fn, *args):
     from featcache.cache import CacheError
     from featcache.datasets import DatasetLayoutError
     from featcache.evaluation.features import EvalInputError
+    from featcache.gate.train import TrainError
 
     try:
         return fn(*args)
-    except (DatasetLayoutError, CacheError, PresetError, WeightsNotFoundError, EvalInputError) as exc:
+    except (DatasetLayoutError, CacheError, PresetError, WeightsNotFoundError, EvalInputError, TrainError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -164,6 +165,30 @@ def eval_(**params) -> None:
         raise click.UsageError(str(exc)) from None
     ev = _run(run_eval, cfg)
     click.echo(format_table(ev.report))
+
+
+@main.command("train-gate")
+@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (its training split).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--experts", default="", help="Comma-separated presets in the cache (default: all of them).")
+@click.option("--fusion", type=click.Choice(["clip", "align", "concat", "average", "moe-top1", "moe-soft", "moe-top2"]), default="moe-top1", show_default=True)
+@click.option("--epochs", type=int, default=60, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="The paper uses 42, 1337 and 2024.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train_gate(cache: Path, out: Path, experts: str, fusion: str, epochs: int, seed: int, device: str, label_smoothing: float, resume: bool) -> None:
+    """Train the expert adapters and the mixture-of-experts gate from the cache alone."""
+    import torch
+
+    from featcache.gate.runner import run_train_gate
+    from featcache.gate.train import GateConfig
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    cfg = _run(GateConfig, str(cache), str(out), tuple(e.strip() for e in experts.split(",") if e.strip()), fusion, epochs, seed, dev,
+               32, 4, 3e-4, 3e-6, 5e-4, 0.5, 0.3, label_smoothing)
+    res = _run(run_train_gate, cfg, resume)
+    click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
 
 
 @main.command()

@@ -153,3 +153,36 @@ def _concat(ref: str) -> FeatureSource:
     if len(presets) < 2:
         raise EvalInputError(f"concat:{ref}: expected two or more presets separated by commas")
     return ConcatFeatures(presets)
+
+
+@dataclass
+class GateFeatures:
+    """A trained teacher (``gate:RUN_DIR``): the BN feature of the fused experts, from cached pooled features."""
+
+    run: Path
+
+    def features(self, split: CacheSplit, flip: bool) -> np.ndarray:
+        import torch
+
+        from featcache.gate.train import load_run
+
+        model, cfg, meta = load_run(self.run)
+        have = {n: b["weights"] for n, b in split.identity["backbones"].items()}
+        for name, w in zip(meta["experts"], meta["expert_weights"]):
+            if have.get(name) != w:
+                raise EvalInputError(f"{split.cache}: expert {name} has weights {have.get(name)!r}, but {self.run} was trained on {w!r}")
+        views = (0, 1) if flip else (0,)
+        out = 0
+        with torch.inference_mode():
+            for v in views:
+                xs = [torch.from_numpy(split.read(e, "pooled", v).astype(np.float32)) for e in meta["experts"]]
+                out = out + model(xs)[1].numpy()
+        return l2_normalize(out / len(views))
+
+    def describe(self) -> dict:
+        return {"kind": "gate", "run": str(self.run), "feature": "BN-neck feature of the fused experts"}
+
+
+@register_kind("gate")
+def _gate(ref: str) -> FeatureSource:
+    return GateFeatures(Path(ref))

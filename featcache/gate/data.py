@@ -1,0 +1,90 @@
+"""Training data from the cache alone: every cached view's pooled feature of each expert, in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.evaluation.features import CacheSplit, EvalInputError, _read_rows
+from featcache.cache import open_cache
+
+logger = logging.getLogger(__name__)
+
+
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class TrainData:
+    experts: list[str]
+    families: list[str]
+    weights: list[str]
+    feats: list[np.ndarray]   # per expert: (rows, d) float32, every cached view of every training image
+    row_start: np.ndarray     # per image: first row
+    n_views: np.ndarray       # per image
+    labels: np.ndarray        # per image: 0..C-1
+    pids: np.ndarray          # label -> dataset pid
+    camids: np.ndarray        # per image
+    images: np.ndarray        # per image: row in the cache's images/
+    identity: dict
+
+    @property
+    def dims(self) -> list[int]:
+        return [f.shape[1] for f in self.feats]
+
+    def batch(self, images: np.ndarray, views: np.ndarray) -> list[np.ndarray]:
+        rows = self.row_start[images] + views
+        return [f[rows] for f in self.feats]
+
+
+def expert_families(cache: Path, experts: list[str]) -> tuple[list[str], list[str], dict]:
+    with open_cache(cache) as f:
+        ident = json.loads(f.attrs["identity"])
+    missing = [e for e in experts if e not in ident["backbones"]]
+    if missing:
+        raise EvalInputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident['backbones'])}")
+    return [ident["backbones"][e]["family"] for e in experts], [ident["backbones"][e]["weights"] for e in experts], ident
+
+
+def load_train(cache: Path, experts: list[str]) -> TrainData:
+    families, weights, ident = expert_families(cache, experts)
+    try:
+        split = CacheSplit.load(cache, "train")
+    except EvalInputError:
+        raise EvalInputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
+    rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
+    with open_cache(cache) as f:
+        feats = [_read_rows(f["backbones"][e]["pooled"], rows).astype(np.float32) for e in experts]
+    local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
+    pids, labels = np.unique(split.pids, return_inverse=True)
+    logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),
+                experts, ", ".join(f"{e} {f.shape[1]}-d" for e, f in zip(experts, feats)))
+    return TrainData(experts, families, weights, feats, local_start, split.n_views.astype(np.int64), labels.astype(np.int64),
+                     pids, split.camids, split.images, ident)
+
+
+def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of PK batches (torchreid's RandomIdentitySampler): P identities x K images each.
+
+    Each identity's images are shuffled and cut into groups of K (sampling
+    with replacement when it has fewer); batches draw P identities that still
+    have a group, until fewer than P remain.
+    """
+    groups: dict[int, list[np.ndarray]] = {}
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = rng.choice(idx, size=k, replace=True) if len(idx) < k else rng.permutation(idx)
+        groups[int(c)] = [idx[i: i + k] for i in range(0, len(idx) - len(idx) % k, k)]
+    batches = []
+    avail = [c for c in groups if groups[c]]
+    while len(avail) >= p:
+        chosen = rng.choice(avail, size=p, replace=False)
+        batches.append(np.concatenate([groups[int(c)].pop() for c in chosen]))
+        avail = [c for c in avail if groups[c]]
+    return batches

@@ -1,0 +1,92 @@
+"""What a run leaves besides its weights: gate statistics (Section 4.3) and the teacher targets for distillation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from featcache import __version__
+from featcache.gate.data import TrainData, identity_digest
+from featcache.gate.model import GateModel
+
+logger = logging.getLogger(__name__)
+
+TARGETS = "teacher_targets.h5"
+
+
+@torch.inference_mode()
+def infer_rows(model: GateModel, feats: list[np.ndarray], rows: np.ndarray, block: int = 4096):
+    """Inference-mode teacher outputs for cached rows: (fused feature F_t, BN feature, logits z_t, gate weights)."""
+    outs = [], [], [], []
+    for s in range(0, len(rows), block):
+        r = rows[s: s + block]
+        fo, neck, logits = model([torch.from_numpy(f[r]) for f in feats])
+        for acc, v in zip(outs, (fo.feature, neck, logits, fo.gates)):
+            acc.append(v.float().numpy())
+    return tuple(np.concatenate(o) for o in outs)
+
+
+def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
+    """Mean expert weight overall and per camera, share routed to each expert (view 0 of every training image)."""
+    _, _, _, g = infer_rows(model, data.feats, data.row_start)
+    routed = np.bincount(g.argmax(1), minlength=g.shape[1]) / len(g)
+    stats = {
+        "experts": data.experts,
+        "mean_weight": dict(zip(data.experts, g.mean(0).round(6).tolist())),
+        "routed_share": dict(zip(data.experts, routed.round(6).tolist())),
+        "per_camera": {str(int(c)): dict(zip(data.experts, g[data.camids == c].mean(0).round(6).tolist())) for c in np.unique(data.camids)},
+        "images": int(len(g)),
+        "mode": "inference (temperature 0.5, sparse top-k where the fusion is)",
+    }
+    (out / "gate_stats.json").write_text(json.dumps(stats, indent=2))
+    _histogram(g, data.experts, out / "gate_hist.png")
+    return stats
+
+
+def _histogram(g: np.ndarray, experts: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for i, name in enumerate(experts):
+        ax.hist(g[:, i], bins=20, range=(0, 1), alpha=0.6, label=name)
+    ax.set(xlabel="gate weight", ylabel="training images", title="expert weights at inference")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> Path:
+    """For every training image and cached view: fused feature, ID logits, gate weights (HDF5, atomic)."""
+    rows = np.arange(len(data.feats[0]))
+    fused, _, logits, gates = infer_rows(model, data.feats, rows)
+    image_of_row = np.repeat(np.arange(len(data.n_views)), data.n_views)
+    view_of_row = rows - data.row_start[image_of_row]
+    path = run / TARGETS
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            format="featcache-teacher-targets", featcache_version=__version__, cache=str(cache.resolve()),
+            cache_identity=identity_digest(data.identity), run=str(run.resolve()), experts=json.dumps(data.experts),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            doc="one row per cached view of each training image; image = row in the cache's images/, view = its view index",
+        )
+        f.create_dataset("image", data=data.images[image_of_row].astype(np.int64))
+        f.create_dataset("view", data=view_of_row.astype(np.uint8))
+        f.create_dataset("label", data=data.labels[image_of_row].astype(np.int64))
+        f.create_dataset("label_pids", data=data.pids.astype(np.int64))
+        f.create_dataset("feature", data=fused.astype(np.float32)).attrs["doc"] = "fused 2048-d feature before BN (F_t)"
+        f.create_dataset("logits", data=logits.astype(np.float32)).attrs["doc"] = "ID logits z_t over the training identities"
+        f.create_dataset("gates", data=gates.astype(np.float32)).attrs["doc"] = "expert weights g' at inference"
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,59 @@
+"""Synthetic feature caches in the real cache format, for train-gate tests and benchmarks without extraction.
+
+Identity i has a latent z_i; expert e sees tanh(W_e z_i), scaled down on the
+cameras where that expert is unreliable, plus a strong per-camera bias and
+per-view noise. Raw features therefore match cameras more than identities,
+and each expert is the better one on half of the cameras: something for
+adapters and a gate to learn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache.backbones.base import OutputSpec
+from featcache.cache import DONE, create_cache, make_identity
+from featcache.datasets import Item, Listing
+
+EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
+
+
+def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 6, views: int = 4, seed: int = 0,
+                        experts: dict[str, tuple[str, int]] | None = None, latent: int = 32) -> Path:
+    experts = experts or EXPERTS
+    rng = np.random.default_rng(seed)
+    items = []
+    for split, pid_range in (("train", range(1, ids + 1)), ("query", range(ids + 1, ids + 1 + ids // 2)), ("gallery", range(ids + 1, ids + 1 + ids // 2))):
+        for pid in pid_range:
+            n = per_id if split != "query" else 2
+            for k in range(n):
+                cam = int(rng.integers(1, cams + 1)) if split != "query" else 1 + k % cams
+                items.append(Item(f"{split}/{pid:04d}_{k}.jpg", pid, cam, split))
+    listing = Listing("csv", path.parent / "synthetic", items)
+    n_views = {"train": views, "query": 2, "gallery": 2}
+    identity = make_identity(listing, {"synthetic": True, "image_size": [256, 256], "resize": "none", "views": n_views},
+                             {e: {"family": f, "weights": f"synthetic:seed={seed}", "preset": {}} for e, (f, _) in experts.items()})
+    specs = {e: {"pooled": OutputSpec((d,), "float32", "synthetic pooled feature")} for e, (_, d) in experts.items()}
+    create_cache(path, listing, identity, n_views, specs, "none")
+    z = rng.normal(size=(ids * 2 + 2, latent))
+    with h5py.File(path, "r+") as f:
+        g = f["images"]
+        start, nv = g["view_start"][...], g["n_views"][...]
+        rows_img = np.repeat(np.arange(len(items)), nv)
+        pid = np.array([it.pid for it in items])[rows_img]
+        cam = np.array([it.camid for it in items])[rows_img]
+        for e_i, (e, (_, d)) in enumerate(experts.items()):
+            w = rng.normal(size=(latent, d)) / np.sqrt(latent)
+            bias = rng.normal(scale=1.5, size=(cams + 1, d))
+            good = (cam % 2) == e_i % 2  # each expert is reliable on half of the cameras
+            signal = np.tanh(z[pid] @ w) * np.where(good, 1.0, 0.25)[:, None]
+            x = signal + bias[cam] + rng.normal(scale=0.6, size=(len(pid), d))
+            f["backbones"][e]["pooled"][...] = x.astype(np.float32)
+        f["views/dx"][...] = 10
+        f["views/dy"][...] = 10
+        f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
+        g["status"][...] = DONE
+    return path

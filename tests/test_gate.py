@@ -1,0 +1,146 @@
+"""train-gate: gate math, every fusion, cache-only training, determinism, outputs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featcache.evaluation.runner import EvalConfig, run_eval
+from featcache.gate import train as train_mod
+from featcache.gate.model import GateModel, fusion_names
+from featcache.gate.runner import run_train_gate
+from featcache.gate.train import GateConfig, TrainError
+from featcache.synth_cache import write_feature_cache
+
+
+@pytest.fixture(scope="module")
+def fcache(tmp_path_factory) -> Path:
+    return write_feature_cache(tmp_path_factory.mktemp("fc") / "feat.h5", ids=24, per_id=6, cams=4, views=3)
+
+
+def cfg(cache: Path, out: Path, **kw) -> GateConfig:
+    base = dict(cache=str(cache), out=str(out), experts=("clip-sim", "align-sim"), fusion="moe-top1", epochs=6, seed=42)
+    base.update(kw)
+    return GateConfig(**base)
+
+
+def test_gate_temperatures_sparsity_and_gradients():
+    torch.manual_seed(0)
+    m = GateModel(["open_clip", "align"], [12, 10], "moe-top1", n_classes=5)
+    xs = [torch.randn(8, 12), torch.randn(8, 10)]
+    feats = [a(x) for a, x in zip(m.adapters, xs)]
+    logits = m.fusion.gate(torch.cat(feats, 1))
+    m.train()
+    g_train, p_train = m.fusion.weights(feats)
+    torch.testing.assert_close(g_train, torch.softmax(logits / 1.0, 1))  # dense, tau 1 in training
+    m.eval()
+    g_test, p_test = m.fusion.weights(feats)
+    torch.testing.assert_close(p_test, torch.softmax(logits / 0.5, 1))  # tau 0.5 at inference
+    assert torch.equal(g_test, torch.nn.functional.one_hot(logits.argmax(1), 2).float())  # top-1, renormalised
+    m.train()
+    fo, neck, out = m(xs)
+    (out.logsumexp(1).mean() + fo.feature.pow(2).mean()).backward()
+    assert m.fusion.gate[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapters.parameters())
+    soft = GateModel(["open_clip", "align"], [12, 10], "moe-soft", 5).eval()
+    g, p = soft.fusion.weights([a(x) for a, x in zip(soft.adapters, xs)])
+    torch.testing.assert_close(g, p)  # dense mixture at inference too
+
+
+def test_every_fusion_trains_and_beats_raw_concatenation(fcache, tmp_path):
+    raw = run_eval(EvalConfig(fcache, "concat:clip-sim,align-sim")).report["mAP"]
+    for fusion in fusion_names():
+        res = run_train_gate(cfg(fcache, tmp_path / fusion, fusion=fusion, epochs=15))
+        m = run_eval(EvalConfig(fcache, f"gate:{res.run}")).report["mAP"]
+        assert m > raw + 0.05, f"{fusion}: mAP {m:.3f} vs raw concatenation {raw:.3f}"
+
+
+def test_trains_from_the_cache_alone(fcache, tmp_path, monkeypatch):
+    import open_clip.model
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("a backbone was constructed")
+
+    monkeypatch.setattr("featcache.backbones.build_backbone", boom)
+    monkeypatch.setattr(open_clip.model.CLIP, "__init__", boom)
+    monkeypatch.setattr(transformers.AlignVisionModel, "__init__", boom)
+    run_train_gate(cfg(fcache, tmp_path / "r", epochs=2))
+
+
+def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
+    a = run_train_gate(cfg(fcache, tmp_path / "a", epochs=3))
+    b = run_train_gate(cfg(fcache, tmp_path / "b", epochs=3))
+    c = run_train_gate(cfg(fcache, tmp_path / "c", epochs=3, seed=1337))
+    wa, wb, wc = ((r.run / "model.safetensors").read_bytes() for r in (a, b, c))
+    assert wa == wb != wc
+    for name in ("config.yaml", "log.csv", "gate_stats.json", "gate_hist.png", "teacher_targets.h5", "model.safetensors"):
+        assert (a.run / name).is_file()
+    stats = json.loads((a.run / "gate_stats.json").read_text())
+    assert set(stats["mean_weight"]) == {"clip-sim", "align-sim"} and len(stats["per_camera"]) == 4
+    assert sum(stats["routed_share"].values()) == pytest.approx(1.0)
+    with h5py.File(fcache, "r") as f:
+        train_rows = int(f["images/n_views"][...][f["images/split"][...] == 0].sum())
+        n_ids = len(np.unique(f["images/pid"][...][f["images/split"][...] == 0]))
+    with h5py.File(a.targets, "r") as t:
+        assert t["feature"].shape == (train_rows, 2048) and t["logits"].shape == (train_rows, n_ids) and t["gates"].shape == (train_rows, 2)
+        assert t.attrs["cache"] == str(fcache.resolve()) and t.attrs["run"] == str(a.run.resolve())
+        assert set(np.unique(t["view"][...])) == {0, 1, 2}
+        np.testing.assert_allclose(t["gates"][...].sum(1), 1.0, rtol=1e-5)
+    assert len((a.run / "log.csv").read_text().splitlines()) == 4
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(fcache, tmp_path, monkeypatch):
+    full = run_train_gate(cfg(fcache, tmp_path / "full", epochs=4))
+    real = train_mod._checkpoint
+
+    def stop_after_two(out, model, opt, rng, epoch, row):
+        real(out, model, opt, rng, epoch, row)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_checkpoint", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4))
+    monkeypatch.setattr(train_mod, "_checkpoint", real)
+    with pytest.raises(TrainError, match="--resume"):
+        run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4))
+    cut = run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4), resume=True)
+    assert (cut.run / "model.safetensors").read_bytes() == (full.run / "model.safetensors").read_bytes()
+    assert len((cut.run / "log.csv").read_text().splitlines()) == 5
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fcache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.batch_hard_triplet
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k) * (float("nan") if calls["n"] > 12 else 1.0)
+
+    monkeypatch.setattr(train_mod, "batch_hard_triplet", poisoned)
+    with pytest.raises(TrainError, match="loss became nan.*last good checkpoint"):
+        run_train_gate(cfg(fcache, tmp_path / "nan", epochs=5))
+    last = int((tmp_path / "nan" / "ckpt" / "last").read_text())
+    assert last >= 1 and (tmp_path / "nan" / "ckpt" / f"weights-{last:04d}.safetensors").is_file()
+
+
+def test_bad_input(fcache, tmp_path, market_cache):
+    with pytest.raises(Exception, match="lacks the expert"):
+        run_train_gate(cfg(fcache, tmp_path / "x", experts=("clip-sim", "dino")))
+    tiny = write_feature_cache(tmp_path / "tiny.h5", ids=6, per_id=4, cams=2)
+    with pytest.raises(TrainError, match="fewer than P = 8"):
+        run_train_gate(cfg(tiny, tmp_path / "y"))
+    run_train_gate(cfg(fcache, tmp_path / "z", epochs=1))
+    other = write_feature_cache(tmp_path / "other.h5", ids=24, per_id=6, cams=4, views=3, seed=5)
+    with pytest.raises(TrainError, match="another cache"):
+        run_train_gate(cfg(other, tmp_path / "z", epochs=1), resume=True)
+    with pytest.raises(Exception, match="was trained on"):
+        run_eval(EvalConfig(other, f"gate:{tmp_path / 'z'}"))
+    with pytest.raises(TrainError, match="open_clip family"):
+        run_train_gate(cfg(fcache, tmp_path / "w", experts=("align-sim",), fusion="clip"))
