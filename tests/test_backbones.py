@@ -77,3 +77,18 @@ def test_outputs_cover_the_cache_contract():
     assert sum(k.startswith("attn_") for k in clip) >= 4 and clip["attn_01"].dtype == "float32"
     align = build_backbone("align-tiny", (64, 64)).output_specs()
     assert sum(k.startswith("attn_") for k in align) >= 4 and align["tokens"].token
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "align-tiny"])
+def test_random_presets_give_image_dependent_features(name):
+    """Random weights must still carry the images: no vanishing activations, no constant outputs."""
+    torch.manual_seed(0)
+    bb = build_backbone(name, (64, 64)).eval()
+    x = torch.rand(6, 3, 64, 64) * 255
+    with torch.inference_mode():
+        out = bb(bb.normalize(x))
+    pooled = out["pooled"]
+    assert pooled.abs().mean() > 1e-3
+    assert (pooled.std(0) / pooled.abs().mean()).mean() > 1e-2  # varies across images, relative to its scale
+    attn = [v for k, v in out.items() if k.startswith("attn_")]
+    assert all(a.std() > 0 for a in attn)

@@ -53,6 +53,38 @@ def _load_hub(preset: Preset):
     return model, f"hf:{preset.model}@{getattr(model.config, '_commit_hash', None) or 'unknown-revision'}"
 
 
+def _efficientnet_init(model: torch.nn.Module, image_size: tuple[int, int]) -> None:
+    """EfficientNet's own initialisation (He, fan-out) and calibrated BN statistics, for random-init presets.
+
+    With transformers' default init (conv std 0.02) and BN's default running
+    statistics (mean 0, variance 1), activations vanish through the blocks
+    (pooled features around 1e-29), and a random preset would feed later stages
+    zeros. After He init, one pass of a fixed seeded noise batch in training
+    mode sets each BN's running statistics to the activations' real scale; the
+    model then runs in eval mode as usual, so extraction stays per-image.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: the statistics of exactly this batch
+    noise = torch.rand(16, 3, *image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model.train()
+    with torch.no_grad():
+        model(pixel_values=noise)
+    model.eval()
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+
+
 class AlignBackbone(Backbone):
     family = "align"
 
@@ -66,6 +98,7 @@ class AlignBackbone(Backbone):
         elif preset.random_init or random_init:
             cfg = AlignVisionConfig(**preset.model_cfg)
             model = AlignVisionModel(cfg)
+            _efficientnet_init(model, image_size)
             self.weights_id = "random-init:seed=0"
         else:
             model, self.weights_id = _load_hub(preset)

@@ -33,6 +33,22 @@ def infer_rows(model: GateModel, feats: list[np.ndarray], rows: np.ndarray, bloc
     return tuple(np.concatenate(o) for o in outs)
 
 
+@torch.inference_mode()
+def recalibrate_bn(model: GateModel, data: TrainData) -> None:
+    """Re-estimate the BN neck's statistics on inference-mode fused features of every training view.
+
+    Training sees a dense softmax mixture (temperature 1.0); inference uses
+    temperature 0.5 and, for the top-k fusions, a sparse mixture, so the fused
+    features at inference follow another distribution than the one BN's
+    running statistics were collected on. Without this, the retrieval feature
+    of a gated teacher is dominated by a constant offset.
+    """
+    fused, _, _, _ = infer_rows(model, data.feats, np.arange(len(data.feats[0])))
+    f = torch.from_numpy(fused).double()
+    model.bn.running_mean.copy_(f.mean(0).float())
+    model.bn.running_var.copy_(f.var(0, unbiased=True).float())
+
+
 def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
     """Mean expert weight overall and per camera, share routed to each expert (view 0 of every training image)."""
     _, _, _, g = infer_rows(model, data.feats, data.row_start)

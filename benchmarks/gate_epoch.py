@@ -1,0 +1,99 @@
+"""What the cache buys train-gate: training steps from cached features vs. with the backbones online.
+
+Cached side: one full epoch of ``featcache train-gate`` (moe-top1) over a
+synthetic feature cache of Market-1501's training size (12,936 images,
+751 identities, 4 views) with the real widths of the cached CLIP (768) and
+ALIGN-B7 (640) pooled features; the epoch time is the one the training log
+records (target: under 1 s on 2 CPU cores).
+
+Online side: the same training step, but each batch's features come from
+running the tiny presets (clip-tiny, align-tiny) on 32 decoded, letterboxed,
+augmented synthetic images. A full online epoch takes minutes here, so it is
+timed over ``--online-batches`` batches and both sides are compared per batch;
+the online epoch time printed is that per-batch time times the batches of an
+epoch (an extrapolation, and labelled as one).
+
+    python benchmarks/gate_epoch.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from featcache.backbones import build_backbone  # noqa: E402
+from featcache.datasets import load_listing  # noqa: E402
+from featcache.gate.losses import batch_hard_triplet  # noqa: E402
+from featcache.gate.model import GateModel  # noqa: E402
+from featcache.gate.train import GateConfig, train  # noqa: E402
+from featcache.preprocess import apply_view, letterbox, view_params  # noqa: E402
+from featcache.synth import SynthConfig, generate  # noqa: E402
+from featcache.synth_cache import write_feature_cache  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--online-batches", type=int, default=30)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-gate-bench-"))
+    cache = write_feature_cache(tmp / "market-sized.h5", ids=751, per_id=17, cams=6, views=4)
+    cfg = GateConfig(str(cache), str(tmp / "run"), ("clip-sim", "align-sim"), "moe-top1", epochs=1, seed=42)
+    train(cfg)
+    with open(tmp / "run" / "log.csv") as fh:
+        row = next(csv.DictReader(fh))
+    epoch_cached = float(row["seconds"])
+    n_batches = 751 * 17 // 32  # PK batches in an epoch, about images / 32
+    per_batch_cached = epoch_cached / n_batches
+
+    # online: tiny backbones on images, then the same gate step
+    generate(SynthConfig(tmp / "imgs", "market1501", ids=100, cams=6, seed=0))
+    listing = load_listing("market1501", tmp / "imgs")
+    train_items = [it for it in listing.items if it.split == "train"]
+    size = (256, 256)
+    clip, align = build_backbone("clip-tiny", size).eval(), build_backbone("align-tiny", size).eval()
+    dims = [clip.output_specs()["pooled"].shape[0], align.output_specs()["pooled"].shape[0]]
+    model = GateModel(["open_clip", "align"], dims, "moe-top1", n_classes=751).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=5e-4)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for _ in range(args.online_batches):
+        pick = rng.choice(len(train_items), 32)
+        views = []
+        for i in pick:
+            base = letterbox(Image.open(listing.root / train_items[i].path), size)
+            dx, dy, flip = view_params(4, 0, int(i))[rng.integers(4)]
+            views.append(apply_view(base, int(dx), int(dy), int(flip)))
+        x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            xs = [clip(clip.normalize(x))["pooled"], align(align.normalize(x))["pooled"]]
+        xs = [v.clone() for v in xs]
+        y = torch.from_numpy(rng.integers(0, 751, 32))
+        fo, _, logits = model(xs)
+        loss = F.cross_entropy(logits, y) + 0.5 * batch_hard_triplet(fo.feature, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    per_batch_online = (time.perf_counter() - t0) / args.online_batches
+
+    print(f"device: CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})")
+    print(f"cached : one epoch of {n_batches} batches (12,767 images x 4 views cached, 768-d + 640-d) in {epoch_cached:.2f} s "
+          f"= {1000 * per_batch_cached:.1f} ms a batch (target: epoch under 1 s)")
+    print(f"online : {1000 * per_batch_online:.1f} ms a batch over {args.online_batches} batches (clip-tiny + align-tiny on 256x256 images); "
+          f"an epoch extrapolates to {per_batch_online * n_batches:.0f} s")
+    print(f"ratio online/cached per batch: {per_batch_online / per_batch_cached:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
