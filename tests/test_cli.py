@@ -74,3 +74,18 @@ def test_yaml_config_sets_defaults_and_rejects_unknown_keys(tmp_path):
     cfg.write_text(yaml.safe_dump({"synth": {"identities": 4}}))
     res = r.invoke(main, ["--config", str(cfg), "synth", str(tmp_path / "ds2")])
     assert res.exit_code == 2 and "unknown options ['identities']" in res.output
+
+
+def test_train_gate_then_eval_through_the_command_line(tmp_path):
+    from featcache.synth_cache import write_feature_cache
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
+    r = CliRunner()
+    res = r.invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "2", "--fusion", "moe-top2"])
+    assert res.exit_code == 0, res.output
+    assert "teacher targets" in res.output and (tmp_path / "run" / "gate_hist.png").is_file()
+    res = r.invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "2"])
+    assert res.exit_code == 1 and "--resume" in res.output
+    res = r.invoke(main, ["eval", "--cache", str(cache), "--model", f"gate:{tmp_path / 'run'}", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["kind"] == "gate"
