@@ -84,6 +84,8 @@ def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
     stats = json.loads((a.run / "gate_stats.json").read_text())
     assert set(stats["mean_weight"]) == {"clip-sim", "align-sim"} and len(stats["per_camera"]) == 4
     assert sum(stats["routed_share"].values()) == pytest.approx(1.0)
+    avg = run_train_gate(cfg(fcache, tmp_path / "avg", epochs=1, fusion="average"))
+    assert json.loads((avg.run / "gate_stats.json").read_text())["routed_share"] is None
     with h5py.File(fcache, "r") as f:
         train_rows = int(f["images/n_views"][...][f["images/split"][...] == 0].sum())
         n_ids = len(np.unique(f["images/pid"][...][f["images/split"][...] == 0]))

@@ -14,7 +14,7 @@ import torch
 
 from featcache import __version__
 from featcache.gate.data import TrainData, identity_digest
-from featcache.gate.model import GateModel
+from featcache.gate.model import GateModel, Gated, Single
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ def recalibrate_bn(model: GateModel, data: TrainData) -> None:
 def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
     """Mean expert weight overall and per camera, share routed to each expert (view 0 of every training image)."""
     _, _, _, g = infer_rows(model, data.feats, data.row_start)
-    routed = np.bincount(g.argmax(1), minlength=g.shape[1]) / len(g)
+    routes = isinstance(model.fusion, (Gated, Single))  # concat and average weigh experts equally: nothing is routed
+    routed = np.bincount(g.argmax(1), minlength=g.shape[1]) / len(g) if routes else None
     stats = {
         "experts": data.experts,
         "mean_weight": dict(zip(data.experts, g.mean(0).round(6).tolist())),
-        "routed_share": dict(zip(data.experts, routed.round(6).tolist())),
+        "routed_share": dict(zip(data.experts, routed.round(6).tolist())) if routed is not None else None,
         "per_camera": {str(int(c)): dict(zip(data.experts, g[data.camids == c].mean(0).round(6).tolist())) for c in np.unique(data.camids)},
         "images": int(len(g)),
         "mode": "inference (temperature 0.5, sparse top-k where the fusion is)",

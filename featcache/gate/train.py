@@ -123,7 +123,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData]:
     rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
     model = build_model(cfg, data.dims, data.families, len(data.pids)).to(device)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["weights"])
