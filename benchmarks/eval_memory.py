@@ -45,7 +45,6 @@ def main() -> None:
         return out
 
     gf, qf = feats(g_pids), feats(q_pids)
-    del centers
     before = rss_gb()
     t0 = time.perf_counter()
     res, _, backend = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu")

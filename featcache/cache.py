@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -286,7 +286,3 @@ class BatchResult:
     first_view_index: np.ndarray   # row of view 0 of each ok image within the batch
     outputs: dict[str, dict[str, np.ndarray]]
 
-
-def iter_failed(path: str | Path) -> Iterable[tuple[str, str]]:
-    for rec in summary(path)["failed"]:
-        yield rec["path"], rec["reason"]

@@ -41,7 +41,7 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
     z = rng.normal(size=(ids * 2 + 2, latent))
     with h5py.File(path, "r+") as f:
         g = f["images"]
-        start, nv = g["view_start"][...], g["n_views"][...]
+        nv = g["n_views"][...]
         rows_img = np.repeat(np.arange(len(items)), nv)
         pid = np.array([it.pid for it in items])[rows_img]
         cam = np.array([it.camid for it in items])[rows_img]

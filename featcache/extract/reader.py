@@ -7,7 +7,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -92,6 +92,3 @@ class BlockSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.blocks)
 
-
-def describe(records: Sequence[Any]) -> str:
-    return ", ".join(str(r.index) for r in records)

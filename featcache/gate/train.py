@@ -10,7 +10,6 @@ poisoned checkpoint, and ``--resume`` continues exactly from the last one.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -244,6 +243,3 @@ def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dic
     model.load_state_dict(load_file(run / WEIGHTS, device=device))
     return model.eval(), cfg, meta
 
-
-def dump_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(data, indent=2)))
