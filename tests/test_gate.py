@@ -146,3 +146,28 @@ def test_bad_input(fcache, tmp_path, market_cache):
         run_eval(EvalConfig(other, f"gate:{tmp_path / 'z'}"))
     with pytest.raises(TrainError, match="open_clip family"):
         run_train_gate(cfg(fcache, tmp_path / "w", experts=("align-sim",), fusion="clip"))
+
+
+def test_three_experts(tmp_path):
+    experts = {"clip-a": ("open_clip", 48), "align-b": ("align", 40), "clip-c": ("open_clip", 32)}
+    cache = write_feature_cache(tmp_path / "k3.h5", ids=16, per_id=4, cams=3, views=2, experts=experts)
+    res = run_train_gate(cfg(cache, tmp_path / "r", experts=tuple(experts), epochs=2, fusion="moe-top2"))
+    stats = json.loads((res.run / "gate_stats.json").read_text())
+    assert list(stats["mean_weight"]) == list(experts)
+    with h5py.File(res.targets, "r") as t:
+        assert t["gates"].shape[1] == 3 and ((t["gates"][...] > 0).sum(1) <= 2).all()  # top-2 of 3 at inference
+    assert run_eval(EvalConfig(cache, f"gate:{res.run}")).report["queries_evaluated"] > 0
+
+
+def test_cache_without_training_split(market_root, tmp_path):
+    from conftest import extract_cfg
+    from featcache.extract.runner import run_extract
+
+    root = tmp_path / "csv"
+    root.mkdir()
+    img = next((market_root / "query").glob("*.jpg"))
+    (root / "a.jpg").write_bytes(img.read_bytes())
+    (root / "manifest.csv").write_text("path,pid,camid,split\na.jpg,1,1,query\na.jpg,1,2,gallery\n")
+    run_extract(extract_cfg(root, tmp_path / "c.h5", dataset="csv", backbones=("clip-tiny", "align-tiny")))
+    with pytest.raises(Exception, match="no cached training images"):
+        run_train_gate(cfg(tmp_path / "c.h5", tmp_path / "r", experts=("clip-tiny", "align-tiny")))
