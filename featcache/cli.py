@@ -137,9 +137,9 @@ def _parse_ranks(text: str) -> tuple[int, ...]:
 
 
 @main.command("eval")
-@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the queries (and the gallery unless --gallery-cache).")
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache to evaluate on; with --gallery-cache, the source (training) domain's cache.")
 @click.option("--model", required=True, help="KIND:REF, e.g. backbone:clip-vit-b16 or concat:clip-vit-b16,align-b7.")
-@click.option("--gallery-cache", type=click.Path(path_type=Path), help="Take the gallery from another cache (cross-domain).")
+@click.option("--gallery-cache", type=click.Path(path_type=Path), help="Cross-domain: take query and gallery from this (target-domain) cache.")
 @click.option("--protocol", type=click.Choice(["market1501", "veri776", "auto"]), default="auto", show_default=True)
 @click.option("--ap", type=click.Choice(["plain", "trapezoid"]), default="plain", show_default=True, help="plain: torchreid/fast-reid; trapezoid: the official MATLAB kits.")
 @click.option("--ranks", default="1,5,10,20", show_default=True, help="CMC ranks to report.")

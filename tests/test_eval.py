@@ -147,7 +147,7 @@ def test_bad_input(small_cache, market_root, tmp_path):
 
     other = tmp_path / "other.h5"
     run_extract(extract_cfg(market_root, other, backbones=("clip-tiny",), image_size=(32, 32), views=1))
-    with pytest.raises(EvalInputError, match="image_size"):
+    with pytest.raises(EvalInputError, match="extracted differently: image_size"):
         run_eval(EvalConfig(small_cache, "backbone:clip-tiny", gallery_cache=other))
     with pytest.raises(EvalInputError, match="no view 1"):
         run_eval(EvalConfig(other, "backbone:clip-tiny", flip=True))
@@ -162,3 +162,19 @@ def test_bad_input(small_cache, market_root, tmp_path):
         run_eval(EvalConfig(tmp_path / "q.h5", "backbone:clip-tiny"))
     res = CliRunner().invoke(main, ["eval", "--cache", str(tmp_path / "q.h5"), "--model", "backbone:clip-tiny"])
     assert res.exit_code == 1 and "no cached gallery images" in res.output
+
+
+def test_cross_domain_gallery_cache(small_cache, tmp_path):
+    from conftest import extract_cfg
+    from featcache.extract.runner import run_extract
+    from featcache.synth import SynthConfig, generate
+
+    other_root = tmp_path / "veri"
+    generate(SynthConfig(other_root, "veri776", ids=6, cams=4, seed=4))
+    other = tmp_path / "veri.h5"
+    run_extract(extract_cfg(other_root, other, dataset="veri776"))
+    rep = run_eval(EvalConfig(small_cache, "backbone:clip-tiny", gallery_cache=other)).report
+    assert rep["gallery_cache"]["dataset"] == "veri776" and rep["cache"]["dataset"] == "market1501"
+    assert rep["evaluated_on"] == str(other) and rep["protocol"] == "veri776"  # auto follows the evaluated data
+    alone = run_eval(EvalConfig(other, "backbone:clip-tiny")).report
+    assert (rep["mAP"], rep["query_size"], rep["gallery_size"]) == (alone["mAP"], alone["query_size"], alone["gallery_size"])

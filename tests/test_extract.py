@@ -124,3 +124,19 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cach
     assert summary(out)["pending"] == total - killed_at  # the killed file opens
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert_same_cache(market_cache, out)
+
+
+@pytest.mark.parametrize("tokens", ["all", "none"])
+def test_token_modes(market_root, tmp_path, tokens):
+    out = tmp_path / f"{tokens}.h5"
+    res = run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",), tokens=tokens))
+    arrays = res.summary["backbones"]["clip-tiny"]["arrays"]
+    with h5py.File(out, "r") as f:
+        n_rows = len(f["views/image"])
+        if tokens == "none":
+            assert "tokens" not in arrays
+        else:
+            assert arrays["tokens"]["rows"] == "view" and arrays["tokens"]["shape"][0] == n_rows
+            flipped = f["views/flip"][...] == 1
+            t = f["backbones/clip-tiny/tokens"]
+            assert not np.array_equal(t[int(np.flatnonzero(flipped)[0])], t[int(np.flatnonzero(~flipped)[0])])

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from featcache.cache import open_cache
 from featcache.evaluation.features import CacheSplit, EvalInputError, parse_model
 from featcache.evaluation.metrics import AP_FORMS, Accumulator, masks, positive_ranks
 from featcache.evaluation.rerank import rerank_blocks
@@ -65,17 +66,24 @@ class Evaluation:
     per_query: dict[int, tuple[float, int]] = field(default_factory=dict)  # query index -> (AP, first rank)
 
 
-def _check_compatible(q: CacheSplit, g: CacheSplit) -> None:
-    if q.cache == g.cache:
-        return
-    a, b = q.identity["preprocessing"], g.identity["preprocessing"]
+def _check_compatible(source: Path, target: CacheSplit) -> None:
+    """Cross-domain: the target cache must be made like the source (training) cache, or features do not transfer."""
+    with open_cache(source) as f:
+        src = json.loads(f.attrs["identity"])
+    a, b = src["preprocessing"], target.identity["preprocessing"]
     diffs = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in _SHARED_PREPROCESSING if a.get(k) != b.get(k)]
-    for name in set(q.identity["backbones"]) & set(g.identity["backbones"]):
-        wa, wb = q.identity["backbones"][name]["weights"], g.identity["backbones"][name]["weights"]
+    for name in set(src["backbones"]) & set(target.identity["backbones"]):
+        wa, wb = src["backbones"][name]["weights"], target.identity["backbones"][name]["weights"]
         if wa != wb:
             diffs.append(f"backbone {name} weights: {wa} vs {wb}")
     if diffs:
-        raise EvalInputError(f"query cache {q.cache} and gallery cache {g.cache} differ: " + "; ".join(diffs))
+        raise EvalInputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
+
+
+def _cache_summary(path: Path) -> dict[str, Any]:
+    with open_cache(path) as f:
+        ident = json.loads(f.attrs["identity"])
+    return {"dataset": ident["dataset"], "items": ident["items"]}
 
 
 def _protocol(cfg: EvalConfig, q: CacheSplit) -> str:
@@ -87,9 +95,11 @@ def _protocol(cfg: EvalConfig, q: CacheSplit) -> str:
 def run_eval(cfg: EvalConfig) -> Evaluation:
     t0 = time.perf_counter()
     source = parse_model(cfg.model)
-    q = CacheSplit.load(cfg.cache, "query")
-    g = CacheSplit.load(cfg.gallery_cache or cfg.cache, "gallery")
-    _check_compatible(q, g)
+    target = cfg.gallery_cache or cfg.cache  # cross-domain: query and gallery both come from the other cache
+    q = CacheSplit.load(target, "query")
+    g = CacheSplit.load(target, "gallery")
+    if cfg.gallery_cache:
+        _check_compatible(cfg.cache, q)
     qf, gf = source.features(q, cfg.flip), source.features(g, cfg.flip)
     if qf.shape[1] != gf.shape[1]:
         raise EvalInputError(f"query features are {qf.shape[1]}-d but gallery features {gf.shape[1]}-d")
@@ -111,8 +121,9 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "model": {"spec": cfg.model, **source.describe()},
         "flip": cfg.flip,
         "rerank": {"k1": cfg.k1, "k2": cfg.k2, "lambda": cfg.lambda_} if cfg.rerank else None,
-        "cache": {"path": str(cfg.cache), "dataset": q.identity["dataset"], "items": q.identity["items"]},
-        "gallery_cache": {"path": str(cfg.gallery_cache), "dataset": g.identity["dataset"], "items": g.identity["items"]} if cfg.gallery_cache else None,
+        "cache": {"path": str(cfg.cache), **_cache_summary(cfg.cache)},
+        "gallery_cache": {"path": str(cfg.gallery_cache), **_cache_summary(cfg.gallery_cache)} if cfg.gallery_cache else None,
+        "evaluated_on": str(target),
         "random_init_backbones": sorted(
             {n for split in (q, g) for n, b in split.identity["backbones"].items() if b["weights"].startswith("random-init")}
         ),
