@@ -140,3 +140,24 @@ def test_token_modes(market_root, tmp_path, tokens):
             flipped = f["views/flip"][...] == 1
             t = f["backbones/clip-tiny/tokens"]
             assert not np.array_equal(t[int(np.flatnonzero(flipped)[0])], t[int(np.flatnonzero(~flipped)[0])])
+
+
+def test_real_crops_through_a_csv_manifest(tmp_path):
+    from conftest import shared_path
+
+    crops = shared_path("real-crops")
+    files = sorted(crops.glob("market1501-named/*.jpg"))[:12] + sorted(crops.glob("veri776-named/*.jpg"))
+    root = tmp_path / "real"
+    root.mkdir()
+    lines = ["path,pid,camid,split"]
+    for i, f in enumerate(files):
+        (root / f.name).symlink_to(f)
+        lines.append(f"{f.name},{int(f.name[:4]) + 1},{1 + i % 3},{['train', 'query', 'gallery'][i % 3]}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    res = run_extract(extract_cfg(root, tmp_path / "real.h5", dataset="csv", image_size=(64, 64)))
+    assert res.summary["failed"] == [] and sum(res.summary["splits"].values()) == len(files)
+    with h5py.File(tmp_path / "real.h5", "r") as f:
+        sizes = set(zip(f["images/width"][...], f["images/height"][...]))
+        pooled = f["backbones/align-tiny/pooled"][...]
+    assert (64, 128) in sizes and len(sizes) > 2  # person crops and vehicle crops of several sizes
+    assert np.isfinite(pooled).all() and pooled.std(0).mean() > 1e-3
