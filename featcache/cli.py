@@ -179,14 +179,13 @@ def eval_(**params) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train_gate(cache: Path, out: Path, experts: str, fusion: str, epochs: int, seed: int, device: str, label_smoothing: float, resume: bool) -> None:
     """Train the expert adapters and the mixture-of-experts gate from the cache alone."""
-    import torch
-
     from featcache.gate.runner import run_train_gate
     from featcache.gate.train import GateConfig
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    cfg = _run(GateConfig, str(cache), str(out), tuple(e.strip() for e in experts.split(",") if e.strip()), fusion, epochs, seed, dev,
-               32, 4, 3e-4, 3e-6, 5e-4, 0.5, 0.3, label_smoothing)
+    cfg = _run(lambda: GateConfig(
+        cache=str(cache), out=str(out), experts=tuple(e.strip() for e in experts.split(",") if e.strip()),
+        fusion=fusion, epochs=epochs, seed=seed, device=device, label_smoothing=label_smoothing,
+    ))
     res = _run(run_train_gate, cfg, resume)
     click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
 

@@ -54,7 +54,6 @@ _FUSIONS: dict[str, Callable[..., Fusion]] = {}
 def register_fusion(name: str):
     def deco(cls):
         _FUSIONS[name] = cls
-        cls.name = name
         return cls
 
     return deco
@@ -88,7 +87,9 @@ class Single(Fusion):
         return FusionOut(feats[self.expert], g, _zero(feats[0]))
 
 
-register_fusion("align")(type("SingleAlign", (Single,), {}))
+@register_fusion("align")
+class SingleAlign(Single):
+    """The ALIGN expert alone (the expert index is chosen from the families by the trainer)."""
 
 
 @register_fusion("concat")

@@ -46,7 +46,7 @@ class GateConfig:
     fusion: str = "moe-top1"
     epochs: int = 60
     seed: int = 42
-    device: str = "cpu"
+    device: str = "auto"
     batch_size: int = 32
     instances: int = 4
     lr: float = 3e-4
@@ -63,6 +63,8 @@ class GateConfig:
             raise TrainError(f"batch size {self.batch_size} is not a multiple of {self.instances} instances per identity")
         if self.epochs < 1:
             raise TrainError("--epochs must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TrainError(f"--device {self.device!r}: expected auto, cpu or cuda")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GateConfig":
@@ -120,7 +122,9 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData]:
     state = _prepare_dir(out, cfg, meta, resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = torch.device(cfg.device)
+    from featcache.extract.runner import resolve_device
+
+    device = resolve_device(cfg.device)
     model = build_model(cfg, data.dims, data.families, len(data.pids)).to(device)
     # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
