@@ -21,6 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from featcache.backbones import build_backbone  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     specs = {n: b.output_specs() for n, b in backbones.items()}
     mapper = Mapper(backbones, specs, device)
     reader = ImageReader(listing.root, listing.items, size, n_views, 0)
-    blocks = BlockSampler(len(listing.items), args.batch_size, torch.ones(len(listing.items), dtype=torch.bool).numpy()).blocks
+    blocks = BlockSampler(len(listing.items), args.batch_size, np.ones(len(listing.items), dtype=bool)).blocks
     batches = [stack_views([reader[i] for i in b]) for b in blocks]
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -56,7 +56,7 @@ def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: A
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    space = h5py.h5s.create_simple(shape if all(shape) else tuple(max(1, s) for s in shape))
+    space = h5py.h5s.create_simple(shape)
     tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
     dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
     return h5py.Dataset(dsid)
@@ -138,10 +138,10 @@ def create_cache(
     tokens: str,
 ) -> None:
     """Create the whole file under a temporary name, then rename it into place."""
-    rows = [(it, n_views[it.split]) for it in listing.items] + [(None, 0)] * len(listing.rejected)
-    n_img = len(rows)
-    counts = np.array([v for _, v in rows], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_img else np.zeros(0, np.int64)
+    items = listing.items
+    counts = np.array([n_views[it.split] for it in items] + [0] * len(listing.rejected), dtype=np.int64)  # rejected: no views
+    n_img = len(counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     n_rows = int(counts.sum())
     tmp = path.with_name(path.name + ".creating")
     with h5py.File(tmp, "w") as f:
@@ -152,10 +152,9 @@ def create_cache(
             tokens=tokens,
         )
         g = f.create_group("images")
-        paths = [it.path for it, _ in rows if it is not None] + [p for p, _ in listing.rejected]
+        paths = [it.path for it in items] + [p for p, _ in listing.rejected]
         g.create_dataset("path", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
-        items = [it for it, _ in rows if it is not None]
-        rej_split = [_split_of_rejected(p, listing) for p, _ in listing.rejected]
+        rej_split = [_split_of_rejected(p) for p, _ in listing.rejected]
         g.create_dataset("pid", data=np.array([it.pid for it in items] + [-1] * len(rej_split), dtype=np.int32))
         g.create_dataset("camid", data=np.array([it.camid for it in items] + [-1] * len(rej_split), dtype=np.int32))
         g.create_dataset("split", data=np.array([SPLIT_CODE[it.split] for it in items] + rej_split, dtype=np.uint8))
@@ -169,7 +168,7 @@ def create_cache(
             _create_fixed(g, name, (n_img,), dt)
         v = f.create_group("views")
         v.create_dataset("image", data=np.repeat(np.arange(n_img), counts).astype(np.int64))
-        v.create_dataset("view", data=np.concatenate([np.arange(c) for c in counts]).astype(np.uint8) if n_rows else np.zeros(0, np.uint8))
+        v.create_dataset("view", data=(np.arange(n_rows) - np.repeat(starts, counts)).astype(np.uint8))
         for name, dt in (("dx", np.int16), ("dy", np.int16), ("flip", np.uint8)):
             _create_fixed(v, name, (n_rows,), dt)
         for bname, outs in specs.items():
@@ -185,7 +184,7 @@ def create_cache(
     os.replace(tmp, path)
 
 
-def _split_of_rejected(path: str, listing: Listing) -> int:
+def _split_of_rejected(path: str) -> int:
     """Rejected names keep the split of their folder, so `info` can count them per split."""
     top = path.split("/", 1)[0]
     mapping = {"bounding_box_train": "train", "image_train": "train", "train": "train", "mask_train_v2": "train",
@@ -231,44 +230,53 @@ class CacheWriter:
         ok = batch.ok_images
         if len(ok):
             rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok])
-            r0, r1 = int(rows[0]), int(rows[-1]) + 1
-            contiguous = r1 - r0 == len(rows)
             for name, arr in (("dx", batch.params[:, 0]), ("dy", batch.params[:, 1]), ("flip", batch.params[:, 2])):
-                _put(self.f["views"][name], rows, arr, contiguous)
+                _put(self.f["views"][name], rows, arr)
             for bname, outs in batch.outputs.items():
                 bg = self.f["backbones"][bname]
                 for oname, arr in outs.items():
                     if oname not in bg:
                         continue
                     if bg[oname].attrs["rows"] == "image":
-                        _put(bg[oname], np.asarray(ok), arr[batch.first_view_index], False)
+                        _put(bg[oname], np.asarray(ok), arr[batch.first_view_index])
                     else:
-                        _put(bg[oname], rows, arr, contiguous)
+                        _put(bg[oname], rows, arr)
             for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):
-                _put(g[name], np.asarray(ok), arr, False)
+                _put(g[name], np.asarray(ok), arr)
         self.f.flush()
         idx = np.asarray(batch.images)
         order = np.argsort(idx)
         status = np.where(batch.failed_mask, FAILED, DONE).astype(np.uint8)
         reasons = np.array([r.encode()[:REASON_LEN] for r in batch.reasons], dtype=f"S{REASON_LEN}")
-        _put(g["reason"], idx[order], reasons[order], False)
-        _put(g["status"], idx[order], status[order], False)
+        _put(g["reason"], idx[order], reasons[order])
+        _put(g["status"], idx[order], status[order])
         self.f.flush()
 
     def close(self) -> None:
         self.f.close()
 
 
-def _put(ds: h5py.Dataset, rows: np.ndarray, arr: np.ndarray, contiguous: bool) -> None:
-    """Write ``arr`` at ``rows``: one slice when the rows are contiguous, else runs of consecutive rows."""
-    if len(rows) == 0:
-        return
-    if contiguous:
-        ds[int(rows[0]): int(rows[0]) + len(rows)] = arr
-        return
+def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(a, b, first) for each run rows[a:b] of consecutive rows starting at row ``first``."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
-        ds[int(rows[a]): int(rows[a]) + int(b - a)] = arr[a:b]
+        yield int(a), int(b), int(rows[a])
+
+
+def _put(ds: h5py.Dataset, rows: np.ndarray, arr: np.ndarray) -> None:
+    """Write ``arr`` at ``rows`` (ascending), one slice per run of consecutive rows."""
+    if len(rows):
+        for a, b, first in _runs(rows):
+            ds[first: first + b - a] = arr[a:b]
+
+
+def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read ``rows`` (ascending), one slice per run of consecutive rows: fast, and no full-array load."""
+    out = np.empty((rows.size, *ds.shape[1:]), dtype=ds.dtype)
+    if rows.size:
+        for a, b, first in _runs(rows):
+            out[a:b] = ds[first: first + b - a]
+    return out
 
 
 @dataclass

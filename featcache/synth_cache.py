@@ -55,5 +55,6 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
         f["views/dx"][...] = 10
         f["views/dy"][...] = 10
         f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
+        g["width"][...], g["height"][...], g["sha1"][...] = 0, 0, b""  # no image files behind these rows
         g["status"][...] = DONE
     return path

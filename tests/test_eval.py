@@ -100,22 +100,17 @@ def test_rerank_matches_the_dense_reference_and_raises_map():
     assert reranked["mAP"] > plain["mAP"] + 0.02
 
 
-@pytest.fixture(scope="module")
-def small_cache(market_cache):
-    return market_cache
-
-
-def test_blockwise_equals_one_shot(small_cache):
-    one = run_eval(EvalConfig(small_cache, "concat:clip-tiny,align-tiny", budget_mb=64)).report
-    many = run_eval(EvalConfig(small_cache, "concat:clip-tiny,align-tiny", budget_mb=0)).report  # one query a block
+def test_blockwise_equals_one_shot(market_cache):
+    one = run_eval(EvalConfig(market_cache, "concat:clip-tiny,align-tiny", budget_mb=64)).report
+    many = run_eval(EvalConfig(market_cache, "concat:clip-tiny,align-tiny", budget_mb=0)).report  # one query a block
     for key in ("mAP", "mINP", "cmc", "queries_evaluated"):
         assert one[key] == many[key]
 
 
-def test_eval_command_end_to_end(small_cache, tmp_path):
+def test_eval_command_end_to_end(market_cache, tmp_path):
     r = CliRunner()
     out = ["--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "p"), "--save-features", str(tmp_path / "f.npz")]
-    res = r.invoke(main, ["eval", "--cache", str(small_cache), "--model", "backbone:clip-tiny", *out])
+    res = r.invoke(main, ["eval", "--cache", str(market_cache), "--model", "backbone:clip-tiny", *out])
     assert res.exit_code == 0, res.output
     assert "mAP" in res.output and "R1" in res.output and "random weights" in res.output
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -126,29 +121,30 @@ def test_eval_command_end_to_end(small_cache, tmp_path):
     f = np.load(tmp_path / "f.npz")
     assert {"query", "gallery", "query_pids", "query_camids", "gallery_pids", "gallery_camids", "query_names", "gallery_names"} <= set(f.files)
     for form in ("plain", "trapezoid"):
-        res = r.invoke(main, ["eval", "--cache", str(small_cache), "--model", "backbone:clip-tiny", "--ap", form, "--json", str(tmp_path / f"{form}.json")])
+        res = r.invoke(main, ["eval", "--cache", str(market_cache), "--model", "backbone:clip-tiny", "--ap", form, "--json", str(tmp_path / f"{form}.json")])
         assert res.exit_code == 0, res.output
         ours = json.loads((tmp_path / f"{form}.json").read_text())
         ref = evaluate_reference(f["query"], f["gallery"], f["query_pids"], f["query_camids"], f["gallery_pids"], f["gallery_camids"], ap_form=form)
         assert ours["mAP"] == pytest.approx(ref["mAP"], abs=1e-6) and ours["mINP"] == pytest.approx(ref["mINP"], abs=1e-6)
         assert ours["cmc"] == pytest.approx(ref["cmc"], abs=1e-6)
-    res = r.invoke(main, ["eval", "--cache", str(small_cache), "--model", "concat:clip-tiny,align-tiny", "--flip", "--rerank"])
-    assert res.exit_code == 0, res.output and "re-ranked" in res.output
+    res = r.invoke(main, ["eval", "--cache", str(market_cache), "--model", "concat:clip-tiny,align-tiny", "--flip", "--rerank"])
+    assert res.exit_code == 0, res.output
+    assert "re-ranked" in res.output and "flip" in res.output
 
 
-def test_bad_input(small_cache, market_root, tmp_path):
-    with pytest.raises(EvalInputError, match="known kinds: " + ", ".join(known_kinds())):
-        run_eval(EvalConfig(small_cache, "resnet:50"))
+def test_bad_input(market_cache, market_root, tmp_path):
+    with pytest.raises(EvalInputError, match="unknown --model kind 'resnet'; available: " + ", ".join(known_kinds())):
+        run_eval(EvalConfig(market_cache, "resnet:50"))
     with pytest.raises(EvalInputError, match="holds: align-tiny, clip-tiny"):
-        run_eval(EvalConfig(small_cache, "backbone:clip-vit-b16"))
+        run_eval(EvalConfig(market_cache, "backbone:clip-vit-b16"))
     with pytest.raises(EvalInputError, match="KIND:REF"):
-        run_eval(EvalConfig(small_cache, "clip-tiny"))
+        run_eval(EvalConfig(market_cache, "clip-tiny"))
     from featcache.extract.runner import run_extract
 
     other = tmp_path / "other.h5"
     run_extract(extract_cfg(market_root, other, backbones=("clip-tiny",), image_size=(32, 32), views=1))
     with pytest.raises(EvalInputError, match="extracted differently: image_size"):
-        run_eval(EvalConfig(small_cache, "backbone:clip-tiny", gallery_cache=other))
+        run_eval(EvalConfig(market_cache, "backbone:clip-tiny", gallery_cache=other))
     with pytest.raises(EvalInputError, match="no view 1"):
         run_eval(EvalConfig(other, "backbone:clip-tiny", flip=True))
     # a cache whose gallery split is empty (a CSV with only training and query rows)
@@ -164,7 +160,7 @@ def test_bad_input(small_cache, market_root, tmp_path):
     assert res.exit_code == 1 and "no cached gallery images" in res.output
 
 
-def test_cross_domain_gallery_cache(small_cache, tmp_path):
+def test_cross_domain_gallery_cache(market_cache, tmp_path):
     from conftest import extract_cfg
     from featcache.extract.runner import run_extract
     from featcache.synth import SynthConfig, generate
@@ -173,7 +169,7 @@ def test_cross_domain_gallery_cache(small_cache, tmp_path):
     generate(SynthConfig(other_root, "veri776", ids=6, cams=4, seed=4))
     other = tmp_path / "veri.h5"
     run_extract(extract_cfg(other_root, other, dataset="veri776"))
-    rep = run_eval(EvalConfig(small_cache, "backbone:clip-tiny", gallery_cache=other)).report
+    rep = run_eval(EvalConfig(market_cache, "backbone:clip-tiny", gallery_cache=other)).report
     assert rep["gallery_cache"]["dataset"] == "veri776" and rep["cache"]["dataset"] == "market1501"
     assert rep["evaluated_on"] == str(other) and rep["protocol"] == "veri776"  # auto follows the evaluated data
     alone = run_eval(EvalConfig(other, "backbone:clip-tiny")).report

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from featcache.backbones.presets import Preset
+from featcache.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +73,9 @@ class Backbone(nn.Module):
         return name
 
 
-_FAMILIES: dict[str, Callable[[Preset, tuple[int, int], str | None, bool], Backbone]] = {}
-
-
-def register_family(name: str):
-    """Register a backbone family builder (a small decorator registry for code variants)."""
-
-    def deco(fn):
-        _FAMILIES[name] = fn
-        return fn
-
-    return deco
-
-
-def family_builder(name: str):
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone family {name!r}; known: {sorted(_FAMILIES)}") from None
+FAMILIES: Registry[Callable[[Preset, tuple[int, int], str | None, bool], Backbone]] = Registry("backbone family")
+register_family = FAMILIES.register
+family_builder = FAMILIES.get
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from featcache.registry import Registry
 from featcache.datasets.base import (
     DatasetLayoutError,
     Item,
@@ -22,33 +23,23 @@ from featcache.datasets.base import (
 logger = logging.getLogger(__name__)
 
 Reader = Callable[[Path], Listing]
-_READERS: dict[str, Reader] = {}
+READERS: Registry[Reader] = Registry("dataset layout", DatasetLayoutError)
 #: The naming rule of each layout, shown in error messages.
 PATTERNS: dict[str, str] = {}
 
 
 def register(name: str, pattern: str) -> Callable[[Reader], Reader]:
-    """Register a layout reader under ``name`` (a small decorator registry, as in timm)."""
-
-    def deco(fn: Reader) -> Reader:
-        _READERS[name] = fn
-        PATTERNS[name] = pattern
-        return fn
-
-    return deco
+    """Register a layout reader under ``name`` with the naming rule its errors quote."""
+    PATTERNS[name] = pattern
+    return READERS.register(name)
 
 
 def available() -> list[str]:
-    return sorted(_READERS)
+    return sorted(READERS.names())
 
 
 def get_reader(name: str) -> Reader:
-    try:
-        return _READERS[name]
-    except KeyError:
-        raise DatasetLayoutError(
-            f"unknown dataset layout {name!r}; available: {', '.join(available())}"
-        ) from None
+    return READERS.get(name)
 
 
 # --------------------------------------------------------------------------- Market / Duke

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 
-from featcache.cache import DONE, open_cache
+from featcache.cache import DONE, open_cache, read_rows
 from featcache.datasets import SPLITS
 from featcache.evaluation.search import l2_normalize
+from featcache.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +67,7 @@ class CacheSplit:
             if backbone not in f["backbones"]:
                 raise EvalInputError(f"{self.cache} has no backbone {backbone!r}; it holds: {', '.join(f['backbones'])}")
             ds = f["backbones"][backbone][array]
-            return _read_rows(ds, rows)
-
-
-def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
-    """Read ``rows`` (ascending) in runs of consecutive rows: fast, and no full-array load."""
-    out = np.empty((rows.size, *ds.shape[1:]), dtype=ds.dtype)
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [rows.size]])):
-        out[a:b] = ds[int(rows[a]): int(rows[a]) + int(b - a)]
-    return out
+            return read_rows(ds, rows)
 
 
 class FeatureSource(Protocol):
@@ -86,30 +78,20 @@ class FeatureSource(Protocol):
     def describe(self) -> dict: ...
 
 
-_KINDS: dict[str, Callable[[str], FeatureSource]] = {}
-
-
-def register_kind(name: str):
-    """Register a ``--model`` kind: ``fn(ref) -> FeatureSource``."""
-
-    def deco(fn):
-        _KINDS[name] = fn
-        return fn
-
-    return deco
+KINDS: Registry[Callable[[str], FeatureSource]] = Registry("--model kind", EvalInputError)
+#: Register a ``--model`` kind: ``fn(ref) -> FeatureSource``.
+register_kind = KINDS.register
 
 
 def known_kinds() -> list[str]:
-    return sorted(_KINDS)
+    return sorted(KINDS.names())
 
 
 def parse_model(spec: str) -> FeatureSource:
     kind, sep, ref = spec.partition(":")
     if not sep or not ref:
         raise EvalInputError(f"--model {spec!r}: expected KIND:REF, with KIND one of {', '.join(known_kinds())}")
-    if kind not in _KINDS:
-        raise EvalInputError(f"--model {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(known_kinds())}")
-    return _KINDS[kind](ref)
+    return KINDS.get(kind)(ref)
 
 
 def pooled(split: CacheSplit, backbone: str, flip: bool) -> np.ndarray:
@@ -160,13 +142,16 @@ class GateFeatures:
     """A trained teacher (``gate:RUN_DIR``): the BN feature of the fused experts, from cached pooled features."""
 
     run: Path
+    _loaded: tuple | None = field(default=None, init=False, repr=False)
 
     def features(self, split: CacheSplit, flip: bool) -> np.ndarray:
         import torch
 
         from featcache.gate.train import load_run
 
-        model, cfg, meta = load_run(self.run)
+        if self._loaded is None:  # query and gallery share one load
+            self._loaded = load_run(self.run)
+        model, _, meta = self._loaded
         have = {n: b["weights"] for n, b in split.identity["backbones"].items()}
         for name, w in zip(meta["experts"], meta["expert_weights"]):
             if have.get(name) != w:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.evaluation.features import CacheSplit, EvalInputError, _read_rows
-from featcache.cache import open_cache
+from featcache.cache import open_cache, read_rows
+from featcache.evaluation.features import CacheSplit, EvalInputError
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +43,20 @@ class TrainData:
         return [f[rows] for f in self.feats]
 
 
-def expert_families(cache: Path, experts: list[str]) -> tuple[list[str], list[str], dict]:
-    with open_cache(cache) as f:
-        ident = json.loads(f.attrs["identity"])
-    missing = [e for e in experts if e not in ident["backbones"]]
-    if missing:
-        raise EvalInputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident['backbones'])}")
-    return [ident["backbones"][e]["family"] for e in experts], [ident["backbones"][e]["weights"] for e in experts], ident
-
-
 def load_train(cache: Path, experts: list[str]) -> TrainData:
-    families, weights, ident = expert_families(cache, experts)
     try:
         split = CacheSplit.load(cache, "train")
     except EvalInputError:
         raise EvalInputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
+    ident = split.identity
+    missing = [e for e in experts if e not in ident["backbones"]]
+    if missing:
+        raise EvalInputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident['backbones'])}")
+    families = [ident["backbones"][e]["family"] for e in experts]
+    weights = [ident["backbones"][e]["weights"] for e in experts]
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
     with open_cache(cache) as f:
-        feats = [_read_rows(f["backbones"][e]["pooled"], rows).astype(np.float32) for e in experts]
+        feats = [read_rows(f["backbones"][e]["pooled"], rows).astype(np.float32) for e in experts]
     local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
     pids, labels = np.unique(split.pids, return_inverse=True)
     logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featcache.registry import Registry
+
 DIM = 2048
 TAU_TRAIN, TAU_TEST = 1.0, 0.5
 
@@ -48,25 +50,14 @@ class Fusion(nn.Module):
         raise NotImplementedError
 
 
-_FUSIONS: dict[str, Callable[..., Fusion]] = {}
-
-
-def register_fusion(name: str):
-    def deco(cls):
-        _FUSIONS[name] = cls
-        return cls
-
-    return deco
-
-
-def fusion_names() -> list[str]:
-    return list(_FUSIONS)
+FUSIONS: Registry[Callable[..., Fusion]] = Registry("fusion")
+register_fusion = FUSIONS.register
+fusion_names = FUSIONS.names
 
 
 def make_fusion(name: str, k: int, expert: int | None = None) -> Fusion:
-    if name not in _FUSIONS:
-        raise ValueError(f"--fusion {name!r}: expected one of {', '.join(_FUSIONS)}")
-    return _FUSIONS[name](k, expert) if name in ("clip", "align") else _FUSIONS[name](k)
+    cls = FUSIONS.get(name)
+    return cls(k, expert) if issubclass(cls, Single) else cls(k)
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:

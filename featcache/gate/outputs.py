@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from featcache import __version__
+from featcache.fileio import atomic_write
 from featcache.gate.data import TrainData, identity_digest
 from featcache.gate.model import GateModel, Gated, Single
 
@@ -90,7 +90,11 @@ def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> 
     image_of_row = np.repeat(np.arange(len(data.n_views)), data.n_views)
     view_of_row = rows - data.row_start[image_of_row]
     path = run / TARGETS
-    tmp = path.with_name(path.name + ".tmp")
+    atomic_write(path, lambda tmp: _write_targets_file(tmp, data, cache, run, image_of_row, view_of_row, fused, logits, gates))
+    return path
+
+
+def _write_targets_file(tmp: Path, data: TrainData, cache: Path, run: Path, image_of_row, view_of_row, fused, logits, gates) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update(
             format="featcache-teacher-targets", featcache_version=__version__, cache=str(cache.resolve()),
@@ -105,5 +109,3 @@ def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> 
         f.create_dataset("feature", data=fused.astype(np.float32)).attrs["doc"] = "fused 2048-d feature before BN (F_t)"
         f.create_dataset("logits", data=logits.astype(np.float32)).attrs["doc"] = "ID logits z_t over the training identities"
         f.create_dataset("gates", data=gates.astype(np.float32)).attrs["doc"] = "expert weights g' at inference"
-    os.replace(tmp, path)
-    return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from featcache.fileio import atomic_write
 from featcache.gate.data import TrainData, identity_digest, load_train, pk_batches
 from featcache.gate.losses import batch_hard_triplet
 from featcache.gate.model import GateModel, fusion_names
@@ -98,12 +98,6 @@ def single_expert_index(fusion: str, families: list[str]) -> int | None:
 
 def build_model(cfg: GateConfig, data_dims: list[int], families: list[str], n_classes: int) -> GateModel:
     return GateModel(families, data_dims, cfg.fusion, n_classes, single_expert_index(cfg.fusion, families))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _lr(cfg: GateConfig, step: int, total: int) -> float:
@@ -193,7 +187,7 @@ def _prepare_dir(out: Path, cfg: GateConfig, meta: dict, resume: bool) -> dict |
         _trim_log(out / LOG, epoch)
         return state
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(cfg_file, lambda p: p.write_text(yaml.safe_dump({"config": cfg.to_dict(), "meta": meta}, sort_keys=False)))
+    atomic_write(cfg_file, lambda p: p.write_text(yaml.safe_dump({"config": cfg.to_dict(), "meta": meta}, sort_keys=False)))
     return None
 
 
@@ -210,7 +204,7 @@ def _trim_log(log: Path, epoch: int) -> None:
                 w = csv.DictWriter(fh, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(keep)
-        _atomic(log, write)
+        atomic_write(log, write)
 
 
 def _checkpoint(out: Path, model: GateModel, opt, rng: np.random.Generator, epoch: int, row: dict) -> None:
@@ -225,11 +219,11 @@ def _checkpoint(out: Path, model: GateModel, opt, rng: np.random.Generator, epoc
     ck = out / "ckpt"
     ck.mkdir(exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(ck / f"weights-{epoch:04d}.safetensors", lambda p: save_file(weights, str(p), metadata={"epoch": str(epoch)}))
+    atomic_write(ck / f"weights-{epoch:04d}.safetensors", lambda p: save_file(weights, str(p), metadata={"epoch": str(epoch)}))
     state = {"epoch": epoch, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
-    _atomic(ck / f"state-{epoch:04d}.pt", lambda p: torch.save(state, p))
-    _atomic(ck / "last", lambda p: p.write_text(f"{epoch}\n"))
-    _atomic(out / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"epoch": str(epoch)}))
+    atomic_write(ck / f"state-{epoch:04d}.pt", lambda p: torch.save(state, p))
+    atomic_write(ck / "last", lambda p: p.write_text(f"{epoch}\n"))
+    atomic_write(out / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"epoch": str(epoch)}))
     for old in ck.glob("*-*.*"):
         if not old.name.endswith(f"-{epoch:04d}{old.suffix}"):
             old.unlink()
