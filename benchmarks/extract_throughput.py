@@ -33,6 +33,11 @@ from featcache.synth import SynthConfig, generate  # noqa: E402
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
+        run(Path(tmp))
+
+
+def run(tmp: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", action="append", required=True)
     ap.add_argument("--root", type=Path, help="a Market-1501-layout dataset (default: a synthetic one)")
@@ -45,7 +50,6 @@ def main() -> None:
     ap.add_argument("--random-init", action="store_true", help="full-size presets with random weights (speed only)")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     root = args.root or tmp / "market"
     if args.root is None:
         generate(SynthConfig(root, "market1501", ids=args.ids, cams=4, seed=0))

@@ -44,10 +44,14 @@ from featcache.synth_cache import write_feature_cache  # noqa: E402
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
+        run(Path(tmp))
+
+
+def run(tmp: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--online-batches", type=int, default=30)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="featcache-gate-bench-"))
     cache = write_feature_cache(tmp / "market-sized.h5", ids=751, per_id=17, cams=6, views=4)
     cfg = GateConfig(str(cache), str(tmp / "run"), ("clip-sim", "align-sim"), "moe-top1", epochs=1, seed=42)
     train(cfg)
