@@ -28,7 +28,9 @@ from featcache.backbones import build_backbone  # noqa: E402
 from featcache.datasets import load_listing  # noqa: E402
 from featcache.extract.mapper import Mapper  # noqa: E402
 from featcache.extract.reader import BlockSampler, ImageReader, stack_views  # noqa: E402
-from featcache.extract.runner import ExtractConfig, resolve_device, resolve_workers, run_extract  # noqa: E402
+from featcache.extract.config import ExtractConfig  # noqa: E402
+from featcache.extract.runner import run_extract  # noqa: E402
+from featcache.runtime import resolve_device, resolve_workers  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
 
 

@@ -35,9 +35,10 @@ from PIL import Image  # noqa: E402
 
 from featcache.backbones import build_backbone  # noqa: E402
 from featcache.datasets import load_listing  # noqa: E402
-from featcache.gate.losses import batch_hard_triplet  # noqa: E402
+from featcache.training.losses import batch_hard_triplet  # noqa: E402
 from featcache.gate.model import GateModel  # noqa: E402
-from featcache.gate.train import GateConfig, train  # noqa: E402
+from featcache.gate.config import GateConfig  # noqa: E402
+from featcache.gate.train import train  # noqa: E402
 from featcache.preprocess import apply_view, letterbox, view_params  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
 from featcache.synth_cache import write_feature_cache  # noqa: E402
@@ -53,7 +54,7 @@ def run(tmp: Path) -> None:
     ap.add_argument("--online-batches", type=int, default=30)
     args = ap.parse_args()
     cache = write_feature_cache(tmp / "market-sized.h5", ids=751, per_id=17, cams=6, views=4)
-    cfg = GateConfig(str(cache), str(tmp / "run"), ("clip-sim", "align-sim"), "moe-top1", epochs=1, seed=42)
+    cfg = GateConfig(cache, tmp / "run", ("clip-sim", "align-sim"), "moe-top1", epochs=1, seed=42)
     train(cfg)
     with open(tmp / "run" / "log.csv") as fh:
         row = next(csv.DictReader(fh))

@@ -1,112 +1,214 @@
-"""The ``featcache`` command line: one click group, each command parses options and calls one function."""
+"""The ``featcache`` command line: one click group; each command parses options and calls one typed function.
+
+Every stage's options fill its config dataclass (``featcache.config``): a
+``--config`` YAML section first, then ``--set key=value``, then the options
+given on the command line. Options default to ``None`` here so that the
+dataclass stays the only place a default lives; ``--help`` shows it from
+there. This module is also the wiring point: it imports the stage packages
+that register model kinds (``gate``), so that evaluation knows none by name.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from featcache import __version__
+from featcache.config import StageConfig, load_yaml, option_name, parse_set
+from featcache.errors import ConfigError, FeatcacheError
+from featcache.registry import nearest
+
+import featcache.gate.features  # noqa: F401,E402  (registers the gate: model kind)
 
 logger = logging.getLogger(__name__)
 
+#: commands of later versions: a clear answer instead of "No such command"
+PLANNED = {
+    "distill": "the student distilled from the cached teacher",
+    "profile": "parameters, FLOPs and latency of the student and the teacher",
+    "export": "ONNX export of the student",
+    "run": "pipelines that reproduce the paper's tables",
+    "demo": "the whole method in miniature (for now: bash pipelines/demo.sh)",
+}
 
-def _setup_logging(verbose: int) -> None:
-    """Warnings from everyone; featcache's own progress at INFO (-v), everything at DEBUG (-vv)."""
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("featcache").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+
+class FeatcacheGroup(click.Group):
+    """Known errors end with one message and an exit code (2 usage, 1 failure); ``--debug`` shows the traceback."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            if name in PLANNED:
+                raise click.UsageError(f"`featcache {name}` ({PLANNED[name]}) is not in featcache {__version__} yet; "
+                                       f"available commands: {', '.join(self.list_commands(ctx))}")
+            raise click.UsageError(f"no command {name!r}{nearest(name, self.list_commands(ctx))}; "
+                                   f"available commands: {', '.join(self.list_commands(ctx))}")
+        return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatcacheError as exc:
+            if ctx.meta.get("featcache.debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyChoice(click.Choice):
+    """A choice whose names come from a registry, looked up only when needed (keeps torch out of start-up)."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+        self.case_sensitive = True
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click may assign; the registry stays the source
+        pass
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v)) if v else "none"
+    return "auto" if v is None else str(v)
+
+
+def opt(cls: type[StageConfig], key: str, *decls: str, help: str = "", **kw) -> Callable:
+    """A click option for config field ``key``; its default (shown in --help) is the dataclass's."""
+    default = cls.defaults().get(key)
+    if key in cls.defaults() and not kw.get("is_flag") and default not in ((), {}):
+        help = f"{help}  [default: {_fmt(default)}]"
+    return click.option(*(decls or (option_name(key),)), key, default=None if not kw.get("is_flag") else False, help=help, **kw)
+
+
+def set_option(cls: type[StageConfig]) -> Callable:
+    keys = ", ".join(cls.keys())
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help=f"Set any config field, e.g. --set lr=1e-3 (repeatable). Fields: {keys}.")
+
+
+def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], sets: tuple[str, ...] = ()) -> Any:
+    """The stage config from the --config section, then --set, then options given on the command line."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if ctx.default_map:
+        layers.append((f"--config {ctx.find_root().params.get('config')} [{cls.command}]", dict(ctx.default_map)))
+    overrides = parse_set(sets)
+    given = {k: v for k, v in params.items()
+             if k in cls.keys() and ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    both = sorted(set(overrides) & set(given))
+    if both:
+        raise ConfigError(f"{', '.join(option_name(k) for k in both)} given twice: as an option and with --set")
+    if overrides:
+        layers.append(("--set", overrides))
+    layers.append(("command line", given))
+    return cls.build(*layers)
+
+
+@click.group(cls=FeatcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featcache")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML of defaults per command (the command line overrides).")
-@click.option("-v", "--verbose", count=True, help="-v for progress logs, -vv for debug.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML with a section per command (extract:, eval:, train-gate:, ...); the command line overrides it.")
+@click.option("-v", "--verbose", count=True, help="-v: progress logs (INFO); -vv: debug.")
+@click.option("--debug", is_flag=True, help="Show the traceback of errors instead of their one-line message.")
 @click.pass_context
-def main(ctx: click.Context, config: Path | None, verbose: int) -> None:
-    """featcache: run foundation backbones once, cache their features, train and evaluate re-ID from the cache."""
-    _setup_logging(verbose)
-    if config is not None:
-        from featcache.config import load_default_map
+def main(ctx: click.Context, config: Path | None, verbose: int, debug: bool) -> None:
+    """featcache: run foundation backbones once, cache their features, train and evaluate re-ID from the cache.
 
-        ctx.default_map = load_default_map(config, main)
+    Exit codes: 0 success; 2 a usage or configuration error (bad option, key or value); 1 a failure (missing or
+    mismatched inputs, errors while running).
+    """
+    from featcache.progress import setup_logging
+
+    setup_logging(verbose)
+    ctx.meta["featcache.debug"] = debug
+    if config is not None:
+        data = load_yaml(config)
+        for name in data:
+            if name not in main.commands:
+                raise ConfigError(f"--config {config}: unknown section {name!r}{nearest(name, main.commands)}; "
+                                  f"sections are command names: {', '.join(sorted(main.commands))}")
+        ctx.default_map = data
+
+
+# ---------------------------------------------------------------------------------------------- synth
+def _synth_options(f: Callable) -> Callable:
+    from featcache.synth import LAYOUT_CAMS, SynthConfig as C
+
+    for decorator in reversed([
+        click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False),
+        opt(C, "layout", type=click.Choice(list(LAYOUT_CAMS)), help="Official layout to write."),
+        opt(C, "ids", type=int, help="Number of identities (half train, half test)."),
+        opt(C, "cams", type=int, help="Cameras."),
+        opt(C, "seed", type=int, help="Seed of the scenes."),
+        set_option(C),
+    ]):
+        f = decorator(f)
+    return f
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--layout", type=click.Choice(["market1501", "veri776"]), default="market1501", show_default=True)
-@click.option("--ids", type=int, default=50, show_default=True, help="Number of identities (half train, half test).")
-@click.option("--cams", type=int, default=6, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def synth(out: Path, layout: str, ids: int, cams: int, seed: int) -> None:
-    """Write a synthetic dataset of real JPEGs in an official layout."""
+@_synth_options
+@click.pass_context
+def synth(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
+    """Write a synthetic dataset of real JPEGs in an official layout to OUT."""
     from featcache.synth import SynthConfig, generate
 
-    try:
-        cfg = SynthConfig(out, layout, ids, cams, seed)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    cfg = resolve(ctx, SynthConfig, params, sets)
     counts = generate(cfg)
-    click.echo(f"wrote {sum(counts.values())} images to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    click.echo(f"wrote {sum(counts.values())} images to {cfg.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
-def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"{v!r}: expected PRESET=PATH", param_hint="--weights")
-        out[name] = path
-    return out
+# ---------------------------------------------------------------------------------------------- extract
+def _datasets() -> list[str]:
+    from featcache.datasets import available
+
+    return available()
 
 
-def _parse_workers(value: str | int) -> int | None:
-    if str(value) == "auto":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a number or auto", param_hint="--workers") from None
+def _extract_options(f: Callable) -> Callable:
+    from featcache.extract.config import ExtractConfig as C
+
+    for decorator in reversed([
+        opt(C, "dataset", type=LazyChoice(_datasets), help="Dataset layout."),
+        opt(C, "root", type=click.Path(path_type=Path), help="Dataset folder in its official layout (csv: the manifest or its folder)."),
+        opt(C, "backbones", "--backbone", multiple=True, help="Backbone preset; repeat for several (see `featcache backbones`)."),
+        opt(C, "out", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write or resume."),
+        opt(C, "views", type=int, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2)."),
+        opt(C, "batch_size", type=int, help="Images per batch (keep it fixed across a resume for bit-equal results)."),
+        opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA)."),
+        opt(C, "device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the backbones run."),
+        opt(C, "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir)."),
+        opt(C, "random_init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results)."),
+        opt(C, "overwrite", is_flag=True, help="Replace an existing cache instead of resuming it."),
+        opt(C, "tokens", type=click.Choice(["view0", "all", "none"]), help="Which views keep token features."),
+        opt(C, "image_size", help="Input size N or HxW (256x128 is usual for persons)."),
+        opt(C, "aug_seed", type=int, help="Seed of the stored training augmentations."),
+        opt(C, "skip_bad_names", is_flag=True, help="Record files that break the naming rule as failed instead of stopping."),
+        set_option(C),
+    ]):
+        f = decorator(f)
+    return f
 
 
 @main.command()
-@click.option("--dataset", required=True, type=click.Choice(["market1501", "veri776", "dukemtmc", "msmt17", "csv"]))
-@click.option("--root", required=True, type=click.Path(path_type=Path), help="Dataset folder in its official layout (csv: the manifest or its folder).")
-@click.option("--backbone", "backbones", multiple=True, required=True, help="Backbone preset; repeat for several (see `featcache backbones`).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write or resume.")
-@click.option("--views", type=int, default=4, show_default=True, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch (keep it fixed across a resume for bit-equal results).")
-@click.option("--workers", default="auto", show_default=True, help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--weights", "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir).")
-@click.option("--random-init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache instead of resuming it.")
-@click.option("--tokens", type=click.Choice(["view0", "all", "none"]), default="view0", show_default=True, help="Which views keep token features.")
-@click.option("--image-size", default="256", show_default=True, help="Input size N or HxW (256x128 is usual for persons).")
-@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the stored training augmentations.")
-@click.option("--skip-bad-names", is_flag=True, help="Record files that break the naming rule as failed instead of stopping.")
+@_extract_options
 @click.pass_context
-def extract(ctx: click.Context, **params) -> None:
+def extract(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     """Run the frozen backbones once over every image and cache their outputs in HDF5."""
-    from featcache.config import save_resolved
-    from featcache.extract.runner import ExtractConfig, run_extract
-    from featcache.preprocess import parse_size
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.runner import run_extract
 
-    try:
-        cfg = ExtractConfig(
-            dataset=params["dataset"], root=params["root"], backbones=tuple(params["backbones"]), out=params["out"],
-            views=params["views"], batch_size=params["batch_size"], workers=_parse_workers(params["workers"]), device=params["device"],
-            weights=_parse_weights(params["weights"]), overwrite=params["overwrite"], tokens=params["tokens"],
-            image_size=parse_size(params["image_size"]), aug_seed=params["aug_seed"], random_init=params["random_init"],
-            skip_bad_names=params["skip_bad_names"],
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    res = _run(run_extract, cfg)
-    save_resolved(cfg.out.with_name(cfg.out.name + ".config.yaml"), "extract", params)
+    cfg = resolve(ctx, ExtractConfig, params, sets)
+    res = run_extract(cfg)
     s = res.summary
     click.echo(
         f"{cfg.out}: cached train {s['splits']['train']}, query {s['splits']['query']}, gallery {s['splits']['gallery']}; "
@@ -114,82 +216,86 @@ def extract(ctx: click.Context, **params) -> None:
     )
 
 
-def _run(fn, *args):
-    """Turn expected input errors into a clean message and exit code 2 (no traceback)."""
-    from featcache.backbones import PresetError, WeightsNotFoundError
-    from featcache.cache import CacheError
-    from featcache.datasets import DatasetLayoutError
-    from featcache.evaluation.features import EvalInputError
-    from featcache.gate.train import TrainError
+# ---------------------------------------------------------------------------------------------- eval
+def _eval_options(f: Callable) -> Callable:
+    from featcache.evaluation.features import kinds_help
+    from featcache.evaluation.runner import EvalConfig as C
 
-    try:
-        return fn(*args)
-    except (DatasetLayoutError, CacheError, PresetError, WeightsNotFoundError, EvalInputError, TrainError) as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _parse_ranks(text: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated ranks, e.g. 1,5,10,20", param_hint="--ranks") from None
-    return ranks
+    for decorator in reversed([
+        opt(C, "cache", type=click.Path(path_type=Path), help="Cache to evaluate on; with --gallery-cache, the source (training) domain's cache."),
+        opt(C, "model", help=f"KIND:REF. Kinds: {kinds_help()}."),
+        opt(C, "gallery_cache", type=click.Path(path_type=Path), help="Cross-domain: take query and gallery from this (target-domain) cache."),
+        opt(C, "ap", type=click.Choice(["plain", "trapezoid"]), help="plain: torchreid/fast-reid; trapezoid: the official MATLAB kits."),
+        opt(C, "ranks", help="CMC ranks to report, comma-separated."),
+        opt(C, "rerank", is_flag=True, help="k-reciprocal re-ranking (k1, k2, lambda below)."),
+        opt(C, "k1", type=int, help="Re-ranking k1."),
+        opt(C, "k2", type=int, help="Re-ranking k2."),
+        opt(C, "lambda_", "--lambda", type=float, help="Re-ranking lambda."),
+        opt(C, "flip", is_flag=True, help="Average the clean and flipped views' features."),
+        opt(C, "json_out", "--json", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (and the resolved config beside it)."),
+        opt(C, "plots", type=click.Path(file_okay=False, path_type=Path), help="Write a CMC curve and ranked-list grids here."),
+        opt(C, "save_features", type=click.Path(dir_okay=False, path_type=Path), help="Write the evaluated features and labels (.npz)."),
+        opt(C, "device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where models and search run."),
+        opt(C, "budget_mb", type=int, help="Memory (MiB) for one block of scores or model activations."),
+        opt(C, "plot_queries", type=int, help="Queries per ranked-list grid."),
+        opt(C, "seed", type=int, help="Seed of the random sample of plotted queries."),
+        set_option(C),
+    ]):
+        f = decorator(f)
+    return f
 
 
 @main.command("eval")
-@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache to evaluate on; with --gallery-cache, the source (training) domain's cache.")
-@click.option("--model", required=True, help="KIND:REF, e.g. backbone:clip-vit-b16 or concat:clip-vit-b16,align-b7.")
-@click.option("--gallery-cache", type=click.Path(path_type=Path), help="Cross-domain: take query and gallery from this (target-domain) cache.")
-@click.option("--protocol", type=click.Choice(["market1501", "veri776", "auto"]), default="auto", show_default=True)
-@click.option("--ap", type=click.Choice(["plain", "trapezoid"]), default="plain", show_default=True, help="plain: torchreid/fast-reid; trapezoid: the official MATLAB kits.")
-@click.option("--ranks", default="1,5,10,20", show_default=True, help="CMC ranks to report.")
-@click.option("--rerank", is_flag=True, help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3).")
-@click.option("--k1", type=int, default=20, show_default=True)
-@click.option("--k2", type=int, default=6, show_default=True)
-@click.option("--lambda", "lambda_", type=float, default=0.3, show_default=True)
-@click.option("--flip", is_flag=True, help="Average the clean and flipped views' features.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write a CMC curve and ranked-list grids here.")
-@click.option("--save-features", type=click.Path(dir_okay=False, path_type=Path), help="Write the evaluated features and labels (.npz).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--budget-mb", type=int, default=256, show_default=True, help="Memory for one block of scores.")
-@click.option("--plot-queries", type=int, default=8, show_default=True, help="Queries per ranked-list grid.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample of plotted queries.")
-def eval_(**params) -> None:
+@_eval_options
+@click.pass_context
+def eval_(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     """Evaluate a model on a cache: exact search, mAP / CMC / mINP under the dataset's protocol."""
     from featcache.evaluation.runner import EvalConfig, format_table, run_eval
 
-    try:
-        cfg = EvalConfig(**{**params, "ranks": _parse_ranks(params["ranks"])})
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    ev = _run(run_eval, cfg)
+    cfg = resolve(ctx, EvalConfig, params, sets)
+    ev = run_eval(cfg)
     click.echo(format_table(ev.report))
 
 
-@main.command("train-gate")
-@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (its training split).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
-@click.option("--experts", default="", help="Comma-separated presets in the cache (default: all of them).")
-@click.option("--fusion", type=click.Choice(["clip", "align", "concat", "average", "moe-top1", "moe-soft", "moe-top2"]), default="moe-top1", show_default=True)
-@click.option("--epochs", type=int, default=60, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True, help="The paper uses 42, 1337 and 2024.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def train_gate(cache: Path, out: Path, experts: str, fusion: str, epochs: int, seed: int, device: str, label_smoothing: float, resume: bool) -> None:
-    """Train the expert adapters and the mixture-of-experts gate from the cache alone."""
-    from featcache.gate.runner import run_train_gate
-    from featcache.gate.train import GateConfig
+# ---------------------------------------------------------------------------------------------- train-gate
+def _fusions() -> list[str]:
+    from featcache.gate.model import fusion_names
 
-    cfg = _run(lambda: GateConfig(
-        cache=str(cache), out=str(out), experts=tuple(e.strip() for e in experts.split(",") if e.strip()),
-        fusion=fusion, epochs=epochs, seed=seed, device=device, label_smoothing=label_smoothing,
-    ))
-    res = _run(run_train_gate, cfg, resume)
+    return fusion_names()
+
+
+def _gate_options(f: Callable) -> Callable:
+    from featcache.gate.config import GateConfig as C
+    for decorator in reversed([
+        opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (its training split)."),
+        opt(C, "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),
+        opt(C, "experts", help="Comma-separated presets in the cache (default: all of them)."),
+        opt(C, "fusion", type=LazyChoice(_fusions), help="How experts are combined."),
+        opt(C, "epochs", type=int, help="Training epochs."),
+        opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
+        opt(C, "device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where training runs."),
+        opt(C, "label_smoothing", type=float, help="Label smoothing of the ID loss."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        set_option(C),
+    ]):
+        f = decorator(f)
+    return f
+
+
+@main.command("train-gate")
+@_gate_options
+@click.pass_context
+def train_gate(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -> None:
+    """Train the expert adapters and the mixture-of-experts gate from the cache alone."""
+    from featcache.gate.config import GateConfig
+    from featcache.gate.runner import run_train_gate
+
+    cfg = resolve(ctx, GateConfig, params, sets)
+    res = run_train_gate(cfg, resume)
     click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
 
 
+# ---------------------------------------------------------------------------------------------- info, backbones
 @main.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
@@ -197,13 +303,13 @@ def info(cache: Path, as_json: bool) -> None:
     """Describe a cache: images per split, failures, stored arrays and sizes per backbone."""
     from featcache.cache import summary
 
-    s = _run(summary, cache)
+    s = summary(cache)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     ident = s["identity"]
     pre = ident["preprocessing"]
-    click.echo(f"{cache}  (featcache {s['featcache_version']}, {s['file_bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"{cache}  (format version {s['format_version']}, featcache {s['featcache_version']}, {s['file_bytes'] / 2**20:.1f} MiB)")
     click.echo(f"dataset {ident['dataset']} at {ident['dataset_root']}")
     click.echo(f"input {pre['image_size'][0]}x{pre['image_size'][1]} ({pre['resize']}); views {pre['views']}; tokens {pre['tokens']}")
     click.echo("cached: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"; pending {s['pending']}; failed {len(s['failed'])}")
@@ -220,7 +326,7 @@ def info(cache: Path, as_json: bool) -> None:
 @main.command()
 def backbones() -> None:
     """List the backbone presets."""
-    from featcache.backbones import available_presets, get_preset
+    from featcache.backbones.presets import available_presets, get_preset
 
     for name in available_presets():
         p = get_preset(name)

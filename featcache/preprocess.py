@@ -53,9 +53,22 @@ def apply_view(base: np.ndarray, dx: int, dy: int, flip: int) -> np.ndarray:
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def render_views(img: Image.Image, size: tuple[int, int], params: np.ndarray) -> np.ndarray:
+    """(V, H, W, 3) uint8: the views with parameters ``params`` (rows of dx, dy, flip) of a decoded image.
+
+    The one function that turns an image and stored view parameters into
+    pixels: extraction uses it, and so does every later stage that must see
+    what the backbones saw (``featcache.cache.pixels``).
+    """
+    base = letterbox(img, size)
+    return np.stack([apply_view(base, *map(int, p)) for p in params])
+
+
+def parse_size(text: str | int | tuple | list) -> tuple[int, int]:
     """'256' -> (256, 256); '256x128' -> (256, 128) as (H, W)."""
-    parts = text.lower().split("x")
+    if isinstance(text, (tuple, list)):
+        text = "x".join(str(v) for v in text)
+    parts = str(text).lower().split("x")
     try:
         vals = [int(p) for p in parts]
     except ValueError:

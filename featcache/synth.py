@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from featcache.config import StageConfig
+from featcache.errors import ConfigError
+from featcache.progress import progress
 from featcache.synth_render import Person, Scene, Vehicle, render_person, render_vehicle
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,11 @@ LAYOUT_CAMS = {"market1501": 6, "veri776": 20}
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(StageConfig):
+    """``featcache synth``: a synthetic dataset of real JPEGs in an official layout."""
+
+    command = "synth"
+
     out: Path
     layout: str = "market1501"
     ids: int = 50
@@ -35,11 +41,11 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_CAMS:
-            raise ValueError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CAMS)}")
+            raise ConfigError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CAMS)}")
         if not 2 <= self.cams <= LAYOUT_CAMS[self.layout]:
-            raise ValueError(f"--cams {self.cams}: {self.layout} takes 2 to {LAYOUT_CAMS[self.layout]} cameras")
+            raise ConfigError(f"--cams {self.cams}: {self.layout} takes 2 to {LAYOUT_CAMS[self.layout]} cameras")
         if self.ids < 4:
-            raise ValueError(f"--ids {self.ids}: at least 4 identities (half train, half test)")
+            raise ConfigError(f"--ids {self.ids}: at least 4 identities (half train, half test)")
 
 
 @dataclass
@@ -95,7 +101,7 @@ def _write_market(cfg: SynthConfig, rng, scenes, train: set[int], test: set[int]
     people = {pid: Person.sample(np.random.default_rng([cfg.seed, 2, pid])) for pid in train | test}
     queries = _queries(shots, test)
     counts = {"bounding_box_train": 0, "bounding_box_test": 0, "query": 0}
-    for i, s in enumerate(tqdm(shots, desc="synth market1501", unit="img")):
+    for i, s in enumerate(progress(shots, desc="synth market1501", unit="img")):
         folder = "bounding_box_train" if s.pid in train else ("query" if i in queries else "bounding_box_test")
         seq = 1 + s.frame % 6
         name = f"{s.pid:04d}_c{s.cam}s{seq}_{s.frame:06d}_{i % 100:02d}.jpg"
@@ -122,7 +128,7 @@ def _write_veri(cfg: SynthConfig, rng, scenes, train: set[int], test: set[int], 
     names: dict[str, list[str]] = {"train": [], "query": [], "test": []}
     test_meta: list[tuple[int, int]] = []
     query_meta: list[tuple[int, int]] = []
-    for i, s in enumerate(tqdm(shots, desc="synth veri776", unit="img")):
+    for i, s in enumerate(progress(shots, desc="synth veri776", unit="img")):
         name = f"{s.pid:04d}_c{s.cam:03d}_{s.frame:08d}_{i % 2}.jpg"
         img = render_vehicle(cars[s.pid], scenes[s.cam], np.random.default_rng(s.image_seed))
         if s.pid in train:

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.backbones.base import OutputSpec
+from featcache.cache.spec import OutputSpec
 from featcache.cache import DONE, create_cache, make_identity
 from featcache.datasets import Item, Listing
 

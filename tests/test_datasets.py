@@ -125,7 +125,9 @@ def test_missing_folder_names_expected_layout(tmp_path):
     assert "query" in str(err.value) and "bounding_box_test/" in str(err.value)
     with pytest.raises(DatasetLayoutError, match="does not exist"):
         load_listing("veri776", tmp_path / "nope")
-    with pytest.raises(DatasetLayoutError, match="available: csv, dukemtmc, market1501, msmt17, veri776"):
+    from featcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="available: csv, dukemtmc, market1501, msmt17, veri776"):
         load_listing("cuhk03", tmp_path)
 
 

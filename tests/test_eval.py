@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from conftest import extract_cfg, shared_path
 from featcache.cli import main
-from featcache.evaluation.features import EvalInputError, known_kinds
+from featcache.errors import ConfigError, FeatcacheError, InputError
+from featcache.evaluation.features import known_kinds
 from featcache.evaluation.metrics import Accumulator, average_precision, masks, positive_ranks
 from featcache.evaluation.rerank import rerank_blocks
 from featcache.evaluation.runner import EvalConfig, run_eval
@@ -101,10 +103,13 @@ def test_rerank_matches_the_dense_reference_and_raises_map():
 
 
 def test_blockwise_equals_one_shot(market_cache):
-    one = run_eval(EvalConfig(market_cache, "concat:clip-tiny,align-tiny", budget_mb=64)).report
-    many = run_eval(EvalConfig(market_cache, "concat:clip-tiny,align-tiny", budget_mb=0)).report  # one query a block
+    from featcache.evaluation.runner import evaluate
+
+    ev = run_eval(EvalConfig(market_cache, "concat:clip-tiny,align-tiny", budget_mb=64))
+    args = (ev.qf, ev.gf, ev.query.pids, ev.query.camids, ev.gallery.pids, ev.gallery.camids)
+    many, _, _ = evaluate(*args, budget=1)  # one query a block
     for key in ("mAP", "mINP", "cmc", "queries_evaluated"):
-        assert one[key] == many[key]
+        assert ev.report[key] == many[key]
 
 
 def test_eval_command_end_to_end(market_cache, tmp_path):
@@ -116,8 +121,11 @@ def test_eval_command_end_to_end(market_cache, tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     for key in ("mAP", "mINP", "cmc", "protocol", "ap_form", "queries_evaluated", "queries_skipped", "gallery_size", "model", "cache", "timings"):
         assert key in rep
-    assert rep["protocol"] == "market1501" and set(rep["cmc"]) == {"1", "5", "10", "20"}
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["cmc.png", "ranked_random.png", "ranked_worst_ap.png"]
+    assert rep["protocol"]["dataset"] == "market1501" and "junk" in rep["protocol"]["rule"] and set(rep["cmc"]) == {"1", "5", "10", "20"}
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["cmc.png", "eval.config.yaml", "ranked_random.png", "ranked_worst_ap.png"]
+    saved = yaml.safe_load((tmp_path / "r.json.config.yaml").read_text())["eval"]
+    assert saved["model"] == "backbone:clip-tiny" and saved["budget_mb"] == 256 and rep["config"] == saved
+    assert rep["random_init_backbones"] == ["clip-tiny"]  # only what this model read, not every backbone in the cache
     f = np.load(tmp_path / "f.npz")
     assert {"query", "gallery", "query_pids", "query_camids", "gallery_pids", "gallery_camids", "query_names", "gallery_names"} <= set(f.files)
     for form in ("plain", "trapezoid"):
@@ -133,19 +141,19 @@ def test_eval_command_end_to_end(market_cache, tmp_path):
 
 
 def test_bad_input(market_cache, market_root, tmp_path):
-    with pytest.raises(EvalInputError, match="unknown --model kind 'resnet'; available: " + ", ".join(known_kinds())):
+    with pytest.raises(ConfigError, match="unknown --model kind 'resnet'; available: " + ", ".join(known_kinds())):
         run_eval(EvalConfig(market_cache, "resnet:50"))
-    with pytest.raises(EvalInputError, match="holds: align-tiny, clip-tiny"):
+    with pytest.raises(InputError, match="holds: align-tiny, clip-tiny"):
         run_eval(EvalConfig(market_cache, "backbone:clip-vit-b16"))
-    with pytest.raises(EvalInputError, match="KIND:REF"):
+    with pytest.raises(ConfigError, match="KIND:REF"):
         run_eval(EvalConfig(market_cache, "clip-tiny"))
     from featcache.extract.runner import run_extract
 
     other = tmp_path / "other.h5"
     run_extract(extract_cfg(market_root, other, backbones=("clip-tiny",), image_size=(32, 32), views=1))
-    with pytest.raises(EvalInputError, match="extracted differently: image_size"):
+    with pytest.raises(InputError, match="extracted differently: image_size"):
         run_eval(EvalConfig(market_cache, "backbone:clip-tiny", gallery_cache=other))
-    with pytest.raises(EvalInputError, match="no view 1"):
+    with pytest.raises(InputError, match="no view 1"):
         run_eval(EvalConfig(other, "backbone:clip-tiny", flip=True))
     # a cache whose gallery split is empty (a CSV with only training and query rows)
     root = tmp_path / "csv"
@@ -154,7 +162,7 @@ def test_bad_input(market_cache, market_root, tmp_path):
     (root / "a.jpg").write_bytes(img.read_bytes())
     (root / "manifest.csv").write_text("path,pid,camid,split\na.jpg,1,1,query\na.jpg,1,1,train\n")
     run_extract(extract_cfg(root, tmp_path / "q.h5", dataset="csv", backbones=("clip-tiny",)))
-    with pytest.raises(EvalInputError, match="no cached gallery images"):
+    with pytest.raises(InputError, match="no cached gallery images"):
         run_eval(EvalConfig(tmp_path / "q.h5", "backbone:clip-tiny"))
     res = CliRunner().invoke(main, ["eval", "--cache", str(tmp_path / "q.h5"), "--model", "backbone:clip-tiny"])
     assert res.exit_code == 1 and "no cached gallery images" in res.output
@@ -171,6 +179,6 @@ def test_cross_domain_gallery_cache(market_cache, tmp_path):
     run_extract(extract_cfg(other_root, other, dataset="veri776"))
     rep = run_eval(EvalConfig(market_cache, "backbone:clip-tiny", gallery_cache=other)).report
     assert rep["gallery_cache"]["dataset"] == "veri776" and rep["cache"]["dataset"] == "market1501"
-    assert rep["evaluated_on"] == str(other) and rep["protocol"] == "veri776"  # auto follows the evaluated data
+    assert rep["evaluated_on"] == str(other) and rep["protocol"]["dataset"] == "veri776"  # the protocol of the evaluated data
     alone = run_eval(EvalConfig(other, "backbone:clip-tiny")).report
     assert (rep["mAP"], rep["query_size"], rep["gallery_size"]) == (alone["mAP"], alone["query_size"], alone["gallery_size"])

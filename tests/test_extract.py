@@ -65,7 +65,8 @@ def test_mismatched_cache_is_refused_and_kept(market_root, market_cache, tmp_pat
     with pytest.raises(CacheError) as err:
         run_extract(extract_cfg(market_root, copy, backbones=("clip-tiny",), image_size=(64, 64)))
     msg = str(err.value)
-    assert "backbones.align-tiny" in msg and "image_size" in msg and "--overwrite" in msg
+    assert "backbones: the cache holds clip-tiny, align-tiny; this run asks for clip-tiny" in msg.replace("align-tiny, clip-tiny", "clip-tiny, align-tiny")
+    assert "image_size: 64x32 in the cache, 64x64 now" in msg and "--overwrite" in msg and "\n" not in msg
     assert_same_cache(market_cache, copy)  # nothing already computed is lost
     res = run_extract(extract_cfg(market_root, copy, backbones=("clip-tiny",), overwrite=True))
     assert set(res.summary["backbones"]) == {"clip-tiny"}

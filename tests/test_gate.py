@@ -14,7 +14,8 @@ from featcache.evaluation.runner import EvalConfig, run_eval
 from featcache.gate import train as train_mod
 from featcache.gate.model import GateModel, fusion_names
 from featcache.gate.runner import run_train_gate
-from featcache.gate.train import GateConfig, TrainError
+from featcache.errors import ConfigError, InputError, RunError
+from featcache.gate.config import GateConfig
 from featcache.synth_cache import write_feature_cache
 
 
@@ -98,19 +99,24 @@ def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(fcache, tmp_path, monkeypatch):
-    full = run_train_gate(cfg(fcache, tmp_path / "full", epochs=4))
-    real = train_mod._checkpoint
+    from featcache.training.rundir import RunDir
 
-    def stop_after_two(out, model, opt, rng, epoch, row):
-        real(out, model, opt, rng, epoch, row)
+    full = run_train_gate(cfg(fcache, tmp_path / "full", epochs=4))
+    real = RunDir.checkpoint
+
+    def stop_after_two(self, epoch, *a, **k):
+        real(self, epoch, *a, **k)
         if epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_checkpoint", stop_after_two)
+    monkeypatch.setattr(RunDir, "checkpoint", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4))
-    monkeypatch.setattr(train_mod, "_checkpoint", real)
-    with pytest.raises(TrainError, match="--resume"):
+    monkeypatch.setattr(RunDir, "checkpoint", real)
+    assert not (tmp_path / "cut" / "model.safetensors").exists()  # unfinished: no final weights
+    with pytest.raises(InputError, match="unfinished run \\(it reached epoch 2 of 4\\)"):
+        run_eval(EvalConfig(fcache, f"gate:{tmp_path / 'cut'}"))
+    with pytest.raises(InputError, match="--resume"):
         run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4))
     cut = run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4), resume=True)
     assert (cut.run / "model.safetensors").read_bytes() == (full.run / "model.safetensors").read_bytes()
@@ -126,7 +132,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fcache, tmp_path, mon
         return real(*a, **k) * (float("nan") if calls["n"] > 12 else 1.0)
 
     monkeypatch.setattr(train_mod, "batch_hard_triplet", poisoned)
-    with pytest.raises(TrainError, match="loss became nan.*last good checkpoint"):
+    with pytest.raises(RunError, match="loss became nan.*last good checkpoint"):
         run_train_gate(cfg(fcache, tmp_path / "nan", epochs=5))
     last = int((tmp_path / "nan" / "ckpt" / "last").read_text())
     assert last >= 1 and (tmp_path / "nan" / "ckpt" / f"weights-{last:04d}.safetensors").is_file()
@@ -136,15 +142,15 @@ def test_bad_input(fcache, tmp_path, market_cache):
     with pytest.raises(Exception, match="lacks the expert"):
         run_train_gate(cfg(fcache, tmp_path / "x", experts=("clip-sim", "dino")))
     tiny = write_feature_cache(tmp_path / "tiny.h5", ids=6, per_id=4, cams=2)
-    with pytest.raises(TrainError, match="fewer than P = 8"):
+    with pytest.raises(InputError, match="fewer than P = 8"):
         run_train_gate(cfg(tiny, tmp_path / "y"))
     run_train_gate(cfg(fcache, tmp_path / "z", epochs=1))
     other = write_feature_cache(tmp_path / "other.h5", ids=24, per_id=6, cams=4, views=3, seed=5)
-    with pytest.raises(TrainError, match="another cache"):
+    with pytest.raises(InputError, match="other inputs"):
         run_train_gate(cfg(other, tmp_path / "z", epochs=1), resume=True)
     with pytest.raises(Exception, match="was trained on"):
         run_eval(EvalConfig(other, f"gate:{tmp_path / 'z'}"))
-    with pytest.raises(TrainError, match="open_clip family"):
+    with pytest.raises(ConfigError, match="open_clip family"):
         run_train_gate(cfg(fcache, tmp_path / "w", experts=("align-sim",), fusion="clip"))
 
 

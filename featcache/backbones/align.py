@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from featcache.backbones.base import Backbone, WeightsNotFoundError, attention_map, register_family, sha256_file
-from featcache.backbones.presets import Preset
+from featcache.backbones.hub import hub_offline_reason
+from featcache.backbones.presets import Preset, PresetError
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +39,28 @@ def _load_local(path: Path):
 
 
 def _load_hub(preset: Preset):
+    """The model from the local Hugging Face cache, else downloaded if the hub answers at once."""
     from huggingface_hub import constants
     from transformers import AlignModel
 
+    how = (f"Supply them with --weights {preset.name}=DIR (a directory saved by save_pretrained, holding config.json and "
+           "model.safetensors), or point HF_HOME at a cache that holds them.")
     try:
-        model = AlignModel.from_pretrained(preset.model).vision_model
-    except OSError as exc:
-        raise WeightsNotFoundError(
-            f"{preset.name}: weights for {preset.model!r} were not found. Looked in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE} and tried to download them ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
-            f"Supply them with --weights {preset.name}=DIR (a directory saved by save_pretrained, holding config.json and "
-            "model.safetensors), or point HF_HOME at a cache that holds them."
-        ) from None
+        model = AlignModel.from_pretrained(preset.model, local_files_only=True).vision_model
+    except OSError:
+        reason = hub_offline_reason()
+        if reason is not None:
+            raise WeightsNotFoundError(
+                f"{preset.name}: weights for {preset.model!r} were not found. Looked in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE}; not downloaded: {reason}. {how}"
+            ) from None
+        try:
+            model = AlignModel.from_pretrained(preset.model).vision_model
+        except OSError as exc:
+            raise WeightsNotFoundError(
+                f"{preset.name}: weights for {preset.model!r} were not found. Looked in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE} and tried to download them ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). {how}"
+            ) from None
     return model, f"hf:{preset.model}@{getattr(model.config, '_commit_hash', None) or 'unknown-revision'}"
 
 
@@ -108,7 +119,7 @@ class AlignBackbone(Backbone):
         ends = [sum(repeats[: s + 1]) - 1 for s in range(len(repeats))]
         bad = [d for d in preset.attn_depths if not 1 <= d <= len(ends)]
         if bad:
-            raise ValueError(f"{preset.name}: attn_depths {bad} outside stages 1..{len(ends)}")
+            raise PresetError(f"{preset.name}: attn_depths {bad} outside stages 1..{len(ends)}")
         self._taps = {ends[d - 1]: d for d in preset.attn_depths}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

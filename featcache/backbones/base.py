@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,23 +11,15 @@ import torch
 from torch import nn
 
 from featcache.backbones.presets import Preset
+from featcache.cache.spec import OutputSpec
+from featcache.errors import InputError
 from featcache.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(InputError):
     """Pretrained weights could not be found; the message says where we looked and how to supply them."""
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """One cached array per image view: its per-item shape, stored dtype and what it is."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    doc: str
-    token: bool = False  # token features: stored only for the token views (see --tokens)
 
 
 class Backbone(nn.Module):

@@ -1,17 +1,25 @@
 """open_clip ViT backbones: class token (pre- and post-projection), patch tokens, block attention maps
-and the last block's class-token attention over patches."""
+and the last block's class-token attention over patches.
+
+Block outputs come from open_clip's public ``forward_intermediates``; the
+pooled class token and the patch tokens are ``ln_post`` of the last block's
+output (the class-token pooling of the CLIP ViTs; other poolings are refused).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from featcache.backbones.base import Backbone, WeightsNotFoundError, attention_map, register_family, sha256_file
-from featcache.backbones.presets import Preset
+from featcache.backbones.hub import cached_file, hub_offline_reason
+from featcache.backbones.presets import Preset, PresetError
+from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -42,66 +50,83 @@ class ClipBackbone(Backbone):
         torch.manual_seed(0)  # random-init presets are reproducible: same seed, same weights
         base = preset.model_cfg or open_clip.get_model_config(preset.model)
         if not base:
-            raise ValueError(f"{preset.name}: open_clip knows no model {preset.model!r}")
+            raise PresetError(f"{preset.name}: open_clip knows no model {preset.model!r}")
         cfg = {**base, "vision_cfg": {**base["vision_cfg"], "image_size": list(image_size)}}
         cfg.pop("quick_gelu", None)
         model = CLIP(**cfg, quick_gelu=preset.quick_gelu)
         if weights is not None:
             ckpt = _checkpoint_in(Path(weights).expanduser())
-            open_clip.load_checkpoint(model, str(ckpt))  # interpolates position embeddings to the patch grid
+            _load(model, ckpt, preset)  # interpolates position embeddings to the patch grid
             self.weights_id = f"file:{ckpt.name}:sha256:{sha256_file(ckpt)}"
         elif preset.random_init or random_init:
             self.weights_id = "random-init:seed=0"
         else:
             ckpt = self._download(preset)
-            open_clip.load_checkpoint(model, str(ckpt))
+            _load(model, ckpt, preset)
             self.weights_id = f"open_clip:{preset.model}:{preset.pretrained}"
         self.visual = model.visual.eval().requires_grad_(False)
-        if not self.visual.transformer.batch_first:
-            raise ValueError(f"{preset.name}: open_clip transformer with batch_first=False is not supported")
-        n_blocks = len(self.visual.transformer.resblocks)
+        v = self.visual
+        if getattr(v, "attn_pool", None) is not None or getattr(v, "final_ln_after_pool", False) or getattr(v, "pool_type", "tok") != "tok":
+            raise PresetError(f"{preset.name}: only class-token pooling (pool_type 'tok', no attentional pooling) is supported")
+        n_blocks = len(v.transformer.resblocks)
+        if n_blocks < 2:
+            raise PresetError(f"{preset.name}: a ViT of at least two blocks is needed (the last block's attention is read)")
         bad = [d for d in preset.attn_depths if not 1 <= d <= n_blocks]
         if bad:
-            raise ValueError(f"{preset.name}: attn_depths {bad} outside 1..{n_blocks}")
+            raise PresetError(f"{preset.name}: attn_depths {bad} outside 1..{n_blocks}")
+        # forward_intermediates indices (0-based block outputs): the attention depths, the last block's input and output
+        self._take = sorted({d - 1 for d in preset.attn_depths} | {n_blocks - 2, n_blocks - 1})
         self.grid = (image_size[0] // self.visual.patch_size[0], image_size[1] // self.visual.patch_size[1])
 
     @staticmethod
     def _download(preset: Preset) -> Path:
-        """Find the tag's checkpoint in the Hugging Face cache (downloading if the network allows)."""
+        """The tag's checkpoint from the local Hugging Face cache, else downloaded if the hub answers at once."""
         from huggingface_hub import constants
         from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
         cfg = get_pretrained_cfg(preset.model, preset.pretrained)
         if not cfg:
-            raise WeightsNotFoundError(f"{preset.name}: open_clip has no pretrained tag {preset.pretrained!r} for {preset.model}")
-        try:
-            return Path(download_pretrained(cfg))
-        except Exception as exc:  # network errors, missing cache entries: all mean 'not found here'
+            raise PresetError(f"{preset.name}: open_clip has no pretrained tag {preset.pretrained!r} for {preset.model}")
+        where = cfg.get("hf_hub") or cfg.get("url")
+        if cfg.get("hf_hub"):  # 'org/model/filename', or 'org/model/' for the default file name (open_clip's rule)
+            repo, filename = os.path.split(cfg["hf_hub"])
+            filename = filename or "open_clip_pytorch_model.bin"
+            stem = filename.rsplit(".", 1)[0]
+            hit = cached_file(repo, ["open_clip_model.safetensors", f"{stem}.safetensors", filename])
+            if hit is not None:
+                return hit
+        reason = hub_offline_reason()
+        how = (f"Supply them with --weights {preset.name}=PATH (an open_clip checkpoint file, .safetensors/.bin/.pt, "
+               "or a directory holding one), or point HF_HOME at a cache that holds them.")
+        if reason is not None:
             raise WeightsNotFoundError(
                 f"{preset.name}: weights for open_clip {preset.model} pretrained={preset.pretrained!r} were not found. "
-                f"Looked in the Hugging Face cache {constants.HF_HUB_CACHE} for {cfg.get('hf_hub') or cfg.get('url')} "
-                f"and tried to download it ({type(exc).__name__}: {exc}). Supply them with "
-                f"--weights {preset.name}=PATH (an open_clip checkpoint file, .safetensors/.bin/.pt, or a directory holding one), "
-                "or point HF_HOME at a cache that holds them."
+                f"Looked in the Hugging Face cache {constants.HF_HUB_CACHE} for {where}; not downloaded: {reason}. {how}"
+            )
+        try:
+            return Path(download_pretrained(cfg))
+        except Exception as exc:  # network errors, missing files: all mean 'not found here'
+            raise WeightsNotFoundError(
+                f"{preset.name}: weights for open_clip {preset.model} pretrained={preset.pretrained!r} were not found. "
+                f"Looked in the Hugging Face cache {constants.HF_HUB_CACHE} for {where} and tried to download it "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). {how}"
             ) from None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         v = self.visual
-        h = v._embeds(x)
-        blocks = v.transformer.resblocks
+        res = v.forward_intermediates(x, indices=self._take, output_fmt="NLC", output_extra_tokens=True)
+        patches = dict(zip(self._take, res["image_intermediates"]))        # block index -> (N, T, C)
+        prefix = dict(zip(self._take, res["image_intermediates_prefix"]))  # block index -> (N, 1, C)
+        n, (gh, gw), last = x.shape[0], self.grid, len(v.transformer.resblocks) - 1
         out: dict[str, torch.Tensor] = {}
-        n, gh, gw = x.shape[0], *self.grid
-        for i, blk in enumerate(blocks, 1):
-            if i == len(blocks):
-                out["cls_attn"] = self._cls_attention(blk, h).view(n, gh, gw)
-            h = blk(h)
-            if i in self.preset.attn_depths:
-                patches = h[:, 1:].transpose(1, 2).reshape(n, -1, gh, gw)
-                out[f"attn_{i:02d}"] = attention_map(patches)
-        pooled, tokens = v._pool(h)
-        out["pooled"] = pooled
-        out["embed"] = pooled @ v.proj if v.proj is not None else pooled
-        out["tokens"] = tokens
+        for d in self.preset.attn_depths:
+            out[f"attn_{d:02d}"] = attention_map(patches[d - 1].transpose(1, 2).reshape(n, -1, gh, gw))
+        before_last = torch.cat([prefix[last - 1], patches[last - 1]], dim=1)
+        out["cls_attn"] = self._cls_attention(v.transformer.resblocks[last], before_last).view(n, gh, gw)
+        final = v.ln_post(torch.cat([prefix[last], patches[last]], dim=1))
+        out["pooled"] = final[:, 0]
+        out["embed"] = res["image_features"]
+        out["tokens"] = final[:, 1:]
         return dict(sorted(out.items()))
 
     @staticmethod
@@ -124,6 +149,17 @@ class ClipBackbone(Backbone):
             "tokens": "patch tokens after ln_post, row-major over the patch grid",
             "cls_attn": "last block's class-token attention over patches, mean over heads",
         }.get(name, f"sum_c |F^c| of block {name[5:]} patch tokens (Eq. 11)")
+
+
+def _load(model, ckpt: Path, preset: Preset) -> None:
+    """Load an open_clip checkpoint, turning a file that is not one into a clear error."""
+    import open_clip
+
+    try:
+        open_clip.load_checkpoint(model, str(ckpt))
+    except Exception as exc:  # unreadable file, wrong architecture: the file is not this model's checkpoint
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise InputError(f"{ckpt} is not an open_clip checkpoint of {preset.model or preset.name} ({type(exc).__name__}: {first})") from None
 
 
 @register_family("open_clip")

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from featcache.errors import ConfigError
+from featcache.registry import nearest
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class PresetError(ValueError):
+class PresetError(ConfigError):
     """An unknown preset name or a malformed preset file."""
 
 
@@ -64,7 +67,7 @@ def available_presets() -> list[str]:
 def get_preset(name: str) -> Preset:
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
-        raise PresetError(f"unknown backbone preset {name!r}; available: {', '.join(available_presets())}")
+        raise PresetError(f"unknown backbone preset {name!r}{nearest(name, available_presets())}; available: {', '.join(available_presets())}")
     data = json.loads(path.read_text())
     if data.get("name") != name:
         raise PresetError(f"{path}: 'name' is {data.get('name')!r}, expected {name!r} (the file name)")

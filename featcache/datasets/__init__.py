@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featcache.datasets.base import SPLITS, DatasetLayoutError, Item, Listing, raise_on_rejected
+from featcache.datasets.base import SPLITS, DatasetLayoutError, Item, Listing, Rejected, raise_on_rejected
 from featcache.datasets.layouts import PATTERNS, available, get_reader
 
-__all__ = ["SPLITS", "DatasetLayoutError", "Item", "Listing", "available", "load_listing"]
+__all__ = ["SPLITS", "DatasetLayoutError", "Item", "Listing", "Rejected", "available", "load_listing"]
 
 
 def load_listing(name: str, root: str | Path, strict: bool = True) -> Listing:

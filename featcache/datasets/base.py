@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -12,7 +15,7 @@ SPLITS = ("train", "query", "gallery")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError):
     """The folder does not follow the dataset's official layout or naming rule."""
 
 
@@ -34,6 +37,14 @@ class Item:
             raise DatasetLayoutError(f"{self.path}: split {self.split!r} is not one of {SPLITS}")
 
 
+class Rejected(NamedTuple):
+    """A file whose name breaks the dataset's rule: never guessed into an identity, recorded as failed."""
+
+    path: str
+    reason: str
+    split: str  # the split of the folder it was found in
+
+
 @dataclass
 class Listing:
     """What a reader found: the usable items and the files it had to reject (path, reason)."""
@@ -41,7 +52,7 @@ class Listing:
     name: str
     root: Path
     items: list[Item] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
     junk: int = 0  # files the protocol itself leaves out (Market-1501 / Duke pid -1 boxes)
 
     def count(self, split: str) -> int:
@@ -82,13 +93,16 @@ def raise_on_rejected(listing: Listing, pattern: str, strict: bool) -> None:
     """
     if not listing.rejected:
         return
-    shown = "\n".join(f"  {p}: {why}" for p, why in listing.rejected[:20])
+    shown = "\n".join(f"  {r.path}: {r.reason}" for r in listing.rejected[:20])
     more = f"\n  ... and {len(listing.rejected) - 20} more" if len(listing.rejected) > 20 else ""
     if strict:
+        names = ", ".join(r.path for r in listing.rejected[:5])
         raise DatasetLayoutError(
             f"{listing.name}: {len(listing.rejected)} file(s) under {listing.root} do not follow "
-            f"the naming rule {pattern}:\n{shown}{more}\n"
-            "Rename or remove them, or pass --skip-bad-names to record them as failed and go on."
+            f"the naming rule {pattern}: {names}"
+            + (f" and {len(listing.rejected) - 5} more" if len(listing.rejected) > 5 else "")
+            + "; rename or remove them, or pass --skip-bad-names to record them as failed and go on"
+            + f"\n{shown}{more}"
         )
     logger.warning(
         "%s: %d file(s) do not follow %s and are recorded as failed:\n%s%s",

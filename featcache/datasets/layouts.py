@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 from featcache.registry import Registry
+
 from featcache.datasets.base import (
     DatasetLayoutError,
     Item,
     Listing,
+    Rejected,
     image_files,
     require_dir,
 )
@@ -23,7 +25,7 @@ from featcache.datasets.base import (
 logger = logging.getLogger(__name__)
 
 Reader = Callable[[Path], Listing]
-READERS: Registry[Reader] = Registry("dataset layout", DatasetLayoutError)
+READERS: Registry[Reader] = Registry("dataset layout")
 #: The naming rule of each layout, shown in error messages.
 PATTERNS: dict[str, str] = {}
 
@@ -59,17 +61,17 @@ def _read_bbox_layout(
             rel = f"{sub}/{f.name}"
             m = regex.match(f.name)
             if m is None:
-                listing.rejected.append((rel, f"name does not match {pattern}"))
+                listing.rejected.append(Rejected(rel, f"name does not match {pattern}", split))
                 continue
             pid, cam = int(m.group(1)), int(m.group(2))
             if pid == -1:  # junk boxes of the official test set: not part of the protocol
                 listing.junk += 1
                 continue
             if cam not in cams:
-                listing.rejected.append((rel, f"camera c{cam} outside c{cams.start}-c{cams.stop - 1}"))
+                listing.rejected.append(Rejected(rel, f"camera c{cam} outside c{cams.start}-c{cams.stop - 1}", split))
                 continue
             if split == "train" and pid == 0:
-                listing.rejected.append((rel, "distractor id 0000 in the training split"))
+                listing.rejected.append(Rejected(rel, "distractor id 0000 in the training split", split))
                 continue
             listing.items.append(Item(rel, pid, cam, split))
     return listing
@@ -118,11 +120,11 @@ def read_veri776(root: Path) -> Listing:
             rel = f"{sub}/{fname}"
             m = VERI_RE.match(fname)
             if m is None:
-                listing.rejected.append((rel, f"name does not match {PATTERNS['veri776']}"))
+                listing.rejected.append(Rejected(rel, f"name does not match {PATTERNS['veri776']}", split))
                 continue
             cam = int(m.group(2))
             if not 1 <= cam <= 20:
-                listing.rejected.append((rel, f"camera c{cam:03d} outside c001-c020"))
+                listing.rejected.append(Rejected(rel, f"camera c{cam:03d} outside c001-c020", split))
                 continue
             listing.items.append(Item(rel, int(m.group(1)), cam, split))
     return listing
@@ -168,11 +170,11 @@ def read_msmt17(root: Path) -> Listing:
             rel = f"{base}/{fields[0]}"
             m = MSMT_RE.match(Path(fields[0]).name)
             if m is None:
-                listing.rejected.append((rel, f"name does not match {PATTERNS['msmt17']}"))
+                listing.rejected.append(Rejected(rel, f"name does not match {PATTERNS['msmt17']}", split))
                 continue
             cam = int(m.group(3))
             if not 1 <= cam <= 15:
-                listing.rejected.append((rel, f"camera {cam:02d} outside 01-15"))
+                listing.rejected.append(Rejected(rel, f"camera {cam:02d} outside 01-15", split))
                 continue
             listing.items.append(Item(rel, int(fields[1]), cam, split))
     return listing

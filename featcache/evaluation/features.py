@@ -1,96 +1,71 @@
-"""Query and gallery features for ``--model KIND:REF``: a small registry of feature sources.
+"""Query and gallery features for ``--model KIND:REF``: a registry of feature sources.
 
-This issue registers ``backbone:PRESET`` and ``concat:PRESET,PRESET``; the gate
-and student stages register ``gate`` and ``student`` with ``register_kind``.
+Evaluation defines the kinds that read cached backbone features
+(``backbone:PRESET``, ``concat:PRESET,PRESET``); each training stage
+registers its own kind from its own package (``featcache.gate.features``
+registers ``gate``). The command line imports those modules, and library
+users get them through the ``featcache.model_kinds`` entry points (setup.cfg),
+loaded on the first unknown name. Evaluation knows no stage by name.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
-from featcache.cache import DONE, open_cache, read_rows
-from featcache.datasets import SPLITS
+from featcache.cache import CacheSplit
+from featcache.errors import ConfigError
 from featcache.evaluation.search import l2_normalize
 from featcache.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 
-class EvalInputError(ValueError):
-    """The caches or the model cannot be evaluated as asked."""
+@dataclass(frozen=True)
+class FeatureContext:
+    """How features are computed: the device, whether to average the flipped view, and the memory budget."""
 
+    device: str = "auto"
+    flip: bool = False
+    budget: int = 256 * 2**20  # bytes for one block of intermediate work
 
-@dataclass
-class CacheSplit:
-    """The cached images of one split: identities, cameras, names and their view rows."""
-
-    cache: Path
-    split: str
-    images: np.ndarray      # indices into images/
-    pids: np.ndarray
-    camids: np.ndarray
-    names: np.ndarray       # paths relative to the dataset root
-    view_start: np.ndarray
-    n_views: np.ndarray
-    identity: dict
-
-    @classmethod
-    def load(cls, cache: Path, split: str) -> "CacheSplit":
-        with open_cache(cache) as f:
-            g = f["images"]
-            keep = (g["split"][...] == SPLITS.index(split)) & (g["status"][...] == DONE)
-            idx = np.flatnonzero(keep)
-            out = cls(
-                cache, split, idx, g["pid"][...][idx], g["camid"][...][idx], g["path"].asstr()[...][idx],
-                g["view_start"][...][idx], g["n_views"][...][idx], json.loads(f.attrs["identity"]),
-            )
-        if idx.size == 0:
-            raise EvalInputError(f"{cache} holds no cached {split} images: nothing to evaluate")
-        return out
-
-    @property
-    def root(self) -> Path:
-        return Path(self.identity["dataset_root"])
-
-    def read(self, backbone: str, array: str, view: int) -> np.ndarray:
-        """Rows of ``backbones/<backbone>/<array>`` for view ``view`` of each image of the split."""
-        if (self.n_views <= view).any():
-            raise EvalInputError(f"{self.cache}: some {self.split} images have no view {view} (extracted with --views 1?)")
-        rows = self.view_start + view
-        with open_cache(self.cache) as f:
-            if backbone not in f["backbones"]:
-                raise EvalInputError(f"{self.cache} has no backbone {backbone!r}; it holds: {', '.join(f['backbones'])}")
-            ds = f["backbones"][backbone][array]
-            return read_rows(ds, rows)
+    def rows_per_block(self, bytes_per_row: int) -> int:
+        return max(1, self.budget // max(1, bytes_per_row))
 
 
 class FeatureSource(Protocol):
-    """What a model kind provides: features of a split and a description for the report."""
+    """What a model kind provides: features of a split, the backbones it reads, a description for the report."""
 
-    def features(self, split: CacheSplit, flip: bool) -> np.ndarray: ...
+    def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray: ...
+
+    def backbones(self) -> list[str]: ...
 
     def describe(self) -> dict: ...
 
 
-KINDS: Registry[Callable[[str], FeatureSource]] = Registry("--model kind", EvalInputError)
-#: Register a ``--model`` kind: ``fn(ref) -> FeatureSource``.
-register_kind = KINDS.register
+KINDS: Registry[Callable[[str], FeatureSource]] = Registry("--model kind", entry_points="featcache.model_kinds")
+
+
+def register_kind(name: str, help: str) -> Callable:
+    """Register a ``--model`` kind: ``fn(ref) -> FeatureSource``, with a line of help for ``eval --help``."""
+    return KINDS.register(name, help)
 
 
 def known_kinds() -> list[str]:
     return sorted(KINDS.names())
 
 
+def kinds_help() -> str:
+    return "; ".join(f"{name}:{KINDS.help(name)}" for name in KINDS.names())
+
+
 def parse_model(spec: str) -> FeatureSource:
     kind, sep, ref = spec.partition(":")
     if not sep or not ref:
-        raise EvalInputError(f"--model {spec!r}: expected KIND:REF, with KIND one of {', '.join(known_kinds())}")
+        raise ConfigError(f"--model {spec!r}: expected KIND:REF, with KIND one of {', '.join(known_kinds())}")
     return KINDS.get(kind)(ref)
 
 
@@ -106,8 +81,11 @@ def pooled(split: CacheSplit, backbone: str, flip: bool) -> np.ndarray:
 class BackboneFeatures:
     preset: str
 
-    def features(self, split: CacheSplit, flip: bool) -> np.ndarray:
-        return l2_normalize(pooled(split, self.preset, flip))
+    def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
+        return l2_normalize(pooled(split, self.preset, ctx.flip))
+
+    def backbones(self) -> list[str]:
+        return [self.preset]
 
     def describe(self) -> dict:
         return {"kind": "backbone", "preset": self.preset, "array": "pooled"}
@@ -117,57 +95,24 @@ class BackboneFeatures:
 class ConcatFeatures:
     presets: tuple[str, ...]
 
-    def features(self, split: CacheSplit, flip: bool) -> np.ndarray:
-        return l2_normalize(np.concatenate([l2_normalize(pooled(split, p, flip)) for p in self.presets], axis=1))
+    def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
+        return l2_normalize(np.concatenate([l2_normalize(pooled(split, p, ctx.flip)) for p in self.presets], axis=1))
+
+    def backbones(self) -> list[str]:
+        return list(self.presets)
 
     def describe(self) -> dict:
         return {"kind": "concat", "presets": list(self.presets), "array": "pooled", "normalisation": "each L2, then the concatenation"}
 
 
-@register_kind("backbone")
+@register_kind("backbone", "PRESET (a backbone's cached pooled feature)")
 def _backbone(ref: str) -> FeatureSource:
     return BackboneFeatures(ref)
 
 
-@register_kind("concat")
+@register_kind("concat", "PRESET,PRESET (each L2-normalised, concatenated)")
 def _concat(ref: str) -> FeatureSource:
     presets = tuple(p.strip() for p in ref.split(",") if p.strip())
     if len(presets) < 2:
-        raise EvalInputError(f"concat:{ref}: expected two or more presets separated by commas")
+        raise ConfigError(f"--model concat:{ref}: expected two or more presets separated by commas")
     return ConcatFeatures(presets)
-
-
-@dataclass
-class GateFeatures:
-    """A trained teacher (``gate:RUN_DIR``): the BN feature of the fused experts, from cached pooled features."""
-
-    run: Path
-    _loaded: tuple | None = field(default=None, init=False, repr=False)
-
-    def features(self, split: CacheSplit, flip: bool) -> np.ndarray:
-        import torch
-
-        from featcache.gate.train import load_run
-
-        if self._loaded is None:  # query and gallery share one load
-            self._loaded = load_run(self.run)
-        model, _, meta = self._loaded
-        have = {n: b["weights"] for n, b in split.identity["backbones"].items()}
-        for name, w in zip(meta["experts"], meta["expert_weights"]):
-            if have.get(name) != w:
-                raise EvalInputError(f"{split.cache}: expert {name} has weights {have.get(name)!r}, but {self.run} was trained on {w!r}")
-        views = (0, 1) if flip else (0,)
-        out = 0
-        with torch.inference_mode():
-            for v in views:
-                xs = [torch.from_numpy(split.read(e, "pooled", v).astype(np.float32)) for e in meta["experts"]]
-                out = out + model(xs)[1].numpy()
-        return l2_normalize(out / len(views))
-
-    def describe(self) -> dict:
-        return {"kind": "gate", "run": str(self.run), "feature": "BN-neck feature of the fused experts"}
-
-
-@register_kind("gate")
-def _gate(ref: str) -> FeatureSource:
-    return GateFeatures(Path(ref))

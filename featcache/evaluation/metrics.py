@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featcache.errors import ConfigError, InputError
+
 AP_FORMS = ("plain", "trapezoid")
 
 
@@ -60,7 +62,7 @@ def average_precision(ranks: np.ndarray, form: str = "plain") -> float:
     if form == "trapezoid":
         prev = np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0)
         return float(np.mean((prev + k / r) / 2))
-    raise ValueError(f"AP form {form!r}: expected one of {AP_FORMS}")
+    raise ConfigError(f"--ap {form!r}: expected one of {', '.join(AP_FORMS)}")
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Accumulator:
 
     def result(self) -> dict:
         if not self.aps:
-            raise ValueError("no query has a valid match in the gallery (same identity, another camera): nothing to evaluate")
+            raise InputError("no query has a valid match in the gallery (same identity, another camera): nothing to evaluate")
         first = np.asarray(self.first)
         return {
             "mAP": float(np.mean(self.aps)),

@@ -85,7 +85,7 @@ def _grid(ev: "Evaluation", queries, path: Path, title: str, top: int = 10) -> P
         order = np.lexsort((np.arange(s.size), -s))[:top]
         pos, junk = masks(int(ev.query.pids[i]), int(ev.query.camids[i]), ev.gallery.pids, ev.gallery.camids)
         ap, first = ev.per_query[i]
-        canvas.paste(_tile(ev.query.root, ev.query.names[i], COLORS["query"], f"AP {100 * ap:.0f}"), (0, y))
+        canvas.paste(_tile(ev.query.root, ev.query.names[i], COLORS["query"], f"AP {100 * ap:.1f}%"), (0, y))
         rank = 0  # protocol rank: junk entries are shown but not counted
         for k, j in enumerate(order):
             kind = "junk" if junk[j] else "match" if pos[j] else "miss"

@@ -16,7 +16,7 @@ import logging
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
+from featcache.progress import progress
 
 from featcache.evaluation.search import Scorer, block_size
 
@@ -29,7 +29,7 @@ def _neighbours(x: np.ndarray, scorer: Scorer, k: int, block: int) -> tuple[np.n
     k = min(k, n)
     ranks = np.empty((n, k), dtype=np.int64)
     rowmax = np.empty(n, dtype=np.float64)
-    for s in tqdm(range(0, n, block), desc="rerank: neighbours", unit="block", leave=False):
+    for s in progress(range(0, n, block), desc="rerank: neighbours", unit="block", leave=False):
         sc = scorer.scores(x[s: s + block])
         rowmax[s: s + len(sc)] = np.maximum(0.0, 2.0 - 2.0 * sc.min(1).astype(np.float64))
         part = np.argpartition(-sc, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(sc), 1))
@@ -49,7 +49,7 @@ def _encode(x: np.ndarray, ranks: np.ndarray, rowmax: np.ndarray, k1: int) -> li
     """Sparse rows of V: (columns, weights) of the expanded k-reciprocal set of every item."""
     half = int(np.around(k1 / 2.0))
     rows = []
-    for i in tqdm(range(len(x)), desc="rerank: encode", unit="item", leave=False):
+    for i in progress(range(len(x)), desc="rerank: encode", unit="item", leave=False):
         r = _reciprocal(ranks, i, k1)
         exp = [r]
         for c in r:

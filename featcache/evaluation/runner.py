@@ -10,26 +10,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from featcache.cache import open_cache
-from featcache.evaluation.features import CacheSplit, EvalInputError, parse_model
+from featcache.cache import CacheError, CacheSplit, open_cache, read_identity
+from featcache.config import StageConfig, save_resolved
+from featcache.errors import ConfigError, InputError
+from featcache.evaluation.features import FeatureContext, parse_model
 from featcache.evaluation.metrics import AP_FORMS, Accumulator, masks, positive_ranks
+from featcache.fileio import atomic_write
+from featcache.progress import progress
+from featcache.runtime import check_device_name
 from featcache.evaluation.rerank import rerank_blocks
 from featcache.evaluation.search import Scorer, block_size, score_blocks
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("market1501", "veri776", "auto")
-_SHARED_PREPROCESSING = ("image_size", "resize")
+#: the rule every supported dataset's protocol shares (featcache.evaluation.metrics)
+PROTOCOL_RULE = ("gallery entries of the query's identity and camera are junk (ignored); its identity from another "
+                 "camera is a positive; distractors (pid 0) are negatives; a query without a positive is skipped")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(StageConfig):
+    """``featcache eval``: exact search and the protocol's metrics for one model on one cache."""
+
+    command = "eval"
+
     cache: Path
     model: str
     gallery_cache: Path | None = None
-    protocol: str = "auto"
     ap: str = "plain"
     ranks: tuple[int, ...] = (1, 5, 10, 20)
     rerank: bool = False
@@ -46,14 +54,17 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"--protocol {self.protocol!r}: expected one of {PROTOCOLS}")
         if self.ap not in AP_FORMS:
-            raise ValueError(f"--ap {self.ap!r}: expected one of {AP_FORMS}")
+            raise ConfigError(f"--ap {self.ap!r}: expected one of {', '.join(AP_FORMS)}")
         if not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"--ranks {self.ranks}: expected positive integers, e.g. 1,5,10,20")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device {self.device!r}: expected auto, cpu or cuda")
+            raise ConfigError(f"--ranks {','.join(map(str, self.ranks))}: expected positive integers, e.g. 1,5,10,20")
+        check_device_name(self.device)
+        if self.budget_mb < 1:
+            raise ConfigError(f"--budget-mb {self.budget_mb}: expected at least 1 (MiB per block of scores)")
+        if self.k1 < 1 or self.k2 < 1 or not 0 <= self.lambda_ <= 1:
+            raise ConfigError(f"re-ranking: expected --k1 and --k2 >= 1 and 0 <= --lambda <= 1, got {self.k1}, {self.k2}, {self.lambda_}")
+        if self.plot_queries < 1:
+            raise ConfigError(f"--plot-queries {self.plot_queries}: expected at least 1")
 
 
 @dataclass
@@ -69,40 +80,30 @@ class Evaluation:
 def _check_compatible(source: Path, target: CacheSplit) -> None:
     """Cross-domain: the target cache must be made like the source (training) cache, or features do not transfer."""
     with open_cache(source) as f:
-        src = json.loads(f.attrs["identity"])
-    a, b = src["preprocessing"], target.identity["preprocessing"]
-    diffs = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in _SHARED_PREPROCESSING if a.get(k) != b.get(k)]
-    for name in set(src["backbones"]) & set(target.identity["backbones"]):
-        wa, wb = src["backbones"][name]["weights"], target.identity["backbones"][name]["weights"]
-        if wa != wb:
-            diffs.append(f"backbone {name} weights: {wa} vs {wb}")
+        src = read_identity(f, source)
+    diffs = src.transfer_differences(target.identity)
     if diffs:
-        raise EvalInputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
+        raise InputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
 
 
 def _cache_summary(path: Path) -> dict[str, Any]:
     with open_cache(path) as f:
-        ident = json.loads(f.attrs["identity"])
-    return {"dataset": ident["dataset"], "items": ident["items"]}
-
-
-def _protocol(cfg: EvalConfig, q: CacheSplit) -> str:
-    if cfg.protocol != "auto":
-        return cfg.protocol
-    return "veri776" if q.identity["dataset"] == "veri776" else "market1501"
+        ident = read_identity(f, path)
+    return {"dataset": ident.dataset, "items": ident.items, "identity": ident.digest()}
 
 
 def run_eval(cfg: EvalConfig) -> Evaluation:
     t0 = time.perf_counter()
     source = parse_model(cfg.model)
     target = cfg.gallery_cache or cfg.cache  # cross-domain: query and gallery both come from the other cache
-    q = CacheSplit.load(target, "query")
-    g = CacheSplit.load(target, "gallery")
+    q = _load_split(target, "query")
+    g = _load_split(target, "gallery")
     if cfg.gallery_cache:
         _check_compatible(cfg.cache, q)
-    qf, gf = source.features(q, cfg.flip), source.features(g, cfg.flip)
+    ctx = FeatureContext(cfg.device, cfg.flip, cfg.budget_mb * 2**20)
+    qf, gf = source.features(q, ctx), source.features(g, ctx)
     if qf.shape[1] != gf.shape[1]:
-        raise EvalInputError(f"query features are {qf.shape[1]}-d but gallery features {gf.shape[1]}-d")
+        raise InputError(f"query features are {qf.shape[1]}-d but gallery features {gf.shape[1]}-d")
     t_feat = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -113,7 +114,7 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
     t_search = time.perf_counter() - t1
     report = {
         **res,
-        "protocol": _protocol(cfg, q),
+        "protocol": {"dataset": q.identity.dataset, "rule": PROTOCOL_RULE},
         "ap_form": cfg.ap,
         "query_size": int(len(qf)),
         "gallery_size": int(len(gf)),
@@ -124,26 +125,34 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "cache": {"path": str(cfg.cache), **_cache_summary(cfg.cache)},
         "gallery_cache": {"path": str(cfg.gallery_cache), **_cache_summary(cfg.gallery_cache)} if cfg.gallery_cache else None,
         "evaluated_on": str(target),
-        "random_init_backbones": sorted(
-            {n for split in (q, g) for n, b in split.identity["backbones"].items() if b["weights"].startswith("random-init")}
-        ),
+        "random_init_backbones": q.identity.random_init([b for b in source.backbones() if b in q.identity.backbones]),
         "search_backend": backend,
         "tie_break": "equal scores: earlier gallery entry (cache order) ranks first",
         "timings": {"features_s": t_feat, "search_and_metrics_s": t_search, "total_s": time.perf_counter() - t0},
     }
     ev = Evaluation(report, q, g, qf, gf, per_query)
+    report["config"] = cfg.to_dict()
     if cfg.save_features:
         save_features(ev, cfg.save_features)
-    if cfg.json_out:
-        cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json_out.write_text(json.dumps(report, indent=2))
     if cfg.plots:
         from featcache.evaluation.plots import write_plots
 
         report["plots"] = write_plots(ev, cfg.plots, cfg.plot_queries, cfg.seed)
-        if cfg.json_out:
-            cfg.json_out.write_text(json.dumps(report, indent=2))
+        save_resolved(cfg.plots / "eval.config.yaml", cfg)
+    if cfg.json_out:
+        cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cfg.json_out, lambda p: p.write_text(json.dumps(report, indent=2)))
+        save_resolved(cfg.json_out.with_name(cfg.json_out.name + ".config.yaml"), cfg)
     return ev
+
+
+def _load_split(cache: Path, split: str) -> CacheSplit:
+    try:
+        return CacheSplit.load(cache, split)
+    except CacheError as exc:
+        if "holds no cached" in str(exc):
+            raise InputError(f"{exc}: nothing to evaluate") from None
+        raise
 
 
 def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray, g_cams: np.ndarray,
@@ -159,7 +168,7 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
         scorer = Scorer(gf, device)
         blocks = score_blocks(qf, scorer, block_size(len(gf), budget))
         backend = scorer.backend
-    with tqdm(total=len(qf), desc="eval", unit="query", leave=False) as bar:
+    with progress(total=len(qf), desc="eval", unit="query", leave=False) as bar:
         for start, scores in blocks:
             for b in range(len(scores)):
                 i = start + b
@@ -186,7 +195,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = ["mAP"] + [f"R{k}" for k in ranks] + ["mINP"]
     vals = [report["mAP"]] + [report["cmc"][k] for k in ranks] + [report["mINP"]]
     lines = [
-        f"model {report['model']['spec']}  protocol {report['protocol']}  AP {report['ap_form']}"
+        f"model {report['model']['spec']}  on {report['protocol']['dataset']} (junk: same identity and camera)  AP {report['ap_form']}"
         + ("  flip" if report["flip"] else "") + ("  re-ranked" if report["rerank"] else ""),
         f"queries {report['queries_evaluated']} evaluated, {report['queries_skipped']} skipped (no valid match); "
         f"gallery {report['gallery_size']}; {report['feature_dim']}-d; search {report['search_backend']}; "
@@ -195,6 +204,6 @@ def format_table(report: dict[str, Any]) -> str:
         "  ".join(f"{100 * v:7.2f}" for v in vals),
     ]
     if report["random_init_backbones"]:
-        lines.append(f"note: {', '.join(report['random_init_backbones'])} in these caches have random weights: "
+        lines.append(f"note: {', '.join(report['random_init_backbones'])} (read by this model) have random weights: "
                      "these numbers test the pipeline and are not results of the method")
     return "\n".join(lines)

@@ -14,15 +14,22 @@ from typing import Iterator
 
 import numpy as np
 
+from featcache.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 256 * 2**20  # bytes of scores (and their masks) per block
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, inplace: bool = False, block: int = 65536) -> np.ndarray:
+    """Rows scaled to unit length (float32); blockwise, so no temporary of the whole array is made."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
+    out = x if inplace else np.empty_like(x)
+    for s in range(0, len(x), block):
+        b = x[s: s + block]
+        n = np.sqrt(np.einsum("ij,ij->i", b, b))[:, None]
+        np.divide(b, np.maximum(n, 1e-12), out=out[s: s + block])
+    return out
 
 
 class Scorer:
@@ -35,7 +42,7 @@ class Scorer:
         self.gallery = np.ascontiguousarray(gallery, dtype=np.float32)
         want_gpu = device in ("auto", "cuda")
         if device == "cuda" and faiss.get_num_gpus() == 0 and not torch.cuda.is_available():
-            raise ValueError("--device cuda: neither faiss nor torch sees a GPU")
+            raise ConfigError("--device cuda: neither faiss nor torch sees a GPU on this machine (use --device cpu or auto)")
         if want_gpu and faiss.get_num_gpus() > 0:
             self.backend = "faiss-gpu"
             self._res = faiss.StandardGpuResources()

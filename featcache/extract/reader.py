@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from featcache.datasets import Item
-from featcache.preprocess import apply_view, letterbox, view_params
+from featcache.preprocess import render_views, view_params
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,8 @@ class ImageReader(torch.utils.data.Dataset):
             return Decoded(index, None, None, error="not an image PIL can identify")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return Decoded(index, None, None, error=f"{type(exc).__name__}: {exc}")
-        base = letterbox(img, self.size)
         params = view_params(self.n_views[item.split], self.aug_seed, index)
-        views = np.stack([apply_view(base, *map(int, p)) for p in params])
+        views = render_views(img, self.size, params)
         return Decoded(index, views, params, img.width, img.height, hashlib.sha1(data).hexdigest())
 
 

@@ -3,80 +3,29 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from featcache.backbones import build_backbone
 from featcache.cache import PENDING, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
+from featcache.config import save_resolved
 from featcache.datasets import load_listing
+from featcache.extract.config import ExtractConfig
 from featcache.extract.mapper import Mapper
 from featcache.extract.reader import BlockSampler, ImageReader, collate, stack_views
 from featcache.extract.writer import BackgroundWriter
+from featcache.faults import fault_point
 from featcache.preprocess import AUG_PAD
+from featcache.progress import progress
+from featcache.runtime import resolve_device, resolve_workers
 
 logger = logging.getLogger(__name__)
 
-TOKEN_MODES = ("view0", "all", "none")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    dataset: str
-    root: Path
-    backbones: tuple[str, ...]
-    out: Path
-    views: int = 4
-    batch_size: int = 32
-    workers: int | None = None  # None: auto (see resolve_workers)
-    device: str = "auto"
-    weights: dict[str, str] = field(default_factory=dict)
-    overwrite: bool = False
-    tokens: str = "view0"
-    image_size: tuple[int, int] = (256, 256)
-    aug_seed: int = 0
-    random_init: bool = False
-    skip_bad_names: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.backbones:
-            raise ValueError("--backbone: give at least one backbone preset (see `featcache backbones`)")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise ValueError(f"--backbone: a preset is named twice in {list(self.backbones)}")
-        unknown = sorted(set(self.weights) - set(self.backbones))
-        if unknown:
-            raise ValueError(f"--weights names {unknown}, which are not among the --backbone presets {list(self.backbones)}")
-        if not 1 <= self.views <= 64:
-            raise ValueError(f"--views {self.views}: expected 1 to 64 (0 clean, 1 flip, 2+ augmentations)")
-        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
-            raise ValueError("--batch-size must be at least 1 and --workers at least 0")
-        if self.tokens not in TOKEN_MODES:
-            raise ValueError(f"--tokens {self.tokens!r}: expected one of {TOKEN_MODES}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device {self.device!r}: expected auto, cpu or cuda")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device")
-    return torch.device(name)
-
-
-def resolve_workers(workers: int | None, device: torch.device) -> int:
-    """Decoding processes. Auto: none on CPU, where decoding (about 1.5 ms an image) is cheap next to
-    inference and a worker process would preempt torch's threads; up to 8 on CUDA, where the GPU
-    would otherwise wait for decoding."""
-    if workers is not None:
-        return workers
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 @dataclass
@@ -120,6 +69,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         create_cache(out, listing, identity, n_views, specs, cfg.tokens)
+    save_resolved(out.with_name(out.name + ".config.yaml"), cfg)
 
     with open_cache(out) as f:
         pending = f["images/status"][: len(listing.items)] == PENDING
@@ -139,7 +89,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     start = time.perf_counter()
     done = 0
     try:
-        with tqdm(total=todo, unit="img", desc="extract", dynamic_ncols=True) as bar:
+        with progress(total=todo, unit="img", desc="extract") as bar:
             for records in batches:
                 bg.submit(_map_batch(records, mapper))
                 done += len(records)

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import open_cache, read_rows
-from featcache.evaluation.features import CacheSplit, EvalInputError
+from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_rows
+from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def identity_digest(identity: dict) -> str:
-    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -32,7 +26,7 @@ class TrainData:
     pids: np.ndarray          # label -> dataset pid
     camids: np.ndarray        # per image
     images: np.ndarray        # per image: row in the cache's images/
-    identity: dict
+    identity: CacheIdentity
 
     @property
     def dims(self) -> list[int]:
@@ -46,14 +40,16 @@ class TrainData:
 def load_train(cache: Path, experts: list[str]) -> TrainData:
     try:
         split = CacheSplit.load(cache, "train")
-    except EvalInputError:
-        raise EvalInputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
+    except CacheError as exc:
+        if "no cached train images" in str(exc):
+            raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
+        raise
     ident = split.identity
-    missing = [e for e in experts if e not in ident["backbones"]]
+    missing = [e for e in experts if e not in ident.backbones]
     if missing:
-        raise EvalInputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident['backbones'])}")
-    families = [ident["backbones"][e]["family"] for e in experts]
-    weights = [ident["backbones"][e]["weights"] for e in experts]
+        raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")
+    families = [ident.backbones[e]["family"] for e in experts]
+    weights = [ident.weights(e) for e in experts]
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
     with open_cache(cache) as f:
         feats = [read_rows(f["backbones"][e]["pooled"], rows).astype(np.float32) for e in experts]
@@ -63,24 +59,3 @@ def load_train(cache: Path, experts: list[str]) -> TrainData:
                 experts, ", ".join(f"{e} {f.shape[1]}-d" for e, f in zip(experts, feats)))
     return TrainData(experts, families, weights, feats, local_start, split.n_views.astype(np.int64), labels.astype(np.int64),
                      pids, split.camids, split.images, ident)
-
-
-def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """One epoch of PK batches (torchreid's RandomIdentitySampler): P identities x K images each.
-
-    Each identity's images are shuffled and cut into groups of K (sampling
-    with replacement when it has fewer); batches draw P identities that still
-    have a group, until fewer than P remain.
-    """
-    groups: dict[int, list[np.ndarray]] = {}
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = rng.choice(idx, size=k, replace=True) if len(idx) < k else rng.permutation(idx)
-        groups[int(c)] = [idx[i: i + k] for i in range(0, len(idx) - len(idx) % k, k)]
-    batches = []
-    avail = [c for c in groups if groups[c]]
-    while len(avail) >= p:
-        chosen = rng.choice(avail, size=p, replace=False)
-        batches.append(np.concatenate([groups[int(c)].pop() for c in chosen]))
-        avail = [c for c in avail if groups[c]]
-    return batches

@@ -50,9 +50,15 @@ class Fusion(nn.Module):
         raise NotImplementedError
 
 
-FUSIONS: Registry[Callable[..., Fusion]] = Registry("fusion")
+FUSIONS: Registry[Callable[..., Fusion]] = Registry("fusion (--fusion)")
 register_fusion = FUSIONS.register
 fusion_names = FUSIONS.names
+
+
+def is_gated(name: str) -> bool:
+    """Whether fusion ``name`` has a gate (it then needs two or more experts)."""
+    cls = FUSIONS.get(name)
+    return isinstance(cls, type) and issubclass(cls, Gated)
 
 
 def make_fusion(name: str, k: int, expert: int | None = None) -> Fusion:
@@ -64,7 +70,7 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(())
 
 
-@register_fusion("clip")
+@register_fusion("clip", "the open_clip expert alone")
 class Single(Fusion):
     """One expert alone (the ``clip`` or ``align`` ablation rows)."""
 
@@ -78,12 +84,12 @@ class Single(Fusion):
         return FusionOut(feats[self.expert], g, _zero(feats[0]))
 
 
-@register_fusion("align")
+@register_fusion("align", "the ALIGN expert alone")
 class SingleAlign(Single):
     """The ALIGN expert alone (the expert index is chosen from the families by the trainer)."""
 
 
-@register_fusion("concat")
+@register_fusion("concat", "FC over the concatenated adapted features")
 class Concat(Fusion):
     """FC(K*2048 -> 2048) on the concatenated adapted features."""
 
@@ -96,7 +102,7 @@ class Concat(Fusion):
         return FusionOut(self.fc(torch.cat(feats, 1)), x.new_full((x.shape[0], self.k), 1.0 / self.k), _zero(x))
 
 
-@register_fusion("average")
+@register_fusion("average", "mean of the adapted features")
 class Average(Fusion):
     def forward(self, feats):
         x = feats[0]
@@ -134,17 +140,17 @@ class Gated(Fusion):
         return FusionOut(fused, g, aux)
 
 
-@register_fusion("moe-top1")
+@register_fusion("moe-top1", "the paper's gate: top-1 expert at inference")
 class MoETop1(Gated):
     top_k = 1
 
 
-@register_fusion("moe-soft")
+@register_fusion("moe-soft", "dense gate mixture")
 class MoESoft(Gated):
     top_k = None
 
 
-@register_fusion("moe-top2")
+@register_fusion("moe-top2", "top-2 experts with load balancing")
 class MoETop2(Gated):
     top_k = 2
     balance = 0.01

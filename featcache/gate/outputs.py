@@ -1,19 +1,15 @@
-"""What a run leaves besides its weights: gate statistics (Section 4.3) and the teacher targets for distillation."""
+"""What a run leaves besides its weights: inference over cached rows, the BN recalibration and gate statistics (Section 4.3)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from featcache import __version__
-from featcache.fileio import atomic_write
-from featcache.gate.data import TrainData, identity_digest
+from featcache.gate.data import TrainData
 from featcache.gate.model import GateModel, Gated, Single
 
 logger = logging.getLogger(__name__)
@@ -25,11 +21,12 @@ TARGETS = "teacher_targets.h5"
 def infer_rows(model: GateModel, feats: list[np.ndarray], rows: np.ndarray, block: int = 4096):
     """Inference-mode teacher outputs for cached rows: (fused feature F_t, BN feature, logits z_t, gate weights)."""
     outs = [], [], [], []
+    device = next(model.parameters()).device
     for s in range(0, len(rows), block):
         r = rows[s: s + block]
-        fo, neck, logits = model([torch.from_numpy(f[r]) for f in feats])
+        fo, neck, logits = model([torch.from_numpy(f[r]).to(device) for f in feats])
         for acc, v in zip(outs, (fo.feature, neck, logits, fo.gates)):
-            acc.append(v.float().numpy())
+            acc.append(v.float().cpu().numpy())
     return tuple(np.concatenate(o) for o in outs)
 
 
@@ -81,31 +78,3 @@ def _histogram(g: np.ndarray, experts: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> Path:
-    """For every training image and cached view: fused feature, ID logits, gate weights (HDF5, atomic)."""
-    rows = np.arange(len(data.feats[0]))
-    fused, _, logits, gates = infer_rows(model, data.feats, rows)
-    image_of_row = np.repeat(np.arange(len(data.n_views)), data.n_views)
-    view_of_row = rows - data.row_start[image_of_row]
-    path = run / TARGETS
-    atomic_write(path, lambda tmp: _write_targets_file(tmp, data, cache, run, image_of_row, view_of_row, fused, logits, gates))
-    return path
-
-
-def _write_targets_file(tmp: Path, data: TrainData, cache: Path, run: Path, image_of_row, view_of_row, fused, logits, gates) -> None:
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            format="featcache-teacher-targets", featcache_version=__version__, cache=str(cache.resolve()),
-            cache_identity=identity_digest(data.identity), run=str(run.resolve()), experts=json.dumps(data.experts),
-            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            doc="one row per cached view of each training image; image = row in the cache's images/, view = its view index",
-        )
-        f.create_dataset("image", data=data.images[image_of_row].astype(np.int64))
-        f.create_dataset("view", data=view_of_row.astype(np.uint8))
-        f.create_dataset("label", data=data.labels[image_of_row].astype(np.int64))
-        f.create_dataset("label_pids", data=data.pids.astype(np.int64))
-        f.create_dataset("feature", data=fused.astype(np.float32)).attrs["doc"] = "fused 2048-d feature before BN (F_t)"
-        f.create_dataset("logits", data=logits.astype(np.float32)).attrs["doc"] = "ID logits z_t over the training identities"
-        f.create_dataset("gates", data=gates.astype(np.float32)).attrs["doc"] = "expert weights g' at inference"

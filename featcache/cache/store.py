@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: layout, creation, compatibility check, writes and summary.
+"""The HDF5 feature cache: layout, creation, compatibility check and writes.
 
 Layout (all readable with plain h5py; see docs/cache-format.md):
 
@@ -23,6 +23,7 @@ after the arrays of its batch, so a killed batch is simply redone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,8 +36,11 @@ import h5py
 import numpy as np
 
 from featcache import __version__
-from featcache.backbones.base import OutputSpec
+from featcache.cache.identity import CacheIdentity
+from featcache.cache.spec import OutputSpec
 from featcache.datasets import SPLITS, Listing
+from featcache.errors import InputError
+from featcache.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ REASON_LEN = 256
 SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache file that is not a featcache cache, or does not match the requested run."""
 
 
@@ -62,52 +66,35 @@ def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: A
     return h5py.Dataset(dsid)
 
 
-def _items_digest(listing: Listing) -> str:
-    import hashlib
-
+def items_digest(listing: Listing) -> str:
+    """Digest of the image list (paths, labels, splits, rejected names): part of the cache's identity."""
     h = hashlib.sha1()
     for it in listing.items:
         h.update(f"{it.path}\t{it.pid}\t{it.camid}\t{it.split}\n".encode())
-    for path, _ in listing.rejected:
-        h.update(f"{path}\trejected\n".encode())
+    for r in listing.rejected:
+        h.update(f"{r.path}\trejected\n".encode())
     return h.hexdigest()
 
 
-def make_identity(listing: Listing, preprocessing: dict[str, Any], backbones: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Everything that must match for a cache to be resumed or reused (JSON-normalised)."""
-    return json.loads(json.dumps({
-        "dataset": listing.name,
-        "dataset_root": str(listing.root),
-        "items": _items_digest(listing),
-        "preprocessing": preprocessing,
-        "backbones": backbones,
-    }))
+def make_identity(listing: Listing, preprocessing: dict[str, Any], backbones: dict[str, dict[str, Any]]) -> CacheIdentity:
+    """Everything that must match for a cache to be resumed or reused."""
+    ident = CacheIdentity(listing.name, str(listing.root), items_digest(listing), preprocessing, backbones)
+    return CacheIdentity.from_json(ident.to_json(), "identity")  # JSON-normalised, as it is read back
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new)):
-            key = f"{prefix}.{k}" if prefix else k
-            if k not in old:
-                out.append(f"{key}: absent in the cache, requested {new[k]!r}")
-            elif k not in new:
-                out.append(f"{key}: cache has {old[k]!r}, not requested")
-            else:
-                out += _diff(old[k], new[k], key)
-        return out
-    return [] if old == new else [f"{prefix}: cache has {old!r}, requested {new!r}"]
+def read_identity(f: h5py.File, source: str | Path) -> CacheIdentity:
+    return CacheIdentity.from_json(f.attrs.get("identity", ""), str(source))
 
 
-def check_identity(path: Path, wanted: dict[str, Any]) -> None:
+def check_identity(path: Path, wanted: CacheIdentity) -> None:
     """Refuse to resume a cache made from other data, preprocessing, backbones or weights."""
     with open_cache(path) as f:
-        have = json.loads(f.attrs["identity"])
-    diffs = _diff(have, wanted)
+        have = read_identity(f, path)
+    diffs = have.resume_differences(wanted)
     if diffs:
         raise CacheError(
-            f"{path} was built differently and cannot be resumed:\n  " + "\n  ".join(diffs)
-            + "\nUse --overwrite to replace it, or another --out."
+            f"{path} was built differently and cannot be resumed: " + "; ".join(diffs)
+            + ". Use --overwrite to replace it, or another --out."
         )
 
 
@@ -123,16 +110,17 @@ def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise CacheError(f"{path} is not a featcache cache (no format={FORMAT!r} attribute)")
-    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
+    version = int(f.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
         f.close()
-        raise CacheError(f"{path} has format version {f.attrs['format_version']}, newer than this featcache reads ({FORMAT_VERSION})")
+        raise CacheError(f"{path} has format version {version}, newer than this featcache reads ({FORMAT_VERSION}): upgrade featcache")
     return f
 
 
 def create_cache(
     path: Path,
     listing: Listing,
-    identity: dict[str, Any],
+    identity: CacheIdentity,
     n_views: dict[str, int],
     specs: dict[str, dict[str, OutputSpec]],
     tokens: str,
@@ -147,21 +135,21 @@ def create_cache(
     with h5py.File(tmp, "w") as f:
         f.attrs.update(
             format=FORMAT, format_version=FORMAT_VERSION, featcache_version=__version__,
-            identity=json.dumps(identity, sort_keys=True), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            identity=identity.to_json(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             split_codes=json.dumps(list(SPLITS)), status_codes=json.dumps({"pending": PENDING, "cached": DONE, "failed": FAILED}),
             tokens=tokens,
         )
         g = f.create_group("images")
-        paths = [it.path for it in items] + [p for p, _ in listing.rejected]
+        paths = [it.path for it in items] + [r.path for r in listing.rejected]
         g.create_dataset("path", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
-        rej_split = [_split_of_rejected(p) for p, _ in listing.rejected]
+        rej_split = [SPLIT_CODE[r.split] for r in listing.rejected]
         g.create_dataset("pid", data=np.array([it.pid for it in items] + [-1] * len(rej_split), dtype=np.int32))
         g.create_dataset("camid", data=np.array([it.camid for it in items] + [-1] * len(rej_split), dtype=np.int32))
         g.create_dataset("split", data=np.array([SPLIT_CODE[it.split] for it in items] + rej_split, dtype=np.uint8))
         g.create_dataset("n_views", data=counts.astype(np.uint8))
         g.create_dataset("view_start", data=starts.astype(np.int64))
         status = np.array([PENDING] * len(items) + [FAILED] * len(rej_split), dtype=np.uint8)
-        reason = np.array([b""] * len(items) + [r.encode()[:REASON_LEN] for _, r in listing.rejected], dtype=f"S{REASON_LEN}")
+        reason = np.array([b""] * len(items) + [r.reason.encode()[:REASON_LEN] for r in listing.rejected], dtype=f"S{REASON_LEN}")
         for name, data in (("status", status), ("reason", reason)):
             _create_fixed(g, name, data.shape, data.dtype)[...] = data
         for name, dt in (("width", np.int32), ("height", np.int32), ("sha1", "S40")):
@@ -182,37 +170,6 @@ def create_cache(
                 ds.attrs["doc"] = spec.doc
                 ds.attrs["rows"] = ("image" if tokens == "view0" else "view") if spec.token else "view"
     os.replace(tmp, path)
-
-
-def _split_of_rejected(path: str) -> int:
-    """Rejected names keep the split of their folder, so `info` can count them per split."""
-    top = path.split("/", 1)[0]
-    mapping = {"bounding_box_train": "train", "image_train": "train", "train": "train", "mask_train_v2": "train",
-               "query": "query", "image_query": "query", "bounding_box_test": "gallery", "image_test": "gallery"}
-    return SPLIT_CODE.get(mapping.get(top, "gallery"), 2)
-
-
-def summary(path: str | Path) -> dict[str, Any]:
-    """What ``featcache info --json`` prints: counts per split, failures, arrays and sizes per backbone."""
-    with open_cache(path) as f:
-        g = f["images"]
-        status, split = g["status"][...], g["split"][...]
-        paths, reasons = g["path"].asstr()[...], g["reason"][...]
-        out: dict[str, Any] = {
-            "path": str(path),
-            "featcache_version": f.attrs["featcache_version"],
-            "identity": json.loads(f.attrs["identity"]),
-            "splits": {s: int(((status == DONE) & (split == i)).sum()) for i, s in enumerate(SPLITS)},
-            "pending": int((status == PENDING).sum()),
-            "failed": [{"path": str(paths[i]), "reason": reasons[i].decode(errors="replace")} for i in np.flatnonzero(status == FAILED)],
-            "tokens": f.attrs["tokens"],
-            "backbones": {},
-            "file_bytes": Path(path).stat().st_size,
-        }
-        for name, bg in f["backbones"].items():
-            arrays = {k: {"shape": list(d.shape), "dtype": str(d.dtype), "rows": d.attrs["rows"], "doc": d.attrs["doc"]} for k, d in bg.items()}
-            out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(d.id.get_storage_size() for d in bg.values()))}
-    return out
 
 
 class CacheWriter:
@@ -244,6 +201,7 @@ class CacheWriter:
             for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):
                 _put(g[name], np.asarray(ok), arr)
         self.f.flush()
+        fault_point("extract.before_status")  # arrays written, status not yet: the batch must be redone
         idx = np.asarray(batch.images)
         order = np.argsort(idx)
         status = np.where(batch.failed_mask, FAILED, DONE).astype(np.uint8)
@@ -251,6 +209,7 @@ class CacheWriter:
         _put(g["reason"], idx[order], reasons[order])
         _put(g["status"], idx[order], status[order])
         self.f.flush()
+        fault_point("extract.after_batch")
 
     def close(self) -> None:
         self.f.close()

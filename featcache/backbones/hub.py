@@ -1,0 +1,46 @@
+"""Finding published weights: the local Hugging Face cache first, the network only if it answers at once.
+
+Without network, ``huggingface_hub`` retries each download for about a
+minute while printing warnings. Before any download we look in the local
+cache and, when the weights are not there, check in a few seconds whether
+the hub can be reached at all (``HF_HUB_OFFLINE=1`` skips the check), so a
+missing checkpoint fails at once with a message that says where we looked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline_reason(endpoint: str | None = None) -> str | None:
+    """Why the hub cannot be reached now (None when it answers)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(endpoint or constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached ({exc.strerror or type(exc).__name__})"
+
+
+def cached_file(repo_id: str, filenames: list[str]) -> Path | None:
+    """The first of ``filenames`` present in the local Hugging Face cache for ``repo_id``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        hit = try_to_load_from_cache(repo_id, name)
+        if isinstance(hit, str) and Path(hit).is_file():
+            return Path(hit)
+    return None

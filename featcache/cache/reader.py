@@ -1,0 +1,93 @@
+"""Reading a cache: the cached images of a split (identities, cameras, view rows) and a summary of the file."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.cache.identity import CacheIdentity
+from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_identity, read_rows
+from featcache.datasets import SPLITS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheSplit:
+    """The cached images of one split: identities, cameras, names and their view rows."""
+
+    cache: Path
+    split: str
+    images: np.ndarray      # indices into images/
+    pids: np.ndarray
+    camids: np.ndarray
+    names: np.ndarray       # paths relative to the dataset root
+    view_start: np.ndarray
+    n_views: np.ndarray
+    identity: CacheIdentity
+
+    @classmethod
+    def load(cls, cache: Path, split: str) -> "CacheSplit":
+        with open_cache(cache) as f:
+            g = f["images"]
+            keep = (g["split"][...] == SPLITS.index(split)) & (g["status"][...] == DONE)
+            idx = np.flatnonzero(keep)
+            out = cls(
+                Path(cache), split, idx, g["pid"][...][idx], g["camid"][...][idx], g["path"].asstr()[...][idx],
+                g["view_start"][...][idx], g["n_views"][...][idx], read_identity(f, cache),
+            )
+        if idx.size == 0:
+            raise CacheError(f"{cache} holds no cached {split} images")
+        return out
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.identity.dataset_root)
+
+    def rows(self, view: int) -> np.ndarray:
+        """The view row of view ``view`` of each image."""
+        if (self.n_views <= view).any():
+            raise CacheError(f"{self.cache}: some {self.split} images have no view {view} (extracted with --views 1?)")
+        return self.view_start + view
+
+    def read(self, backbone: str, array: str, view: int, subset: slice | None = None) -> np.ndarray:
+        """Rows of ``backbones/<backbone>/<array>`` for view ``view`` of each image of the split (or of ``subset``)."""
+        rows = self.rows(view)
+        if subset is not None:
+            rows = rows[subset]
+        with open_cache(self.cache) as f:
+            if backbone not in f["backbones"]:
+                raise CacheError(f"{self.cache} has no backbone {backbone!r}; it holds: {', '.join(f['backbones'])}")
+            return read_rows(f["backbones"][backbone][array], rows)
+
+
+def summary(path: str | Path) -> dict[str, Any]:
+    """What ``featcache info --json`` prints: counts per split, failures, arrays and sizes per backbone."""
+    with open_cache(path) as f:
+        g = f["images"]
+        status, split = g["status"][...], g["split"][...]
+        paths, reasons = g["path"].asstr()[...], g["reason"][...]
+        out: dict[str, Any] = {
+            "path": str(path),
+            "format_version": int(f.attrs["format_version"]),
+            "featcache_version": f.attrs["featcache_version"],
+            "identity": read_identity(f, path).to_dict(),
+            "splits": {s: int(((status == DONE) & (split == i)).sum()) for i, s in enumerate(SPLITS)},
+            "pending": int((status == PENDING).sum()),
+            "pending_per_split": {s: int(((status == PENDING) & (split == i)).sum()) for i, s in enumerate(SPLITS)},
+            "failed": [{"path": str(paths[i]), "reason": reasons[i].decode(errors="replace")} for i in np.flatnonzero(status == FAILED)],
+            "tokens": f.attrs["tokens"],
+            "backbones": {},
+            "file_bytes": Path(path).stat().st_size,
+        }
+        for name, bg in f["backbones"].items():
+            arrays = {k: {"shape": list(d.shape), "dtype": str(d.dtype), "rows": d.attrs["rows"], "doc": d.attrs["doc"]} for k, d in bg.items()}
+            out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(d.id.get_storage_size() for d in bg.values()))}
+    return out

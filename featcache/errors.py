@@ -1,0 +1,37 @@
+"""One error type for every stage: a known bad input ends with a one-line message and an exit code.
+
+``ConfigError`` (exit 2): the command line or a config file is wrong in
+itself (an unknown name or key, a value out of range, a combination that
+makes no sense, a device that is not there). ``InputError`` (exit 1): the
+inputs named are missing, malformed or do not fit together (a cache, a run
+directory, weights, a dataset). ``RunError`` (exit 1): a failure while
+running (a NaN loss, a failed write). The command line prints the message
+without a traceback (``--debug`` shows it); library users catch
+``FeatcacheError``.
+"""
+
+from __future__ import annotations
+
+
+class FeatcacheError(Exception):
+    """Base of every error featcache raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(FeatcacheError, ValueError):
+    """A bad option, config key or value: usage and configuration errors (exit 2)."""
+
+    exit_code = 2
+
+
+class InputError(FeatcacheError, ValueError):
+    """Input files or directories that are missing, malformed or do not match (exit 1)."""
+
+    exit_code = 1
+
+
+class RunError(FeatcacheError, RuntimeError):
+    """A failure while running (exit 1)."""
+
+    exit_code = 1

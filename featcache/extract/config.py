@@ -1,0 +1,80 @@
+"""``featcache extract``'s config: the only place its defaults live (torch-free, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.config import StageConfig, parser
+from featcache.datasets.layouts import get_reader
+from featcache.errors import ConfigError
+from featcache.preprocess import parse_size
+from featcache.runtime import check_device_name
+
+TOKEN_MODES = ("view0", "all", "none")
+
+
+def parse_weights(value) -> dict[str, str]:
+    """``PRESET=PATH`` items (a list, or a mapping from YAML) as a dict."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = [value] if isinstance(value, str) else list(value or ())
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{item!r}: expected PRESET=PATH")
+        out[name] = path
+    return out
+
+
+def parse_workers(value) -> int | None:
+    """``auto`` (or None) -> None; otherwise a count of decoding processes."""
+    if value is None or str(value).lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r}: expected a number of processes or auto") from None
+
+
+@dataclass(frozen=True)
+class ExtractConfig(StageConfig):
+    """``featcache extract``: run the frozen backbones once over a dataset into an HDF5 cache."""
+
+    command = "extract"
+
+    dataset: str
+    root: Path
+    backbones: tuple[str, ...]
+    out: Path
+    views: int = 4
+    batch_size: int = 32
+    workers: int | None = parser(parse_workers, default=None)  # None: auto (see resolve_workers)
+    device: str = "auto"
+    weights: dict[str, str] = parser(parse_weights, default_factory=dict)
+    overwrite: bool = False
+    tokens: str = "view0"
+    image_size: tuple[int, int] = parser(parse_size, default=(256, 256))
+    aug_seed: int = 0
+    random_init: bool = False
+    skip_bad_names: bool = False
+
+    def __post_init__(self) -> None:
+        get_reader(self.dataset)
+        if not self.backbones:
+            raise ConfigError("--backbone: give at least one backbone preset (see `featcache backbones`)")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ConfigError(f"--backbone: a preset is named twice in {list(self.backbones)}")
+        unknown = sorted(set(self.weights) - set(self.backbones))
+        if unknown:
+            raise ConfigError(f"--weights names {unknown}, which are not among the --backbone presets {list(self.backbones)}")
+        if not 1 <= self.views <= 64:
+            raise ConfigError(f"--views {self.views}: expected 1 to 64 (0 clean, 1 flip, 2+ augmentations)")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: expected at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: expected 0 or more, or auto")
+        if self.tokens not in TOKEN_MODES:
+            raise ConfigError(f"--tokens {self.tokens!r}: expected one of {', '.join(TOKEN_MODES)}")
+        check_device_name(self.device)

@@ -1,0 +1,73 @@
+"""The ``gate:RUN_DIR`` model kind: a trained teacher's BN-neck feature of the fused experts, from cached features.
+
+Registered from the gate package, so evaluation needs no knowledge of the
+gate. Rows are read and pushed through the model in blocks on the chosen
+device, so memory stays at the output features plus one block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache import CacheSplit, open_cache, read_rows
+from featcache.errors import InputError
+from featcache.evaluation.features import FeatureContext, FeatureSource, register_kind
+from featcache.evaluation.search import l2_normalize
+
+
+@dataclass
+class GateFeatures:
+    run: Path
+    _loaded: tuple | None = field(default=None, init=False, repr=False)
+
+    def _load(self, device):
+        from featcache.gate.train import load_run
+
+        if self._loaded is None:  # query and gallery share one load
+            self._loaded = load_run(self.run, device=str(device))
+        return self._loaded
+
+    def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
+        import torch
+
+        from featcache.gate.model import DIM
+        from featcache.runtime import resolve_device
+
+        device = resolve_device(ctx.device)
+        model, _, meta = self._load(device)
+        for name, w in zip(meta["experts"], meta["expert_weights"]):
+            have = split.identity.weights(name)
+            if have is None:
+                raise InputError(f"{split.cache} has no backbone {name}, an expert of {self.run}; it holds: {', '.join(split.identity.backbones)}")
+            if have != w:
+                raise InputError(f"{split.cache}: expert {name} has weights {have}, but {self.run} was trained on {w}")
+        views = (0, 1) if ctx.flip else (0,)
+        # per row: the experts' inputs, the adapters' and gate's activations, the output (float32)
+        per_row = 4 * (sum(meta["dims"]) + 4 * DIM * len(meta["experts"]) + 2 * DIM)
+        block = ctx.rows_per_block(per_row)
+        out = np.zeros((len(split), DIM), dtype=np.float32)
+        with open_cache(split.cache) as f, torch.inference_mode():
+            arrays = [f["backbones"][e]["pooled"] for e in meta["experts"]]
+            for v in views:
+                rows = split.rows(v)
+                for s in range(0, len(rows), block):
+                    xs = [torch.from_numpy(read_rows(a, rows[s: s + block]).astype(np.float32)).to(device) for a in arrays]
+                    out[s: s + block] += model(xs)[1].float().cpu().numpy()
+        out /= len(views)
+        return l2_normalize(out, inplace=True)
+
+    def backbones(self) -> list[str]:
+        from featcache.training.rundir import RunDir
+
+        return list(RunDir(self.run, "train-gate").meta()["experts"])
+
+    def describe(self) -> dict:
+        return {"kind": "gate", "run": str(self.run), "feature": "BN-neck feature of the fused experts"}
+
+
+@register_kind("gate", "RUN_DIR (a train-gate run: the teacher's BN-neck feature)")
+def _gate(ref: str) -> FeatureSource:
+    return GateFeatures(Path(ref))

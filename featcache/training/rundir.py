@@ -1,0 +1,187 @@
+"""A training run's directory: resolved config, metadata, per-epoch log, atomic checkpoints, final weights.
+
+Layout (the same for every trained stage)::
+
+    RUN/config.yaml        the resolved config, as {command: {...}} (featcache --config reads it back)
+    RUN/run.json           what the run was trained from (cache identity, experts, labels, ...)
+    RUN/log.csv            one row per finished epoch
+    RUN/ckpt/weights-NNNN.safetensors, RUN/ckpt/state-NNNN.pt, RUN/ckpt/last
+    RUN/model.safetensors  the final weights, written once, when the run has finished
+
+After each epoch the weights (safetensors) and the optimizer and RNG state
+(plain tensors and numbers, read back with ``weights_only=True``: nothing is
+unpickled) go to ``ckpt/`` under epoch-numbered names, then the pointer
+``ckpt/last`` is renamed into place, so a crash or a NaN never leaves a torn
+or poisoned checkpoint and ``--resume`` continues exactly from the last one.
+``model.safetensors`` has one meaning: the finished model. A run without it
+is unfinished, and evaluating it is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from featcache.config import StageConfig, save_resolved
+from featcache.errors import InputError, RunError
+from featcache.faults import fault_point
+from featcache.fileio import atomic_write
+
+logger = logging.getLogger(__name__)
+
+CONFIG, META, LOG, FINAL, CKPT = "config.yaml", "run.json", "log.csv", "model.safetensors", "ckpt"
+#: config keys that may differ when a run is resumed (where the files are, where it runs)
+RESUME_FREE = ("cache", "out", "device", "root", "pixel_cache")
+
+
+@dataclass
+class Checkpoint:
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+class RunDir:
+    """One run directory; create it with ``start`` (new or resumed) or read a finished one with ``open``."""
+
+    def __init__(self, path: Path, command: str) -> None:
+        self.path, self.command = Path(path), command
+
+    # ------------------------------------------------------------------ starting
+    @classmethod
+    def start(cls, path: Path, cfg: StageConfig, meta: dict[str, Any], resume: bool) -> tuple["RunDir", Checkpoint | None]:
+        """Create the run directory, or check that the one to resume belongs to the same inputs and config."""
+        rd = cls(path, cfg.command)
+        if (rd.path / CONFIG).is_file():
+            if not resume:
+                raise InputError(f"{rd.path} already holds a run; pass --resume to continue it or choose another --out")
+            saved_cfg, saved_meta = rd.read_config(), rd.meta()
+            if saved_meta != meta:
+                diff = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
+                raise InputError(f"{rd.path} was trained from other inputs ({', '.join(diff)} differ: another cache or "
+                                 "experts); use another --out")
+            mine = cfg.to_dict()
+            changed = sorted(k for k in set(saved_cfg) | set(mine) if k not in RESUME_FREE and saved_cfg.get(k) != mine.get(k))
+            if changed:
+                raise InputError(f"{rd.path}: --resume with another config ({', '.join(f'{k}: {saved_cfg.get(k)!r} -> {mine.get(k)!r}' for k in changed)}); "
+                                 "resume with the run's own options or choose another --out")
+            return rd, rd._load_checkpoint()
+        rd.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(rd.path / META, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        save_resolved(rd.path / CONFIG, cfg)
+        (rd.path / LOG).unlink(missing_ok=True)
+        return rd, None
+
+    def _load_checkpoint(self) -> Checkpoint | None:
+        last = self.path / CKPT / "last"
+        if not last.is_file():
+            self._trim_log(0)  # killed after logging epoch 1, before its checkpoint: start over, log included
+            return None
+        epoch = int(last.read_text())
+        ck = self.path / CKPT
+        try:
+            weights = load_file(ck / f"weights-{epoch:04d}.safetensors")
+            state = torch.load(ck / f"state-{epoch:04d}.pt", weights_only=True, map_location="cpu")
+        except Exception as exc:  # a corrupt or planted file: say which, never run it
+            raise InputError(f"{ck}: the checkpoint of epoch {epoch} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); start a new run") from None
+        self._trim_log(epoch)
+        logger.info("resuming %s after epoch %d", self.path, epoch)
+        return Checkpoint(epoch, weights, state)
+
+    # ------------------------------------------------------------------ during training
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        log = self.path / LOG
+        new = not log.exists()
+        with log.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def checkpoint(self, epoch: int, weights: dict[str, torch.Tensor], state: dict[str, Any], row: dict[str, Any]) -> None:
+        """Log the epoch, then weights and state under epoch-numbered names, then the pointer (one atomic rename)."""
+        self.log_epoch(row)
+        fault_point("train.after_log")
+        ck = self.path / CKPT
+        ck.mkdir(exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        atomic_write(ck / f"weights-{epoch:04d}.safetensors", lambda p: save_file(weights, str(p), metadata={"epoch": str(epoch)}))
+        atomic_write(ck / f"state-{epoch:04d}.pt", lambda p: torch.save({"epoch": epoch, **state}, p))
+        atomic_write(ck / "last", lambda p: p.write_text(f"{epoch}\n"))
+        fault_point("train.after_checkpoint")
+        for old in ck.glob("*-*.*"):
+            if not old.name.endswith(f"-{epoch:04d}{old.suffix}"):
+                old.unlink()
+
+    def check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        """A NaN or infinite loss stops the run; the last good checkpoint stays."""
+        if not torch.isfinite(loss):
+            raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped; "
+                           f"the last good checkpoint (after epoch {epoch}) is kept in {self.path}")
+
+    def finish(self, weights: dict[str, torch.Tensor], note: str = "") -> Path:
+        """Write the final weights: from now on the run counts as finished."""
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        # one metadata key: safetensors orders several keys differently from run to run, and runs must be byte-equal
+        atomic_write(self.path / FINAL, lambda p: save_file(weights, str(p), metadata={"featcache": f"final weights; {note}"}))
+        return self.path / FINAL
+
+    # ------------------------------------------------------------------ reading
+    def read_config(self) -> dict[str, Any]:
+        try:
+            saved = yaml.safe_load((self.path / CONFIG).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"{self.path / CONFIG}: cannot read it ({exc})") from None
+        if not isinstance(saved, dict) or self.command not in saved:
+            raise InputError(f"{self.path} is not a {self.command} run directory ({CONFIG} has no {self.command!r} section; "
+                             "runs made by featcache 0.1 must be trained again)")
+        return saved[self.command]
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / META).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.path / META}: cannot read it ({exc})") from None
+
+    def last_epoch(self) -> int:
+        last = self.path / CKPT / "last"
+        return int(last.read_text()) if last.is_file() else 0
+
+    @classmethod
+    def open(cls, path: Path, command: str) -> tuple["RunDir", dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+        """A finished run: (run dir, config, metadata, final weights); an unfinished one is refused."""
+        rd = cls(path, command)
+        if not (rd.path / CONFIG).is_file():
+            raise InputError(f"{rd.path} is not a {command} run directory (no {CONFIG})")
+        cfg, meta = rd.read_config(), rd.meta()
+        if not (rd.path / FINAL).is_file():
+            raise InputError(f"{rd.path} is an unfinished run (it reached epoch {rd.last_epoch()} of {cfg.get('epochs')}): "
+                             f"finish it with `featcache {command} --resume --out {rd.path} ...` before evaluating it")
+        return rd, cfg, meta, load_file(rd.path / FINAL)
+
+    def _trim_log(self, epoch: int) -> None:
+        """Drop log rows of epochs after the checkpoint (a run killed after logging, before its pointer)."""
+        log = self.path / LOG
+        if not log.is_file():
+            return
+        with log.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        keep = [r for r in rows if int(r["epoch"]) <= epoch]
+        if not keep:
+            log.unlink()
+        elif len(keep) != len(rows):
+            def write(p: Path) -> None:
+                with p.open("w", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(keep)
+            atomic_write(log, write)
