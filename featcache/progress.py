@@ -18,14 +18,39 @@ LOG_INTERVAL = 10.0
 
 
 class _LineTqdm(tqdm):
-    """tqdm that prints whole lines (no carriage returns), for files."""
+    """tqdm that prints whole lines (no carriage returns), for files: none at the start, one per interval,
+    and a last one when a bar that stays (``leave``) closes."""
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:  # noqa: D102
-        if msg == "":  # tqdm clears a bar with an empty message: nothing to clear in a file
+        if msg is not None or self.n == 0:  # msg '' clears a bar: nothing to clear in a file
             return True
-        self.fp.write((msg if msg is not None else self.__str__()) + "\n")
+        self.fp.write(self.__str__() + "\n")
         self.fp.flush()
         return True
+
+    def close(self) -> None:  # noqa: D102
+        if self.disable:
+            return
+        if self.leave and self.last_print_n < self.n:
+            self.display()
+        self.leave = False  # tqdm would add a newline or clear the line: neither belongs in a file
+        super().close()
+
+
+class _LineFile:
+    """A file that passes whole lines and drops tqdm's cursor control (lone newlines, carriage returns)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        text = text.lstrip("\r")
+        if text.strip():
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _is_tty(stream: Any) -> bool:
@@ -41,7 +66,8 @@ def progress(iterable=None, **kw) -> tqdm:
     kw.setdefault("dynamic_ncols", True)
     if _is_tty(kw["file"]):
         return tqdm(iterable, **kw)
-    kw.update(mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL * 3, ncols=100, dynamic_ncols=False, leave=True)
+    kw.update(mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL * 3, ncols=100, dynamic_ncols=False, ascii=True,
+              file=_LineFile(kw["file"]))
     return _LineTqdm(iterable, **kw)
 
 
@@ -49,6 +75,8 @@ class TqdmHandler(logging.StreamHandler):
     """A logging handler that writes through tqdm, above any live bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not _is_tty(self.stream):  # bars in a file are whole lines already: nothing to clear
+            return super().emit(record)
         try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # pragma: no cover - logging must never raise

@@ -23,6 +23,7 @@ EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
 
 def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 6, views: int = 4, seed: int = 0,
                         experts: dict[str, tuple[str, int]] | None = None, latent: int = 32) -> Path:
+    path = Path(path)
     experts = experts or EXPERTS
     rng = np.random.default_rng(seed)
     items = []

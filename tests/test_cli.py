@@ -45,24 +45,6 @@ def test_backbones_lists_presets():
         assert name in res.output
 
 
-def test_bad_input_gets_clear_errors(tmp_path, market_root):
-    r = CliRunner()
-    base = ["extract", "--dataset", "market1501", "--root", str(market_root), "--out", str(tmp_path / "x.h5")]
-    res = r.invoke(main, base + ["--backbone", "clip-tiny", "--weights", "clip-tiny"])
-    assert res.exit_code == 2 and "PRESET=PATH" in res.output
-    res = r.invoke(main, base + ["--backbone", "clip-tiny", "--weights", "align-tiny=/x"])
-    assert res.exit_code == 2 and "not among the --backbone presets" in res.output
-    res = r.invoke(main, base + ["--backbone", "vit-giant"])
-    assert res.exit_code == 2 and "available: align-b7" in res.output
-    res = r.invoke(main, base + ["--backbone", "clip-vit-b16"])
-    assert res.exit_code == 1 and "--weights clip-vit-b16=PATH" in res.output
-    res = r.invoke(main, ["info", str(tmp_path / "missing.h5")])
-    assert res.exit_code == 1 and "does not exist" in res.output
-    (tmp_path / "plain.h5").write_bytes(b"not hdf5")
-    res = r.invoke(main, ["info", str(tmp_path / "plain.h5")])
-    assert res.exit_code == 1 and "not a readable HDF5 file" in res.output
-
-
 def test_yaml_config_sets_defaults_and_rejects_unknown_keys(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"synth": {"layout": "market1501", "ids": 4, "cams": 2, "seed": 9}}))
@@ -89,3 +71,63 @@ def test_train_gate_then_eval_through_the_command_line(tmp_path):
     res = r.invoke(main, ["eval", "--cache", str(cache), "--model", f"gate:{tmp_path / 'run'}", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["model"]["kind"] == "gate"
+
+
+def test_every_field_settable_and_resolved_config_saved_and_reusable(tmp_path):
+    """YAML < --set < options; the run's config.yaml, given back with --config, reproduces the run."""
+    from featcache.synth_cache import write_feature_cache
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
+    cfg = tmp_path / "gate.yaml"
+    cfg.write_text(yaml.safe_dump({"train-gate": {"cache": str(cache), "epochs": 3, "lr": 1e-3, "margin": 0.5, "fusion": "average"}}))
+    r = CliRunner()
+    res = r.invoke(main, ["--config", str(cfg), "train-gate", "--out", str(tmp_path / "a"), "--set", "lr=2e-4",
+                          "--set", "instances=2", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["train-gate"]
+    assert (saved["epochs"], saved["lr"], saved["margin"], saved["instances"], saved["fusion"]) == (2, 2e-4, 0.5, 2, "average")
+    assert saved["experts"] == ["align-sim", "clip-sim"] and saved["batch_size"] == 32  # defaults, resolved
+    # the saved config is a valid --config file: the same run again gives the same weights
+    res = r.invoke(main, ["--config", str(tmp_path / "a" / "config.yaml"), "train-gate", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_help_lists_registered_kinds_and_choices():
+    r = CliRunner()
+    res = r.invoke(main, ["eval", "--help"])
+    assert res.exit_code == 0 and "gate:RUN_DIR" in res.output and "backbone:PRESET" in res.output
+    assert "[default: 256]" in res.output  # --budget-mb's default, read from EvalConfig
+    res = r.invoke(main, ["train-gate", "--help"])
+    assert res.exit_code == 0 and "moe-top1" in res.output and "[default: 60]" in res.output and "--set KEY=VALUE" in res.output
+
+
+def test_progress_and_logs_in_a_log_file(tmp_path):
+    """Not a terminal: whole progress lines, no carriage-return frames; INFO only with -v."""
+    import subprocess
+    import sys
+
+    from featcache.synth_cache import write_feature_cache
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
+    cmd = [sys.executable, "-m", "featcache", "train-gate", "--cache", str(cache), "--fusion", "average", "--epochs", "2"]
+    quiet = subprocess.run(cmd + ["--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "\r" not in quiet.stderr and "INFO" not in quiet.stderr
+    loud = subprocess.run([sys.executable, "-m", "featcache", "-v", *cmd[3:], "--out", str(tmp_path / "v")], capture_output=True, text=True)
+    assert loud.returncode == 0 and "\r" not in loud.stderr
+    assert any(ln.startswith("INFO featcache.gate.train: epoch 2") for ln in loud.stderr.splitlines()), loud.stderr
+
+
+def test_progress_lines_in_a_file():
+    import io
+
+    from featcache.progress import progress
+
+    buf = io.StringIO()
+    for _ in progress(range(5), desc="work", file=buf):
+        pass
+    for _ in progress(range(3), desc="transient", file=buf, leave=False):
+        pass
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("work: 100%|") and "5/5" in lines[0] and "\r" not in buf.getvalue()

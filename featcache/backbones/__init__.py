@@ -5,6 +5,7 @@ from __future__ import annotations
 from featcache.backbones import align as _align  # noqa: F401  (registers the family)
 from featcache.backbones import clip as _clip  # noqa: F401
 from featcache.backbones.base import Backbone, OutputSpec, WeightsNotFoundError, family_builder
+from featcache.backbones.hub import check_published_weights
 from featcache.backbones.presets import Preset, PresetError, available_presets, get_preset
 
 __all__ = ["Backbone", "OutputSpec", "Preset", "PresetError", "WeightsNotFoundError", "available_presets", "build_backbone", "get_preset"]
@@ -18,4 +19,6 @@ def build_backbone(name: str, image_size: tuple[int, int], weights: str | None =
     explicitly; else the preset's published weights, which must be found.
     """
     preset = get_preset(name)
+    if weights is None and not (preset.random_init or random_init):
+        check_published_weights(preset)  # fails in seconds, before the model libraries load
     return family_builder(preset.family)(preset, image_size, weights, random_init)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from featcache.backbones.base import Backbone, WeightsNotFoundError, attention_map, register_family, sha256_file
-from featcache.backbones.hub import hub_offline_reason
+from featcache.backbones.hub import SUPPLY
 from featcache.backbones.presets import Preset, PresetError
 
 logger = logging.getLogger(__name__)
@@ -39,28 +39,18 @@ def _load_local(path: Path):
 
 
 def _load_hub(preset: Preset):
-    """The model from the local Hugging Face cache, else downloaded if the hub answers at once."""
+    """The model from the local Hugging Face cache or the hub (``check_published_weights`` ran first)."""
     from huggingface_hub import constants
     from transformers import AlignModel
 
-    how = (f"Supply them with --weights {preset.name}=DIR (a directory saved by save_pretrained, holding config.json and "
-           "model.safetensors), or point HF_HOME at a cache that holds them.")
     try:
-        model = AlignModel.from_pretrained(preset.model, local_files_only=True).vision_model
-    except OSError:
-        reason = hub_offline_reason()
-        if reason is not None:
-            raise WeightsNotFoundError(
-                f"{preset.name}: weights for {preset.model!r} were not found. Looked in the Hugging Face cache "
-                f"{constants.HF_HUB_CACHE}; not downloaded: {reason}. {how}"
-            ) from None
-        try:
-            model = AlignModel.from_pretrained(preset.model).vision_model
-        except OSError as exc:
-            raise WeightsNotFoundError(
-                f"{preset.name}: weights for {preset.model!r} were not found. Looked in the Hugging Face cache "
-                f"{constants.HF_HUB_CACHE} and tried to download them ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). {how}"
-            ) from None
+        model = AlignModel.from_pretrained(preset.model).vision_model  # local cache first (check_published_weights ran)
+    except OSError as exc:
+        raise WeightsNotFoundError(
+            f"{preset.name}: weights for {preset.model!r} were not found. Looked in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and tried to download them ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
+            f"Supply them with --weights {preset.name}={SUPPLY['align']}, or point HF_HOME at a cache that holds them."
+        ) from None
     return model, f"hf:{preset.model}@{getattr(model.config, '_commit_hash', None) or 'unknown-revision'}"
 
 

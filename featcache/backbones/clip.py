@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from featcache.backbones.base import Backbone, WeightsNotFoundError, attention_map, register_family, sha256_file
-from featcache.backbones.hub import cached_file, hub_offline_reason
+from featcache.backbones.hub import SUPPLY
 from featcache.backbones.presets import Preset, PresetError
 from featcache.errors import InputError
 
@@ -80,7 +79,7 @@ class ClipBackbone(Backbone):
 
     @staticmethod
     def _download(preset: Preset) -> Path:
-        """The tag's checkpoint from the local Hugging Face cache, else downloaded if the hub answers at once."""
+        """The tag's checkpoint from the local Hugging Face cache or the hub (``check_published_weights`` ran first)."""
         from huggingface_hub import constants
         from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
@@ -88,21 +87,7 @@ class ClipBackbone(Backbone):
         if not cfg:
             raise PresetError(f"{preset.name}: open_clip has no pretrained tag {preset.pretrained!r} for {preset.model}")
         where = cfg.get("hf_hub") or cfg.get("url")
-        if cfg.get("hf_hub"):  # 'org/model/filename', or 'org/model/' for the default file name (open_clip's rule)
-            repo, filename = os.path.split(cfg["hf_hub"])
-            filename = filename or "open_clip_pytorch_model.bin"
-            stem = filename.rsplit(".", 1)[0]
-            hit = cached_file(repo, ["open_clip_model.safetensors", f"{stem}.safetensors", filename])
-            if hit is not None:
-                return hit
-        reason = hub_offline_reason()
-        how = (f"Supply them with --weights {preset.name}=PATH (an open_clip checkpoint file, .safetensors/.bin/.pt, "
-               "or a directory holding one), or point HF_HOME at a cache that holds them.")
-        if reason is not None:
-            raise WeightsNotFoundError(
-                f"{preset.name}: weights for open_clip {preset.model} pretrained={preset.pretrained!r} were not found. "
-                f"Looked in the Hugging Face cache {constants.HF_HUB_CACHE} for {where}; not downloaded: {reason}. {how}"
-            )
+        how = f"Supply them with --weights {preset.name}={SUPPLY['open_clip']}, or point HF_HOME at a cache that holds them."
         try:
             return Path(download_pretrained(cfg))
         except Exception as exc:  # network errors, missing files: all mean 'not found here'

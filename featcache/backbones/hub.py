@@ -44,3 +44,31 @@ def cached_file(repo_id: str, filenames: list[str]) -> Path | None:
         if isinstance(hit, str) and Path(hit).is_file():
             return Path(hit)
     return None
+
+
+#: how to supply local weights, per family (the --weights value each family reads)
+SUPPLY = {
+    "open_clip": "PATH (an open_clip checkpoint file, .safetensors/.bin/.pt, or a directory holding one)",
+    "align": "DIR (a directory saved by save_pretrained, holding config.json and model.safetensors)",
+}
+
+
+def check_published_weights(preset) -> None:
+    """Refuse at once a published preset whose weights are neither in the local cache nor downloadable now."""
+    from featcache.backbones.base import WeightsNotFoundError
+
+    if not preset.hub_repo:
+        return
+    from huggingface_hub import constants
+
+    if cached_file(preset.hub_repo, list(preset.hub_files)) is not None:
+        return
+    reason = hub_offline_reason()
+    if reason is None:
+        return  # the hub answers: the family's loader downloads them
+    raise WeightsNotFoundError(
+        f"{preset.name}: weights not found. Looked in the Hugging Face cache {constants.HF_HUB_CACHE} for "
+        f"{preset.hub_repo} ({' or '.join(preset.hub_files)}); not downloaded: {reason}. "
+        f"Supply them with --weights {preset.name}={SUPPLY.get(preset.family, 'PATH')}, "
+        "or point HF_HOME at a cache that holds them."
+    )

@@ -3,6 +3,8 @@
 A preset names a model family and either a published model (``model`` plus
 ``pretrained`` tag for open_clip, a Hugging Face id for ALIGN) or an inline
 architecture (``model_cfg``) for the tiny randomly initialised presets.
+``hub_repo`` and ``hub_files`` say where the published weights are found, so
+their absence is known in a second, before any model library is imported.
 ``attn_depths`` are 1-based: transformer blocks for open_clip, EfficientNet
 stages (of 7) for ALIGN, whose outputs give the attention maps of Eq. 11.
 """
@@ -37,6 +39,8 @@ class Preset:
     pretrained: str | None = None
     quick_gelu: bool = False
     model_cfg: dict[str, Any] = field(default_factory=dict)
+    hub_repo: str | None = None           # where the published weights live on the Hugging Face hub
+    hub_files: tuple[str, ...] = ()       # any one of these in the local cache means the weights are here
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> "Preset":
@@ -45,7 +49,8 @@ class Preset:
         if unknown:
             raise PresetError(f"{source}: unknown preset keys {unknown}; known: {sorted(known)}")
         try:
-            p = cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"]), "attn_depths": tuple(data["attn_depths"])})
+            p = cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"]), "attn_depths": tuple(data["attn_depths"]),
+                         "hub_files": tuple(data.get("hub_files", ()))})
         except (KeyError, TypeError) as exc:
             raise PresetError(f"{source}: malformed preset ({exc})") from None
         if p.model is None and not p.model_cfg:

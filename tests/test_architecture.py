@@ -1,0 +1,80 @@
+"""The package structure docs/architecture.md describes: no import cycle between featcache's packages."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "featcache"
+
+
+def unit_of(module: str) -> str | None:
+    """featcache.X.Y -> 'X' (a subpackage or a top-level module); None outside featcache."""
+    parts = module.split(".")
+    if parts[0] != "featcache":
+        return None
+    return parts[1] if len(parts) > 1 else "featcache"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Unit -> units it imports, counting imports anywhere in a file (function-level ones too)."""
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        here = unit_of(module)
+        deps = graph.setdefault(here, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for t in targets:
+                u = unit_of(t)
+                if u and u not in (here, "featcache"):
+                    deps.add(u)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_no_import_cycle_between_packages():
+    graph = import_graph()
+    assert {"cache", "evaluation", "gate", "training", "extract", "cli"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers():
+    """Evaluation knows no stage by name; the cache and training layers know no stage; only the CLI wires them."""
+    graph = import_graph()
+    assert not graph["evaluation"] & {"gate", "training", "extract", "cli"}
+    assert not graph["cache"] & {"gate", "training", "extract", "evaluation", "backbones", "cli"}
+    assert not graph["training"] & {"gate", "extract", "evaluation", "cli"}
+    assert "gate" in graph["cli"]

@@ -1,0 +1,106 @@
+"""Every known bad input: one line naming the option or file, no traceback, exit 2 (usage) or 1 (failure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from featcache.cli import main
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, market_root, market_cache) -> dict[str, Path]:
+    from featcache.synth_cache import write_feature_cache
+
+    tmp = tmp_path_factory.mktemp("errors")
+    (tmp / "plain.h5").write_bytes(b"not hdf5")
+    (tmp / "garbage.pt").write_bytes(b"\x80\x04not a checkpoint")
+    (tmp / "bad.yaml").write_text(yaml.safe_dump({"train-gate": {"epoch": 3}}))
+    (tmp / "badsection.yaml").write_text(yaml.safe_dump({"train_gate": {"epochs": 3}}))
+    feat = write_feature_cache(tmp / "feat.h5", ids=16, per_id=4, cams=4, views=2)
+    one = write_feature_cache(tmp / "one.h5", ids=16, per_id=4, cams=4, views=2, experts={"clip-sim": ("open_clip", 32)})
+    # a cache whose queries have no match in another camera: every query is skipped
+    solo = tmp / "solo"
+    solo.mkdir()
+    img = next((market_root / "query").glob("*.jpg"))
+    (solo / "a.jpg").write_bytes(img.read_bytes())
+    (solo / "manifest.csv").write_text("path,pid,camid,split\na.jpg,1,1,query\na.jpg,1,1,gallery\na.jpg,2,2,gallery\n")
+    r = CliRunner().invoke(main, ["extract", "--dataset", "csv", "--root", str(solo), "--backbone", "clip-tiny",
+                                  "--out", str(tmp / "solo.h5"), "--image-size", "32", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    # an unfinished gate run (killed after its first checkpoint)
+    from featcache.gate.config import GateConfig
+    from featcache.gate.train import train
+
+    train(GateConfig(feat, tmp / "unfinished", ("clip-sim", "align-sim"), "average", epochs=1))
+    (tmp / "unfinished" / "config.yaml").write_text(
+        (tmp / "unfinished" / "config.yaml").read_text().replace("epochs: 1", "epochs: 5"))
+    return {"tmp": tmp, "root": market_root, "cache": market_cache, "feat": feat, "one": one}
+
+
+def X(env, *parts):  # noqa: N802 - a short name for the argument builder
+    return [str(p).format(**{k: str(v) for k, v in env.items()}) for p in parts]
+
+
+EXTRACT = ["extract", "--dataset", "market1501", "--root", "{root}", "--out", "{tmp}/x.h5"]
+CASES = [
+    # (id, argv, exit code, text the message must hold)
+    ("views-0", EXTRACT + ["--backbone", "clip-tiny", "--views", "0"], 2, "--views 0: expected 1 to 64"),
+    ("epochs-0", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r0", "--epochs", "0"], 2, "--epochs 0: expected at least 1"),
+    ("device-cuda", ["eval", "--cache", "{cache}", "--model", "backbone:clip-tiny", "--device", "cuda"], 2, "--device cuda"),
+    ("device-cuda-train", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/rc", "--device", "cuda", "--epochs", "1"], 2, "--device cuda"),
+    ("device-bad", ["eval", "--cache", "{cache}", "--model", "backbone:clip-tiny", "--set", "device=tpu"], 2, "--device 'tpu'"),
+    ("unknown-preset", EXTRACT + ["--backbone", "clip-tinny"], 2, "unknown backbone preset 'clip-tinny' (did you mean 'clip-tiny'"),
+    ("weights-syntax", EXTRACT + ["--backbone", "clip-tiny", "--weights", "clip-tiny"], 2, "expected PRESET=PATH"),
+    ("weights-other", EXTRACT + ["--backbone", "clip-tiny", "--weights", "align-tiny=/x"], 2, "not among the --backbone presets"),
+    ("image-size", EXTRACT + ["--backbone", "clip-tiny", "--image-size", "big"], 2, "image size 'big': expected N or HxW"),
+    ("workers", EXTRACT + ["--backbone", "clip-tiny", "--workers", "many"], 2, "expected a number of processes or auto"),
+    ("missing-required", ["extract", "--dataset", "market1501", "--root", "{root}", "--backbone", "clip-tiny"], 2, "missing --out"),
+    ("dataset-root", ["extract", "--dataset", "market1501", "--root", "{tmp}/nope", "--backbone", "clip-tiny", "--out", "{tmp}/x.h5"], 1, "does not exist"),
+    ("no-weights", EXTRACT + ["--backbone", "clip-vit-b16"], 1, "--weights clip-vit-b16=PATH"),
+    ("bad-checkpoint", EXTRACT + ["--backbone", "clip-tiny", "--weights", "clip-tiny={tmp}/garbage.pt"], 1, "is not an open_clip checkpoint"),
+    ("cache-missing", ["info", "{tmp}/missing.h5"], 1, "does not exist"),
+    ("cache-not-hdf5", ["info", "{tmp}/plain.h5"], 1, "not a readable HDF5 file"),
+    ("resume-other-backbones", ["extract", "--dataset", "market1501", "--root", "{root}", "--backbone", "clip-tiny",
+                                "--out", "{cache}", "--image-size", "64x32", "--views", "3", "--batch-size", "8", "--workers", "0"],
+     1, "backbones: the cache holds align-tiny, clip-tiny; this run asks for clip-tiny"),
+    ("model-kind", ["eval", "--cache", "{cache}", "--model", "resnet:50"], 2, "unknown --model kind 'resnet'"),
+    ("model-syntax", ["eval", "--cache", "{cache}", "--model", "clip-tiny"], 2, "expected KIND:REF"),
+    ("model-backbone", ["eval", "--cache", "{cache}", "--model", "backbone:clip-vit-b16"], 1, "has no backbone 'clip-vit-b16'"),
+    ("no-valid-query", ["eval", "--cache", "{tmp}/solo.h5", "--model", "backbone:clip-tiny"], 1, "no query has a valid match"),
+    ("ranks", ["eval", "--cache", "{cache}", "--model", "backbone:clip-tiny", "--ranks", "1,x"], 2, "expected an integer, got 'x'"),
+    ("budget", ["eval", "--cache", "{cache}", "--model", "backbone:clip-tiny", "--budget-mb", "0"], 2, "--budget-mb 0"),
+    ("gate-missing", ["eval", "--cache", "{feat}", "--model", "gate:{tmp}/nowhere"], 1, "is not a train-gate run directory"),
+    ("gate-unfinished", ["eval", "--cache", "{feat}", "--model", "gate:{tmp}/unfinished"], 1, "unfinished run (it reached epoch 1 of 5)"),
+    ("single-expert-gate", ["train-gate", "--cache", "{one}", "--out", "{tmp}/r1", "--fusion", "moe-top1"], 2, "needs at least two"),
+    ("single-expert-listed", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r2", "--experts", "clip-sim"], 2, "needs at least two"),
+    ("fusion", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r3", "--fusion", "moe"], 2, "'moe'"),
+    ("set-unknown", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r4", "--set", "learning_rate=1"], 2, "unknown key 'learning_rate'"),
+    ("set-type", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r5", "--set", "lr=fast"], 2, "lr: expected a number, got 'fast'"),
+    ("set-twice", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r6", "--epochs", "2", "--set", "epochs=3"], 2, "--epochs given twice"),
+    ("batch-size", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r7", "--set", "batch_size=30"], 2, "batch_size 30"),
+    ("yaml-key", ["--config", "{tmp}/bad.yaml", "train-gate", "--cache", "{feat}", "--out", "{tmp}/r8"], 2, "unknown key 'epoch' for train-gate (did you mean 'epochs'"),
+    ("yaml-section", ["--config", "{tmp}/badsection.yaml", "info", "{cache}"], 2, "unknown section 'train_gate' (did you mean 'train-gate'"),
+    ("run-exists", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/unfinished", "--fusion", "average"], 1, "pass --resume"),
+    ("planned-command", ["distill"], 2, "`featcache distill`"),
+    ("typo-command", ["exract"], 2, "no command 'exract' (did you mean 'extract'"),
+]
+
+
+@pytest.mark.parametrize("argv, code, text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_exit_code(env, argv, code, text):
+    res = CliRunner().invoke(main, X(env, *argv))
+    out = res.output
+    assert res.exit_code == code, out
+    assert text in out, out
+    assert "Traceback" not in out and (res.exception is None or isinstance(res.exception, SystemExit)), out
+    error_lines = [ln for ln in out.splitlines() if ln.startswith("Error")]
+    assert len(error_lines) == 1 and text in error_lines[0], out
+
+
+def test_debug_shows_the_traceback(env):
+    res = CliRunner().invoke(main, X(env, "--debug", "eval", "--cache", "{cache}", "--model", "resnet:50"))
+    assert res.exit_code != 0 and type(res.exception).__name__ == "ConfigError"
