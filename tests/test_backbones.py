@@ -92,3 +92,51 @@ def test_random_presets_give_image_dependent_features(name):
     assert (pooled.std(0) / pooled.abs().mean()).mean() > 1e-2  # varies across images, relative to its scale
     attn = [v for k, v in out.items() if k.startswith("attn_")]
     assert all(a.std() > 0 for a in attn)
+
+
+def test_forward_intermediates_gives_the_tensors_of_the_manual_forward():
+    """The public open_clip path equals the block-by-block reference (embeddings, blocks, ln_post pooling)."""
+    from featcache.backbones.clip import ClipBackbone
+    from featcache.backbones.base import attention_map
+
+    bb = build_backbone("clip-tiny", (64, 32)).eval()
+    x = torch.randn(3, 3, 64, 32)
+    v = bb.visual
+    with torch.inference_mode():
+        out = bb(x)
+        h = v._embeds(x)  # the reference: open_clip's own private steps, as featcache 0.1 called them
+        n, (gh, gw) = x.shape[0], bb.grid
+        blocks = v.transformer.resblocks
+        ref = {}
+        for i, blk in enumerate(blocks, 1):
+            if i == len(blocks):
+                ref["cls_attn"] = ClipBackbone._cls_attention(blk, h).view(n, gh, gw)
+            h = blk(h)
+            if i in bb.preset.attn_depths:
+                ref[f"attn_{i:02d}"] = attention_map(h[:, 1:].transpose(1, 2).reshape(n, -1, gh, gw))
+        pooled, tokens = v._pool(h)
+        ref.update(pooled=pooled, tokens=tokens, embed=pooled @ v.proj)
+    assert set(out) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name", ["clip-vit-b16", "align-b7"])
+def test_missing_weights_fail_before_any_download_or_model_build(name, monkeypatch):
+    """Without the weights in the local cache and without network, nothing is downloaded or built: the error comes first."""
+    import open_clip.pretrained
+    import transformers
+
+    from featcache.backbones import hub
+
+    def forbidden(*a, **k):
+        raise AssertionError("a download or a model build was attempted")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError(101, "Network is unreachable")))
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", forbidden)
+    monkeypatch.setattr(transformers.AlignModel, "from_pretrained", forbidden)
+    monkeypatch.setattr("open_clip.model.CLIP.__init__", forbidden)
+    with pytest.raises(WeightsNotFoundError, match=f"cannot be reached \\(Network is unreachable\\). Supply them with --weights {name}="):
+        build_backbone(name, (64, 64))

@@ -102,21 +102,19 @@ def test_help_lists_registered_kinds_and_choices():
     assert res.exit_code == 0 and "moe-top1" in res.output and "[default: 60]" in res.output and "--set KEY=VALUE" in res.output
 
 
-def test_progress_and_logs_in_a_log_file(tmp_path):
-    """Not a terminal: whole progress lines, no carriage-return frames; INFO only with -v."""
-    import subprocess
-    import sys
-
+def test_logs_only_with_verbose_and_never_carriage_returns(tmp_path):
+    """Not a terminal (as in a log file): no progress frames; INFO lines only with -v."""
     from featcache.synth_cache import write_feature_cache
 
     cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
-    cmd = [sys.executable, "-m", "featcache", "train-gate", "--cache", str(cache), "--fusion", "average", "--epochs", "2"]
-    quiet = subprocess.run(cmd + ["--out", str(tmp_path / "q")], capture_output=True, text=True)
-    assert quiet.returncode == 0, quiet.stderr
-    assert "\r" not in quiet.stderr and "INFO" not in quiet.stderr
-    loud = subprocess.run([sys.executable, "-m", "featcache", "-v", *cmd[3:], "--out", str(tmp_path / "v")], capture_output=True, text=True)
-    assert loud.returncode == 0 and "\r" not in loud.stderr
-    assert any(ln.startswith("INFO featcache.gate.train: epoch 2") for ln in loud.stderr.splitlines()), loud.stderr
+    args = ["train-gate", "--cache", str(cache), "--fusion", "average", "--epochs", "2"]
+    r = CliRunner()
+    quiet = r.invoke(main, args + ["--out", str(tmp_path / "q")])
+    assert quiet.exit_code == 0, quiet.output
+    assert "\r" not in quiet.output and "INFO" not in quiet.output
+    loud = r.invoke(main, ["-v", *args, "--out", str(tmp_path / "v")])
+    assert loud.exit_code == 0 and "\r" not in loud.output
+    assert any(ln.startswith("INFO featcache.gate.train: epoch 2") for ln in loud.output.splitlines()), loud.output
 
 
 def test_progress_lines_in_a_file():

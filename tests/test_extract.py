@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -100,31 +99,60 @@ def test_rejected_names_are_recorded_as_failed(market_root, tmp_path):
     assert "does not match" in res.summary["failed"][0]["reason"]
 
 
-def _done(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int((f["images/status"][...] != 0).sum())
-    except (OSError, KeyError):
-        return 0
+def _extract_argv(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "featcache", "extract", "--dataset", "market1501", "--root", str(root),
+            "--backbone", "clip-tiny", "--backbone", "align-tiny", "--out", str(out), "--views", "3",
+            "--batch-size", "8", "--workers", "1", "--image-size", "64x32"]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cache, tmp_path):
+    """SIGKILL of the whole process group at a fixed point (FEATCACHE_FAULT): after two whole batches, between
+    the third batch's arrays and its status flags; the killed file opens and resumes to the same bytes."""
+    point, batches = "extract.before_status", 3
     out = tmp_path / "killed.h5"
-    cmd = [sys.executable, "-m", "featcache", "extract", "--dataset", "market1501", "--root", str(market_root),
-           "--backbone", "clip-tiny", "--backbone", "align-tiny", "--out", str(out), "--views", "3",
-           "--batch-size", "8", "--workers", "1", "--image-size", "64x32"]
+    cmd = _extract_argv(market_root, out)
+    env = {**os.environ, "FEATCACHE_FAULT": f"{point}:{batches}"}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL
     total = len(load_listing("market1501", market_root).items)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and _done(out) < 16:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: main process and decoding workers
-    proc.wait()
-    killed_at = _done(out)
-    assert 0 < killed_at < total, f"the kill should land mid-run (cached {killed_at} of {total})"
-    assert summary(out)["pending"] == total - killed_at  # the killed file opens
+    done_batches = batches if point == "extract.after_batch" else batches - 1
+    s = summary(out)  # the killed file opens
+    assert sum(s["splits"].values()) == 8 * done_batches and s["pending"] == total - 8 * done_batches
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert_same_cache(market_cache, out)
+
+
+def test_view_pixels_are_what_the_backbones_saw(market_root, tmp_path, monkeypatch):
+    """Rebuilding a view from the cache's stored parameters gives the exact uint8 tensor extraction fed the backbones."""
+    from featcache.cache.pixels import ViewPixels, view_pixels
+    from featcache.extract import mapper
+
+    seen: list[torch.Tensor] = []
+    real = mapper.Mapper.__call__
+
+    def spy(self, views):
+        seen.append(views.clone())
+        return real(self, views)
+
+    monkeypatch.setattr(mapper.Mapper, "__call__", spy)
+    out = tmp_path / "c.h5"
+    run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",), views=4))
+    fed = torch.cat(seen)  # every view row, in batch order = cache row order
+    with h5py.File(out, "r") as f:
+        image, view = f["views/image"][...], f["views/view"][...]
+        flips = f["views/flip"][...]
+    assert len(fed) == len(image)
+    vp = ViewPixels(out)
+    for row in range(len(image)):
+        assert torch.equal(vp.image_views(int(image[row]), [int(view[row])])[0], fed[row]), row
+    assert flips[view >= 2].any() and torch.equal(view_pixels(out, int(image[0]), 0), fed[0])
+    # a changed image file is refused, naming it
+    path = market_root / vp.paths[int(image[0])]
+    copy = tmp_path / "m"
+    shutil.copytree(market_root, copy)
+    (copy / vp.paths[int(image[0])]).write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(Exception, match="changed since it was extracted"):
+        ViewPixels(out, root=copy).image_views(int(image[0]))
 
 
 @pytest.mark.parametrize("tokens", ["all", "none"])

@@ -56,7 +56,7 @@ def test_gate_temperatures_sparsity_and_gradients():
 def test_every_fusion_trains_and_beats_raw_concatenation(fcache, tmp_path):
     raw = run_eval(EvalConfig(fcache, "concat:clip-sim,align-sim")).report["mAP"]
     for fusion in fusion_names():
-        res = run_train_gate(cfg(fcache, tmp_path / fusion, fusion=fusion, epochs=15))
+        res = run_train_gate(cfg(fcache, tmp_path / fusion, fusion=fusion, epochs=8))
         m = run_eval(EvalConfig(fcache, f"gate:{res.run}")).report["mAP"]
         assert m > raw + 0.05, f"{fusion}: mAP {m:.3f} vs raw concatenation {raw:.3f}"
 
@@ -65,13 +65,74 @@ def test_trains_from_the_cache_alone(fcache, tmp_path, monkeypatch):
     import open_clip.model
     import transformers
 
+    from featcache.backbones import build_backbone
+    from featcache.backbones.base import Backbone
+
     def boom(*a, **k):
         raise AssertionError("a backbone was constructed")
 
-    monkeypatch.setattr("featcache.backbones.build_backbone", boom)
+    monkeypatch.setattr(Backbone, "__init__", boom)  # every featcache backbone is built through it
     monkeypatch.setattr(open_clip.model.CLIP, "__init__", boom)
     monkeypatch.setattr(transformers.AlignVisionModel, "__init__", boom)
-    run_train_gate(cfg(fcache, tmp_path / "r", epochs=2))
+    with pytest.raises(AssertionError, match="a backbone was constructed"):
+        build_backbone("clip-tiny", (32, 32))  # the patch is in force: building one would fail the run below
+    res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=2))
+    assert (res.run / "model.safetensors").is_file()
+
+
+def test_teacher_targets_reader(fcache, tmp_path):
+    from featcache.cache import open_cache, read_identity
+    from featcache.gate.targets import TeacherTargets
+
+    res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=1))
+    with open_cache(fcache) as f:
+        ident = read_identity(f, fcache).digest()
+    t = TeacherTargets.load(res.targets, cache_identity=ident)
+    assert t.experts == ["clip-sim", "align-sim"] and t.feature.shape[1] == 2048
+    rows = t.rows(t.image[[5, 0, 9]], t.view[[5, 0, 9]])
+    assert list(rows) == [5, 0, 9]
+    with pytest.raises(InputError, match="no target for image row"):
+        t.rows(np.array([10**6]), np.array([0]))
+    with pytest.raises(InputError, match="made from another cache"):
+        TeacherTargets.load(res.targets, cache_identity="0" * 40)
+    with h5py.File(res.targets, "r+") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(InputError, match="version 99, newer"):
+        TeacherTargets.load(res.targets)
+
+
+def test_gate_features_in_blocks_on_the_device_equal_one_pass(fcache, tmp_path):
+    res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=2, fusion="moe-soft"))
+    one = run_eval(EvalConfig(fcache, f"gate:{res.run}", flip=True))
+    many = run_eval(EvalConfig(fcache, f"gate:{res.run}", flip=True, budget_mb=1, device="cpu"))
+    np.testing.assert_allclose(one.qf, many.qf, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one.gf, many.gf, rtol=1e-5, atol=1e-6)
+    from featcache.gate.features import GateFeatures
+    from featcache.evaluation.features import FeatureContext
+
+    src = GateFeatures(res.run)
+    split = one.gallery
+    tiny = FeatureContext("cpu", False, budget=1)  # one row a block
+    np.testing.assert_allclose(src.features(split, tiny), src.features(split, FeatureContext("cpu")), rtol=1e-5, atol=1e-6)
+
+
+def test_killed_after_logging_before_its_checkpoint_resumes_without_a_duplicate_row(fcache, tmp_path, monkeypatch):
+    from featcache.training import rundir
+
+    full = run_train_gate(cfg(fcache, tmp_path / "full", epochs=3))
+
+    def die(name):
+        if name == "train.after_log":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "fault_point", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_gate(cfg(fcache, tmp_path / "cut", epochs=3))  # epoch 1 logged, no checkpoint
+    monkeypatch.undo()
+    assert len((tmp_path / "cut" / "log.csv").read_text().splitlines()) == 2
+    cut = run_train_gate(cfg(fcache, tmp_path / "cut", epochs=3), resume=True)
+    assert [r.split(",")[0] for r in (cut.run / "log.csv").read_text().splitlines()] == ["epoch", "1", "2", "3"]
+    assert (cut.run / "model.safetensors").read_bytes() == (full.run / "model.safetensors").read_bytes()
 
 
 def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
@@ -152,6 +213,9 @@ def test_bad_input(fcache, tmp_path, market_cache):
         run_eval(EvalConfig(other, f"gate:{tmp_path / 'z'}"))
     with pytest.raises(ConfigError, match="open_clip family"):
         run_train_gate(cfg(fcache, tmp_path / "w", experts=("align-sim",), fusion="clip"))
+    with pytest.raises(ConfigError, match="needs at least two"):
+        cfg(fcache, tmp_path / "v", experts=("clip-sim",), fusion="moe-top1")
+    run_train_gate(cfg(fcache, tmp_path / "v", experts=("clip-sim",), fusion="clip", epochs=1))  # one expert alone is fine
 
 
 def test_three_experts(tmp_path):
