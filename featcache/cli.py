@@ -22,6 +22,7 @@ from featcache import __version__
 from featcache.config import StageConfig, load_yaml, option_name, parse_set
 from featcache.errors import ConfigError, FeatcacheError
 from featcache.registry import nearest
+from featcache.runtime import DEVICES
 
 import featcache.gate.features  # noqa: F401,E402  (registers the gate: model kind)
 
@@ -90,6 +91,13 @@ def opt(cls: type[StageConfig], key: str, *decls: str, help: str = "", **kw) -> 
     return click.option(*(decls or (option_name(key),)), key, default=None if not kw.get("is_flag") else False, help=help, **kw)
 
 
+def stack(f: Callable, decorators: list[Callable]) -> Callable:
+    """Apply option decorators in the order listed (the first is the first shown in --help)."""
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
 def set_option(cls: type[StageConfig]) -> Callable:
     keys = ", ".join(cls.keys())
     return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -143,16 +151,14 @@ def main(ctx: click.Context, config: Path | None, verbose: int, debug: bool) -> 
 def _synth_options(f: Callable) -> Callable:
     from featcache.synth import LAYOUT_CAMS, SynthConfig as C
 
-    for decorator in reversed([
+    return stack(f, [
         click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False),
         opt(C, "layout", type=click.Choice(list(LAYOUT_CAMS)), help="Official layout to write."),
         opt(C, "ids", type=int, help="Number of identities (half train, half test)."),
         opt(C, "cams", type=int, help="Cameras."),
         opt(C, "seed", type=int, help="Seed of the scenes."),
         set_option(C),
-    ]):
-        f = decorator(f)
-    return f
+    ])
 
 
 @main.command()
@@ -177,7 +183,7 @@ def _datasets() -> list[str]:
 def _extract_options(f: Callable) -> Callable:
     from featcache.extract.config import ExtractConfig as C
 
-    for decorator in reversed([
+    return stack(f, [
         opt(C, "dataset", type=LazyChoice(_datasets), help="Dataset layout."),
         opt(C, "root", type=click.Path(path_type=Path), help="Dataset folder in its official layout (csv: the manifest or its folder)."),
         opt(C, "backbones", "--backbone", multiple=True, help="Backbone preset; repeat for several (see `featcache backbones`)."),
@@ -185,7 +191,7 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "views", type=int, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2)."),
         opt(C, "batch_size", type=int, help="Images per batch (keep it fixed across a resume for bit-equal results)."),
         opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA)."),
-        opt(C, "device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the backbones run."),
+        opt(C, "device", type=click.Choice(DEVICES), help="Where the backbones run."),
         opt(C, "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir)."),
         opt(C, "random_init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results)."),
         opt(C, "overwrite", is_flag=True, help="Replace an existing cache instead of resuming it."),
@@ -194,9 +200,7 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "aug_seed", type=int, help="Seed of the stored training augmentations."),
         opt(C, "skip_bad_names", is_flag=True, help="Record files that break the naming rule as failed instead of stopping."),
         set_option(C),
-    ]):
-        f = decorator(f)
-    return f
+    ])
 
 
 @main.command()
@@ -221,7 +225,7 @@ def _eval_options(f: Callable) -> Callable:
     from featcache.evaluation.features import kinds_help
     from featcache.evaluation.runner import EvalConfig as C
 
-    for decorator in reversed([
+    return stack(f, [
         opt(C, "cache", type=click.Path(path_type=Path), help="Cache to evaluate on; with --gallery-cache, the source (training) domain's cache."),
         opt(C, "model", help=f"KIND:REF. Kinds: {kinds_help()}."),
         opt(C, "gallery_cache", type=click.Path(path_type=Path), help="Cross-domain: take query and gallery from this (target-domain) cache."),
@@ -235,14 +239,12 @@ def _eval_options(f: Callable) -> Callable:
         opt(C, "json_out", "--json", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (and the resolved config beside it)."),
         opt(C, "plots", type=click.Path(file_okay=False, path_type=Path), help="Write a CMC curve and ranked-list grids here."),
         opt(C, "save_features", type=click.Path(dir_okay=False, path_type=Path), help="Write the evaluated features and labels (.npz)."),
-        opt(C, "device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where models and search run."),
+        opt(C, "device", type=click.Choice(DEVICES), help="Where models and search run."),
         opt(C, "budget_mb", type=int, help="Memory (MiB) for one block of scores or model activations."),
         opt(C, "plot_queries", type=int, help="Queries per ranked-list grid."),
         opt(C, "seed", type=int, help="Seed of the random sample of plotted queries."),
         set_option(C),
-    ]):
-        f = decorator(f)
-    return f
+    ])
 
 
 @main.command("eval")
@@ -266,20 +268,18 @@ def _fusions() -> list[str]:
 
 def _gate_options(f: Callable) -> Callable:
     from featcache.gate.config import GateConfig as C
-    for decorator in reversed([
+    return stack(f, [
         opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (its training split)."),
         opt(C, "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),
         opt(C, "experts", help="Comma-separated presets in the cache (default: all of them)."),
         opt(C, "fusion", type=LazyChoice(_fusions), help="How experts are combined."),
         opt(C, "epochs", type=int, help="Training epochs."),
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
-        opt(C, "device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where training runs."),
+        opt(C, "device", type=click.Choice(DEVICES), help="Where training runs."),
         opt(C, "label_smoothing", type=float, help="Label smoothing of the ID loss."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         set_option(C),
-    ]):
-        f = decorator(f)
-    return f
+    ])
 
 
 @main.command("train-gate")

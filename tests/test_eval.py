@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import extract_cfg, shared_path
 from featcache.cli import main
-from featcache.errors import ConfigError, FeatcacheError, InputError
+from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import known_kinds
 from featcache.evaluation.metrics import Accumulator, average_precision, masks, positive_ranks
 from featcache.evaluation.rerank import rerank_blocks

@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache.cache import CacheSplit
 from featcache.errors import ConfigError
-from featcache.evaluation.search import l2_normalize
+from featcache.evaluation.search import DEFAULT_BUDGET, l2_normalize
 from featcache.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class FeatureContext:
 
     device: str = "auto"
     flip: bool = False
-    budget: int = 256 * 2**20  # bytes for one block of intermediate work
+    budget: int = DEFAULT_BUDGET  # bytes for one block of intermediate work
 
     def rows_per_block(self, bytes_per_row: int) -> int:
         return max(1, self.budget // max(1, bytes_per_row))

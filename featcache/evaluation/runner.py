@@ -20,7 +20,7 @@ from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import check_device_name
 from featcache.evaluation.rerank import rerank_blocks
-from featcache.evaluation.search import Scorer, block_size, score_blocks
+from featcache.evaluation.search import DEFAULT_BUDGET, Scorer, block_size, score_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class EvalConfig(StageConfig):
     plots: Path | None = None
     save_features: Path | None = None
     device: str = "auto"
-    budget_mb: int = 256
+    budget_mb: int = DEFAULT_BUDGET // 2**20
     plot_queries: int = 8
     seed: int = 0
 
@@ -156,7 +156,7 @@ def _load_split(cache: Path, split: str) -> CacheSplit:
 
 
 def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray, g_cams: np.ndarray,
-             ranks=(1, 5, 10, 20), ap_form: str = "plain", device: str = "auto", budget: int = 256 * 2**20,
+             ranks=(1, 5, 10, 20), ap_form: str = "plain", device: str = "auto", budget: int = DEFAULT_BUDGET,
              rerank: tuple[int, int, float] | None = None) -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
     """Metrics of features (rows L2-normalised) under the protocol; returns (metrics, per-query (AP, first rank), backend)."""
     acc = Accumulator(tuple(sorted(set(ranks))), ap_form)

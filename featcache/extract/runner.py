@@ -19,7 +19,6 @@ from featcache.extract.config import ExtractConfig
 from featcache.extract.mapper import Mapper
 from featcache.extract.reader import BlockSampler, ImageReader, collate, stack_views
 from featcache.extract.writer import BackgroundWriter
-from featcache.faults import fault_point
 from featcache.preprocess import AUG_PAD
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers

@@ -55,12 +55,6 @@ register_fusion = FUSIONS.register
 fusion_names = FUSIONS.names
 
 
-def is_gated(name: str) -> bool:
-    """Whether fusion ``name`` has a gate (it then needs two or more experts)."""
-    cls = FUSIONS.get(name)
-    return isinstance(cls, type) and issubclass(cls, Gated)
-
-
 def make_fusion(name: str, k: int, expert: int | None = None) -> Fusion:
     cls = FUSIONS.get(name)
     return cls(k, expert) if issubclass(cls, Single) else cls(k)

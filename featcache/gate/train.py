@@ -17,7 +17,7 @@ import torch
 from featcache.errors import ConfigError, InputError
 from featcache.gate.config import GateConfig, check_experts
 from featcache.gate.data import TrainData, load_train
-from featcache.gate.model import GateModel, is_gated
+from featcache.gate.model import GateModel
 from featcache.progress import progress
 from featcache.runtime import resolve_device
 from featcache.training.losses import batch_hard_triplet, id_loss
@@ -120,4 +120,4 @@ def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dic
     return model.to(device).eval(), cfg, meta
 
 
-__all__ = ["GateConfig", "build_model", "check_experts", "default_experts", "is_gated", "load_run", "train"]
+__all__ = ["GateConfig", "build_model", "check_experts", "default_experts", "load_run", "train"]
