@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from featcache.cache import DONE, create_cache, make_identity
+from featcache.cache.checksum import stamp_all
 from featcache.cache.spec import OutputSpec
 from featcache.datasets import Item, Listing
 
@@ -65,6 +66,7 @@ def write_cache(path: Path, queries: int, gallery: int, train_ids: int, seed: in
         f["views/dx"][...], f["views/dy"][...] = 10, 10
         f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
         g["status"][...] = DONE
+        stamp_all(f)
 
 
 def main() -> None:

@@ -195,6 +195,7 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir)."),
         opt(C, "random_init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results)."),
         opt(C, "overwrite", is_flag=True, help="Replace an existing cache instead of resuming it."),
+        opt(C, "repair", is_flag=True, help="Verify an existing cache and extract again exactly the images whose rows fail their checksums."),
         opt(C, "tokens", type=click.Choice(["view0", "all", "none"]), help="Which views keep token features."),
         opt(C, "image_size", help="Input size N or HxW (256x128 is usual for persons)."),
         opt(C, "aug_seed", type=int, help="Seed of the stored training augmentations."),
@@ -321,6 +322,23 @@ def info(cache: Path, as_json: bool) -> None:
         click.echo("\nfailed:")
         for rec in s["failed"]:
             click.echo(f"  {rec['path']}: {rec['reason']}")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+def verify(cache: Path) -> None:
+    """Check every stored row of a cache against its checksum; name the damaged images (exit 1 if any)."""
+    from featcache.cache.checksum import verify_cache
+    from featcache.errors import InputError
+
+    rep = verify_cache(cache)
+    for i in sorted(rep.bad):
+        click.echo(f"damaged: {rep.paths[i]}: {', '.join(rep.bad[i])}")
+    click.echo(f"{cache}: {rep.checked_images} cached images, {rep.checked_bytes / 2**20:.1f} MiB checked "
+               f"in {rep.seconds:.2f} s ({rep.mb_per_s:.0f} MiB/s)")
+    if rep.bad:
+        raise InputError(f"{cache}: {len(rep.bad)} damaged image(s); `featcache extract ... --out {cache} --repair` "
+                         "(with the options that made the cache) extracts exactly them again")
 
 
 @main.command()

@@ -16,6 +16,7 @@ import numpy as np
 
 from featcache.cache.spec import OutputSpec
 from featcache.cache import DONE, create_cache, make_identity
+from featcache.cache.checksum import stamp_all
 from featcache.datasets import Item, Listing
 
 EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
@@ -58,4 +59,5 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
         f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
         g["width"][...], g["height"][...], g["sha1"][...] = 0, 0, b""  # no image files behind these rows
         g["status"][...] = DONE
+        stamp_all(f)
     return path

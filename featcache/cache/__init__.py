@@ -14,11 +14,12 @@ from featcache.cache.store import (
     create_cache,
     make_identity,
     open_cache,
+    read_checked,
     read_identity,
     read_rows,
 )
 
 __all__ = [
     "DONE", "FAILED", "FORMAT_VERSION", "PENDING", "BatchResult", "CacheError", "CacheIdentity", "CacheSplit",
-    "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_identity", "read_rows", "summary",
+    "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "summary",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache.identity import CacheIdentity
-from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_identity, read_rows
+from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
 from featcache.datasets import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class CacheSplit:
         with open_cache(self.cache) as f:
             if backbone not in f["backbones"]:
                 raise CacheError(f"{self.cache} has no backbone {backbone!r}; it holds: {', '.join(f['backbones'])}")
-            return read_rows(f["backbones"][backbone][array], rows)
+            return read_checked(f, backbone, array, rows)
 
 
 def summary(path: str | Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from featcache import __version__
+from featcache.cache import checksum
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.spec import OutputSpec
 from featcache.datasets import SPLITS, Listing
@@ -45,7 +46,7 @@ from featcache.faults import fault_point
 logger = logging.getLogger(__name__)
 
 FORMAT = "featcache-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums/ (featcache.cache.checksum); version 1 caches are read without checks
 PENDING, DONE, FAILED = 0, 1, 2
 REASON_LEN = 256
 SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
@@ -57,6 +58,9 @@ class CacheError(InputError):
 
 def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
     """A contiguous dataset allocated now (no fill): later writes touch raw data only."""
+    if "/" in name:  # intermediate groups first
+        parent, name = name.rsplit("/", 1)
+        group = group.require_group(parent)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -169,6 +173,10 @@ def create_cache(
                 ds = _create_fixed(bg, oname, (n, *spec.shape), spec.dtype)
                 ds.attrs["doc"] = spec.doc
                 ds.attrs["rows"] = ("image" if tokens == "view0" else "view") if spec.token else "view"
+                _create_fixed(f, f"{checksum.GROUP}/backbones/{bname}/{oname}", (n,), np.uint32)
+        _create_fixed(f, f"{checksum.GROUP}/images", (n_img,), np.uint32)
+        _create_fixed(f, f"{checksum.GROUP}/views", (n_rows,), np.uint32)
+        f[checksum.GROUP].attrs["doc"] = "CRC-32 of each stored row, written before the batch's status (featcache.cache.checksum)"
     os.replace(tmp, path)
 
 
@@ -181,11 +189,20 @@ class CacheWriter:
         self.view_start = g["view_start"][...]
         self.n_views = g["n_views"][...]
         self.tokens = self.f.attrs["tokens"]
+        self.checked = checksum.has_checksums(self.f)  # format 1 caches resume without checksums
+        self.static = {k: g[k][...] for k in ("pid", "camid", "split", "n_views", "view_start")}
+        self.paths = g["path"].asstr()[...]
+
+    def _put_checked(self, ds: h5py.Dataset, key: str, rows: np.ndarray, arr: np.ndarray) -> None:
+        _put(ds, rows, arr)
+        if self.checked:
+            _put(self.f[f"{checksum.GROUP}/{key}"], rows, checksum.row_crcs(arr))
 
     def write(self, batch: "BatchResult") -> None:
         g = self.f["images"]
         ok = batch.ok_images
         if len(ok):
+            ok_idx = np.asarray(ok)
             rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok])
             for name, arr in (("dx", batch.params[:, 0]), ("dy", batch.params[:, 1]), ("flip", batch.params[:, 2])):
                 _put(self.f["views"][name], rows, arr)
@@ -195,11 +212,19 @@ class CacheWriter:
                     if oname not in bg:
                         continue
                     if bg[oname].attrs["rows"] == "image":
-                        _put(bg[oname], np.asarray(ok), arr[batch.first_view_index])
+                        self._put_checked(bg[oname], f"backbones/{bname}/{oname}", ok_idx, arr[batch.first_view_index])
                     else:
-                        _put(bg[oname], rows, arr)
+                        self._put_checked(bg[oname], f"backbones/{bname}/{oname}", rows, arr)
             for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):
-                _put(g[name], np.asarray(ok), arr)
+                _put(g[name], ok_idx, arr)
+            if self.checked:
+                p = batch.params.astype(np.int16)
+                image = np.repeat(ok_idx, self.n_views[ok_idx])
+                view = rows - self.view_start[image]
+                _put(self.f[f"{checksum.GROUP}/views"], rows, checksum.view_crcs(image, view, p[:, 0], p[:, 1], p[:, 2]))
+                fields = {k: v[ok_idx] for k, v in self.static.items()}
+                fields.update(width=batch.widths, height=batch.heights, sha1=batch.sha1)
+                _put(self.f[f"{checksum.GROUP}/images"], ok_idx, checksum.image_crcs(fields, self.paths[ok_idx]))
         self.f.flush()
         fault_point("extract.before_status")  # arrays written, status not yet: the batch must be redone
         idx = np.asarray(batch.images)
@@ -227,6 +252,24 @@ def _put(ds: h5py.Dataset, rows: np.ndarray, arr: np.ndarray) -> None:
     if len(rows):
         for a, b, first in _runs(rows):
             ds[first: first + b - a] = arr[a:b]
+
+
+def read_checked(f: h5py.File, backbone: str, array: str, rows: np.ndarray) -> np.ndarray:
+    """``read_rows`` of ``backbones/<backbone>/<array>``, each row checked against its stored checksum."""
+    out = read_rows(f["backbones"][backbone][array], rows)
+    sums = checksum.array_checksums(f, backbone, array)
+    if sums is not None and rows.size:
+        bad = np.flatnonzero(checksum.row_crcs(out) != sums[...][rows])  # 4 bytes a row: one read, then index
+        if bad.size:
+            per_image = f["backbones"][backbone][array].attrs["rows"] == "image"
+            images = rows[bad] if per_image else f["views/image"][...][rows[bad]]
+            names = f["images/path"].asstr()[...][np.unique(images)]
+            raise CacheError(
+                f"{f.filename}: {bad.size} row(s) of backbones/{backbone}/{array} fail their checksum "
+                f"(images {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): the file was damaged after it was written; "
+                f"`featcache verify {f.filename}` lists every damaged image and `featcache extract ... --repair` redoes them"
+            )
+    return out
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

@@ -54,6 +54,7 @@ class ExtractConfig(StageConfig):
     device: str = "auto"
     weights: dict[str, str] = parser(parse_weights, default_factory=dict)
     overwrite: bool = False
+    repair: bool = False                 # verify an existing cache and redo the images whose rows fail their checksums
     tokens: str = "view0"
     image_size: tuple[int, int] = parser(parse_size, default=(256, 256))
     aug_seed: int = 0
@@ -78,3 +79,5 @@ class ExtractConfig(StageConfig):
         if self.tokens not in TOKEN_MODES:
             raise ConfigError(f"--tokens {self.tokens!r}: expected one of {', '.join(TOKEN_MODES)}")
         check_device_name(self.device)
+        if self.repair and self.overwrite:
+            raise ConfigError("--repair and --overwrite exclude each other (--overwrite starts the cache anew)")

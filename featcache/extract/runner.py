@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from featcache.backbones import build_backbone
+from featcache.cache.checksum import mark_for_repair, verify_cache
 from featcache.cache import PENDING, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
 from featcache.config import save_resolved
 from featcache.datasets import load_listing
@@ -65,6 +66,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if out.exists():
         check_identity(out, identity)
         logger.info("resuming %s", out)
+        if cfg.repair:
+            _repair(out)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         create_cache(out, listing, identity, n_views, specs, cfg.tokens)
@@ -99,6 +102,17 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     result = ExtractResult(out, done, seconds, summary(out))
     _log_summary(result)
     return result
+
+
+def _repair(out: Path) -> None:
+    """Verify every row and set the damaged images back to pending: this run redoes exactly them."""
+    report = verify_cache(out)
+    n = mark_for_repair(out, report)
+    if n:
+        logger.warning("--repair: %d damaged image(s) in %s will be extracted again: %s", n, out,
+                       ", ".join(sorted(report.paths.values())[:10]) + (" ..." if n > 10 else ""))
+    else:
+        logger.info("--repair: every row of %s matches its checksum", out)
 
 
 def _map_batch(records, mapper: Mapper) -> BatchResult:

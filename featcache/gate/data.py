@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_rows
+from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_checked
 from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def load_train(cache: Path, experts: list[str]) -> TrainData:
     weights = [ident.weights(e) for e in experts]
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
     with open_cache(cache) as f:
-        feats = [read_rows(f["backbones"][e]["pooled"], rows).astype(np.float32) for e in experts]
+        feats = [read_checked(f, e, "pooled", rows).astype(np.float32) for e in experts]
     local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
     pids, labels = np.unique(split.pids, return_inverse=True)
     logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),

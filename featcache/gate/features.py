@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheSplit, open_cache, read_rows
+from featcache.cache import CacheSplit, open_cache, read_checked
 from featcache.errors import InputError
 from featcache.evaluation.features import FeatureContext, FeatureSource, register_kind
 from featcache.evaluation.search import l2_normalize
@@ -50,11 +50,11 @@ class GateFeatures:
         block = ctx.rows_per_block(per_row)
         out = np.zeros((len(split), DIM), dtype=np.float32)
         with open_cache(split.cache) as f, torch.inference_mode():
-            arrays = [f["backbones"][e]["pooled"] for e in meta["experts"]]
             for v in views:
                 rows = split.rows(v)
                 for s in range(0, len(rows), block):
-                    xs = [torch.from_numpy(read_rows(a, rows[s: s + block]).astype(np.float32)).to(device) for a in arrays]
+                    xs = [torch.from_numpy(read_checked(f, e, "pooled", rows[s: s + block]).astype(np.float32)).to(device)
+                          for e in meta["experts"]]
                     out[s: s + block] += model(xs)[1].float().cpu().numpy()
         out /= len(views)
         return l2_normalize(out, inplace=True)

@@ -1,0 +1,186 @@
+"""Checksums of every stored row, so that a flipped byte is found, named and repaired instead of used.
+
+Format 2 caches hold ``checksums/``: a CRC-32 per stored row, written with
+its batch before the batch's status flags.
+
+- ``checksums/backbones/<preset>/<array>``: one per row of that array (per
+  view row, or per image for ``--tokens view0`` tokens);
+- ``checksums/views``: one per view row, over its ``image``, ``view``, ``dx``, ``dy``, ``flip``;
+- ``checksums/images``: one per image, over its ``path``, ``pid``, ``camid``,
+  ``split``, ``n_views``, ``view_start``, ``width``, ``height`` and ``sha1``.
+
+Readers of pooled features (evaluation, training) check the rows they load;
+``featcache verify`` checks everything and names the images whose rows fail.
+Format 1 caches carry no checksums and are read without checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+GROUP = "checksums"
+IMAGE_FIELDS = ("pid", "camid", "split", "n_views", "view_start", "width", "height", "sha1")
+
+
+def row_crcs(arr: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's bytes: (n, ...) -> (n,) uint32."""
+    a = np.ascontiguousarray(arr)
+    if len(a) == 0:
+        return np.zeros(0, np.uint32)
+    flat = a.reshape(len(a), -1).view(np.uint8).reshape(len(a), -1)
+    return np.fromiter((zlib.crc32(r) for r in flat), dtype=np.uint32, count=len(a))
+
+
+def image_crcs(fields: dict[str, np.ndarray], paths: np.ndarray) -> np.ndarray:
+    """CRC-32 of each image's metadata row (``IMAGE_FIELDS`` then the UTF-8 path)."""
+    n = len(paths)
+    out = np.empty(n, np.uint32)
+    cols = [np.ascontiguousarray(fields[k]) for k in IMAGE_FIELDS]
+    for i in range(n):
+        crc = 0
+        for c in cols:
+            crc = zlib.crc32(c[i].tobytes(), crc)
+        out[i] = zlib.crc32(str(paths[i]).encode(), crc)
+    return out
+
+
+def view_crcs(image: np.ndarray, view: np.ndarray, dx: np.ndarray, dy: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """CRC-32 of each view row: its image, view index and augmentation parameters, as stored."""
+    cols = [np.ascontiguousarray(a, dtype=dt).reshape(-1, 1).view(np.uint8)
+            for a, dt in ((image, np.int64), (view, np.uint8), (dx, np.int16), (dy, np.int16), (flip, np.uint8))]
+    return row_crcs(np.concatenate(cols, axis=1))
+
+
+def _views(f: h5py.File) -> np.ndarray:
+    v = f["views"]
+    return view_crcs(v["image"][...], v["view"][...], v["dx"][...], v["dy"][...], v["flip"][...])
+
+
+def has_checksums(f: h5py.File) -> bool:
+    return GROUP in f
+
+
+def array_checksums(f: h5py.File, backbone: str, array: str) -> h5py.Dataset | None:
+    key = f"{GROUP}/backbones/{backbone}/{array}"
+    return f[key] if key in f else None
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: the images whose rows fail, with the arrays that failed."""
+
+    checked_images: int = 0
+    checked_bytes: int = 0
+    seconds: float = 0.0
+    bad: dict[int, list[str]] = field(default_factory=dict)   # image row -> failing arrays
+    paths: dict[int, str] = field(default_factory=dict)
+
+    def add(self, image: int, what: str) -> None:
+        if what not in self.bad.setdefault(int(image), []):
+            self.bad[int(image)].append(what)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.checked_bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _chunks(n: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, rows_per_chunk):
+        yield s, min(n, s + rows_per_chunk)
+
+
+def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> VerifyReport:
+    """Check every stored row of the cached images against its checksum."""
+    from featcache.cache.store import DONE, FAILED, PENDING
+
+    rep = VerifyReport()
+    t0 = time.perf_counter()
+    g = f["images"]
+    status = g["status"][...]
+    paths = g["path"].asstr()[...]
+    n_img = len(status)
+    done = status == DONE
+    for i in np.flatnonzero(~np.isin(status, (PENDING, DONE, FAILED))):
+        rep.add(i, "images/status")
+    rep.checked_images = int(done.sum())
+    fields = {k: g[k][...] for k in IMAGE_FIELDS}
+    bad = np.flatnonzero(done & (image_crcs(fields, paths) != f[f"{GROUP}/images"][...]))
+    for i in bad:
+        rep.add(i, "images")
+    # which image owns each view row: views/image, itself checked by the views checksum; a damaged entry
+    # there is named through view_start instead (the rows of image i start at view_start[i])
+    view_image = np.clip(f["views/image"][...], 0, n_img - 1)
+    vbad = np.flatnonzero(_views(f) != f[f"{GROUP}/views"][...])
+    by_start = np.clip(np.searchsorted(fields["view_start"], vbad, side="right") - 1, 0, n_img - 1)
+    view_image[vbad] = by_start
+    for r in vbad:
+        if done[view_image[r]]:
+            rep.add(view_image[r], "views")
+    for bname, bg in f["backbones"].items():
+        for aname, ds in bg.items():
+            sums = array_checksums(f, bname, aname)
+            if sums is None:
+                continue
+            per_image = ds.attrs["rows"] == "image"
+            owner = np.arange(n_img) if per_image else view_image
+            want = sums[...]
+            row_bytes = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
+            for a, b in _chunks(ds.shape[0], max(1, chunk_bytes // row_bytes)):
+                live = done[owner[a:b]]
+                if not live.any():
+                    continue
+                got = row_crcs(ds[a:b])
+                rep.checked_bytes += (b - a) * row_bytes
+                for r in np.flatnonzero(live & (got != want[a:b])):
+                    rep.add(owner[a + r], f"backbones/{bname}/{aname}")
+                if progress is not None:
+                    progress(b - a)
+    rep.paths = {i: str(paths[i]) for i in rep.bad}
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def stamp_all(f: h5py.File, chunk_bytes: int = 64 * 2**20) -> None:
+    """Compute every checksum from the stored rows, for writers that fill a cache outside ``CacheWriter``
+    (the synthetic feature caches of tests and benchmarks). Never use it to 'fix' a damaged cache."""
+    g = f["images"]
+    f[f"{GROUP}/images"][...] = image_crcs({k: g[k][...] for k in IMAGE_FIELDS}, g["path"].asstr()[...])
+    f[f"{GROUP}/views"][...] = _views(f)
+    for bname, bg in f["backbones"].items():
+        for aname, ds in bg.items():
+            row_bytes = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
+            for a, b in _chunks(ds.shape[0], max(1, chunk_bytes // row_bytes)):
+                f[f"{GROUP}/backbones/{bname}/{aname}"][a:b] = row_crcs(ds[a:b])
+
+
+def verify_cache(path, progress=None) -> VerifyReport:
+    """``featcache verify``: every stored row of ``path`` against its checksum."""
+    from featcache.cache.store import CacheError, open_cache
+
+    with open_cache(path) as f:
+        if not has_checksums(f):
+            raise CacheError(f"{path} is a format {int(f.attrs['format_version'])} cache, which carries no checksums "
+                             "(extract it again with this featcache to get them)")
+        return verify(f, progress=progress)
+
+
+def mark_for_repair(path, report: VerifyReport) -> int:
+    """Set the images ``report`` found damaged back to pending, so that a resumed extraction redoes exactly them."""
+    from featcache.cache.store import PENDING, open_cache
+
+    bad = np.array(sorted(report.bad), dtype=np.int64)
+    if bad.size:
+        with open_cache(path, "r+") as f:
+            status = f["images/status"]
+            for i in bad:
+                status[int(i)] = PENDING
+    return int(bad.size)
