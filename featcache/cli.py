@@ -59,6 +59,11 @@ class FeatcacheGroup(click.Group):
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a file the system refused (permissions, a full disk): name it, no traceback
+            if ctx.meta.get("featcache.debug") or not exc.filename:
+                raise
+            click.echo(f"Error: {exc.filename}: {exc.strerror or exc} (errno {exc.errno})", err=True)
+            ctx.exit(1)
 
 
 class LazyChoice(click.Choice):
@@ -244,6 +249,7 @@ def _eval_options(f: Callable) -> Callable:
         opt(C, "budget_mb", type=int, help="Memory (MiB) for one block of scores or model activations."),
         opt(C, "plot_queries", type=int, help="Queries per ranked-list grid."),
         opt(C, "seed", type=int, help="Seed of the random sample of plotted queries."),
+        opt(C, "allow_partial", is_flag=True, help="Evaluate a cache whose extraction has not finished (the report says so)."),
         set_option(C),
     ])
 

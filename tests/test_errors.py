@@ -27,7 +27,8 @@ def env(tmp_path_factory, market_root, market_cache) -> dict[str, Path]:
     solo.mkdir()
     img = next((market_root / "query").glob("*.jpg"))
     (solo / "a.jpg").write_bytes(img.read_bytes())
-    (solo / "manifest.csv").write_text("path,pid,camid,split\na.jpg,1,1,query\na.jpg,1,1,gallery\na.jpg,2,2,gallery\n")
+    (solo / "b.jpg").write_bytes(img.read_bytes())
+    (solo / "manifest.csv").write_text("path,pid,camid,split\na.jpg,1,1,query\na.jpg,1,1,gallery\nb.jpg,2,2,gallery\n")
     r = CliRunner().invoke(main, ["extract", "--dataset", "csv", "--root", str(solo), "--backbone", "clip-tiny",
                                   "--out", str(tmp / "solo.h5"), "--image-size", "32", "--workers", "0"])
     assert r.exit_code == 0, r.output

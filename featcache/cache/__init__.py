@@ -1,7 +1,7 @@
 """The HDF5 feature cache: storage (``store``), identity (``identity``), reading (``reader``), view pixels (``pixels``)."""
 
 from featcache.cache.identity import CacheIdentity
-from featcache.cache.reader import CacheSplit, summary
+from featcache.cache.reader import CacheSplit, status_counts, summary
 from featcache.cache.store import (
     DONE,
     FAILED,
@@ -21,5 +21,5 @@ from featcache.cache.store import (
 
 __all__ = [
     "DONE", "FAILED", "FORMAT_VERSION", "PENDING", "BatchResult", "CacheError", "CacheIdentity", "CacheSplit",
-    "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "summary",
+    "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "status_counts", "summary",
 ]

@@ -68,6 +68,14 @@ class CacheSplit:
             return read_checked(f, backbone, array, rows)
 
 
+def status_counts(path: str | Path) -> dict[str, dict[str, int]]:
+    """Images per split that are pending (extraction unfinished) and failed (unreadable files)."""
+    with open_cache(path) as f:
+        status, split = f["images/status"][...], f["images/split"][...]
+    return {name: {s: int(((status == code) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+            for name, code in (("pending", PENDING), ("failed", FAILED))}
+
+
 def summary(path: str | Path) -> dict[str, Any]:
     """What ``featcache info --json`` prints: counts per split, failures, arrays and sizes per backbone."""
     with open_cache(path) as f:

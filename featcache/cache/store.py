@@ -23,10 +23,12 @@ after the arrays of its batch, so a killed batch is simply redone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ from featcache.cache import checksum
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.spec import OutputSpec
 from featcache.datasets import SPLITS, Listing
-from featcache.errors import InputError
+from featcache.errors import InputError, RunError
 from featcache.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,13 @@ def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
     try:
         f = h5py.File(path, mode)
     except OSError as exc:
-        raise CacheError(f"{path} is not a readable HDF5 file ({exc})") from None
+        if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc):
+            from featcache.cache.lock import holder, lock_path
+
+            who = f"featcache extract: {holder(path)}" if lock_path(path).exists() else "another program"
+            raise CacheError(f"{path} is busy: another process has it open for writing ({who}); "
+                             "try again when it has finished") from None
+        raise CacheError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise CacheError(f"{path} is not a featcache cache (no format={FORMAT!r} attribute)")
@@ -135,7 +143,57 @@ def create_cache(
     n_img = len(counts)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     n_rows = int(counts.sum())
+    need = _bytes_needed(specs, tokens, n_img, n_rows)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise RunError(f"cannot create {path}: it needs {_gib(need)} and {_gib(free)} are free on that filesystem "
+                       "(free space, or choose another --out, fewer --views or --tokens none)")
     tmp = path.with_name(path.name + ".creating")
+    try:
+        _write_new(tmp, listing, identity, specs, tokens, counts, starts, n_img, n_rows)
+        _reserve(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-made stays behind to stop a rerun
+        raise
+    os.replace(tmp, path)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _bytes_needed(specs: dict[str, dict[str, OutputSpec]], tokens: str, n_img: int, n_rows: int) -> int:
+    """The arrays' bytes plus metadata (about 1 KiB an image and 64 bytes a view row, generously)."""
+    total = n_img * 1024 + n_rows * 64 + 2**20
+    for outs in specs.values():
+        for spec in outs.values():
+            if spec.token and tokens == "none":
+                continue
+            n = (n_img if tokens == "view0" else n_rows) if spec.token else n_rows
+            total += n * (int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize + 4)
+    return total
+
+
+def _reserve(tmp: Path, path: Path) -> None:
+    """Reserve the file's blocks now (posix_fallocate), so that a cache that cannot fit fails at creation,
+    not half-way: HDF5 allocated the arrays, but as holes that later writes would have to fill."""
+    size = tmp.stat().st_size
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise RunError(f"cannot create {path}: it needs {_gib(size)} on disk and the filesystem has "
+                           f"{_gib(shutil.disk_usage(path.parent).free)} free") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # filesystems without it: holes stay
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict[str, dict[str, OutputSpec]], tokens: str,
+               counts: np.ndarray, starts: np.ndarray, n_img: int, n_rows: int) -> None:
+    items = listing.items
     with h5py.File(tmp, "w") as f:
         f.attrs.update(
             format=FORMAT, format_version=FORMAT_VERSION, featcache_version=__version__,
@@ -177,13 +235,13 @@ def create_cache(
         _create_fixed(f, f"{checksum.GROUP}/images", (n_img,), np.uint32)
         _create_fixed(f, f"{checksum.GROUP}/views", (n_rows,), np.uint32)
         f[checksum.GROUP].attrs["doc"] = "CRC-32 of each stored row, written before the batch's status (featcache.cache.checksum)"
-    os.replace(tmp, path)
 
 
 class CacheWriter:
     """Writes finished batches into an open cache: arrays first, then status (see module doc)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self.f = open_cache(path, "r+")
         g = self.f["images"]
         self.view_start = g["view_start"][...]

@@ -79,7 +79,8 @@ def require_dir(root: Path, sub: str, dataset: str, hint: str) -> Path:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name (other files, e.g. Thumbs.db, are skipped)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # broken symbolic links are kept: extraction records them as failed rather than leaving them out unseen
+    files = sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink() and not p.exists()) and p.suffix.lower() in IMAGE_SUFFIXES)
     others = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
         logger.debug("%s: skipping %d non-image files (%s ...)", folder, len(others), others[0])

@@ -190,6 +190,8 @@ def read_csv(root: Path) -> Listing:
     if not manifest.is_file():
         raise DatasetLayoutError(f"csv: manifest {manifest} not found (give --root a CSV file or a folder holding manifest.csv)")
     listing = Listing(name="csv", root=manifest.parent)
+    root = manifest.parent.resolve()
+    seen: dict[tuple[str, str], int] = {}
     with manifest.open(newline="") as fh:
         reader = csv.DictReader(fh)
         need = {"path", "pid", "camid", "split"}
@@ -200,5 +202,24 @@ def read_csv(root: Path) -> Listing:
                 item = Item(row["path"].strip(), int(row["pid"]), int(row["camid"]), row["split"].strip())
             except (ValueError, DatasetLayoutError) as exc:
                 raise DatasetLayoutError(f"csv: {manifest}:{lineno}: {exc} (row {row})") from None
+            _confined(root, item.path, f"{manifest}:{lineno}")
+            key = (item.path, item.split)
+            if key in seen:
+                raise DatasetLayoutError(f"csv: {manifest}:{lineno}: {item.path} is listed in split {item.split} again "
+                                         f"(first on line {seen[key]}); a duplicate row would count twice in the metrics")
+            seen[key] = lineno
             listing.items.append(item)
+    if not listing.items:
+        raise DatasetLayoutError(f"csv: manifest {manifest} lists no images (a header and no rows)")
     return listing
+
+
+def _confined(root: Path, rel: str, where: str) -> None:
+    """A manifest path must be relative and stay inside the manifest's folder, symbolic links resolved."""
+    if Path(rel).is_absolute():
+        raise DatasetLayoutError(f"csv: {where}: {rel!r} is absolute; paths are relative to the manifest's folder {root}")
+    try:
+        (root / rel).resolve().relative_to(root)
+    except ValueError:
+        raise DatasetLayoutError(f"csv: {where}: {rel!r} leads outside the manifest's folder {root} "
+                                 "(after resolving '..' and symbolic links); copy or move the image inside it") from None

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheSplit, open_cache, read_identity
+from featcache.cache import CacheError, CacheSplit, open_cache, read_identity, status_counts
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import FeatureContext, parse_model
@@ -52,6 +52,7 @@ class EvalConfig(StageConfig):
     budget_mb: int = DEFAULT_BUDGET // 2**20
     plot_queries: int = 8
     seed: int = 0
+    allow_partial: bool = False      # evaluate a cache whose extraction has not finished (the report says so)
 
     def __post_init__(self) -> None:
         if self.ap not in AP_FORMS:
@@ -96,6 +97,11 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
     t0 = time.perf_counter()
     source = parse_model(cfg.model)
     target = cfg.gallery_cache or cfg.cache  # cross-domain: query and gallery both come from the other cache
+    counts = status_counts(target)
+    pending = {k: v for k, v in counts["pending"].items() if v}
+    if pending and not cfg.allow_partial:
+        raise InputError(f"{target} has pending images ({', '.join(f'{k} {v}' for k, v in pending.items())}): its extraction "
+                         "has not finished. Run it to the end, or pass --allow-partial to evaluate the cached images only")
     q = _load_split(target, "query")
     g = _load_split(target, "gallery")
     if cfg.gallery_cache:
@@ -125,6 +131,8 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "cache": {"path": str(cfg.cache), **_cache_summary(cfg.cache)},
         "gallery_cache": {"path": str(cfg.gallery_cache), **_cache_summary(cfg.gallery_cache)} if cfg.gallery_cache else None,
         "evaluated_on": str(target),
+        "partial": {"pending": counts["pending"], "failed": counts["failed"],
+                    "complete": not any(counts["pending"].values()) and not any(counts["failed"].values())},
         "random_init_backbones": q.identity.random_init([b for b in source.backbones() if b in q.identity.backbones]),
         "search_backend": backend,
         "tie_break": "equal scores: earlier gallery entry (cache order) ranks first",
@@ -203,6 +211,10 @@ def format_table(report: dict[str, Any]) -> str:
         "  ".join(f"{h:>7s}" for h in head),
         "  ".join(f"{100 * v:7.2f}" for v in vals),
     ]
+    part = report.get("partial") or {"complete": True}
+    if not part["complete"]:
+        parts = [f"{k} {split} {n}" for k in ("pending", "failed") for split, n in part[k].items() if n]
+        lines.append(f"note: computed on the cached images only; not cached: {', '.join(parts)}")
     if report["random_init_backbones"]:
         lines.append(f"note: {', '.join(report['random_init_backbones'])} (read by this model) have random weights: "
                      "these numbers test the pipeline and are not results of the method")

@@ -18,6 +18,25 @@ from featcache.preprocess import render_views, view_params
 
 logger = logging.getLogger(__name__)
 
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def die_with_parent(worker_id: int) -> None:
+    """DataLoader worker start: on Linux, ask the kernel to kill this worker when its parent dies (SIGKILL,
+    SIGTERM or a crash), so no decoding worker outlives its run blocked on a pipe."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux: workers notice a dead parent at their next pipe operation
+        return
+    ppid = os.getppid()
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != ppid:  # the parent died before the request took effect
+        os._exit(1)
+
 
 @dataclass(frozen=True)
 class Decoded:
@@ -28,6 +47,7 @@ class Decoded:
     height: int = 0
     sha1: str = ""
     error: str = ""
+    exif_rotated: bool = False  # the file has an EXIF orientation other than 'normal' (ignored, see the runner)
 
 
 class ImageReader(torch.utils.data.Dataset):
@@ -48,14 +68,16 @@ class ImageReader(torch.utils.data.Dataset):
             img = Image.open(io.BytesIO(data))
             img.load()  # decode now: truncated files fail here, not later
         except FileNotFoundError:
-            return Decoded(index, None, None, error="file not found")
+            broken = (self.root / item.path).is_symlink()
+            return Decoded(index, None, None, error="broken symbolic link" if broken else "file not found")
         except UnidentifiedImageError:
             return Decoded(index, None, None, error="not an image PIL can identify")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return Decoded(index, None, None, error=f"{type(exc).__name__}: {exc}")
         params = view_params(self.n_views[item.split], self.aug_seed, index)
         views = render_views(img, self.size, params)
-        return Decoded(index, views, params, img.width, img.height, hashlib.sha1(data).hexdigest())
+        rotated = img.getexif().get(_ORIENTATION, 1) not in (0, 1)
+        return Decoded(index, views, params, img.width, img.height, hashlib.sha1(data).hexdigest(), exif_rotated=rotated)
 
 
 def collate(records: list[Decoded]) -> list[Decoded]:

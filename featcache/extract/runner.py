@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +16,13 @@ import torch
 
 from featcache.backbones import build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
-from featcache.cache import PENDING, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
+from featcache.cache import PENDING, CacheError, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
 from featcache.config import save_resolved
 from featcache.datasets import load_listing
 from featcache.extract.config import ExtractConfig
 from featcache.extract.mapper import Mapper
-from featcache.extract.reader import BlockSampler, ImageReader, collate, stack_views
+from featcache.cache.lock import WriterLock
+from featcache.extract.reader import BlockSampler, die_with_parent, ImageReader, collate, stack_views
 from featcache.extract.writer import BackgroundWriter
 from featcache.preprocess import AUG_PAD
 from featcache.progress import progress
@@ -59,12 +63,22 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         listing, preprocessing,
         {n: {"family": b.family, "weights": b.weights_id, "preset": b.preset.to_dict()} for n, b in backbones.items()},
     )
+    with WriterLock(cfg.out), _sigterm_as_interrupt():  # one writer, from the existence check to the end
+        return _extract_into(cfg, listing, device, backbones, specs, n_views, identity)
+
+
+def _extract_into(cfg: ExtractConfig, listing, device, backbones, specs, n_views, identity) -> ExtractResult:
     out = cfg.out
     if out.exists() and cfg.overwrite:
         logger.warning("--overwrite: replacing %s", out)
         out.unlink()
     if out.exists():
-        check_identity(out, identity)
+        try:
+            check_identity(out, identity)
+        except CacheError as exc:
+            if "busy" in str(exc) or "cannot be resumed" in str(exc):
+                raise
+            raise CacheError(f"{exc}; use --overwrite to replace it, or choose another --out") from None
         logger.info("resuming %s", out)
         if cfg.repair:
             _repair(out)
@@ -81,7 +95,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     logger.info("%d of %d images to extract (%d already done)", todo, len(listing.items), len(listing.items) - int(pending.sum()))
     reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
     loader = torch.utils.data.DataLoader(
-        reader, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+        reader, batch_sampler=sampler, num_workers=workers, collate_fn=collate, worker_init_fn=die_with_parent,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
     )
     batches = iter(loader)  # fork the decoding workers before the cache is opened for writing,
@@ -89,19 +103,40 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     mapper = Mapper(backbones, specs, device)
     bg = BackgroundWriter(CacheWriter(out))
     start = time.perf_counter()
-    done = 0
+    done = exif = 0
     try:
         with progress(total=todo, unit="img", desc="extract") as bar:
             for records in batches:
                 bg.submit(_map_batch(records, mapper))
                 done += len(records)
+                exif += sum(r.exif_rotated for r in records)
                 bar.update(len(records))
     finally:
-        bg.close()
+        bg.close()  # on an interrupt too: the queued batches are written
+    if exif:
+        logger.warning("%d image(s) carry an EXIF orientation tag; featcache ignores it and uses the stored pixel order, "
+                       "as the datasets' official evaluation code does", exif)
     seconds = time.perf_counter() - start
     result = ExtractResult(out, done, seconds, summary(out))
     _log_summary(result)
     return result
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops a run like Ctrl-C: the batches already queued are written, the rest stays pending."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _repair(out: Path) -> None:

@@ -7,6 +7,7 @@ import queue
 import threading
 
 from featcache.cache import BatchResult, CacheWriter
+from featcache.errors import RunError
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,23 @@ class BackgroundWriter:
             except BaseException as exc:  # reported to the main thread at the next submit/close
                 self.error = exc
 
+    def _raise(self) -> None:
+        exc = self.error
+        why = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise RunError(f"writing {self.writer.path} failed: {why}. The batches written before stay cached; "
+                       "fix the cause (free space, say) and run the same command to resume") from exc
+
     def submit(self, batch: BatchResult) -> None:
         if self.error is not None:
-            raise RuntimeError(f"writing the cache failed: {self.error}") from self.error
+            self._raise()
         self.queue.put(batch)
 
     def close(self) -> None:
         self.queue.put(self._STOP)
         self.thread.join()
-        self.writer.close()
+        try:
+            self.writer.close()
+        except Exception as exc:  # a failed flush at close is a failed write too
+            self.error = self.error or exc
         if self.error is not None:
-            raise RuntimeError(f"writing the cache failed: {self.error}") from self.error
+            self._raise()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_checked
+from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_checked, status_counts
 from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ def load_train(cache: Path, experts: list[str]) -> TrainData:
             raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
         raise
     ident = split.identity
+    pending = status_counts(cache)["pending"]["train"]
+    if pending:
+        logger.warning("%s: %d training images are still pending (extraction unfinished); training uses the %d cached ones",
+                       cache, pending, len(split))
     missing = [e for e in experts if e not in ident.backbones]
     if missing:
         raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")

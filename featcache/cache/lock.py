@@ -1,0 +1,64 @@
+"""The writer lock: one process writes a cache at a time, from the existence check to the end of the run.
+
+``CACHE.h5.lock`` is held with a POSIX record lock (``fcntl.lockf``): the
+kernel releases it when the holding process dies, however it dies, and
+forked decoding workers do not inherit it. So a killed run never leaves the
+cache locked. The file holds the holder's pid, host and start time, which a
+refused second writer quotes. The lock file stays after the run; it is
+harmless. POSIX locks are reliable on local filesystems; on NFS they depend
+on the server's lock daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from featcache.errors import InputError
+
+
+def lock_path(cache: Path) -> Path:
+    return Path(cache).with_name(Path(cache).name + ".lock")
+
+
+def holder(cache: Path) -> str:
+    """Who holds (or last held) the lock, as written in the lock file."""
+    try:
+        return lock_path(cache).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class WriterLock:
+    """``with WriterLock(cache):`` – refused at once, naming the holder, if another process writes the cache."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = Path(cache)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "WriterLock":
+        path = lock_path(self.cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise InputError(f"{self.cache} is being written by another featcache process ({holder(self.cache)}); "
+                                 "wait for it to finish or stop it, then run again") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
