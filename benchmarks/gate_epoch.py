@@ -86,7 +86,7 @@ def run(tmp: Path) -> None:
         xs = [v.clone() for v in xs]
         y = torch.from_numpy(rng.integers(0, 751, 32))
         fo, _, logits = model(xs)
-        loss = F.cross_entropy(logits, y) + 0.5 * batch_hard_triplet(fo.feature, y)
+        loss = F.cross_entropy(logits, y) + 0.5 * batch_hard_triplet(fo.feature, y, 0.3)
         opt.zero_grad()
         loss.backward()
         opt.step()

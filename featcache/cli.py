@@ -38,6 +38,10 @@ PLANNED = {
 }
 
 
+#: commands without a stage config: their --config keys are checked against their options
+_CONFIGLESS = ("info", "verify", "backbones")
+
+
 class FeatcacheGroup(click.Group):
     """Known errors end with one message and an exit code (2 usage, 1 failure); ``--debug`` shows the traceback."""
 
@@ -83,16 +87,16 @@ class LazyChoice(click.Choice):
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, (tuple, list)):
-        return ",".join(map(str, v)) if v else "none"
-    return "auto" if v is None else str(v)
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-def opt(cls: type[StageConfig], key: str, *decls: str, help: str = "", **kw) -> Callable:
+def opt(cls: type[StageConfig], key: str, *decls: str, help: str = "", fmt: Callable[[Any], str] = _fmt, **kw) -> Callable:
     """A click option for config field ``key``; its default (shown in --help) is the dataclass's."""
-    default = cls.defaults().get(key)
-    if key in cls.defaults() and not kw.get("is_flag") and default not in ((), {}):
-        help = f"{help}  [default: {_fmt(default)}]"
+    defaults = cls.defaults()
+    if key not in defaults:
+        help = f"{help}  [required]"
+    elif not kw.get("is_flag") and defaults[key] not in ((), {}, None):
+        help = f"{help}  [default: {fmt(defaults[key])}]"
     return click.option(*(decls or (option_name(key),)), key, default=None if not kw.get("is_flag") else False, help=help, **kw)
 
 
@@ -145,10 +149,17 @@ def main(ctx: click.Context, config: Path | None, verbose: int, debug: bool) -> 
     ctx.meta["featcache.debug"] = debug
     if config is not None:
         data = load_yaml(config)
-        for name in data:
+        for name, section in data.items():
             if name not in main.commands:
                 raise ConfigError(f"--config {config}: unknown section {name!r}{nearest(name, main.commands)}; "
                                   f"sections are command names: {', '.join(sorted(main.commands))}")
+            params = {p.name: p for p in main.commands[name].params if p.name}
+            for key, value in list(section.items()):
+                if key not in params and name in _CONFIGLESS:
+                    raise ConfigError(f"--config {config} [{name}]: unknown key {key!r}{nearest(key, params)}; "
+                                      f"valid keys: {', '.join(params)}")
+                if key in params and getattr(params[key], "multiple", False) and not isinstance(value, (list, tuple)):
+                    section[key] = [value]  # `backbones: clip-tiny` means a list of one
         ctx.default_map = data
 
 
@@ -186,7 +197,7 @@ def _datasets() -> list[str]:
 
 
 def _extract_options(f: Callable) -> Callable:
-    from featcache.extract.config import ExtractConfig as C
+    from featcache.extract.config import TOKEN_MODES, ExtractConfig as C
 
     return stack(f, [
         opt(C, "dataset", type=LazyChoice(_datasets), help="Dataset layout."),
@@ -195,14 +206,14 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "out", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write or resume."),
         opt(C, "views", type=int, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2)."),
         opt(C, "batch_size", type=int, help="Images per batch (keep it fixed across a resume for bit-equal results)."),
-        opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA)."),
+        opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA).  [default: auto]"),
         opt(C, "device", type=click.Choice(DEVICES), help="Where the backbones run."),
         opt(C, "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir)."),
         opt(C, "random_init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results)."),
         opt(C, "overwrite", is_flag=True, help="Replace an existing cache instead of resuming it."),
         opt(C, "repair", is_flag=True, help="Verify an existing cache and extract again exactly the images whose rows fail their checksums."),
-        opt(C, "tokens", type=click.Choice(["view0", "all", "none"]), help="Which views keep token features."),
-        opt(C, "image_size", help="Input size N or HxW (256x128 is usual for persons)."),
+        opt(C, "tokens", type=click.Choice(TOKEN_MODES), help="Which views keep token features."),
+        opt(C, "image_size", help="Input size N or HxW (256x128 is usual for persons).", fmt=lambda v: f"{v[0]}x{v[1]}"),
         opt(C, "aug_seed", type=int, help="Seed of the stored training augmentations."),
         opt(C, "skip_bad_names", is_flag=True, help="Record files that break the naming rule as failed instead of stopping."),
         set_option(C),
@@ -229,13 +240,14 @@ def extract(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
 # ---------------------------------------------------------------------------------------------- eval
 def _eval_options(f: Callable) -> Callable:
     from featcache.evaluation.features import kinds_help
+    from featcache.evaluation.metrics import AP_FORMS
     from featcache.evaluation.runner import EvalConfig as C
 
     return stack(f, [
         opt(C, "cache", type=click.Path(path_type=Path), help="Cache to evaluate on; with --gallery-cache, the source (training) domain's cache."),
         opt(C, "model", help=f"KIND:REF. Kinds: {kinds_help()}."),
         opt(C, "gallery_cache", type=click.Path(path_type=Path), help="Cross-domain: take query and gallery from this (target-domain) cache."),
-        opt(C, "ap", type=click.Choice(["plain", "trapezoid"]), help="plain: torchreid/fast-reid; trapezoid: the official MATLAB kits."),
+        opt(C, "ap", type=click.Choice(AP_FORMS), help="plain: torchreid/fast-reid; trapezoid: the official MATLAB kits."),
         opt(C, "ranks", help="CMC ranks to report, comma-separated."),
         opt(C, "rerank", is_flag=True, help="k-reciprocal re-ranking (k1, k2, lambda below)."),
         opt(C, "k1", type=int, help="Re-ranking k1."),
@@ -318,7 +330,8 @@ def info(cache: Path, as_json: bool) -> None:
     pre = ident["preprocessing"]
     click.echo(f"{cache}  (format version {s['format_version']}, featcache {s['featcache_version']}, {s['file_bytes'] / 2**20:.1f} MiB)")
     click.echo(f"dataset {ident['dataset']} at {ident['dataset_root']}")
-    click.echo(f"input {pre['image_size'][0]}x{pre['image_size'][1]} ({pre['resize']}); views {pre['views']}; tokens {pre['tokens']}")
+    click.echo(f"input {pre['image_size'][0]}x{pre['image_size'][1]} ({pre.get('resize', '?')}); views {pre.get('views')}; "
+               f"tokens {s['tokens']}" + ("; synthetic features" if pre.get("synthetic") else ""))
     click.echo("cached: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"; pending {s['pending']}; failed {len(s['failed'])}")
     for name, b in s["backbones"].items():
         click.echo(f"\nbackbone {name}  weights {ident['backbones'][name]['weights']}  ({b['bytes'] / 2**20:.1f} MiB)")

@@ -90,21 +90,22 @@ class StageConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str = "config"):
         return cls.build((source, data))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-safe values (paths as strings, tuples as lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def to_dict(self, absolute: bool = False) -> dict[str, Any]:
+        """Plain YAML-safe values (paths as strings, tuples as lists); ``absolute`` makes paths absolute,
+        so that a saved config runs the same from any working directory."""
+        return {f.name: _plain(getattr(self, f.name), absolute) for f in dataclasses.fields(self)}
 
     def replace(self, **changes: Any):
         return self.build(("config", self.to_dict()), ("changes", changes))
 
 
-def _plain(v: Any) -> Any:
+def _plain(v: Any, absolute: bool = False) -> Any:
     if isinstance(v, Path):
-        return str(v)
+        return str(v.absolute() if absolute else v)
     if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
+        return [_plain(x, absolute) for x in v]
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): _plain(x, absolute) for k, x in v.items()}
     return v
 
 
@@ -220,5 +221,5 @@ def save_resolved(path: Path, cfg: StageConfig) -> None:
     """Write the resolved config beside the outputs, readable back with ``featcache --config``."""
     from featcache.fileio import atomic_write
 
-    text = yaml.safe_dump({cfg.command: cfg.to_dict()}, sort_keys=False)
+    text = yaml.safe_dump({cfg.command: cfg.to_dict(absolute=True)}, sort_keys=False)
     atomic_write(path, lambda p: p.write_text(text))

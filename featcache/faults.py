@@ -1,5 +1,7 @@
 """Deterministic fault points for crash tests: ``FEATCACHE_FAULT=NAME:N`` kills the process at the N-th hit of NAME.
 
+``NAME:N:TERM`` sends SIGTERM instead (a polite stop, as a scheduler sends it).
+
 A test that kills a run at a fixed point (after batch N is written, say)
 cannot pass by luck or fail under load, unlike one that sleeps and signals.
 The points cost one dictionary look-up when the variable is unset.
@@ -18,11 +20,15 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("FEATCACHE_FAULT")
     if not spec:
         return
-    want, _, count = spec.partition(":")
+    want, _, rest = spec.partition(":")
     if want != name:
         return
+    count, _, how = rest.partition(":")
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(count or 1):
+    if _hits[name] == int(count or 1) and how == "TERM":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _hits[name] >= int(count or 1) and how != "TERM":
         # a process group leader takes its group (decoding workers) with it, as `kill -9 -PGID` would
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.config import StageConfig
+from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError
 from featcache.progress import progress
 from featcache.synth_render import Person, Scene, Vehicle, render_person, render_vehicle
@@ -44,6 +44,11 @@ class SynthConfig(StageConfig):
             raise ConfigError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CAMS)}")
         if not 2 <= self.cams <= LAYOUT_CAMS[self.layout]:
             raise ConfigError(f"--cams {self.cams}: {self.layout} takes 2 to {LAYOUT_CAMS[self.layout]} cameras")
+        for name, (lo, hi) in (("images_per_cam", self.images_per_cam), ("cams_per_id", self.cams_per_id)):
+            if not 1 <= lo <= hi:
+                raise ConfigError(f"{name} {lo},{hi}: expected two numbers with 1 <= first <= second")
+        if self.cams_per_id[0] > self.cams:
+            raise ConfigError(f"cams_per_id {self.cams_per_id[0]},{self.cams_per_id[1]}: the first is at most --cams ({self.cams})")
         if self.ids < 4:
             raise ConfigError(f"--ids {self.ids}: at least 4 identities (half train, half test)")
 
@@ -87,9 +92,10 @@ def generate(cfg: SynthConfig) -> dict[str, int]:
     rng = np.random.default_rng(cfg.seed)
     scenes = {c: Scene.sample(np.random.default_rng([cfg.seed, 1, c])) for c in range(1, cfg.cams + 1)}
     train, test, shots = _plan(cfg, rng)
-    if cfg.layout == "market1501":
-        return _write_market(cfg, rng, scenes, set(train), set(test), shots)
-    return _write_veri(cfg, rng, scenes, set(train), set(test), shots)
+    write = _write_market if cfg.layout == "market1501" else _write_veri
+    counts = write(cfg, rng, scenes, set(train), set(test), shots)
+    save_resolved(Path(cfg.out).with_name(Path(cfg.out).name + ".config.yaml"), cfg)
+    return counts
 
 
 def _save(img, path: Path, rng: np.random.Generator) -> None:

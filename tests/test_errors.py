@@ -20,6 +20,7 @@ def env(tmp_path_factory, market_root, market_cache) -> dict[str, Path]:
     (tmp / "garbage.pt").write_bytes(b"\x80\x04not a checkpoint")
     (tmp / "bad.yaml").write_text(yaml.safe_dump({"train-gate": {"epoch": 3}}))
     (tmp / "badsection.yaml").write_text(yaml.safe_dump({"train_gate": {"epochs": 3}}))
+    (tmp / "info.yaml").write_text(yaml.safe_dump({"info": {"bogus": 1}}))
     feat = write_feature_cache(tmp / "feat.h5", ids=16, per_id=4, cams=4, views=2)
     one = write_feature_cache(tmp / "one.h5", ids=16, per_id=4, cams=4, views=2, experts={"clip-sim": ("open_clip", 32)})
     # a cache whose queries have no match in another camera: every query is skipped
@@ -86,6 +87,9 @@ CASES = [
     ("yaml-key", ["--config", "{tmp}/bad.yaml", "train-gate", "--cache", "{feat}", "--out", "{tmp}/r8"], 2, "unknown key 'epoch' for train-gate (did you mean 'epochs'"),
     ("yaml-section", ["--config", "{tmp}/badsection.yaml", "info", "{cache}"], 2, "unknown section 'train_gate' (did you mean 'train-gate'"),
     ("run-exists", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/unfinished", "--fusion", "average"], 1, "pass --resume"),
+    ("yaml-info-key", ["--config", "{tmp}/info.yaml", "info", "{cache}"], 2, "[info]: unknown key 'bogus'"),
+    ("synth-set", ["synth", "{tmp}/s", "--set", "cams_per_id=5,1"], 2, "cams_per_id 5,1: expected two numbers"),
+    ("fusion-family", ["train-gate", "--cache", "{one}", "--out", "{tmp}/r9", "--fusion", "align"], 2, "needs an expert of the align family"),
     ("planned-command", ["distill"], 2, "`featcache distill`"),
     ("typo-command", ["exract"], 2, "no command 'exract' (did you mean 'extract'"),
 ]
@@ -93,6 +97,11 @@ CASES = [
 
 @pytest.mark.parametrize("argv, code, text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_exit_code(env, argv, code, text):
+    if "cuda" in argv:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: --device cuda is valid here")
     res = CliRunner().invoke(main, X(env, *argv))
     out = res.output
     assert res.exit_code == code, out
@@ -105,3 +114,19 @@ def test_bad_input_gives_one_line_and_exit_code(env, argv, code, text):
 def test_debug_shows_the_traceback(env):
     res = CliRunner().invoke(main, X(env, "--debug", "eval", "--cache", "{cache}", "--model", "resnet:50"))
     assert res.exit_code != 0 and type(res.exception).__name__ == "ConfigError"
+
+
+def test_a_refused_train_gate_leaves_no_run_directory(env):
+    """A configuration error found while starting must not leave a run that then blocks the corrected command."""
+    import torch
+
+    for case in ("fusion-family",) + (() if torch.cuda.is_available() else ("device-cuda-train",)):
+        argv = next(c[1] for c in CASES if c[0] == case)
+        out = Path(X(env, argv[argv.index("--out") + 1])[0])
+        res = CliRunner().invoke(main, X(env, *argv))
+        assert res.exit_code == 2 and not out.exists(), (case, res.output)
+
+
+def test_info_describes_a_synthetic_feature_cache(env):
+    res = CliRunner().invoke(main, ["info", str(env["feat"])])
+    assert res.exit_code == 0 and "synthetic features" in res.output and "backbone clip-sim" in res.output

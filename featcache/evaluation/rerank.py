@@ -86,7 +86,7 @@ def _columns(rows, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ptr, row_ids[order], vals[order]
 
 
-def rerank_blocks(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3,
+def rerank_blocks(query: np.ndarray, gallery: np.ndarray, k1: int, k2: int, lam: float,
                   device: str = "auto", budget: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first query index, re-ranked scores = -final distance) per block of queries."""
     x = np.ascontiguousarray(np.concatenate([query, gallery]), dtype=np.float32)

@@ -139,9 +139,10 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "timings": {"features_s": t_feat, "search_and_metrics_s": t_search, "total_s": time.perf_counter() - t0},
     }
     ev = Evaluation(report, q, g, qf, gf, per_query)
-    report["config"] = cfg.to_dict()
+    report["config"] = cfg.to_dict(absolute=True)
     if cfg.save_features:
         save_features(ev, cfg.save_features)
+        save_resolved(cfg.save_features.with_name(cfg.save_features.name + ".config.yaml"), cfg)
     if cfg.plots:
         from featcache.evaluation.plots import write_plots
 
@@ -164,7 +165,8 @@ def _load_split(cache: Path, split: str) -> CacheSplit:
 
 
 def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray, g_cams: np.ndarray,
-             ranks=(1, 5, 10, 20), ap_form: str = "plain", device: str = "auto", budget: int = DEFAULT_BUDGET,
+             ranks: tuple[int, ...] = EvalConfig.ranks, ap_form: str = EvalConfig.ap, device: str = EvalConfig.device,
+             budget: int = DEFAULT_BUDGET,
              rerank: tuple[int, int, float] | None = None) -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
     """Metrics of features (rows L2-normalised) under the protocol; returns (metrics, per-query (AP, first rank), backend)."""
     acc = Accumulator(tuple(sorted(set(ranks))), ap_form)

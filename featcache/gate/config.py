@@ -55,8 +55,12 @@ class GateConfig(StageConfig):
             check_experts(self.fusion, self.experts)
 
 
+#: fusions that use one expert alone, and the family of that expert
+SINGLE_EXPERT = {"clip": "open_clip", "align": "align"}
+
+
 def check_experts(fusion: str, experts: tuple[str, ...] | list[str]) -> None:
     """Fusions that combine experts need at least two (a gate over one expert routes nothing)."""
-    if len(experts) < 2 and fusion not in ("clip", "align"):
+    if len(experts) < 2 and fusion not in SINGLE_EXPERT:
         raise ConfigError(f"--fusion {fusion} combines experts and needs at least two; got {', '.join(experts) or 'none'} "
                           "(use --fusion clip or align for one expert alone)")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from featcache.errors import ConfigError, InputError
-from featcache.gate.config import GateConfig, check_experts
+from featcache.gate.config import SINGLE_EXPERT, GateConfig, check_experts
 from featcache.gate.data import TrainData, load_train
 from featcache.gate.model import GateModel
 from featcache.progress import progress
@@ -36,9 +36,9 @@ def default_experts(cache: Path) -> tuple[str, ...]:
 
 
 def single_expert_index(fusion: str, families: list[str]) -> int | None:
-    if fusion not in ("clip", "align"):
+    if fusion not in SINGLE_EXPERT:
         return None
-    family = "open_clip" if fusion == "clip" else "align"
+    family = SINGLE_EXPERT[fusion]
     if family not in families:
         raise ConfigError(f"--fusion {fusion} needs an expert of the {family} family; experts are {families}")
     return families.index(family)
@@ -61,10 +61,11 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     if len(data.pids) < p:
         raise InputError(f"{cfg.cache}: {len(data.pids)} training identities, fewer than P = {p} needed for "
                          f"P x K = {p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
+    device = resolve_device(cfg.device)  # configuration errors before the run directory exists
+    single_expert_index(cfg.fusion, data.families)
     rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(data, list(cfg.experts)), resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = resolve_device(cfg.device)
     model = build_model(cfg.fusion, data.dims, data.families, len(data.pids)).to(device)
     # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)

@@ -11,7 +11,7 @@ def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
-def batch_hard_triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+def batch_hard_triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """Eq. 15, Hermans et al.: for each anchor, its farthest positive and nearest negative (Euclidean)."""
     d = torch.cdist(feats, feats).clamp_min(1e-12)
     same = labels[:, None] == labels[None, :]

@@ -1,0 +1,311 @@
+"""Nothing silently wrong, nothing unsafe: space, locks, partial results, safe loading, confined paths, processes.
+
+Each test reproduces one finding of the trust issue; write errors are injected rather than made with a small
+filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import assert_same_cache, extract_cfg
+from featcache.cache import CacheError, summary
+from featcache.cli import main
+from featcache.datasets import DatasetLayoutError, load_listing
+from featcache.errors import InputError, RunError
+from featcache.extract.runner import run_extract
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------------- space
+def test_a_cache_that_cannot_fit_fails_at_once_naming_sizes(market_root, tmp_path, monkeypatch):
+    import featcache.cache.store as store
+
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(RunError, match=r"cannot create .*c\.h5: it needs 0\.\d+ GiB and 0\.00 GiB are free"):
+        run_extract(extract_cfg(market_root, tmp_path / "c.h5", backbones=("clip-tiny",)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5.lock"]  # no cache, no .creating left behind
+
+
+def test_reservation_failure_leaves_nothing_and_a_rerun_works(market_root, market_cache, tmp_path, monkeypatch):
+    import featcache.cache.store as store
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", full)
+    out = tmp_path / "c.h5"
+    with pytest.raises(RunError, match="cannot create .* on disk"):
+        run_extract(extract_cfg(market_root, out))
+    assert not out.exists() and not (tmp_path / "c.h5.creating").exists()
+    monkeypatch.undo()
+    run_extract(extract_cfg(market_root, out))
+    assert_same_cache(market_cache, out)
+    with open(out, "rb") as fh:  # the blocks are reserved, not holes
+        assert os.fstat(fh.fileno()).st_blocks * 512 >= out.stat().st_size
+
+
+def test_disk_full_during_the_run_is_one_line_and_resumes(market_root, market_cache, tmp_path, monkeypatch):
+    from featcache.cache.store import CacheWriter
+
+    real, calls = CacheWriter.write, {"n": 0}
+
+    def full_on_third(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, batch)
+
+    monkeypatch.setattr(CacheWriter, "write", full_on_third)
+    out = tmp_path / "c.h5"
+    args = ["extract", "--dataset", "market1501", "--root", market_root, "--backbone", "clip-tiny", "--backbone", "align-tiny",
+            "--out", out, "--views", "3", "--batch-size", "8", "--workers", "0", "--image-size", "64x32"]
+    res = _cli(*args)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "No space left on device (errno 28)" in res.output and "run the same command to resume" in res.output
+    assert summary(out)["splits"]["train"] == 16  # the two batches before stay cached
+    monkeypatch.undo()
+    assert _cli(*args).exit_code == 0
+    assert_same_cache(market_cache, out)
+
+
+def test_disk_full_in_train_gate_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from featcache.synth_cache import write_feature_cache
+    from featcache.training import rundir
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
+    real = torch.save
+
+    def short_write(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3968 vs 3860")
+
+    monkeypatch.setattr(rundir.torch, "save", short_write)
+    res = _cli("train-gate", "--cache", cache, "--out", tmp_path / "r", "--epochs", "2", "--fusion", "average")
+    assert res.exit_code == 1 and "cannot write" in res.output and "is the disk full?" in res.output and "Traceback" not in res.output
+    assert not list((tmp_path / "r").rglob("*.tmp"))
+    monkeypatch.undo()
+    assert _cli("train-gate", "--cache", cache, "--out", tmp_path / "r", "--epochs", "2", "--fusion", "average", "--resume").exit_code == 0
+
+
+def test_a_refused_write_names_the_file(market_cache, tmp_path, monkeypatch):
+    """Read-only output folders (root ignores permissions here, so the refusal is injected)."""
+    import featcache.evaluation.runner as runner
+
+    def denied(path, write):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(runner, "atomic_write", denied)
+    res = _cli("eval", "--cache", market_cache, "--model", "backbone:clip-tiny", "--json", tmp_path / "ro" / "r.json")
+    assert res.exit_code == 1 and f"Error: {tmp_path / 'ro' / 'r.json'}: Permission denied" in res.output
+    assert "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+HOLD = """
+import sys, time
+from pathlib import Path
+{body}
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold(body: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLD.format(body=body)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_it(market_root, tmp_path):
+    out = tmp_path / "c.h5"
+    holder = _hold(f"from featcache.cache.lock import WriterLock\nlock = WriterLock(Path({str(out)!r})).__enter__()")
+    try:
+        with pytest.raises(InputError, match=f"being written by another featcache process \\(pid {holder.pid} on "):
+            run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",)))
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",)))  # the kernel released the dead holder's lock
+
+
+def test_a_file_open_for_writing_elsewhere_is_busy_not_unreadable(market_cache, tmp_path):
+    copy = tmp_path / "c.h5"
+    shutil.copy(market_cache, copy)
+    holder = _hold(f"import h5py\nf = h5py.File({str(copy)!r}, 'r+')")
+    try:
+        res = _cli("eval", "--cache", copy, "--model", "backbone:clip-tiny")
+        assert res.exit_code == 1 and "is busy: another process has it open for writing (another program)" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli("eval", "--cache", copy, "--model", "backbone:clip-tiny").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------- honest partial results
+def test_eval_refuses_pending_images_unless_allowed_and_then_says_so(market_cache, tmp_path):
+    copy = tmp_path / "c.h5"
+    shutil.copy(market_cache, copy)
+    with h5py.File(copy, "r+") as f:
+        split = f["images/split"][...]
+        status = f["images/status"]
+        for i in [int(j) for j in (split == 2).nonzero()[0][:5]]:
+            status[i] = 0  # as a killed extraction leaves them
+    res = _cli("eval", "--cache", copy, "--model", "backbone:clip-tiny")
+    assert res.exit_code == 1 and "has pending images (gallery 5)" in res.output and "--allow-partial" in res.output
+    res = _cli("eval", "--cache", copy, "--model", "backbone:clip-tiny", "--allow-partial", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0 and "not cached: pending gallery 5" in res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["partial"]["pending"] == {"train": 0, "query": 0, "gallery": 5} and rep["partial"]["complete"] is False
+    full = json.loads(json.dumps(run_eval_report(market_cache)))
+    assert full["partial"]["complete"] is True
+
+
+def run_eval_report(cache: Path) -> dict:
+    from featcache.evaluation.runner import EvalConfig, run_eval
+
+    return run_eval(EvalConfig(cache, "backbone:clip-tiny")).report
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+class Payload:
+    """Unpickling this creates a file: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_a_checkpoint_does_not_run(tmp_path):
+    from featcache.synth_cache import write_feature_cache
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
+    run = tmp_path / "r"
+    args = ["train-gate", "--cache", cache, "--out", run, "--fusion", "average", "--epochs", "1"]
+    assert _cli(*args).exit_code == 0
+    marker = tmp_path / "pwned"
+    torch.save({"epoch": 1, "optimizer": Payload(marker)}, run / "ckpt" / "state-0001.pt")
+    torch.load(run / "ckpt" / "state-0001.pt", weights_only=False)  # the payload is real: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    res = _cli(*args, "--resume")
+    assert res.exit_code == 1 and "the checkpoint of epoch 1 cannot be read" in res.output
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- confined paths, manifests
+def test_manifest_paths_stay_inside_the_root(market_root, tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    img = next((market_root / "query").glob("*.jpg"))
+    shutil.copy(img, outside / "secret.jpg")
+    shutil.copy(img, root / "ok.jpg")
+    (root / "link.jpg").symlink_to(outside / "secret.jpg")
+    for bad, why in (("../outside/secret.jpg", "leads outside"), (str(outside / "secret.jpg"), "is absolute"),
+                     ("link.jpg", "leads outside"), ("../../../etc/hostname", "leads outside")):
+        (root / "manifest.csv").write_text(f"path,pid,camid,split\nok.jpg,1,1,query\n{bad},1,2,gallery\n")
+        with pytest.raises(DatasetLayoutError, match=f"manifest.csv:3: .*{why}"):
+            load_listing("csv", root)
+    (root / "manifest.csv").write_text("path,pid,camid,split\nok.jpg,1,1,query\nok.jpg,1,2,gallery\nok.jpg,1,3,gallery\n")
+    with pytest.raises(DatasetLayoutError, match="manifest.csv:4: ok.jpg is listed in split gallery again \\(first on line 3\\)"):
+        load_listing("csv", root)
+    (root / "manifest.csv").write_text("path,pid,camid,split\n")
+    with pytest.raises(DatasetLayoutError, match="manifest .*manifest.csv lists no images"):
+        load_listing("csv", root)
+
+
+def test_broken_symlinks_are_recorded_as_failed_and_exif_is_reported(market_root, tmp_path, caplog):
+    from PIL import Image
+
+    root = tmp_path / "m"
+    shutil.copytree(market_root, root)
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))
+    train[0].unlink()
+    train[0].symlink_to(tmp_path / "gone.jpg")
+    img = Image.open(train[1])
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    img.save(train[1], exif=exif)
+    with caplog.at_level("WARNING"):
+        res = run_extract(extract_cfg(root, tmp_path / "c.h5", backbones=("clip-tiny",)))
+    assert res.summary["failed"] == [{"path": f"bounding_box_train/{train[0].name}", "reason": "broken symbolic link"}]
+    assert any("1 image(s) carry an EXIF orientation tag" in r.message for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- files featcache cannot read
+def test_newer_format_garbage_identity_and_unreadable_out(market_root, market_cache, tmp_path):
+    newer = tmp_path / "newer.h5"
+    shutil.copy(market_cache, newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 99
+    res = _cli("info", newer)
+    assert res.exit_code == 1 and "has format version 99, newer than this featcache reads" in res.output
+    garbage = tmp_path / "garbage.h5"
+    shutil.copy(market_cache, garbage)
+    with h5py.File(garbage, "r+") as f:
+        f.attrs["identity"] = "{not json"
+    res = _cli("eval", "--cache", garbage, "--model", "backbone:clip-tiny")
+    assert res.exit_code == 1 and "'identity' attribute is not a featcache cache identity" in res.output
+    plain = tmp_path / "plain.h5"
+    plain.write_bytes(b"not hdf5")
+    with pytest.raises(CacheError, match="not a readable HDF5 file.*use --overwrite to replace it"):
+        run_extract(extract_cfg(market_root, plain, backbones=("clip-tiny",)))
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def _argv(root: Path, out: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "featcache", "extract", "--dataset", "market1501", "--root", str(root), "--backbone", "clip-tiny",
+            "--backbone", "align-tiny", "--out", str(out), "--views", "3", "--batch-size", "8", "--workers", str(workers),
+            "--image-size", "64x32"]
+
+
+def _processes_with(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_workers_die_with_their_killed_parent(market_root, tmp_path):
+    out = tmp_path / "orphans.h5"
+    env = {**os.environ, "FEATCACHE_FAULT": "extract.after_batch:1"}  # SIGKILL of the main process alone
+    proc = subprocess.run(_argv(market_root, out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while _processes_with(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(str(out)) == []
+
+
+def test_sigterm_stops_cleanly_with_queued_batches_written(market_root, market_cache, tmp_path):
+    out = tmp_path / "term.h5"
+    env = {**os.environ, "FEATCACHE_FAULT": "extract.after_batch:2:TERM"}
+    proc = subprocess.run(_argv(market_root, out, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr  # click's 'Aborted!', as for Ctrl-C
+    s = summary(out)
+    assert sum(s["splits"].values()) >= 16 and s["pending"] > 0  # the batches finished before the signal stay
+    subprocess.run(_argv(market_root, out, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert_same_cache(market_cache, out)
