@@ -78,7 +78,7 @@ def run(tmp: Path) -> None:
         views = []
         for i in pick:
             base = letterbox(Image.open(listing.root / train_items[i].path), size)
-            dx, dy, flip = view_params(4, 0, int(i))[rng.integers(4)]
+            dx, dy, flip = view_params(4, 0, int(i))[rng.integers(4)][:3]
             views.append(apply_view(base, int(dx), int(dy), int(flip)))
         x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)
         with torch.inference_mode():

@@ -286,12 +286,13 @@ def _fusions() -> list[str]:
 
 
 def _gate_options(f: Callable) -> Callable:
-    from featcache.gate.config import GateConfig as C
+    from featcache.gate.config import RECIPES, GateConfig as C
     return stack(f, [
         opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (its training split)."),
         opt(C, "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),
         opt(C, "experts", help="Comma-separated presets in the cache (default: all of them)."),
         opt(C, "fusion", type=LazyChoice(_fusions), help="How experts are combined."),
+        opt(C, "gate_recipe", type=click.Choice(list(RECIPES)), help="How a gate is trained: paper (Eq. 7-9 exactly) or routed (docs/train-gate.md); each remedy can be set with --set."),
         opt(C, "epochs", type=int, help="Training epochs."),
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
         opt(C, "device", type=click.Choice(DEVICES), help="Where training runs."),

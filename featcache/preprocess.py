@@ -28,29 +28,55 @@ def letterbox(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def view_params(n_views: int, seed: int, index: int) -> np.ndarray:
-    """(n_views, 3) int16 rows of (dx, dy, flip): view 0 clean, view 1 flipped, then seeded crops and flips.
+#: random erasing (the paper's §3.2, torchreid's RandomErasing): probability, area share, aspect range, fill (RGB)
+ERASE_P, ERASE_AREA, ERASE_ASPECT, ERASE_FILL = 0.5, (0.02, 0.4), (0.3, 1 / 0.3), (124, 116, 104)
+#: columns of a view's parameters
+PARAMS = ("dx", "dy", "flip", "ex", "ey", "ew", "eh", "fill_r", "fill_g", "fill_b")
+
+
+def view_params(n_views: int, seed: int, index: int, size: tuple[int, int] = (256, 256)) -> np.ndarray:
+    """(n_views, 10) int16 rows of ``PARAMS``: view 0 clean, view 1 flipped, then seeded pad-crops, flips and
+    random erasing (a rectangle ex, ey, ew, eh of the final view filled with fill; ew = 0: none).
 
     The seed of view v of image ``index`` is (seed, index, v), independent of
     batch order, so a resumed run draws the same augmentations.
     """
-    rows = [(AUG_PAD, AUG_PAD, 0), (AUG_PAD, AUG_PAD, 1)][:n_views]
+    none = (0, 0, 0, 0, 0, 0, 0)
+    rows = [(AUG_PAD, AUG_PAD, 0, *none), (AUG_PAD, AUG_PAD, 1, *none)][:n_views]
+    h, w = size
     for v in range(2, n_views):
         rng = np.random.default_rng([seed, index, v])
         dx, dy = rng.integers(0, 2 * AUG_PAD + 1, size=2)
-        rows.append((int(dx), int(dy), int(rng.random() < 0.5)))
-    return np.asarray(rows, dtype=np.int16).reshape(-1, 3)
+        flip = int(rng.random() < 0.5)
+        erase = none
+        if rng.random() < ERASE_P:
+            for _ in range(100):  # torchreid's RandomErasing: a rectangle of random area and aspect that fits
+                area = rng.uniform(*ERASE_AREA) * h * w
+                aspect = rng.uniform(*ERASE_ASPECT)
+                eh, ew = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+                if 0 < ew < w and 0 < eh < h:
+                    ey, ex = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+                    erase = (ex, ey, ew, eh, *ERASE_FILL)
+                    break
+        rows.append((int(dx), int(dy), flip, *erase))
+    return np.asarray(rows, dtype=np.int16).reshape(-1, len(PARAMS))
 
 
-def apply_view(base: np.ndarray, dx: int, dy: int, flip: int) -> np.ndarray:
-    """Pad ``base`` (H, W, 3) by AUG_PAD zeros, crop (H, W) at (dy, dx), optionally flip left-right."""
+def apply_view(base: np.ndarray, dx: int, dy: int, flip: int, ex: int = 0, ey: int = 0, ew: int = 0, eh: int = 0,
+               fill: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """Pad ``base`` (H, W, 3) by AUG_PAD zeros, crop (H, W) at (dy, dx), optionally flip left-right, then
+    erase the rectangle (ex, ey, ew, eh) of the result with ``fill`` (ew = 0: no erasing)."""
     h, w = base.shape[:2]
     if (dx, dy) == (AUG_PAD, AUG_PAD):
         out = base
     else:
         padded = np.pad(base, ((AUG_PAD, AUG_PAD), (AUG_PAD, AUG_PAD), (0, 0)))
         out = padded[dy: dy + h, dx: dx + w]
-    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+    out = np.ascontiguousarray(out[:, ::-1] if flip else out)
+    if ew > 0 and eh > 0:
+        out = out.copy() if out is base else out
+        out[ey: ey + eh, ex: ex + ew] = np.asarray(fill, dtype=np.uint8)
+    return out
 
 
 def render_views(img: Image.Image, size: tuple[int, int], params: np.ndarray) -> np.ndarray:
@@ -61,7 +87,11 @@ def render_views(img: Image.Image, size: tuple[int, int], params: np.ndarray) ->
     what the backbones saw (``featcache.cache.pixels``).
     """
     base = letterbox(img, size)
-    return np.stack([apply_view(base, *map(int, p)) for p in params])
+    out = []
+    for p in np.asarray(params).astype(int):
+        erase = (p[3], p[4], p[5], p[6], tuple(p[7:10])) if len(p) >= 10 else ()
+        out.append(apply_view(base, p[0], p[1], p[2], *erase))
+    return np.stack(out)
 
 
 def parse_size(text: str | int | tuple | list) -> tuple[int, int]:

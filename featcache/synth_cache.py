@@ -9,6 +9,7 @@ adapters and a gate to learn.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -20,10 +21,16 @@ from featcache.cache.checksum import stamp_all
 from featcache.datasets import Item, Listing
 
 EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
+KINDS = ("camera", "dominant", "twin")
 
 
 def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 6, views: int = 4, seed: int = 0,
-                        experts: dict[str, tuple[str, int]] | None = None, latent: int = 32) -> Path:
+                        experts: dict[str, tuple[str, int]] | None = None, latent: int = 32, kind: str = "camera") -> Path:
+    """``kind``: ``camera`` (each expert reliable on half of the cameras), ``dominant`` (the first expert better
+    everywhere), ``twin`` (equally good experts with independent noise). ``synthetic/route`` records, per view
+    row, the expert known to be reliable (-1 for twin), for the oracle router."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
     path = Path(path)
     experts = experts or EXPERTS
     rng = np.random.default_rng(seed)
@@ -50,7 +57,10 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
         for e_i, (e, (_, d)) in enumerate(experts.items()):
             w = rng.normal(size=(latent, d)) / np.sqrt(latent)
             bias = rng.normal(scale=1.5, size=(cams + 1, d))
-            good = (cam % 2) == e_i % 2  # each expert is reliable on half of the cameras
+            if kind == "camera":
+                good = (cam % 2) == e_i % 2  # each expert is reliable on half of the cameras
+            else:
+                good = np.full(len(cam), kind == "twin" or e_i == 0)
             signal = np.tanh(z[pid] @ w) * np.where(good, 1.0, 0.25)[:, None]
             x = signal + bias[cam] + rng.normal(scale=0.6, size=(len(pid), d))
             f["backbones"][e]["pooled"][...] = x.astype(np.float32)
@@ -59,5 +69,11 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
         f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
         g["width"][...], g["height"][...], g["sha1"][...] = 0, 0, b""  # no image files behind these rows
         g["status"][...] = DONE
+        route = {"camera": (cam % 2) % len(experts), "dominant": np.zeros(len(cam), np.int64),
+                 "twin": np.full(len(cam), -1)}[kind]
+        syn = f.create_group("synthetic")
+        syn.attrs.update(kind=kind, experts=json.dumps(list(experts)), doc="route: per view row, the index of the expert "
+                         "known to be reliable (-1: none), for moe-oracle")
+        syn.create_dataset("route", data=route.astype(np.int8))
         stamp_all(f)
     return path

@@ -32,13 +32,15 @@ def test_round_trip_matches_a_direct_forward_pass(market_root, market_cache):
         i = int(np.flatnonzero(img["split"][...] == 0)[3])  # a training image
         start, n = int(img["view_start"][i]), int(img["n_views"][i])
         assert n == 3
-        params = np.stack([f["views/dx"][start: start + n], f["views/dy"][start: start + n], f["views/flip"][start: start + n]], 1)
+        params = np.concatenate([np.stack([f["views/dx"][start: start + n], f["views/dy"][start: start + n],
+                                           f["views/flip"][start: start + n]], 1),
+                                 f["views/erase"][start: start + n], f["views/erase_fill"][start: start + n]], 1)
         pooled = f["backbones/clip-tiny/pooled"][start: start + n]
         attn = f["backbones/align-tiny/attn_02"][start: start + n]
         tokens = f["backbones/clip-tiny/tokens"][i]
         assert img["sha1"][i].decode() == __import__("hashlib").sha1((market_root / lst.items[i].path).read_bytes()).hexdigest()
     base = letterbox(Image.open(market_root / lst.items[i].path), (64, 32))
-    views = torch.from_numpy(np.stack([apply_view(base, *map(int, p)) for p in params])).permute(0, 3, 1, 2)
+    views = torch.from_numpy(np.stack([apply_view(base, *map(int, p[:7]), tuple(map(int, p[7:]))) for p in params])).permute(0, 3, 1, 2)
     with torch.inference_mode():
         clip = build_backbone("clip-tiny", (64, 32)).eval()
         out = clip(clip.normalize(views))

@@ -5,7 +5,8 @@ its batch before the batch's status flags.
 
 - ``checksums/backbones/<preset>/<array>``: one per row of that array (per
   view row, or per image for ``--tokens view0`` tokens);
-- ``checksums/views``: one per view row, over its ``image``, ``view``, ``dx``, ``dy``, ``flip``;
+- ``checksums/views``: one per view row, over its ``image``, ``view``, ``dx``, ``dy``, ``flip`` (and, format 3,
+  ``erase`` and ``erase_fill``);
 - ``checksums/images``: one per image, over its ``path``, ``pid``, ``camid``,
   ``split``, ``n_views``, ``view_start``, ``width``, ``height`` and ``sha1``.
 
@@ -53,16 +54,19 @@ def image_crcs(fields: dict[str, np.ndarray], paths: np.ndarray) -> np.ndarray:
     return out
 
 
-def view_crcs(image: np.ndarray, view: np.ndarray, dx: np.ndarray, dy: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    """CRC-32 of each view row: its image, view index and augmentation parameters, as stored."""
-    cols = [np.ascontiguousarray(a, dtype=dt).reshape(-1, 1).view(np.uint8)
-            for a, dt in ((image, np.int64), (view, np.uint8), (dx, np.int16), (dy, np.int16), (flip, np.uint8))]
+def view_crcs(image: np.ndarray, view: np.ndarray, dx: np.ndarray, dy: np.ndarray, flip: np.ndarray,
+              erase: np.ndarray | None = None, erase_fill: np.ndarray | None = None) -> np.ndarray:
+    """CRC-32 of each view row: its image, view index and augmentation parameters (erasing too, format 3), as stored."""
+    cols = [np.ascontiguousarray(a, dtype=dt).reshape(len(image), -1).view(np.uint8)
+            for a, dt in ((image, np.int64), (view, np.uint8), (dx, np.int16), (dy, np.int16), (flip, np.uint8),
+                          (erase, np.int16), (erase_fill, np.uint8)) if a is not None]
     return row_crcs(np.concatenate(cols, axis=1))
 
 
 def _views(f: h5py.File) -> np.ndarray:
     v = f["views"]
-    return view_crcs(v["image"][...], v["view"][...], v["dx"][...], v["dy"][...], v["flip"][...])
+    erase = (v["erase"][...], v["erase_fill"][...]) if "erase" in v else ()
+    return view_crcs(v["image"][...], v["view"][...], v["dx"][...], v["dy"][...], v["flip"][...], *erase)
 
 
 def has_checksums(f: h5py.File) -> bool:

@@ -32,7 +32,10 @@ class ViewPixels:
             self.paths = g["path"].asstr()[...]
             self.status, self.sha1 = g["status"][...], g["sha1"][...]
             self.view_start, self.n_views = g["view_start"][...], g["n_views"][...]
-            self.params = np.stack([v["dx"][...], v["dy"][...], v["flip"][...]], 1).astype(np.int16)
+            cols = [v["dx"][...][:, None], v["dy"][...][:, None], v["flip"][...][:, None]]
+            if "erase" in v:  # format 3: random erasing
+                cols += [v["erase"][...], v["erase_fill"][...]]
+            self.params = np.concatenate([c.astype(np.int16) for c in cols], 1)
         self.root = Path(root) if root is not None else Path(ident.dataset_root)
         self.size = tuple(ident.preprocessing["image_size"])
 

@@ -48,7 +48,7 @@ from featcache.faults import fault_point
 logger = logging.getLogger(__name__)
 
 FORMAT = "featcache-cache"
-FORMAT_VERSION = 2  # 2: checksums/ (featcache.cache.checksum); version 1 caches are read without checks
+FORMAT_VERSION = 3  # 2: checksums/ (featcache.cache.checksum); 3: views/erase, views/erase_fill (random erasing)
 PENDING, DONE, FAILED = 0, 1, 2
 REASON_LEN = 256
 SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
@@ -221,6 +221,8 @@ def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict
         v.create_dataset("view", data=(np.arange(n_rows) - np.repeat(starts, counts)).astype(np.uint8))
         for name, dt in (("dx", np.int16), ("dy", np.int16), ("flip", np.uint8)):
             _create_fixed(v, name, (n_rows,), dt)
+        _create_fixed(v, "erase", (n_rows, 4), np.int16)       # ex, ey, ew, eh of the final view; ew = 0: none
+        _create_fixed(v, "erase_fill", (n_rows, 3), np.uint8)  # RGB
         for bname, outs in specs.items():
             bg = f.create_group(f"backbones/{bname}")
             bg.attrs["outputs"] = json.dumps({k: s.doc for k, s in outs.items()})
@@ -264,6 +266,9 @@ class CacheWriter:
             rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok])
             for name, arr in (("dx", batch.params[:, 0]), ("dy", batch.params[:, 1]), ("flip", batch.params[:, 2])):
                 _put(self.f["views"][name], rows, arr)
+            if "erase" in self.f["views"]:  # format 3
+                _put(self.f["views"]["erase"], rows, batch.params[:, 3:7])
+                _put(self.f["views"]["erase_fill"], rows, batch.params[:, 7:10].astype(np.uint8))
             for bname, outs in batch.outputs.items():
                 bg = self.f["backbones"][bname]
                 for oname, arr in outs.items():
@@ -279,7 +284,8 @@ class CacheWriter:
                 p = batch.params.astype(np.int16)
                 image = np.repeat(ok_idx, self.n_views[ok_idx])
                 view = rows - self.view_start[image]
-                _put(self.f[f"{checksum.GROUP}/views"], rows, checksum.view_crcs(image, view, p[:, 0], p[:, 1], p[:, 2]))
+                erase = (p[:, 3:7], p[:, 7:10].astype(np.uint8)) if "erase" in self.f["views"] else ()
+                _put(self.f[f"{checksum.GROUP}/views"], rows, checksum.view_crcs(image, view, p[:, 0], p[:, 1], p[:, 2], *erase))
                 fields = {k: v[ok_idx] for k, v in self.static.items()}
                 fields.update(width=batch.widths, height=batch.heights, sha1=batch.sha1)
                 _put(self.f[f"{checksum.GROUP}/images"], ok_idx, checksum.image_crcs(fields, self.paths[ok_idx]))
@@ -350,7 +356,7 @@ class BatchResult:
     widths: np.ndarray
     heights: np.ndarray
     sha1: np.ndarray
-    params: np.ndarray             # (rows, 3) dx, dy, flip
+    params: np.ndarray             # (rows, 10) featcache.preprocess.PARAMS
     first_view_index: np.ndarray   # row of view 0 of each ok image within the batch
     outputs: dict[str, dict[str, np.ndarray]]
 

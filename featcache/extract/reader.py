@@ -42,7 +42,7 @@ def die_with_parent(worker_id: int) -> None:
 class Decoded:
     index: int
     views: np.ndarray | None   # (V, H, W, 3) uint8
-    params: np.ndarray | None  # (V, 3) int16: dx, dy, flip
+    params: np.ndarray | None  # (V, 10) int16: featcache.preprocess.PARAMS
     width: int = 0
     height: int = 0
     sha1: str = ""
@@ -74,7 +74,7 @@ class ImageReader(torch.utils.data.Dataset):
             return Decoded(index, None, None, error="not an image PIL can identify")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return Decoded(index, None, None, error=f"{type(exc).__name__}: {exc}")
-        params = view_params(self.n_views[item.split], self.aug_seed, index)
+        params = view_params(self.n_views[item.split], self.aug_seed, index, self.size)
         views = render_views(img, self.size, params)
         rotated = img.getexif().get(_ORIENTATION, 1) not in (0, 1)
         return Decoded(index, views, params, img.width, img.height, hashlib.sha1(data).hexdigest(), exif_rotated=rotated)

@@ -24,7 +24,7 @@ from featcache.extract.mapper import Mapper
 from featcache.cache.lock import WriterLock
 from featcache.extract.reader import BlockSampler, die_with_parent, ImageReader, collate, stack_views
 from featcache.extract.writer import BackgroundWriter
-from featcache.preprocess import AUG_PAD
+from featcache.preprocess import AUG_PAD, ERASE_AREA, ERASE_ASPECT, ERASE_FILL, ERASE_P, PARAMS
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers
 
@@ -56,7 +56,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         "image_size": list(cfg.image_size),
         "resize": "PIL bilinear, aspect preserved, zero padded, centred",
         "views": n_views,
-        "augment": {"kind": "pad-crop-flip", "pad": AUG_PAD, "seed": cfg.aug_seed},
+        "augment": {"kind": "pad-crop-flip-erase", "pad": AUG_PAD, "seed": cfg.aug_seed, "erase_p": ERASE_P,
+                    "erase_area": list(ERASE_AREA), "erase_aspect": [ERASE_ASPECT[0], round(ERASE_ASPECT[1], 4)],
+                    "erase_fill": list(ERASE_FILL)},
         "tokens": cfg.tokens,
     }
     identity = make_identity(
@@ -163,7 +165,7 @@ def _map_batch(records, mapper: Mapper) -> BatchResult:
         widths=np.array([r.width for r in ok], dtype=np.int32),
         heights=np.array([r.height for r in ok], dtype=np.int32),
         sha1=np.array([r.sha1.encode() for r in ok], dtype="S40"),
-        params=np.concatenate([r.params for r in ok]) if ok else np.zeros((0, 3), np.int16),
+        params=np.concatenate([r.params for r in ok]) if ok else np.zeros((0, len(PARAMS)), np.int16),
         first_view_index=first,
         outputs=outputs,
     )

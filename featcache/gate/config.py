@@ -11,6 +11,35 @@ from featcache.runtime import check_device_name
 
 
 @dataclasses.dataclass(frozen=True)
+class Routing:
+    """How a gated fusion is trained to route (docs/train-gate.md measures each remedy)."""
+
+    gate_input: str = "adapted"        # adapted: the adapted 2048-d features (Eq. 7); raw: the L2-normalised cached features
+    gate_detach: bool = False          # stop the gate's gradient into the adapters
+    gate_init: str = "default"         # default: PyTorch's; zero: last layer zero, every expert equally likely at the start
+    train_routing: str = "dense"       # dense softmax (Eq. 8); straight-through or gumbel top-k: train as it infers
+    tau_anneal: bool = False           # training temperature from 1.0 down to the inference 0.5 over the epochs
+    gate_noise: float = 0.0            # noisy top-k gating (Shazeer et al. 2017): learned noise scale, training only
+    balance: float = 0.0               # Switch-style load-balancing loss weight
+    importance: float = 0.0            # Shazeer's importance loss weight (CV^2 of the experts' summed weights)
+    expert_loss: float = 0.0           # weight of a triplet loss on each expert's adapted feature alone
+    warmup: float = 0.0                # share of the epochs in which the experts are averaged (the gate still learns)
+    route_by_loss: float = 0.0         # weight of a routing loss: the gate learns to pick, per image, the expert whose
+                                       # feature alone gives the lowest ID loss (hard EM, as mixtures of experts are fitted)
+
+
+ROUTING_FIELDS = tuple(f.name for f in dataclasses.fields(Routing))
+#: recipes: "paper" is the paper's Eq. 7-9 exactly; "routed" is the default that routes (docs/train-gate.md)
+RECIPES = {
+    "paper": Routing(),
+    "routed": Routing(gate_input="raw", gate_detach=True, gate_init="zero", train_routing="straight-through",
+                      balance=0.01, expert_loss=0.5, warmup=0.5, route_by_loss=1.0),
+}
+ROUTINGS = ("dense", "straight-through", "gumbel")
+GATED = ("moe-top1", "moe-soft", "moe-top2")  # the fusions with a gate
+
+
+@dataclasses.dataclass(frozen=True)
 class GateConfig(StageConfig):
     """``featcache train-gate``: the teacher's adapters and gate (paper §3.1, §3.3)."""
 
@@ -31,6 +60,22 @@ class GateConfig(StageConfig):
     beta: float = 0.5                    # weight of the triplet loss
     margin: float = 0.3
     label_smoothing: float = 0.0
+    gate_recipe: str = "routed"          # paper: Eq. 7-9 exactly; routed: the default (docs/train-gate.md)
+    # each remedy; None takes the recipe's value (the saved config holds the values used)
+    gate_input: str | None = None
+    gate_detach: bool | None = None
+    gate_init: str | None = None
+    train_routing: str | None = None
+    tau_anneal: bool | None = None
+    gate_noise: float | None = None
+    balance: float | None = None
+    importance: float | None = None
+    expert_loss: float | None = None
+    warmup: float | None = None
+    route_by_loss: float | None = None
+
+    def routing(self) -> Routing:
+        return Routing(**{k: getattr(self, k) for k in ROUTING_FIELDS})
 
     def __post_init__(self) -> None:
         from featcache.gate.model import FUSIONS  # the registry lives with the fusions (torch)
@@ -53,6 +98,40 @@ class GateConfig(StageConfig):
             raise ConfigError(f"--experts names an expert twice: {','.join(self.experts)}")
         if self.experts:
             check_experts(self.fusion, self.experts)
+        self._resolve_routing()
+
+    def _resolve_routing(self) -> None:
+        if self.gate_recipe not in RECIPES:
+            raise ConfigError(f"--gate-recipe {self.gate_recipe!r}: expected one of {', '.join(RECIPES)}")
+        gated = self.fusion in GATED
+        base = RECIPES[self.gate_recipe] if gated else Routing()  # no gate: nothing to route
+        if self.fusion == "moe-soft":
+            base = dataclasses.replace(base, train_routing="dense")  # a dense mixture trains densely
+        explicit = {k for k in ROUTING_FIELDS if getattr(self, k) is not None}
+        for k in ROUTING_FIELDS:
+            if getattr(self, k) is None:
+                v = getattr(base, k)
+                if k == "balance" and self.fusion == "moe-top2" and self.gate_recipe == "paper":
+                    v = 0.01  # the top-2 fusion has always carried the Switch loss
+                object.__setattr__(self, k, v)
+        r = self.routing()
+        if r.gate_input not in ("adapted", "raw"):
+            raise ConfigError(f"gate_input {r.gate_input!r}: expected adapted or raw")
+        if r.gate_init not in ("default", "zero"):
+            raise ConfigError(f"gate_init {r.gate_init!r}: expected default or zero")
+        if r.train_routing not in ROUTINGS:
+            raise ConfigError(f"train_routing {r.train_routing!r}: expected one of {', '.join(ROUTINGS)}")
+        if not 0 <= r.warmup < 1:
+            raise ConfigError(f"--set warmup={r.warmup}: expected a share of the epochs, 0 <= warmup < 1")
+        for k in ("gate_noise", "balance", "importance", "expert_loss", "route_by_loss"):
+            if getattr(r, k) < 0:
+                raise ConfigError(f"--set {k}={getattr(r, k)}: expected 0 or more")
+        set_for_gate = sorted(k for k in explicit if getattr(r, k) != getattr(Routing(), k))
+        if not gated and set_for_gate:
+            raise ConfigError(f"--fusion {self.fusion} has no gate, so {', '.join(set_for_gate)} cannot apply "
+                              "(they tune a gated fusion: moe-top1, moe-top2, moe-soft)")
+        if self.fusion == "moe-soft" and r.train_routing != "dense" and "train_routing" in explicit:
+            raise ConfigError(f"train_routing {r.train_routing} picks top-k experts; --fusion moe-soft mixes all of them densely")
 
 
 #: fusions that use one expert alone, and the family of that expert

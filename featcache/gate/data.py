@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class TrainData:
     camids: np.ndarray        # per image
     images: np.ndarray        # per image: row in the cache's images/
     identity: CacheIdentity
+    route: np.ndarray | None = None  # per row: the expert known to be reliable (synthetic caches), for moe-oracle
 
     @property
     def dims(self) -> list[int]:
@@ -57,9 +59,24 @@ def load_train(cache: Path, experts: list[str]) -> TrainData:
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
     with open_cache(cache) as f:
         feats = [read_checked(f, e, "pooled", rows).astype(np.float32) for e in experts]
+        route = read_route(f, rows, experts)
     local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
     pids, labels = np.unique(split.pids, return_inverse=True)
     logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),
                 experts, ", ".join(f"{e} {f.shape[1]}-d" for e, f in zip(experts, feats)))
     return TrainData(experts, families, weights, feats, local_start, split.n_views.astype(np.int64), labels.astype(np.int64),
-                     pids, split.camids, split.images, ident)
+                     pids, split.camids, split.images, ident, route)
+
+
+def read_route(f, rows: np.ndarray, experts: list[str]) -> np.ndarray | None:
+    """The known reliable expert of each row, as an index into ``experts`` (synthetic caches only; else None)."""
+    if "synthetic/route" not in f:
+        return None
+    names = json.loads(f["synthetic"].attrs["experts"])
+    idx = f["synthetic/route"][...][rows]
+    known = idx >= 0
+    out = np.full(len(rows), -1, dtype=np.int64)
+    for i, name in enumerate(names):
+        if name in experts:
+            out[known & (idx == i)] = experts.index(name)
+    return out

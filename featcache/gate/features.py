@@ -33,11 +33,13 @@ class GateFeatures:
     def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
         import torch
 
+        from featcache.gate.data import read_route
         from featcache.gate.model import DIM
         from featcache.runtime import resolve_device
 
         device = resolve_device(ctx.device)
-        model, _, meta = self._load(device)
+        model, cfg, meta = self._load(device)
+        oracle = cfg.fusion == "moe-oracle"
         for name, w in zip(meta["experts"], meta["expert_weights"]):
             have = split.identity.weights(name)
             if have is None:
@@ -55,7 +57,11 @@ class GateFeatures:
                 for s in range(0, len(rows), block):
                     xs = [torch.from_numpy(read_checked(f, e, "pooled", rows[s: s + block]).astype(np.float32)).to(device)
                           for e in meta["experts"]]
-                    out[s: s + block] += model(xs)[1].float().cpu().numpy()
+                    route = read_route(f, rows[s: s + block], meta["experts"]) if oracle else None
+                    if oracle and (route is None or (route < 0).any()):
+                        raise InputError(f"{self.run} routes by known experts (moe-oracle), which {split.cache} does not record")
+                    rt = torch.from_numpy(route).to(device) if route is not None else None
+                    out[s: s + block] += model(xs, rt)[1].float().cpu().numpy()
         out /= len(views)
         return l2_normalize(out, inplace=True)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featcache.gate.config import Routing
 from featcache.registry import Registry
 
 DIM = 2048
@@ -34,7 +35,10 @@ def adapter(family: str, d_in: int) -> nn.Module:
 class FusionOut:
     feature: torch.Tensor          # (N, 2048) fused, before BN: the teacher's F_t
     gates: torch.Tensor            # (N, K) expert weights used (one-hot or averaging for non-gated fusions)
-    aux_loss: torch.Tensor         # load-balancing loss (0 unless moe-top2)
+    aux_loss: torch.Tensor         # balancing losses (0 unless a recipe or moe-top2 asks for them)
+    probs: torch.Tensor | None = None  # (N, K) the gate's dense softmax (gated fusions), for entropy and statistics
+    experts: list[torch.Tensor] | None = None  # the adapted features of each expert
+    gate_logits: torch.Tensor | None = None     # (N, K) the gate's logits h(x) (gated fusions)
 
 
 class Fusion(nn.Module):
@@ -46,7 +50,8 @@ class Fusion(nn.Module):
         super().__init__()
         self.k = k
 
-    def forward(self, feats: list[torch.Tensor]) -> FusionOut:  # pragma: no cover - abstract
+    def forward(self, feats: list[torch.Tensor], raw: list[torch.Tensor] | None = None,
+                route: torch.Tensor | None = None) -> FusionOut:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -55,9 +60,13 @@ register_fusion = FUSIONS.register
 fusion_names = FUSIONS.names
 
 
-def make_fusion(name: str, k: int, expert: int | None = None) -> Fusion:
+def make_fusion(name: str, dims: list[int], expert: int | None = None, routing: Routing | None = None) -> Fusion:
     cls = FUSIONS.get(name)
-    return cls(k, expert) if issubclass(cls, Single) else cls(k)
+    if issubclass(cls, Single):
+        return cls(len(dims), expert)
+    if issubclass(cls, Gated):
+        return cls(len(dims), dims, routing or Routing())
+    return cls(len(dims))
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,7 @@ class Single(Fusion):
         super().__init__(k)
         self.expert = int(expert or 0)
 
-    def forward(self, feats):
+    def forward(self, feats, raw=None, route=None):
         g = feats[0].new_zeros(feats[0].shape[0], self.k)
         g[:, self.expert] = 1
         return FusionOut(feats[self.expert], g, _zero(feats[0]))
@@ -91,47 +100,103 @@ class Concat(Fusion):
         super().__init__(k)
         self.fc = nn.Linear(k * DIM, DIM)
 
-    def forward(self, feats):
+    def forward(self, feats, raw=None, route=None):
         x = feats[0]
         return FusionOut(self.fc(torch.cat(feats, 1)), x.new_full((x.shape[0], self.k), 1.0 / self.k), _zero(x))
 
 
 @register_fusion("average", "mean of the adapted features")
 class Average(Fusion):
-    def forward(self, feats):
+    def forward(self, feats, raw=None, route=None):
         x = feats[0]
         return FusionOut(torch.stack(feats, 1).mean(1), x.new_full((x.shape[0], self.k), 1.0 / self.k), _zero(x))
 
 
 class Gated(Fusion):
-    """Eq. 7-9: gate logits h(x), softmax(h / tau), top-``top_k`` sparse with renormalisation at inference."""
+    """Eq. 7-9: gate logits h(x), softmax(h / tau), top-``top_k`` sparse with renormalisation at inference.
+
+    ``Routing`` adds the remedies measured in docs/train-gate.md: the gate's input (the adapted features, or
+    the L2-normalised cached ones), stopping its gradient into the adapters, a zero-initialised last layer,
+    training as it infers (straight-through or Gumbel top-k), an annealed temperature, learned noise
+    (Shazeer et al. 2017), and the Switch and importance balancing losses.
+    """
 
     top_k: int | None = None  # None: dense
-    balance: float = 0.0
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, dims: list[int], routing: Routing) -> None:
         super().__init__(k)
-        self.gate = nn.Sequential(nn.Linear(k * DIM, 512), nn.ReLU(inplace=True), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, k))
+        self.routing = routing
+        d_in = sum(dims) if routing.gate_input == "raw" else k * DIM
+        self.gate = nn.Sequential(nn.Linear(d_in, 512), nn.ReLU(inplace=True), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, k))
+        if routing.gate_init == "zero":
+            nn.init.zeros_(self.gate[-1].weight)
+            nn.init.zeros_(self.gate[-1].bias)
+        self.noise = nn.Linear(d_in, k) if routing.gate_noise > 0 else None
+        # raw cached features differ in scale by backbone: standardise each dimension (running statistics, no
+        # affine), so that what tells the images apart (their camera, say) reaches the gate at unit scale
+        self.norm = nn.BatchNorm1d(d_in, affine=False) if routing.gate_input == "raw" else None
+        self.tau_train = TAU_TRAIN  # the trainer lowers it when the recipe anneals
+        self.averaging = False      # the trainer sets it during the warm-up epochs
 
-    def weights(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights used, dense softmax probabilities)."""
-        tau = TAU_TRAIN if self.training else TAU_TEST
-        p = torch.softmax(self.gate(torch.cat(feats, 1)) / tau, dim=1)
-        if self.training or self.top_k is None or self.top_k >= self.k:
-            return p, p
-        top = p.topk(self.top_k, dim=1)
+    def gate_input(self, feats: list[torch.Tensor], raw: list[torch.Tensor] | None) -> torch.Tensor:
+        if self.routing.gate_input == "raw":
+            if raw is None:
+                raise ValueError("this gate reads the cached features: pass raw")
+            return self.norm(torch.cat(raw, 1))
+        x = torch.cat(feats, 1)
+        return x.detach() if self.routing.gate_detach else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate(x)
+        if self.noise is not None and self.training:  # noisy gating: noise only in training
+            h = h + torch.randn_like(h) * F.softplus(self.noise(x)) * self.routing.gate_noise
+        return h
+
+    def _top(self, p: torch.Tensor) -> torch.Tensor:
+        k = self.top_k or self.k
+        top = p.topk(k, dim=1)
         sparse = torch.zeros_like(p).scatter(1, top.indices, top.values)
-        return sparse / sparse.sum(1, keepdim=True), p
+        return sparse / sparse.sum(1, keepdim=True)
 
-    def forward(self, feats):
-        g, p = self.weights(feats)
+    def weights(self, feats: list[torch.Tensor], raw: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights used, dense softmax probabilities)."""
+        h = self.logits(self.gate_input(feats, raw))
+        self._last_logits = h
+        tau = self.tau_train if self.training else TAU_TEST
+        p = torch.softmax(h / tau, dim=1)
+        sparse_model = self.top_k is not None and self.top_k < self.k
+        if not self.training:
+            return (self._top(p) if sparse_model else p), p
+        if self.averaging:  # warm-up: every expert trains on every image, so the gate's targets mean something
+            return torch.full_like(p, 1.0 / self.k), p
+        mode = self.routing.train_routing if sparse_model else "dense"
+        if mode == "straight-through":  # forward: the sparse weights inference uses; backward: the softmax's gradient
+            return self._top(p).detach() + p - p.detach(), p
+        if mode == "gumbel":
+            y = torch.softmax((h + _gumbel(h)) / tau, dim=1)
+            return self._top(y).detach() + y - y.detach(), p
+        return p, p
+
+    def forward(self, feats, raw=None, route=None):
+        g, p = self.weights(feats, raw)
         fused = (torch.stack(feats, 1) * g.unsqueeze(-1)).sum(1)
         aux = _zero(fused)
-        if self.balance and self.training:
-            # Switch-style load balancing: K * sum_i (share routed to i) * (mean probability of i)
-            share = F.one_hot(p.argmax(1), self.k).float().mean(0)
-            aux = self.balance * self.k * (share * p.mean(0)).sum()
-        return FusionOut(fused, g, aux)
+        if self.training:
+            r = self.routing
+            if r.balance:
+                # Switch Transformer: K * sum_i (share routed to i) * (mean probability of i); 1 when perfectly balanced
+                share = F.one_hot(p.argmax(1), self.k).float().mean(0)
+                aux = aux + r.balance * self.k * (share * p.mean(0)).sum()
+            if r.importance:
+                # Shazeer et al.: squared coefficient of variation of each expert's summed weight; 0 when equal
+                imp = p.sum(0)
+                aux = aux + r.importance * imp.var(unbiased=False) / imp.mean().pow(2).clamp_min(1e-12)
+        return FusionOut(fused, g, aux, p, gate_logits=self._last_logits)
+
+
+def _gumbel(h: torch.Tensor) -> torch.Tensor:
+    u = torch.rand_like(h).clamp(1e-9, 1 - 1e-9)
+    return -torch.log(-torch.log(u))
 
 
 @register_fusion("moe-top1", "the paper's gate: top-1 expert at inference")
@@ -147,23 +212,44 @@ class MoESoft(Gated):
 @register_fusion("moe-top2", "top-2 experts with load balancing")
 class MoETop2(Gated):
     top_k = 2
-    balance = 0.01
+
+
+@register_fusion("moe-oracle", "routes each image to the expert known to be reliable for it (synthetic caches; the ceiling of top-1)")
+class MoEOracle(Fusion):
+    """Not a gate: the routing comes with the data (``synthetic/route`` in synthetic caches)."""
+
+    def forward(self, feats, raw=None, route=None):
+        if route is None:
+            raise ValueError("moe-oracle needs the known route of every image")
+        g = F.one_hot(route.long(), self.k).to(feats[0].dtype)
+        return FusionOut((torch.stack(feats, 1) * g.unsqueeze(-1)).sum(1), g, _zero(feats[0]))
 
 
 class GateModel(nn.Module):
     """Adapters + fusion + BN neck + ID classifier."""
 
-    def __init__(self, families: list[str], dims: list[int], fusion: str, n_classes: int, single_expert: int | None = None) -> None:
+    def __init__(self, families: list[str], dims: list[int], fusion: str, n_classes: int, single_expert: int | None = None,
+                 routing: Routing | None = None) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(adapter(f, d) for f, d in zip(families, dims))
-        self.fusion = make_fusion(fusion, len(dims), single_expert)
+        self.fusion = make_fusion(fusion, dims, single_expert, routing)
         self.bn = nn.BatchNorm1d(DIM)
         self.bn.bias.requires_grad_(False)
         self.classifier = nn.Linear(DIM, n_classes, bias=False)
 
-    def forward(self, xs: list[torch.Tensor]) -> tuple[FusionOut, torch.Tensor, torch.Tensor]:
-        """(fusion output, BN feature used for retrieval, ID logits)."""
+    def forward(self, xs: list[torch.Tensor], route: torch.Tensor | None = None) -> tuple[FusionOut, torch.Tensor, torch.Tensor]:
+        """(fusion output, BN feature used for retrieval, ID logits); ``route`` only for moe-oracle."""
         feats = [a(x) for a, x in zip(self.adapters, xs)]
-        out = self.fusion(feats)
+        out = self.fusion(feats, xs, route)
+        out.experts = feats
         neck = self.bn(out.feature)
         return out, neck, self.classifier(neck)
+
+    def expert_id_losses(self, feats: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(N, K) per-image ID loss of each expert's feature alone, through the shared neck and classifier
+        (batch statistics, leaving the neck's running statistics as they are)."""
+        out = []
+        for f in feats:
+            z = F.batch_norm(f, None, None, self.bn.weight, self.bn.bias, training=True)
+            out.append(F.cross_entropy(self.classifier(z), labels, reduction="none"))
+        return torch.stack(out, 1)

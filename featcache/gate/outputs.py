@@ -18,16 +18,39 @@ TARGETS = "teacher_targets.h5"
 
 
 @torch.inference_mode()
-def infer_rows(model: GateModel, feats: list[np.ndarray], rows: np.ndarray, block: int = 4096):
-    """Inference-mode teacher outputs for cached rows: (fused feature F_t, BN feature, logits z_t, gate weights)."""
-    outs = [], [], [], []
+def infer_rows(model: GateModel, feats: list[np.ndarray], rows: np.ndarray, route: np.ndarray | None = None, block: int = 4096):
+    """Inference-mode teacher outputs for cached rows: (fused feature F_t, BN feature, logits z_t, gate weights,
+    the gate's dense probabilities, or the gate weights where the fusion has no gate)."""
+    outs = [], [], [], [], []
     device = next(model.parameters()).device
     for s in range(0, len(rows), block):
         r = rows[s: s + block]
-        fo, neck, logits = model([torch.from_numpy(f[r]).to(device) for f in feats])
-        for acc, v in zip(outs, (fo.feature, neck, logits, fo.gates)):
+        rt = torch.from_numpy(route[r]).to(device) if route is not None else None
+        fo, neck, logits = model([torch.from_numpy(f[r]).to(device) for f in feats], rt)
+        probs = fo.probs if fo.probs is not None else fo.gates
+        for acc, v in zip(outs, (fo.feature, neck, logits, fo.gates, probs)):
             acc.append(v.float().cpu().numpy())
     return tuple(np.concatenate(o) for o in outs)
+
+
+def routing_row(model: GateModel, data: TrainData) -> dict[str, float]:
+    """Per-epoch routing figures for log.csv (view 0 of every training image, inference mode): the gate's mean
+    entropy, the share routed to each expert, and per camera the share routed to each expert."""
+    if not isinstance(model.fusion, Gated):
+        return {}
+    was = model.training
+    model.eval()
+    _, _, _, g, p = infer_rows(model, data.feats, data.row_start, data.route)
+    model.train(was)
+    top = g.argmax(1)
+    row = {"gate_entropy": float(-(p * np.log(np.clip(p, 1e-12, 1))).sum(1).mean())}
+    for e, name in enumerate(data.experts):
+        row[f"routed_{name}"] = float((top == e).mean())
+    for c in np.unique(data.camids):
+        sel = data.camids == c
+        for e, name in enumerate(data.experts):
+            row[f"routed_cam{int(c)}_{name}"] = float((top[sel] == e).mean())
+    return row
 
 
 @torch.inference_mode()
@@ -40,7 +63,7 @@ def recalibrate_bn(model: GateModel, data: TrainData) -> None:
     running statistics were collected on. Without this, the retrieval feature
     of a gated teacher is dominated by a constant offset.
     """
-    fused, _, _, _ = infer_rows(model, data.feats, np.arange(len(data.feats[0])))
+    fused = infer_rows(model, data.feats, np.arange(len(data.feats[0])), data.route)[0]
     f = torch.from_numpy(fused).double()
     model.bn.running_mean.copy_(f.mean(0).float())
     model.bn.running_var.copy_(f.var(0, unbiased=True).float())
@@ -48,7 +71,7 @@ def recalibrate_bn(model: GateModel, data: TrainData) -> None:
 
 def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
     """Mean expert weight overall and per camera, share routed to each expert (view 0 of every training image)."""
-    _, _, _, g = infer_rows(model, data.feats, data.row_start)
+    g = infer_rows(model, data.feats, data.row_start, data.route)[3]
     routes = isinstance(model.fusion, (Gated, Single))  # concat and average weigh experts equally: nothing is routed
     routed = np.bincount(g.argmax(1), minlength=g.shape[1]) / len(g) if routes else None
     stats = {
@@ -61,15 +84,63 @@ def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
     }
     (out / "gate_stats.json").write_text(json.dumps(stats, indent=2))
     _histogram(g, data.experts, out / "gate_hist.png")
+    _heatmap(stats, out / "gate_heatmap.png")
+    _routing_curves(out / "log.csv", data.experts, out / "gate_routing.png")
     return stats
 
 
-def _histogram(g: np.ndarray, experts: list[str], path: Path) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _heatmap(stats: dict, path: Path) -> None:
+    """Mean gate weight per camera (rows) and expert (columns), at inference."""
+    plt = _plt()
+    cams = list(stats["per_camera"])
+    m = np.array([[stats["per_camera"][c][e] for e in stats["experts"]] for c in cams])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(stats["experts"]), 1.2 + 0.45 * len(cams)), dpi=120)
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(stats["experts"])), stats["experts"])
+    ax.set_yticks(range(len(cams)), [f"camera {c}" for c in cams])
+    for i in range(len(cams)):
+        for j in range(len(stats["experts"])):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="white" if m[i, j] < 0.6 else "black")
+    ax.set_title("mean gate weight per camera")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _routing_curves(log: Path, experts: list[str], path: Path) -> None:
+    """Per epoch, the share of each camera's training images routed to the first expert (gated fusions only)."""
+    import csv
+
+    if not log.is_file():
+        return
+    rows = list(csv.DictReader(log.open()))
+    cols = [k for k in (rows[0] if rows else {}) if k.startswith("routed_cam") and k.endswith(f"_{experts[0]}")]
+    if not cols:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    epochs = [int(r["epoch"]) for r in rows]
+    for c in cols:
+        ax.plot(epochs, [float(r[c]) for r in rows], label=c[len("routed_"):-len(experts[0]) - 1])
+    ax.set(xlabel="epoch", ylabel=f"share routed to {experts[0]}", ylim=(-0.05, 1.05), title="routing per camera during training")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _histogram(g: np.ndarray, experts: list[str], path: Path) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for i, name in enumerate(experts):
         ax.hist(g[:, i], bins=20, range=(0, 1), alpha=0.6, label=name)

@@ -35,7 +35,7 @@ TARGETS_VERSION = 1
 def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> Path:
     """For every training image and cached view: fused feature, ID logits, gate weights (HDF5, atomic)."""
     rows = np.arange(len(data.feats[0]))
-    fused, _, logits, gates = infer_rows(model, data.feats, rows)
+    fused, _, logits, gates, _ = infer_rows(model, data.feats, rows, data.route)
     image_of_row = np.repeat(np.arange(len(data.n_views)), data.n_views)
     view_of_row = rows - data.row_start[image_of_row]
 

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from featcache.errors import ConfigError, InputError
-from featcache.gate.config import SINGLE_EXPERT, GateConfig, check_experts
+from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
 from featcache.gate.data import TrainData, load_train
-from featcache.gate.model import GateModel
+from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel
+from featcache.gate.outputs import routing_row
 from featcache.progress import progress
 from featcache.runtime import resolve_device
 from featcache.training.losses import batch_hard_triplet, id_loss
@@ -44,8 +45,8 @@ def single_expert_index(fusion: str, families: list[str]) -> int | None:
     return families.index(family)
 
 
-def build_model(fusion: str, dims: list[int], families: list[str], n_classes: int) -> GateModel:
-    return GateModel(families, dims, fusion, n_classes, single_expert_index(fusion, families))
+def build_model(fusion: str, dims: list[int], families: list[str], n_classes: int, routing: Routing | None = None) -> GateModel:
+    return GateModel(families, dims, fusion, n_classes, single_expert_index(fusion, families), routing)
 
 
 def run_meta(data: TrainData, experts: list[str]) -> dict:
@@ -63,10 +64,14 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
                          f"P x K = {p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
     device = resolve_device(cfg.device)  # configuration errors before the run directory exists
     single_expert_index(cfg.fusion, data.families)
+    if cfg.fusion == "moe-oracle" and (data.route is None or (data.route < 0).any()):
+        raise InputError(f"--fusion moe-oracle routes by the known reliable expert of each image, which {cfg.cache} "
+                         "does not record (only synthetic caches of the camera or dominant kind do)")
     rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(data, list(cfg.experts)), resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg.fusion, data.dims, data.families, len(data.pids)).to(device)
+    routing = cfg.routing()
+    model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), routing).to(device)
     # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     start_epoch = _restore(ckpt, model, opt, rng) if ckpt else 0
@@ -74,29 +79,41 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     per_epoch = total // cfg.epochs
     feats = [torch.from_numpy(f).to(device) for f in data.feats]
     labels_t = torch.from_numpy(data.labels).to(device)
+    route_t = torch.from_numpy(data.route).to(device) if data.route is not None and cfg.fusion == "moe-oracle" else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        sums = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "balance": 0.0, "acc": 0.0}
+        if hasattr(model.fusion, "averaging"):
+            model.fusion.averaging = epoch < routing.warmup * cfg.epochs
+        if routing.tau_anneal and hasattr(model.fusion, "tau_train"):  # 1.0 -> 0.5 over the run
+            model.fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
+        sums = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "balance": 0.0, "expert": 0.0, "acc": 0.0}
         batches = pk_batches(data.labels, p, cfg.instances, rng)
         for i, imgs in enumerate(progress(batches, desc=f"train-gate epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)):
             set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
             views = rng.integers(0, data.n_views[imgs])  # the cached views are the augmentation
             rows = torch.from_numpy(data.row_start[imgs] + views).to(device)
             y = labels_t[torch.from_numpy(imgs).to(device)]
-            fo, _, logits = model([f[rows] for f in feats])
+            fo, _, logits = model([f[rows] for f in feats], route_t[rows] if route_t is not None else None)
             l_id = id_loss(logits, y, cfg.label_smoothing)
             l_tri = batch_hard_triplet(fo.feature, y, cfg.margin)
-            loss = l_id + cfg.beta * l_tri + fo.aux_loss
+            l_exp = logits.new_zeros(())
+            if routing.expert_loss:  # each expert's adapted feature must stand alone, so the gate has real choices
+                l_exp = routing.expert_loss * torch.stack([batch_hard_triplet(e, y, cfg.margin) for e in fo.experts]).mean()
+            if routing.route_by_loss and fo.gate_logits is not None:  # the gate learns which expert explains each image best
+                target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
+                l_exp = l_exp + routing.route_by_loss * torch.nn.functional.cross_entropy(fo.gate_logits, target)
+            loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
             rd.check_finite(loss, epoch, i)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            for key, v in (("loss", loss), ("id", l_id), ("triplet", l_tri), ("balance", fo.aux_loss)):
+            for key, v in (("loss", loss), ("id", l_id), ("triplet", l_tri), ("balance", fo.aux_loss), ("expert", l_exp)):
                 sums[key] += float(v.detach())
             sums["acc"] += float((logits.argmax(1) == y).float().mean())
         n = max(1, len(batches))
-        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0, **routing_row(model, data)}
         state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
         rd.checkpoint(epoch + 1, model.state_dict(), state, row)
         logger.info("epoch %d: loss %.4f (id %.4f, triplet %.4f) acc %.3f", epoch + 1, row["loss"], row["id"], row["triplet"], row["acc"])
@@ -116,7 +133,7 @@ def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dic
     """A finished run: its model in eval mode on ``device``, its config and the metadata (experts, weights, labels)."""
     rd, saved, meta, weights = RunDir.open(Path(run), GateConfig.command)
     cfg = GateConfig.from_dict(saved, f"{rd.path}/config.yaml")
-    model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"])
+    model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"], cfg.routing())
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg, meta
 
