@@ -89,3 +89,18 @@ def test_a_format_1_cache_still_reads(market_cache, tmp_path):
     np.testing.assert_array_equal(CacheSplit.load(old, "gallery").read("clip-tiny", "pooled", 0), ref)
     with pytest.raises(CacheError, match="format 1 cache, which carries no checksums"):
         verify_cache(old)
+
+
+def test_a_format_1_feature_cache_trains_and_evaluates(tmp_path):
+    from featcache.evaluation.runner import EvalConfig, run_eval
+    from featcache.gate.config import GateConfig
+    from featcache.gate.runner import run_train_gate
+    from featcache.synth_cache import write_feature_cache
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
+    with h5py.File(cache, "r+") as f:  # as featcache 0.1 wrote it: no checksums, no erasing columns
+        del f["checksums"]
+        f.attrs["format_version"] = 1
+    res = run_train_gate(GateConfig(cache, tmp_path / "r", fusion="average", epochs=1))
+    assert run_eval(EvalConfig(cache, f"gate:{res.run}")).report["queries_evaluated"] > 0
+    assert CliRunner().invoke(main, ["info", str(cache)]).output.count("format version 1") == 1
