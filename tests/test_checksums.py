@@ -83,7 +83,7 @@ def test_a_format_1_cache_still_reads(market_cache, tmp_path):
     old = tmp_path / "v1.h5"
     shutil.copy(market_cache, old)
     with h5py.File(old, "r+") as f:
-        del f["checksums"]
+        del f["checksums"], f["views/erase"], f["views/erase_fill"]
         f.attrs["format_version"] = 1
     ref = CacheSplit.load(market_cache, "gallery").read("clip-tiny", "pooled", 0)
     np.testing.assert_array_equal(CacheSplit.load(old, "gallery").read("clip-tiny", "pooled", 0), ref)
@@ -99,8 +99,27 @@ def test_a_format_1_feature_cache_trains_and_evaluates(tmp_path):
 
     cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
     with h5py.File(cache, "r+") as f:  # as featcache 0.1 wrote it: no checksums, no erasing columns
-        del f["checksums"]
+        del f["checksums"], f["views/erase"], f["views/erase_fill"]
         f.attrs["format_version"] = 1
     res = run_train_gate(GateConfig(cache, tmp_path / "r", fusion="average", epochs=1))
     assert run_eval(EvalConfig(cache, f"gate:{res.run}")).report["queries_evaluated"] > 0
     assert CliRunner().invoke(main, ["info", str(cache)]).output.count("format version 1") == 1
+
+
+def test_damaged_metadata_is_refused_by_readers_and_restored_by_repair(market_root, market_cache, tmp_path):
+    copy = tmp_path / "c.h5"
+    shutil.copy(market_cache, copy)
+    with h5py.File(copy, "r") as f:
+        split = f["images/split"][...]
+        q = int(np.flatnonzero(split == 1)[2])
+        t = int(np.flatnonzero(split == 0)[5])
+        q_name = f["images/path"].asstr()[q]
+    flip_byte(copy, "images/camid", q, byte=0)       # a camera label: would change the protocol's junk and positives
+    flip_byte(copy, "images/view_start", t, byte=0)  # a row layout: would send a repair's rows to another image
+    flip_byte(copy, "views/image", 7, byte=0)
+    with pytest.raises(CacheError, match=f"metadata .* fail their checksum \\(images {q_name}\\)"):
+        CacheSplit.load(copy, "query")
+    assert CliRunner().invoke(main, ["eval", "--cache", str(copy), "--model", "backbone:clip-tiny"]).exit_code == 1
+    run_extract(extract_cfg(market_root, copy, repair=True))
+    assert verify_cache(copy).bad == {}
+    assert_same_cache(market_cache, copy)

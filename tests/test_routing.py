@@ -56,14 +56,17 @@ def test_straight_through_uses_hard_weights_forward_and_reaches_the_gate():
     assert m.fusion.gate[-1].weight.grad.abs().sum() > 0
 
 
-def test_raw_gate_input_detached_from_the_adapters():
-    m, xs = gated(Routing(gate_input="raw", gate_detach=True))
-    m.train()
-    feats = [a(x) for a, x in zip(m.adapters, xs)]
-    _, p = m.fusion.weights(feats, xs)
-    p[:, 0].sum().backward()
-    assert all(q.grad is None for q in m.adapters.parameters())  # the gate's loss does not move the adapters
-    assert m.fusion.gate[0].weight.grad.abs().sum() > 0
+@pytest.mark.parametrize("gate_input", ["raw", "adapted"])
+def test_detached_gate_does_not_move_the_adapters(gate_input):
+    for detach in (True, False):
+        m, xs = gated(Routing(gate_input=gate_input, gate_detach=detach))
+        m.train()
+        feats = [a(x) for a, x in zip(m.adapters, xs)]
+        _, p = m.fusion.weights(feats, xs)
+        p[:, 0].sum().backward()
+        moved = any(q.grad is not None and q.grad.abs().sum() > 0 for q in m.adapters.parameters())
+        assert moved == (gate_input == "adapted" and not detach), (gate_input, detach)
+        assert m.fusion.gate[0].weight.grad.abs().sum() > 0
 
 
 def fidelity(run: Path, cache: Path) -> float:

@@ -106,15 +106,15 @@ def test_disk_full_in_train_gate_is_one_line_and_leaves_no_temporary_file(tmp_pa
 
 def test_a_refused_write_names_the_file(market_cache, tmp_path, monkeypatch):
     """Read-only output folders (root ignores permissions here, so the refusal is injected)."""
-    import featcache.evaluation.runner as runner
+    import featcache.fileio as fileio
 
-    def denied(path, write):
-        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
-    monkeypatch.setattr(runner, "atomic_write", denied)
+    monkeypatch.setattr(fileio.os, "replace", denied)
     res = _cli("eval", "--cache", market_cache, "--model", "backbone:clip-tiny", "--json", tmp_path / "ro" / "r.json")
-    assert res.exit_code == 1 and f"Error: {tmp_path / 'ro' / 'r.json'}: Permission denied" in res.output
-    assert "Traceback" not in res.output
+    assert res.exit_code == 1 and f"Error: cannot write {tmp_path / 'ro' / 'r.json'}: Permission denied (errno 13)" in res.output
+    assert "Traceback" not in res.output and not list((tmp_path / "ro").glob("*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------- one writer
@@ -152,7 +152,7 @@ def test_a_file_open_for_writing_elsewhere_is_busy_not_unreadable(market_cache, 
     holder = _hold(f"import h5py\nf = h5py.File({str(copy)!r}, 'r+')")
     try:
         res = _cli("eval", "--cache", copy, "--model", "backbone:clip-tiny")
-        assert res.exit_code == 1 and "is busy: another process has it open for writing (another program)" in res.output
+        assert res.exit_code == 1 and "is busy: another process has it open (not a featcache writer)" in res.output
     finally:
         holder.kill()
         holder.wait()

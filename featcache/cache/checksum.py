@@ -188,3 +188,19 @@ def mark_for_repair(path, report: VerifyReport) -> int:
             for i in bad:
                 status[int(i)] = PENDING
     return int(bad.size)
+
+
+def check_images(f: h5py.File, images: np.ndarray) -> None:
+    """Refuse to use images whose metadata (labels, cameras, row layout) fail their checksums."""
+    from featcache.cache.store import CacheError
+
+    if not has_checksums(f) or not len(images):
+        return
+    g = f["images"]
+    fields = {k: g[k][...][images] for k in IMAGE_FIELDS}
+    paths = g["path"].asstr()[...][images]
+    bad = np.flatnonzero(image_crcs(fields, paths) != f[f"{GROUP}/images"][...][images])
+    if bad.size:
+        raise CacheError(f"{f.filename}: the metadata (identity, camera, rows) of {bad.size} image(s) fail their checksum "
+                         f"(images {', '.join(paths[bad][:5])}{' ...' if bad.size > 5 else ''}): `featcache verify {f.filename}` "
+                         "lists every damaged image and `featcache extract ... --repair` restores them")

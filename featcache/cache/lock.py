@@ -62,3 +62,20 @@ class WriterLock:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def held_by(cache: Path) -> str | None:
+    """The featcache writer holding the cache's lock now, or None (nobody, or another program)."""
+    path = lock_path(cache)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return None
+    except OSError:
+        return holder(cache)
+    finally:
+        os.close(fd)

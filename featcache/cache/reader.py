@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.cache.checksum import check_images
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
 from featcache.datasets import SPLITS
@@ -36,6 +37,7 @@ class CacheSplit:
             g = f["images"]
             keep = (g["split"][...] == SPLITS.index(split)) & (g["status"][...] == DONE)
             idx = np.flatnonzero(keep)
+            check_images(f, idx)
             out = cls(
                 Path(cache), split, idx, g["pid"][...][idx], g["camid"][...][idx], g["path"].asstr()[...][idx],
                 g["view_start"][...][idx], g["n_views"][...][idx], read_identity(f, cache),

@@ -113,10 +113,10 @@ def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
         f = h5py.File(path, mode)
     except OSError as exc:
         if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc):
-            from featcache.cache.lock import holder, lock_path
+            from featcache.cache.lock import held_by
 
-            who = f"featcache extract: {holder(path)}" if lock_path(path).exists() else "another program"
-            raise CacheError(f"{path} is busy: another process has it open for writing ({who}); "
+            who = held_by(path)
+            raise CacheError(f"{path} is busy: another process has it open ({f'featcache extract, {who}' if who else 'not a featcache writer'}); "
                              "try again when it has finished") from None
         raise CacheError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
     if f.attrs.get("format") != FORMAT:
@@ -138,8 +138,7 @@ def create_cache(
     tokens: str,
 ) -> None:
     """Create the whole file under a temporary name, then rename it into place."""
-    items = listing.items
-    counts = np.array([n_views[it.split] for it in items] + [0] * len(listing.rejected), dtype=np.int64)  # rejected: no views
+    counts = view_counts(listing, n_views)
     n_img = len(counts)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     n_rows = int(counts.sum())
@@ -191,6 +190,41 @@ def _reserve(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
+def view_counts(listing: Listing, n_views: dict[str, int]) -> np.ndarray:
+    """Views per image, in cache order (rejected names have none)."""
+    return np.array([n_views[it.split] for it in listing.items] + [0] * len(listing.rejected), dtype=np.int64)
+
+
+def static_tables(listing: Listing, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays a cache's listing fixes at creation: images' labels and row layout, views' owners."""
+    items, rej = listing.items, listing.rejected
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n_rows = int(counts.sum())
+    return {
+        "images/path": np.array([it.path for it in items] + [r.path for r in rej], dtype=object),
+        "images/pid": np.array([it.pid for it in items] + [-1] * len(rej), dtype=np.int32),
+        "images/camid": np.array([it.camid for it in items] + [-1] * len(rej), dtype=np.int32),
+        "images/split": np.array([SPLIT_CODE[it.split] for it in items] + [SPLIT_CODE[r.split] for r in rej], dtype=np.uint8),
+        "images/n_views": counts.astype(np.uint8),
+        "images/view_start": starts,
+        "views/image": np.repeat(np.arange(len(counts)), counts).astype(np.int64),
+        "views/view": (np.arange(n_rows) - np.repeat(starts, counts)).astype(np.uint8),
+    }
+
+
+def restore_static(path: Path, listing: Listing, n_views: dict[str, int]) -> None:
+    """Rewrite the arrays the listing fixes (labels, row layout), so that damage to them is repaired from the
+    dataset, not carried into new checksums. The cache's identity (checked before) says the listing is the same."""
+    tables = static_tables(listing, view_counts(listing, n_views))
+    with open_cache(path, "r+") as f:
+        for name, data in tables.items():
+            if name == "images/path":
+                if list(f[name].asstr()[...]) != list(data):
+                    f[name][...] = data
+            else:
+                f[name][...] = data
+
+
 def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict[str, dict[str, OutputSpec]], tokens: str,
                counts: np.ndarray, starts: np.ndarray, n_img: int, n_rows: int) -> None:
     items = listing.items
@@ -202,14 +236,11 @@ def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict
             tokens=tokens,
         )
         g = f.create_group("images")
-        paths = [it.path for it in items] + [r.path for r in listing.rejected]
-        g.create_dataset("path", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
+        tables = static_tables(listing, counts)
+        g.create_dataset("path", data=tables["images/path"], dtype=h5py.string_dtype())
+        for name in ("pid", "camid", "split", "n_views", "view_start"):
+            g.create_dataset(name, data=tables[f"images/{name}"])
         rej_split = [SPLIT_CODE[r.split] for r in listing.rejected]
-        g.create_dataset("pid", data=np.array([it.pid for it in items] + [-1] * len(rej_split), dtype=np.int32))
-        g.create_dataset("camid", data=np.array([it.camid for it in items] + [-1] * len(rej_split), dtype=np.int32))
-        g.create_dataset("split", data=np.array([SPLIT_CODE[it.split] for it in items] + rej_split, dtype=np.uint8))
-        g.create_dataset("n_views", data=counts.astype(np.uint8))
-        g.create_dataset("view_start", data=starts.astype(np.int64))
         status = np.array([PENDING] * len(items) + [FAILED] * len(rej_split), dtype=np.uint8)
         reason = np.array([b""] * len(items) + [r.reason.encode()[:REASON_LEN] for r in listing.rejected], dtype=f"S{REASON_LEN}")
         for name, data in (("status", status), ("reason", reason)):
@@ -217,8 +248,8 @@ def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict
         for name, dt in (("width", np.int32), ("height", np.int32), ("sha1", "S40")):
             _create_fixed(g, name, (n_img,), dt)
         v = f.create_group("views")
-        v.create_dataset("image", data=np.repeat(np.arange(n_img), counts).astype(np.int64))
-        v.create_dataset("view", data=(np.arange(n_rows) - np.repeat(starts, counts)).astype(np.uint8))
+        v.create_dataset("image", data=tables["views/image"])
+        v.create_dataset("view", data=tables["views/view"])
         for name, dt in (("dx", np.int16), ("dy", np.int16), ("flip", np.uint8)):
             _create_fixed(v, name, (n_rows,), dt)
         _create_fixed(v, "erase", (n_rows, 4), np.int16)       # ex, ey, ew, eh of the final view; ew = 0: none

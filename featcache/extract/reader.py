@@ -32,6 +32,7 @@ def die_with_parent(worker_id: int) -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:  # not Linux: workers notice a dead parent at their next pipe operation
         return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM to the group stops the run through the parent alone
     ppid = os.getppid()
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != ppid:  # the parent died before the request took effect

@@ -16,6 +16,7 @@ import torch
 
 from featcache.backbones import build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
+from featcache.cache.store import restore_static
 from featcache.cache import PENDING, CacheError, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
 from featcache.config import save_resolved
 from featcache.datasets import load_listing
@@ -83,7 +84,7 @@ def _extract_into(cfg: ExtractConfig, listing, device, backbones, specs, n_views
             raise CacheError(f"{exc}; use --overwrite to replace it, or choose another --out") from None
         logger.info("resuming %s", out)
         if cfg.repair:
-            _repair(out)
+            _repair(out, listing, n_views)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         create_cache(out, listing, identity, n_views, specs, cfg.tokens)
@@ -141,8 +142,10 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def _repair(out: Path) -> None:
-    """Verify every row and set the damaged images back to pending: this run redoes exactly them."""
+def _repair(out: Path, listing, n_views: dict[str, int]) -> None:
+    """Restore what the listing fixes (labels, row layout) from the dataset, verify every row, and set the
+    damaged images back to pending: this run redoes exactly their blocks."""
+    restore_static(out, listing, n_views)
     report = verify_cache(out)
     n = mark_for_repair(out, report)
     if n:

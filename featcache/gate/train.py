@@ -132,6 +132,7 @@ def _restore(ckpt: Checkpoint, model: GateModel, opt, rng: np.random.Generator) 
 def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dict]:
     """A finished run: its model in eval mode on ``device``, its config and the metadata (experts, weights, labels)."""
     rd, saved, meta, weights = RunDir.open(Path(run), GateConfig.command)
+    saved.setdefault("gate_recipe", "paper")  # runs saved before routing recipes existed were trained with Eq. 7-9
     cfg = GateConfig.from_dict(saved, f"{rd.path}/config.yaml")
     model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"], cfg.routing())
     model.load_state_dict(weights)
