@@ -30,6 +30,13 @@ def flip_byte(path: Path, name: str, row: int, byte: int = 1) -> None:
         fh.write(bytes([b[0] ^ 0x5A]))
 
 
+def as_format_1(path: Path) -> None:
+    """Make a cache look as featcache 0.1 wrote it: no checksums, no erasing columns."""
+    with h5py.File(path, "r+") as f:
+        del f["checksums"], f["views/erase"], f["views/erase_fill"]
+        f.attrs["format_version"] = 1
+
+
 def stored_arrays(path: Path) -> list[str]:
     names: list[str] = []
     with h5py.File(path, "r") as f:
@@ -82,9 +89,7 @@ def test_readers_refuse_damaged_rows_and_repair_restores_the_uninterrupted_bytes
 def test_a_format_1_cache_still_reads(market_cache, tmp_path):
     old = tmp_path / "v1.h5"
     shutil.copy(market_cache, old)
-    with h5py.File(old, "r+") as f:
-        del f["checksums"], f["views/erase"], f["views/erase_fill"]
-        f.attrs["format_version"] = 1
+    as_format_1(old)
     ref = CacheSplit.load(market_cache, "gallery").read("clip-tiny", "pooled", 0)
     np.testing.assert_array_equal(CacheSplit.load(old, "gallery").read("clip-tiny", "pooled", 0), ref)
     with pytest.raises(CacheError, match="format 1 cache, which carries no checksums"):
@@ -98,9 +103,7 @@ def test_a_format_1_feature_cache_trains_and_evaluates(tmp_path):
     from featcache.synth_cache import write_feature_cache
 
     cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
-    with h5py.File(cache, "r+") as f:  # as featcache 0.1 wrote it: no checksums, no erasing columns
-        del f["checksums"], f["views/erase"], f["views/erase_fill"]
-        f.attrs["format_version"] = 1
+    as_format_1(cache)
     res = run_train_gate(GateConfig(cache, tmp_path / "r", fusion="average", epochs=1))
     assert run_eval(EvalConfig(cache, f"gate:{res.run}")).report["queries_evaluated"] > 0
     assert CliRunner().invoke(main, ["info", str(cache)]).output.count("format version 1") == 1

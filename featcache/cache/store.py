@@ -280,14 +280,16 @@ class CacheWriter:
         self.view_start = g["view_start"][...]
         self.n_views = g["n_views"][...]
         self.tokens = self.f.attrs["tokens"]
-        self.checked = checksum.has_checksums(self.f)  # format 1 caches resume without checksums
+        version = int(self.f.attrs["format_version"])
+        if version != FORMAT_VERSION:  # the resume check refuses older caches first (their augmentation differs)
+            self.f.close()
+            raise CacheError(f"{path} is a format {version} cache: this featcache writes format {FORMAT_VERSION} only")
         self.static = {k: g[k][...] for k in ("pid", "camid", "split", "n_views", "view_start")}
         self.paths = g["path"].asstr()[...]
 
     def _put_checked(self, ds: h5py.Dataset, key: str, rows: np.ndarray, arr: np.ndarray) -> None:
         _put(ds, rows, arr)
-        if self.checked:
-            _put(self.f[f"{checksum.GROUP}/{key}"], rows, checksum.row_crcs(arr))
+        _put(self.f[f"{checksum.GROUP}/{key}"], rows, checksum.row_crcs(arr))
 
     def write(self, batch: "BatchResult") -> None:
         g = self.f["images"]
@@ -297,9 +299,8 @@ class CacheWriter:
             rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok])
             for name, arr in (("dx", batch.params[:, 0]), ("dy", batch.params[:, 1]), ("flip", batch.params[:, 2])):
                 _put(self.f["views"][name], rows, arr)
-            if "erase" in self.f["views"]:  # format 3
-                _put(self.f["views"]["erase"], rows, batch.params[:, 3:7])
-                _put(self.f["views"]["erase_fill"], rows, batch.params[:, 7:10].astype(np.uint8))
+            _put(self.f["views"]["erase"], rows, batch.params[:, 3:7])
+            _put(self.f["views"]["erase_fill"], rows, batch.params[:, 7:10].astype(np.uint8))
             for bname, outs in batch.outputs.items():
                 bg = self.f["backbones"][bname]
                 for oname, arr in outs.items():
@@ -311,15 +312,14 @@ class CacheWriter:
                         self._put_checked(bg[oname], f"backbones/{bname}/{oname}", rows, arr)
             for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):
                 _put(g[name], ok_idx, arr)
-            if self.checked:
-                p = batch.params.astype(np.int16)
-                image = np.repeat(ok_idx, self.n_views[ok_idx])
-                view = rows - self.view_start[image]
-                erase = (p[:, 3:7], p[:, 7:10].astype(np.uint8)) if "erase" in self.f["views"] else ()
-                _put(self.f[f"{checksum.GROUP}/views"], rows, checksum.view_crcs(image, view, p[:, 0], p[:, 1], p[:, 2], *erase))
-                fields = {k: v[ok_idx] for k, v in self.static.items()}
-                fields.update(width=batch.widths, height=batch.heights, sha1=batch.sha1)
-                _put(self.f[f"{checksum.GROUP}/images"], ok_idx, checksum.image_crcs(fields, self.paths[ok_idx]))
+            p = batch.params.astype(np.int16)
+            image = np.repeat(ok_idx, self.n_views[ok_idx])
+            view = rows - self.view_start[image]
+            _put(self.f[f"{checksum.GROUP}/views"], rows,
+                 checksum.view_crcs(image, view, p[:, 0], p[:, 1], p[:, 2], p[:, 3:7], p[:, 7:10].astype(np.uint8)))
+            fields = {k: v[ok_idx] for k, v in self.static.items()}
+            fields.update(width=batch.widths, height=batch.heights, sha1=batch.sha1)
+            _put(self.f[f"{checksum.GROUP}/images"], ok_idx, checksum.image_crcs(fields, self.paths[ok_idx]))
         self.f.flush()
         fault_point("extract.before_status")  # arrays written, status not yet: the batch must be redone
         idx = np.asarray(batch.images)

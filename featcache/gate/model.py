@@ -44,8 +44,6 @@ class FusionOut:
 class Fusion(nn.Module):
     """Combines the K adapted features; subclasses implement ``combine``."""
 
-    experts_needed: int | None = None  # None: all experts
-
     def __init__(self, k: int) -> None:
         super().__init__()
         self.k = k

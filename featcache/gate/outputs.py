@@ -14,8 +14,6 @@ from featcache.gate.model import GateModel, Gated, Single
 
 logger = logging.getLogger(__name__)
 
-TARGETS = "teacher_targets.h5"
-
 
 @torch.inference_mode()
 def infer_rows(model: GateModel, feats: list[np.ndarray], rows: np.ndarray, route: np.ndarray | None = None, block: int = 4096):
