@@ -24,22 +24,20 @@ from featcache.errors import ConfigError, FeatcacheError
 from featcache.registry import nearest
 from featcache.runtime import DEVICES
 
+import featcache.distill.features  # noqa: F401,E402  (registers the student: model kind)
 import featcache.gate.features  # noqa: F401,E402  (registers the gate: model kind)
 
 logger = logging.getLogger(__name__)
 
 #: commands of later versions: a clear answer instead of "No such command"
 PLANNED = {
-    "distill": "the student distilled from the cached teacher",
-    "profile": "parameters, FLOPs and latency of the student and the teacher",
-    "export": "ONNX export of the student",
     "run": "pipelines that reproduce the paper's tables",
     "demo": "the whole method in miniature (for now: bash pipelines/demo.sh)",
 }
 
 
 #: commands without a stage config: their --config keys are checked against their options
-_CONFIGLESS = ("info", "verify", "backbones")
+_CONFIGLESS = ("info", "verify", "backbones", "profile", "export")
 
 
 class FeatcacheGroup(click.Group):
@@ -262,6 +260,8 @@ def _eval_options(f: Callable) -> Callable:
         opt(C, "plot_queries", type=int, help="Queries per ranked-list grid."),
         opt(C, "seed", type=int, help="Seed of the random sample of plotted queries."),
         opt(C, "allow_partial", is_flag=True, help="Evaluate a cache whose extraction has not finished (the report says so)."),
+        opt(C, "agree_with", help="Another KIND:REF: also report the share of each query's top-k both models rank alike (e.g. a student against its teacher)."),
+        opt(C, "agree_k", type=int, help="k of --agree-with."),
         set_option(C),
     ])
 
@@ -313,6 +313,86 @@ def train_gate(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params
     cfg = resolve(ctx, GateConfig, params, sets)
     res = run_train_gate(cfg, resume)
     click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
+
+
+# ---------------------------------------------------------------------------------------------- distill
+def _distill_options(f: Callable) -> Callable:
+    from featcache.distill.config import STUDENT_NAMES, VIEW_MODES, DistillConfig as C
+
+    return stack(f, [
+        opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache the teacher was trained on."),
+        opt(C, "gate", type=click.Path(file_okay=False, path_type=Path), help="The finished train-gate run (the teacher) whose targets are distilled."),
+        opt(C, "root", type=click.Path(file_okay=False, path_type=Path), help="Dataset folder (default: the one the cache was extracted from)."),
+        opt(C, "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),
+        opt(C, "student", type=click.Choice(list(STUDENT_NAMES)), help="Student architecture (torchvision)."),
+        opt(C, "student_init", help="imagenet (torchvision's weights, from TORCH_HOME), random (tests, demo) or a weights file."),
+        opt(C, "epochs", type=int, help="Training epochs."),
+        opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
+        opt(C, "device", type=click.Choice(DEVICES), help="Where training runs (bf16 autocast on CUDA)."),
+        opt(C, "pixel_cache", type=click.Path(dir_okay=False, path_type=Path), help="HDF5 of decoded, letterboxed images: built (or resumed) on first use, so no epoch decodes a JPEG."),
+        opt(C, "losses", help="Terms of L_total (switch KD terms off for the ablation)."),
+        opt(C, "views", type=click.Choice(list(VIEW_MODES)), help="cached: a random cached view per step; view0: the clean view only."),
+        opt(C, "lambda_kd", type=float, help="Weight of L_KD (Eq. 16)."),
+        opt(C, "lambda_feat", type=float, help="Weight of L_feat (Eq. 10)."),
+        opt(C, "lambda_att", type=float, help="Weight of L_att (Eq. 11)."),
+        opt(C, "lambda_rel", type=float, help="Weight of L_rel (Eq. 12)."),
+        opt(C, "workers", help="Decoding processes: a number or auto (0 on CPU, up to 8 on CUDA).  [default: auto]"),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        set_option(C),
+    ])
+
+
+@main.command()
+@_distill_options
+@click.pass_context
+def distill(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -> None:
+    """Train a student from images against the cached teacher (ID, triplet, KD, feature, attention, relation losses)."""
+    from featcache.distill.config import DistillConfig
+    from featcache.distill.runner import run_distill
+
+    cfg = resolve(ctx, DistillConfig, params, sets)
+    res = run_distill(cfg, resume)
+    last = res.last
+    click.echo(f"{res.run}: {cfg.student} after epoch {last.get('epoch')}: loss {float(last.get('loss', 'nan')):.4f}, "
+               f"kd {float(last.get('kd') or 'nan'):.4f}, train acc {float(last.get('acc', 'nan')):.3f}")
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, required=True, help="student:RUN_DIR or gate:RUN_DIR (the whole teacher); repeat to compare.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the models run.")
+@click.option("--image-size", default=None, help="Input HxW when the run's cache is gone (default: the size the run was trained at).")
+@click.option("--batch", "batches", default="1,64", show_default=True, help="Batch sizes to time, comma-separated.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Timed runs per batch size (the median is reported).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def profile(models: tuple[str, ...], device: str, image_size: str | None, batches: str, repeats: int, as_json: bool) -> None:
+    """Parameters, FLOPs per image, latency, images/s and peak memory of a student or the whole teacher."""
+    from featcache.distill.profile import format_profile, profile_model
+    from featcache.preprocess import parse_size
+
+    try:
+        size = parse_size(image_size) if image_size else None
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--image-size/--batch: {exc}") from None
+    if repeats < 1 or not sizes or min(sizes) < 1:
+        raise ConfigError("--repeats and --batch sizes must be at least 1")
+    rows = [profile_model(m, device=device, image_size=size, batch_sizes=sizes, repeats=repeats) for m in models]
+    click.echo(json.dumps(rows, indent=2) if as_json else format_profile(rows))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The ONNX file to write.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (torch's dynamo exporter writes 18 and up; lower ones use the TorchScript exporter).")
+def export(model: str, onnx_out: Path, opset: int) -> None:
+    """Export student:RUN_DIR to ONNX (dynamic batch), checked against PyTorch with ONNX Runtime at batch 1 and 3."""
+    from featcache.distill.export import export_onnx
+
+    kind, sep, ref = model.partition(":")
+    if kind != "student" or not ref:
+        raise ConfigError(f"MODEL {model!r}: expected student:RUN_DIR (only students are exported)")
+    res = export_onnx(Path(ref), onnx_out, opset=opset)
+    click.echo(f"{res['path']}: checked with ONNX Runtime against PyTorch: " + json.dumps({k: v for k, v in res.items() if k != 'path'}))
 
 
 # ---------------------------------------------------------------------------------------------- info, backbones

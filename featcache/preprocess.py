@@ -87,11 +87,14 @@ def render_views(img: Image.Image, size: tuple[int, int], params: np.ndarray) ->
     what the backbones saw (``featcache.cache.pixels``).
     """
     base = letterbox(img, size)
-    out = []
-    for p in np.asarray(params).astype(int):
-        erase = (p[3], p[4], p[5], p[6], tuple(p[7:10])) if len(p) >= 10 else ()
-        out.append(apply_view(base, p[0], p[1], p[2], *erase))
-    return np.stack(out)
+    return np.stack([view_of(base, p) for p in np.asarray(params)])
+
+
+def view_of(base: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """One view (H, W, 3) of a letterboxed image from its stored parameters (a row of ``PARAMS``, or dx, dy, flip)."""
+    p = np.asarray(params).astype(int)
+    erase = (p[3], p[4], p[5], p[6], tuple(p[7:10])) if len(p) >= 10 else ()
+    return apply_view(base, p[0], p[1], p[2], *erase)
 
 
 def parse_size(text: str | int | tuple | list) -> tuple[int, int]:

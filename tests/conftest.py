@@ -64,3 +64,33 @@ def assert_same_cache(a: Path, b: Path) -> None:
         assert sorted(names) == sorted(other)
         for n in names:
             assert np.array_equal(fa[n][...], fb[n][...]), f"{n} differs"
+
+
+def record_mapper_inputs(monkeypatch) -> list:
+    """Every uint8 batch extraction feeds the backbones, appended to the returned list as it runs."""
+    from featcache.extract import mapper
+
+    seen: list = []
+    real = mapper.Mapper.__call__
+
+    def spy(self, views):
+        seen.append(views.clone())
+        return real(self, views)
+
+    monkeypatch.setattr(mapper.Mapper, "__call__", spy)
+    return seen
+
+
+def interrupt_after_epoch(monkeypatch, epoch: int):
+    """Make training stop with KeyboardInterrupt right after checkpointing ``epoch``; returns the undo."""
+    from featcache.training.rundir import RunDir
+
+    real = RunDir.checkpoint
+
+    def stop(self, e, *a, **k):
+        real(self, e, *a, **k)
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "checkpoint", stop)
+    return lambda: monkeypatch.setattr(RunDir, "checkpoint", real)

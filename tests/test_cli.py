@@ -129,3 +129,33 @@ def test_progress_lines_in_a_file():
         pass
     lines = buf.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("work: 100%|") and "5/5" in lines[0] and "\r" not in buf.getvalue()
+
+
+def test_extract_gate_distill_eval_export_profile_through_the_command_line(market_root, tmp_path):
+    """The whole method on a synthetic Market-1501 with tiny presets, every stage through the command line."""
+    import onnx
+
+    r = CliRunner()
+    cache, gate, student = tmp_path / "c.h5", tmp_path / "gate", tmp_path / "student"
+
+    def ok(*argv: str) -> str:
+        res = r.invoke(main, [str(a) for a in argv])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    ok("extract", "--dataset", "market1501", "--root", market_root, "--backbone", "clip-tiny", "--backbone", "align-tiny",
+       "--out", cache, "--views", "3", "--image-size", "64x32", "--workers", "0", "--batch-size", "16")
+    ok("train-gate", "--cache", cache, "--out", gate, "--epochs", "1", "--set", "batch_size=16")
+    out = ok("distill", "--cache", cache, "--gate", gate, "--out", student, "--student-init", "random", "--epochs", "1",
+             "--set", "batch_size=16", "--pixel-cache", tmp_path / "px.h5")
+    assert "resnet18 after epoch 1" in out and (student / "model.safetensors").is_file()
+    ok("eval", "--cache", cache, "--model", f"student:{student}", "--agree-with", f"gate:{gate}", "--json", tmp_path / "e.json", "--flip")
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["model"]["kind"] == "student" and rep["feature_dim"] == 2048 and 0 <= rep["agreement"]["top_k_overlap"] <= 1
+    assert rep["random_init_backbones"] == ["align-tiny", "clip-tiny"]  # the teacher's experts: labelled as random
+    out = ok("export", f"student:{student}", "--onnx", tmp_path / "s.onnx")
+    assert "checked with ONNX Runtime" in out
+    assert onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
+    rows = json.loads(ok("profile", "--model", f"student:{student}", "--model", f"gate:{gate}", "--batch", "1,2", "--repeats", "1", "--json"))
+    assert len(rows) == 2 and all(row["flops_per_image"] > 0 for row in rows)
+    assert "student" in ok("profile", "--model", f"student:{student}", "--batch", "1", "--repeats", "1")

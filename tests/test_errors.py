@@ -40,6 +40,10 @@ def env(tmp_path_factory, market_root, market_cache) -> dict[str, Path]:
     train(GateConfig(feat, tmp / "unfinished", ("clip-sim", "align-sim"), "average", epochs=1))
     (tmp / "unfinished" / "config.yaml").write_text(
         (tmp / "unfinished" / "config.yaml").read_text().replace("epochs: 1", "epochs: 5"))
+    train(GateConfig(feat, tmp / "featgate", ("clip-sim", "align-sim"), "average", epochs=1))  # finished, on another cache
+    from featcache.gate.runner import run_train_gate
+
+    run_train_gate(GateConfig(feat, tmp / "featgate", ("clip-sim", "align-sim"), "average", epochs=1), resume=True)
     return {"tmp": tmp, "root": market_root, "cache": market_cache, "feat": feat, "one": one}
 
 
@@ -47,6 +51,7 @@ def X(env, *parts):  # noqa: N802 - a short name for the argument builder
     return [str(p).format(**{k: str(v) for k, v in env.items()}) for p in parts]
 
 
+DISTILL = ["distill", "--cache", "{cache}", "--gate", "{tmp}/featgate", "--out", "{tmp}/d0"]
 EXTRACT = ["extract", "--dataset", "market1501", "--root", "{root}", "--out", "{tmp}/x.h5"]
 CASES = [
     # (id, argv, exit code, text the message must hold)
@@ -90,7 +95,18 @@ CASES = [
     ("yaml-info-key", ["--config", "{tmp}/info.yaml", "info", "{cache}"], 2, "[info]: unknown key 'bogus'"),
     ("synth-set", ["synth", "{tmp}/s", "--set", "cams_per_id=5,1"], 2, "cams_per_id 5,1: expected two numbers"),
     ("fusion-family", ["train-gate", "--cache", "{one}", "--out", "{tmp}/r9", "--fusion", "align"], 2, "needs an expert of the align family"),
-    ("planned-command", ["distill"], 2, "`featcache distill`"),
+    ("planned-command", ["run"], 2, "`featcache run`"),
+    ("distill-student", DISTILL + ["--student", "resnet19"], 2, "'resnet19' is not one of 'resnet18', 'resnet50'"),
+    ("distill-losses", DISTILL + ["--losses", "id,kl"], 2, "--losses id,kl: unknown term(s) kl"),
+    ("distill-lambda", DISTILL + ["--lambda-kd", "-1"], 2, "--lambda-kd -1.0: expected 0 or more"),
+    ("distill-gate-unfinished", ["distill", "--cache", "{feat}", "--gate", "{tmp}/unfinished", "--out", "{tmp}/d1"], 1, "unfinished run"),
+    ("distill-gate-other-cache", ["distill", "--cache", "{cache}", "--gate", "{tmp}/featgate", "--out", "{tmp}/d2"], 1, "was trained on another cache"),
+    ("distill-not-gate", ["distill", "--cache", "{cache}", "--gate", "{tmp}", "--out", "{tmp}/d3"], 1, "is not a train-gate run directory"),
+    ("export-kind", ["export", "gate:{tmp}/featgate", "--onnx", "{tmp}/x.onnx"], 2, "expected student:RUN_DIR"),
+    ("export-not-run", ["export", "student:{tmp}", "--onnx", "{tmp}/x.onnx"], 1, "is not a distill run directory"),
+    ("profile-kind", ["profile", "--model", "concat:a,b"], 2, "concat"),
+    ("profile-batch", ["profile", "--model", "student:{tmp}", "--batch", "1,x"], 2, "--image-size/--batch"),
+    ("eval-agree", ["eval", "--cache", "{cache}", "--model", "backbone:clip-tiny", "--agree-with", "nope:x"], 2, "unknown --model kind 'nope'"),
     ("typo-command", ["exract"], 2, "no command 'exract' (did you mean 'extract'"),
 ]
 

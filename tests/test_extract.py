@@ -127,16 +127,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cach
 def test_view_pixels_are_what_the_backbones_saw(market_root, tmp_path, monkeypatch):
     """Rebuilding a view from the cache's stored parameters gives the exact uint8 tensor extraction fed the backbones."""
     from featcache.cache.pixels import ViewPixels, view_pixels
-    from featcache.extract import mapper
+    from tests.conftest import record_mapper_inputs
 
-    seen: list[torch.Tensor] = []
-    real = mapper.Mapper.__call__
-
-    def spy(self, views):
-        seen.append(views.clone())
-        return real(self, views)
-
-    monkeypatch.setattr(mapper.Mapper, "__call__", spy)
+    seen = record_mapper_inputs(monkeypatch)
     out = tmp_path / "c.h5"
     run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",), views=4))
     fed = torch.cat(seen)  # every view row, in batch order = cache row order

@@ -160,20 +160,13 @@ def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(fcache, tmp_path, monkeypatch):
-    from featcache.training.rundir import RunDir
+    from tests.conftest import interrupt_after_epoch
 
     full = run_train_gate(cfg(fcache, tmp_path / "full", epochs=4))
-    real = RunDir.checkpoint
-
-    def stop_after_two(self, epoch, *a, **k):
-        real(self, epoch, *a, **k)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "checkpoint", stop_after_two)
+    undo = interrupt_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_train_gate(cfg(fcache, tmp_path / "cut", epochs=4))
-    monkeypatch.setattr(RunDir, "checkpoint", real)
+    undo()
     assert not (tmp_path / "cut" / "model.safetensors").exists()  # unfinished: no final weights
     with pytest.raises(InputError, match="unfinished run \\(it reached epoch 2 of 4\\)"):
         run_eval(EvalConfig(fcache, f"gate:{tmp_path / 'cut'}"))

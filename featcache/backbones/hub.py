@@ -27,20 +27,24 @@ def hub_offline_reason(endpoint: str | None = None) -> str | None:
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return "HF_HUB_OFFLINE is set"
+    url = urlparse(endpoint or constants.ENDPOINT)
+    return probe(url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80))
+
+
+def probe(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be reached within PROBE_TIMEOUT_S (None when it answers, or behind a proxy)."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # behind a proxy only a real request can tell: let the download try
-    url = urlparse(endpoint or constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
     result: list[str | None] = []
 
-    def probe() -> None:  # in a thread: the name lookup has no timeout of its own
+    def attempt() -> None:  # in a thread: the name lookup has no timeout of its own
         try:
             with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
                 result.append(None)
         except OSError as exc:
             result.append(f"{host}:{port} cannot be reached ({exc.strerror or type(exc).__name__})")
 
-    t = threading.Thread(target=probe, daemon=True)
+    t = threading.Thread(target=attempt, daemon=True)
     t.start()
     t.join(PROBE_TIMEOUT_S + 0.5)
     return result[0] if result else f"{host}:{port} did not answer within {PROBE_TIMEOUT_S:.0f} s"

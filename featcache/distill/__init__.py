@@ -1,1 +1,7 @@
-"""``featcache distill`` (in progress): the student distilled from the cached MoE teacher. So far: the losses."""
+"""``featcache distill``: a student trained from images against the cached MoE teacher (paper §3.1, §3.3, Eq. 10-16).
+
+Modules: ``config`` (the options), ``students`` (architectures and the head),
+``losses`` (Eq. 10-12, 16), ``data`` (teacher targets, maps and view pixels),
+``pixelcache`` (decoded images in HDF5), ``train`` (the loop), ``runner``,
+``features`` (the ``student:`` model kind), ``profile`` and ``export`` (ONNX).
+"""

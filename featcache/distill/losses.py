@@ -3,7 +3,7 @@
 - ``kd_loss`` (Eq. 16): T^2 * KL(p_t || p_s) of the temperature-T softmaxes (T = 4), mean over the batch,
   against the cached teacher logits z_t.
 - ``feature_loss`` (Eq. 10): mean over the batch of the squared L2 distance between the student's head output
-  before its ReLU and the teacher's fused 2048-d F_t (both signed).
+  before its BN neck (the FC output) and the teacher's fused 2048-d F_t, also before its BN neck (both signed).
 - ``attention_loss`` (Eq. 11): for each of the student's stages, the L2 distance between its L2-normalised
   spatial attention map and the teacher's. The teacher's map for an image is each expert's cached map, resized
   to the student's grid and L2-normalised, mixed by that image's gate weights and normalised again; the sum is

@@ -104,3 +104,31 @@ def masks(q_pid: int, q_cam: int, g_pids: np.ndarray, g_cams: np.ndarray) -> tup
     same = g_pids == q_pid
     same_cam = g_cams == q_cam
     return same & ~same_cam, same & same_cam
+
+
+def top_k(scores: np.ndarray, junk: np.ndarray, k: int) -> np.ndarray:
+    """The gallery indices of the ``k`` best non-junk entries, best first (ties: earlier entry first)."""
+    valid = np.flatnonzero(~junk)
+    order = np.lexsort((valid, -scores[valid]))
+    return valid[order[:k]]
+
+
+def topk_agreement(qa: np.ndarray, ga: np.ndarray, qb: np.ndarray, gb: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray,
+                   g_pids: np.ndarray, g_cams: np.ndarray, k: int = 10, block: int = 1024) -> float:
+    """Mean over queries of |top-k(a) ∩ top-k(b)| / k: how far two models rank the gallery alike.
+
+    Both rankings drop the query's junk entries (same identity and camera), as the protocol does; features
+    are L2-normalised rows, scored by inner product.
+    """
+    if len(qa) != len(qb) or len(ga) != len(gb):
+        raise InputError(f"agreement: the two models scored {len(qa)}/{len(qb)} queries and {len(ga)}/{len(gb)} gallery images")
+    k = min(k, len(ga))
+    total = 0.0
+    for s in range(0, len(qa), block):
+        sa, sb = qa[s: s + block] @ ga.T, qb[s: s + block] @ gb.T
+        for i in range(len(sa)):
+            _, junk = masks(int(q_pids[s + i]), int(q_cams[s + i]), g_pids, g_cams)
+            kk = min(k, int((~junk).sum()))
+            if kk:
+                total += np.intersect1d(top_k(sa[i], junk, kk), top_k(sb[i], junk, kk)).size / kk
+    return total / max(1, len(qa))

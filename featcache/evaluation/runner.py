@@ -15,7 +15,7 @@ from featcache.cache import CacheError, CacheSplit, open_cache, read_identity, s
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import FeatureContext, parse_model
-from featcache.evaluation.metrics import AP_FORMS, Accumulator, masks, positive_ranks
+from featcache.evaluation.metrics import AP_FORMS, Accumulator, masks, positive_ranks, topk_agreement
 from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import check_device_name
@@ -53,6 +53,8 @@ class EvalConfig(StageConfig):
     plot_queries: int = 8
     seed: int = 0
     allow_partial: bool = False      # evaluate a cache whose extraction has not finished (the report says so)
+    agree_with: str | None = None    # another KIND:REF: report how alike the two rank the gallery (top-k overlap)
+    agree_k: int = 10
 
     def __post_init__(self) -> None:
         if self.ap not in AP_FORMS:
@@ -66,6 +68,8 @@ class EvalConfig(StageConfig):
             raise ConfigError(f"re-ranking: expected --k1 and --k2 >= 1 and 0 <= --lambda <= 1, got {self.k1}, {self.k2}, {self.lambda_}")
         if self.plot_queries < 1:
             raise ConfigError(f"--plot-queries {self.plot_queries}: expected at least 1")
+        if self.agree_k < 1:
+            raise ConfigError(f"--agree-k {self.agree_k}: expected at least 1")
 
 
 @dataclass
@@ -118,6 +122,12 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         (cfg.k1, cfg.k2, cfg.lambda_) if cfg.rerank else None,
     )
     t_search = time.perf_counter() - t1
+    agreement = None
+    if cfg.agree_with:
+        other = parse_model(cfg.agree_with)
+        oq, og = other.features(q, ctx), other.features(g, ctx)
+        agreement = {"with": cfg.agree_with, "k": cfg.agree_k, "top_k_overlap": topk_agreement(
+            qf, gf, oq, og, q.pids, q.camids, g.pids, g.camids, cfg.agree_k)}
     report = {
         **res,
         "protocol": {"dataset": q.identity.dataset, "rule": PROTOCOL_RULE},
@@ -133,6 +143,7 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "evaluated_on": str(target),
         "partial": {"pending": counts["pending"], "failed": counts["failed"],
                     "complete": not any(counts["pending"].values()) and not any(counts["failed"].values())},
+        "agreement": agreement,
         "random_init_backbones": q.identity.random_init([b for b in source.backbones() if b in q.identity.backbones]),
         "search_backend": backend,
         "tie_break": "equal scores: earlier gallery entry (cache order) ranks first",
@@ -213,6 +224,9 @@ def format_table(report: dict[str, Any]) -> str:
         "  ".join(f"{h:>7s}" for h in head),
         "  ".join(f"{100 * v:7.2f}" for v in vals),
     ]
+    if report.get("agreement"):
+        a = report["agreement"]
+        lines.append(f"top-{a['k']} agreement with {a['with']}: {100 * a['top_k_overlap']:.2f}% of each query's top {a['k']} shared")
     part = report.get("partial") or {"complete": True}
     if not part["complete"]:
         parts = [f"{k} {split} {n}" for k in ("pending", "failed") for split, n in part[k].items() if n]

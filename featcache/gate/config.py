@@ -8,6 +8,7 @@ from pathlib import Path
 from featcache.config import StageConfig
 from featcache.errors import ConfigError
 from featcache.runtime import check_device_name
+from featcache.training.options import check_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +83,7 @@ class GateConfig(StageConfig):
 
         FUSIONS.get(self.fusion)
         check_device_name(self.device)
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs {self.epochs}: expected at least 1")
-        if self.instances < 2:
-            raise ConfigError(f"instances {self.instances}: expected at least 2 images per identity (the triplet loss needs positives)")
-        if self.batch_size < 2 * self.instances or self.batch_size % self.instances:
-            raise ConfigError(f"batch_size {self.batch_size}: expected a multiple of instances ({self.instances}) covering at least 2 identities")
-        if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
-            raise ConfigError(f"lr {self.lr}, lr_min {self.lr_min}: expected 0 <= lr_min <= lr and lr > 0")
+        check_training(self.epochs, self.batch_size, self.instances, self.lr, self.lr_min)
         if self.weight_decay < 0 or self.beta < 0 or self.margin < 0:
             raise ConfigError("weight_decay, beta and margin must not be negative")
         if not 0 <= self.label_smoothing < 1:

@@ -22,7 +22,7 @@ from featcache.gate.outputs import routing_row
 from featcache.progress import progress
 from featcache.runtime import resolve_device
 from featcache.training.losses import batch_hard_triplet, id_loss
-from featcache.training.rundir import Checkpoint, RunDir
+from featcache.training.rundir import RunDir, training_state
 from featcache.training.sampling import pk_batches, steps_per_epoch
 from featcache.training.schedule import cosine_lr, set_lr
 
@@ -74,7 +74,7 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), routing).to(device)
     # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    start_epoch = _restore(ckpt, model, opt, rng) if ckpt else 0
+    start_epoch = ckpt.restore(model, opt, rng) if ckpt else 0
     total = steps_per_epoch(data.labels, p, cfg.instances) * cfg.epochs
     per_epoch = total // cfg.epochs
     feats = [torch.from_numpy(f).to(device) for f in data.feats]
@@ -114,19 +114,12 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
         n = max(1, len(batches))
         row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0, **routing_row(model, data)}
-        state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
+        state = training_state(opt, rng)
         rd.checkpoint(epoch + 1, model.state_dict(), state, row)
         logger.info("epoch %d: loss %.4f (id %.4f, triplet %.4f) acc %.3f", epoch + 1, row["loss"], row["id"], row["triplet"], row["acc"])
     model.eval()
     return model, data, rd
 
-
-def _restore(ckpt: Checkpoint, model: GateModel, opt, rng: np.random.Generator) -> int:
-    model.load_state_dict(ckpt.weights)
-    opt.load_state_dict(ckpt.state["optimizer"])
-    torch.set_rng_state(ckpt.state["torch_rng"])
-    rng.bit_generator.state = ckpt.state["numpy_rng"]
-    return ckpt.epoch
 
 
 def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dict]:

@@ -48,6 +48,19 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     state: dict[str, Any]
 
+    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rng) -> int:
+        """Put the model, optimizer and RNGs (torch's and the numpy generator ``rng``) back; returns the epoch."""
+        model.load_state_dict(self.weights)
+        opt.load_state_dict(self.state["optimizer"])
+        torch.set_rng_state(self.state["torch_rng"])
+        rng.bit_generator.state = self.state["numpy_rng"]
+        return self.epoch
+
+
+def training_state(opt: torch.optim.Optimizer, rng) -> dict[str, Any]:
+    """What a checkpoint needs beyond the weights to continue exactly: optimizer and RNG states."""
+    return {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
+
 
 class RunDir:
     """One run directory; create it with ``start`` (new or resumed) or read a finished one with ``open``."""

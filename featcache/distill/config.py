@@ -1,0 +1,86 @@
+"""``featcache distill``'s config: the only place its defaults live (torch-free, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.config import StageConfig, parser
+from featcache.errors import ConfigError
+from featcache.extract.config import parse_workers
+from featcache.runtime import check_device_name
+from featcache.training.options import check_training
+
+#: the loss terms of Eq. 13: the task terms (ID, triplet) and the four KD terms
+LOSSES = ("id", "tri", "kd", "feat", "att", "rel")
+#: the students (the registry lives with the models, in featcache.distill.students; kept here torch-free)
+STUDENT_NAMES = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
+VIEW_MODES = ("cached", "view0")
+
+
+def parse_losses(value) -> tuple[str, ...]:
+    """``id,tri,kd`` (or a list) -> the terms, each known, none twice."""
+    items = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    bad = [v for v in items if v not in LOSSES]
+    if bad:
+        raise ConfigError(f"--losses {','.join(map(str, items))}: unknown term(s) {', '.join(map(str, bad))}; terms are {','.join(LOSSES)}")
+    if len(set(items)) != len(items) or not items:
+        raise ConfigError(f"--losses {','.join(items)}: expected each of {','.join(LOSSES)} at most once, at least one")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class DistillConfig(StageConfig):
+    """``featcache distill``: a student trained from images, its teacher targets read from the cache (§3.1, §3.3)."""
+
+    command = "distill"
+
+    cache: Path
+    gate: Path                           # the train-gate run (the teacher) whose targets are distilled
+    out: Path
+    root: Path | None = None             # the dataset folder; default: the one the cache was extracted from
+    student: str = "resnet18"
+    student_init: str = "imagenet"       # imagenet, random (tests, demo) or a weights file
+    epochs: int = 80
+    seed: int = 42
+    device: str = "auto"
+    pixel_cache: Path | None = None      # decoded, letterboxed images in HDF5 (built on first use)
+    losses: tuple[str, ...] = parser(parse_losses, default=LOSSES)
+    views: str = "cached"                # cached: a random cached view per step; view0: the clean view only (ablation)
+    batch_size: int = 32                 # P x K with K = instances
+    instances: int = 4
+    lr: float = 3e-4
+    lr_min: float = 3e-6
+    weight_decay: float = 5e-4
+    beta: float = 0.5                    # triplet weight in L_task = L_id + beta L_tri
+    margin: float = 0.3
+    lambda_kd: float = 0.5
+    lambda_feat: float = 0.3
+    lambda_att: float = 0.1
+    lambda_rel: float = 0.1
+    workers: int | None = parser(parse_workers, default=None)  # None: auto (0 on CPU, up to 8 on CUDA)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "losses", parse_losses(self.losses))  # also when built directly from a string
+        check_device_name(self.device)
+        if self.student not in STUDENT_NAMES:
+            from featcache.registry import nearest
+
+            raise ConfigError(f"--student {self.student!r}{nearest(self.student, STUDENT_NAMES)}: expected one of {', '.join(STUDENT_NAMES)}")
+        if self.views not in VIEW_MODES:
+            raise ConfigError(f"--views {self.views!r}: expected one of {', '.join(VIEW_MODES)}")
+        check_training(self.epochs, self.batch_size, self.instances, self.lr, self.lr_min)
+        for k in ("weight_decay", "beta", "margin", "lambda_kd", "lambda_feat", "lambda_att", "lambda_rel"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"--{k.replace('_', '-')} {getattr(self, k)}: expected 0 or more")
+        if "id" not in self.losses and "tri" not in self.losses and not set(self.losses) & {"kd", "feat", "rel"}:
+            raise ConfigError(f"--losses {','.join(self.losses)}: the attention term alone trains no embedding; add id, tri, kd, feat or rel")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: expected 0 or more, or auto")
+
+    def weight(self, term: str) -> float:
+        """The weight of a term in L_total (0 when switched off with --losses)."""
+        if term not in self.losses:
+            return 0.0
+        return {"id": 1.0, "tri": self.beta, "kd": self.lambda_kd, "feat": self.lambda_feat,
+                "att": self.lambda_att, "rel": self.lambda_rel}[term]

@@ -1,0 +1,133 @@
+"""What distillation reads: the teacher's targets and attention maps from the cache, the student's pixels from images.
+
+Every training step picks one cached view of each image and rebuilds its
+pixels from the stored parameters (crop, flip, erasing), so the student's
+input and the teacher's targets belong to the same pixels. Pixels come from
+the image files (``featcache.cache.pixels.ViewPixels``, decoding each time)
+or from a pixel cache (``featcache.distill.pixelcache``), in DataLoader
+workers; targets come from the gate run's ``teacher_targets.h5``; the
+teacher's attention maps from the cache's ``attn_*`` arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.cache import CacheIdentity, open_cache, read_checked
+from featcache.cache.pixels import ViewPixels
+from featcache.cache.store import read_identity
+from featcache.distill.pixelcache import PixelReader
+from featcache.errors import InputError
+from featcache.gate.targets import TARGETS, TeacherTargets
+from featcache.preprocess import view_of
+from featcache.training.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Teacher:
+    """A finished gate run's targets, checked against the cache; per training image: cache row, label, views."""
+
+    run: Path
+    targets: TeacherTargets
+    experts: list[str]
+    images: np.ndarray        # cache image rows of the training images
+    labels: np.ndarray        # per image, 0..C-1 (the teacher's label order, so logits compare)
+    n_views: np.ndarray       # per image: cached views with a target
+    view_start: np.ndarray    # per image: its first row in the cache's views
+    identity: CacheIdentity
+    digests: dict[str, str]   # the gate's final weights and targets, so a resumed run reads the same teacher
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.targets.label_pids)
+
+
+def load_teacher(gate: Path, cache: Path) -> Teacher:
+    """The targets of gate run ``gate``, refused when unfinished, missing, or made from another cache."""
+    rd, _, meta, _ = RunDir.open(Path(gate), "train-gate")
+    with open_cache(cache) as f:
+        ident = read_identity(f, cache)
+        view_start_all = f["images/view_start"][...]
+    if meta["cache_identity"] != ident.digest():
+        raise InputError(f"--gate {gate} was trained on another cache (identity {meta['cache_identity']}, {cache} is {ident.digest()})")
+    path = Path(gate) / TARGETS
+    targets = TeacherTargets.load(path, ident.digest())
+    if targets.experts != list(meta["experts"]) or targets.label_pids.tolist() != list(meta["pids"]):
+        raise InputError(f"{path} belongs to another gate run than {gate} (experts or identities differ); train the gate again")
+    images, first = np.unique(targets.image, return_index=True)
+    labels = targets.label[first]
+    n_views = np.bincount(np.searchsorted(images, targets.image), minlength=len(images))
+    digests = {"gate_weights": file_digest(Path(gate) / "model.safetensors"), "targets": file_digest(path)}
+    return Teacher(Path(gate), targets, list(meta["experts"]), images, labels, n_views, view_start_all[images], ident, digests)
+
+
+def attention_names(cache: Path, experts: list[str], required: bool = True) -> dict[str, list[str]] | None:
+    """Each expert's four cached attention maps, shallowest first (paired with the student's stages 1-4);
+    None when some expert lacks them and they are not ``required``."""
+    out = {}
+    with open_cache(cache) as f:
+        for e in experts:
+            names = sorted(k for k in f["backbones"][e] if k.startswith("attn_"))
+            if len(names) != 4:
+                if not required:
+                    return None
+                raise InputError(f"{cache}: expert {e} has {len(names)} attention maps ({', '.join(names) or 'none'}); "
+                                 "L_att pairs four with the student's four stages (drop att from --losses)")
+            out[e] = names
+    return out
+
+
+def read_teacher_maps(cache: Path, rows: np.ndarray, names: dict[str, list[str]]) -> list[list[torch.Tensor]]:
+    """``maps[stage][expert]``: (N, H, W) float tensors of the cache's view rows ``rows`` (checksummed)."""
+    order = np.argsort(rows, kind="stable")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    experts = list(names)
+    per_expert = []
+    with open_cache(cache) as f:
+        for e in experts:
+            per_expert.append([torch.from_numpy(read_checked(f, e, n, rows[order])[inv].astype(np.float32)) for n in names[e]])
+    return [[per_expert[k][j] for k in range(len(experts))] for j in range(4)]
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item ``(cache image row, view)`` -> (3, H, W) uint8: the view as extraction fed it to the backbones."""
+
+    def __init__(self, cache: Path, root: Path | None, pixels: Path | None) -> None:
+        self.views = ViewPixels(cache, root)
+        self.pixels = PixelReader(pixels) if pixels is not None else None
+
+    def __len__(self) -> int:  # indexed by keys, not positions
+        return len(self.views.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        image, view = int(key[0]), int(key[1])
+        if self.pixels is None:
+            return self.views.image_views(image, [view])[0]
+        row = self.views.view_start[image] + view
+        arr = view_of(self.pixels.base(image), self.views.params[row])
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def check_root(root: Path, cache: Path, paths: np.ndarray) -> None:
+    """Refuse a dataset root that does not hold the cache's images (naming the first missing file)."""
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        raise InputError(f"--root {root} is not the folder {cache} was extracted from: {len(missing)} of its {len(paths)} "
+                         f"training images are missing there (first: {missing[0]})")

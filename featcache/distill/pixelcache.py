@@ -1,0 +1,158 @@
+"""The pixel cache: every cached image decoded and letterboxed once, as uint8 in HDF5, so no epoch decodes a JPEG.
+
+``PIXELS.h5`` (format ``featcache-pixel-cache``, version 1) has one row per
+row of the feature cache's ``images/`` table: ``image`` (H, W, 3) uint8, the
+letterboxed image every view is cut from (``featcache.preprocess.letterbox``),
+with its CRC-32 in ``crc`` and a ``done`` flag. The attributes record the
+feature cache's identity digest and the input size, and ``sha1`` copies the
+cache's content hash of every image: a pixel cache built for other images or
+another size is refused, never silently used.
+
+Building it resumes like extraction: the datasets are allocated up front,
+each batch is written, flushed, then marked done, so a killed build goes on
+from the first image not marked. One writer at a time (``WriterLock``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from featcache import __version__
+from featcache.cache import open_cache
+from featcache.cache.checksum import row_crcs
+from featcache.cache.lock import WriterLock
+from featcache.cache.store import DONE, read_identity
+from featcache.errors import InputError
+from featcache.preprocess import letterbox
+from featcache.progress import progress
+
+logger = logging.getLogger(__name__)
+
+PIXELS_FORMAT = "featcache-pixel-cache"
+PIXELS_VERSION = 1
+WRITE_BATCH = 64
+
+
+def _source(cache: Path) -> tuple[str, tuple[int, int], str, np.ndarray, np.ndarray, np.ndarray]:
+    """What the pixel cache must match: the cache's identity digest, input size, root, paths, SHA-1s, statuses."""
+    with open_cache(cache) as f:
+        ident = read_identity(f, cache)
+        g = f["images"]
+        return (ident.digest(), tuple(ident.preprocessing["image_size"]), ident.dataset_root,
+                g["path"].asstr()[...], g["sha1"][...], g["status"][...])
+
+
+def check_pixel_cache(path: Path, cache: Path) -> None:
+    """Refuse a pixel cache made for another cache, other images or another size (one line naming what differs)."""
+    digest, size, _, _, sha1, _ = _source(cache)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"--pixel-cache {path}: not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+    with f:
+        if f.attrs.get("format") != PIXELS_FORMAT:
+            raise InputError(f"--pixel-cache {path}: not a featcache pixel cache (no format={PIXELS_FORMAT!r})")
+        if int(f.attrs.get("format_version", 0)) > PIXELS_VERSION:
+            raise InputError(f"--pixel-cache {path}: version {f.attrs['format_version']}, newer than this featcache reads ({PIXELS_VERSION})")
+        have = tuple(int(v) for v in f.attrs["image_size"])
+        if have != size:
+            raise InputError(f"--pixel-cache {path} holds {have[0]}x{have[1]} images, but {cache} was extracted at "
+                             f"{size[0]}x{size[1]}; use another --pixel-cache path")
+        if len(f["sha1"]) != len(sha1) or f.attrs["cache_identity"] != digest:
+            raise InputError(f"--pixel-cache {path} was built for another cache (identity {f.attrs['cache_identity']}, "
+                             f"{cache} is {digest}); use another --pixel-cache path")
+        differ = np.flatnonzero(f["sha1"][...] != sha1)
+        if differ.size:
+            raise InputError(f"--pixel-cache {path} holds other versions of {differ.size} image(s) than {cache} "
+                             f"(row {int(differ[0])} first); use another --pixel-cache path")
+
+
+def build_pixel_cache(path: Path, cache: Path, root: Path | None = None) -> dict:
+    """Create or resume ``path`` for every cached image of ``cache``; returns counts and the decode rate."""
+    path = Path(path)
+    digest, size, cache_root, paths, sha1, status = _source(cache)
+    root = Path(root) if root is not None else Path(cache_root)
+    with WriterLock(path):
+        if path.exists():
+            check_pixel_cache(path, cache)
+        else:
+            _create(path, digest, size, paths, sha1)
+        with h5py.File(path, "r") as f:
+            todo = np.flatnonzero((status == DONE) & ~f["done"][...])
+        if not len(todo):  # complete: nothing to write (and readers in this process may keep it open)
+            return {"path": str(path), "decoded": 0, "images": int((status == DONE).sum()), "seconds": 0.0}
+        with h5py.File(path, "r+") as f:
+            t0 = time.perf_counter()
+            bar = progress(total=len(todo), desc=f"pixel cache {path.name}", unit="img")
+            for s in range(0, len(todo), WRITE_BATCH):
+                rows = todo[s: s + WRITE_BATCH]
+                imgs = np.stack([decode(root, paths[i], sha1[i], size, cache) for i in rows])
+                for i, img in zip(rows, imgs):  # rows are increasing; one chunk per image
+                    f["image"][i] = img
+                f["crc"][rows] = row_crcs(imgs)
+                f.flush()
+                f["done"][rows] = True
+                f.flush()
+                bar.update(len(rows))
+            bar.close()
+            seconds = time.perf_counter() - t0
+            n_done = int(f["done"][...].sum())
+    logger.info("pixel cache %s: %d images decoded this run (%d in all)", path, len(todo), n_done)
+    return {"path": str(path), "decoded": int(len(todo)), "images": n_done, "seconds": seconds}
+
+
+def decode(root: Path, rel: str, sha1: bytes, size: tuple[int, int], cache: Path) -> np.ndarray:
+    """The letterboxed uint8 (H, W, 3) of one cached image, refusing a file changed since extraction."""
+    p = root / rel
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read the image extracted into {cache} ({exc.strerror}); "
+                         "is --root the folder the cache was extracted from?") from None
+    if hashlib.sha1(data).hexdigest().encode() != sha1:
+        raise InputError(f"{p} changed since it was extracted into {cache} (its SHA-1 differs): extract again")
+    return letterbox(Image.open(io.BytesIO(data)), size)
+
+
+def _create(path: Path, digest: str, size: tuple[int, int], paths: np.ndarray, sha1: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    n, (h, w) = len(paths), size
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(format=PIXELS_FORMAT, format_version=PIXELS_VERSION, featcache_version=__version__,
+                       cache_identity=digest, image_size=list(size), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       doc="one row per row of the feature cache's images/: the letterboxed uint8 image views are cut from")
+        f.create_dataset("image", shape=(n, h, w, 3), dtype=np.uint8, chunks=(1, h, w, 3))
+        f.create_dataset("crc", shape=(n,), dtype=np.uint32)
+        f.create_dataset("done", shape=(n,), dtype=bool)
+        f.create_dataset("sha1", data=sha1)
+        f.create_dataset("path", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
+    tmp.replace(path)
+
+
+class PixelReader:
+    """Reads letterboxed images by cache row, opening the file lazily (so it can be sent to DataLoader workers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._f: h5py.File | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_f": None}
+
+    def base(self, row: int) -> np.ndarray:
+        if self._f is None:
+            self._f = h5py.File(self.path, "r")
+        if not self._f["done"][row]:
+            raise InputError(f"--pixel-cache {self.path}: image row {row} was never built (the build did not finish)")
+        img = self._f["image"][row]
+        if row_crcs(img[None])[0] != self._f["crc"][row]:
+            raise InputError(f"--pixel-cache {self.path}: image row {row} fails its checksum (the file is damaged); delete it to rebuild")
+        return img

@@ -1,0 +1,192 @@
+"""The distillation loop: PK batches of cached views, the student on their pixels, the teacher's targets from the cache.
+
+L_total = L_id + beta L_tri + lambda_kd L_KD + lambda_feat L_feat + lambda_att L_att + lambda_rel L_rel
+(Eq. 13-16 with the readings of ``featcache.distill.losses``). Every term is
+computed and logged each epoch, also when ``--losses`` switches it off (then
+without gradient), so runs with and without a term compare in their logs.
+The run directory, checkpoints, resume and the NaN stop are the shared
+training core's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from featcache.distill.config import LOSSES, DistillConfig
+from featcache.distill.data import Teacher, ViewDataset, attention_names, check_root, load_teacher, read_teacher_maps
+from featcache.distill.losses import attention_loss, feature_loss, kd_loss, relation_loss
+from featcache.distill.pixelcache import build_pixel_cache
+from featcache.distill.students import Student, StudentOutputs, build_student, normalize
+from featcache.errors import InputError
+from featcache.progress import progress
+from featcache.runtime import resolve_device, resolve_workers
+from featcache.training.losses import batch_hard_triplet, id_loss
+from featcache.training.rundir import RunDir, training_state
+from featcache.training.sampling import pk_batches, steps_per_epoch
+from featcache.training.schedule import cosine_lr, set_lr
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherBatch:
+    """The teacher's side of a batch: labels, fused features F_t, logits z_t, gate weights, attention maps."""
+
+    y: torch.Tensor
+    f_t: torch.Tensor
+    z_t: torch.Tensor
+    gates: torch.Tensor
+    maps: list[list[torch.Tensor]] | None  # maps[stage][expert], (N, H, W)
+
+
+def teacher_batch(teacher: Teacher, imgs: np.ndarray, views: np.ndarray, cache: Path, maps: dict[str, list[str]] | None,
+                  device: torch.device) -> TeacherBatch:
+    """Targets of the training images ``imgs`` (indices into ``teacher.images``) at cached views ``views``."""
+    t = teacher.targets
+    rows = t.rows(teacher.images[imgs], views)
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+    t_maps = None
+    if maps is not None:
+        t_maps = [[m.to(device) for m in stage] for stage in read_teacher_maps(cache, teacher.view_start[imgs] + views, maps)]
+    return TeacherBatch(dev(teacher.labels[imgs]), dev(t.feature[rows]), dev(t.logits[rows]), dev(t.gates[rows]), t_maps)
+
+
+def loss_terms(out: StudentOutputs, b: TeacherBatch, margin: float) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each term of L_total, computed on demand (so a switched-off term can run without gradient)."""
+    emb, logits = out.embedding.float(), out.logits.float()
+    terms = {
+        "id": lambda: id_loss(logits, b.y),
+        "tri": lambda: batch_hard_triplet(emb, b.y, margin),
+        "kd": lambda: kd_loss(logits, b.z_t),
+        "feat": lambda: feature_loss(emb, b.f_t),
+        "rel": lambda: relation_loss(emb, b.f_t),
+    }
+    if b.maps is not None:
+        terms["att"] = lambda: attention_loss([m.float() for m in out.maps], b.maps, b.gates)
+    return terms
+
+
+@torch.inference_mode()
+def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache: Path, margin: float, device: torch.device,
+                  batch: int = 32) -> dict[str, float]:
+    """Each term's mean over every cached training view, in eval mode, in fixed batches: comparable between
+    models (before and after training, with and without a term), unlike the training log's running means."""
+    model.eval()
+    imgs = np.repeat(np.arange(len(teacher.images)), teacher.n_views)
+    views = np.concatenate([np.arange(n) for n in teacher.n_views])
+    maps = attention_names(cache, teacher.experts, required=False)
+    sums: dict[str, float] = {}
+    n = 0
+    for s in range(0, len(imgs), batch):
+        i, v = imgs[s: s + batch], views[s: s + batch]
+        pixels = torch.stack([dataset[(int(teacher.images[a]), int(b))] for a, b in zip(i, v)])
+        out = model.outputs(normalize(pixels.to(device)))
+        for name, fn in loss_terms(out, teacher_batch(teacher, i, v, cache, maps, device), margin).items():
+            sums[name] = sums.get(name, 0.0) + float(fn()) * len(i)
+        n += len(i)
+    return {k: v / n for k, v in sums.items()}
+
+
+def run_meta(cfg: DistillConfig, teacher: Teacher) -> dict:
+    """What the run was trained from: a resume must match it; ``student:`` and ``profile`` read it."""
+    return {"cache_identity": teacher.identity.digest(), "n_classes": teacher.n_classes,
+            "pids": teacher.targets.label_pids.tolist(), "image_size": list(teacher.identity.preprocessing["image_size"]),
+            "experts": teacher.experts, "teacher": teacher.digests}
+
+
+def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
+    """The teacher's targets and the dataset of views, each checked (teacher, P x K, dataset root)."""
+    teacher = load_teacher(cfg.gate, cfg.cache)
+    p = cfg.batch_size // cfg.instances
+    if teacher.n_classes < p:
+        raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "
+                         f"{p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
+    dataset = ViewDataset(cfg.cache, cfg.root, None)
+    check_root(dataset.views.root, cfg.cache, dataset.views.paths[teacher.images])
+    return teacher, dataset
+
+
+def with_pixel_cache(cfg: DistillConfig, dataset: ViewDataset) -> ViewDataset:
+    """The dataset reading from ``--pixel-cache``, built or resumed first; unchanged without one."""
+    if cfg.pixel_cache is None:
+        return dataset
+    build_pixel_cache(cfg.pixel_cache, cfg.cache, dataset.views.root)
+    return ViewDataset(cfg.cache, cfg.root, cfg.pixel_cache)
+
+
+def prepare(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
+    """Every input checked, the pixel cache ready."""
+    teacher, dataset = load_inputs(cfg)
+    return teacher, with_pixel_cache(cfg, dataset)
+
+
+def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir]:
+    device = resolve_device(cfg.device)
+    teacher, dataset = load_inputs(cfg)
+    maps = attention_names(cfg.cache, teacher.experts, required="att" in cfg.losses)
+    student = build_student(cfg.student, teacher.n_classes, cfg.student_init, seed=cfg.seed)  # before the pixel cache's build
+    dataset = with_pixel_cache(cfg, dataset)
+    rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(cfg, teacher), resume)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = student.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = ckpt.restore(model, opt, rng) if ckpt else 0
+    p = cfg.batch_size // cfg.instances
+    per_epoch = steps_per_epoch(teacher.labels, p, cfg.instances)
+    total = per_epoch * cfg.epochs
+    workers = resolve_workers(cfg.workers, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        batches = pk_batches(teacher.labels, p, cfg.instances, rng)
+        views = [rng.integers(0, teacher.n_views[b]) if cfg.views == "cached" else np.zeros(len(b), np.int64) for b in batches]
+        keys = [[(int(teacher.images[i]), int(v)) for i, v in zip(b, vv)] for b, vv in zip(batches, views)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda")
+        sums = dict.fromkeys(("loss", *LOSSES, "acc"), 0.0)
+        bar = progress(zip(batches, views, loader), total=len(batches), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        for i, (imgs, vv, pixels) in enumerate(bar):
+            set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
+            b = teacher_batch(teacher, imgs, vv, cfg.cache, maps, device)
+            with autocast:
+                out = model.outputs(normalize(pixels.to(device, non_blocking=True)))
+            terms = loss_terms(out, b, cfg.margin)
+            values = {}
+            loss = b.f_t.new_zeros(())
+            for name, fn in terms.items():
+                w = cfg.weight(name)
+                if w:
+                    values[name] = fn()
+                    loss = loss + w * values[name]
+                else:  # switched off: logged, not trained
+                    with torch.no_grad():
+                        values[name] = fn()
+            rd.check_finite(loss, epoch, i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums["loss"] += float(loss.detach())
+            for name, v in values.items():
+                sums[name] += float(v.detach())
+            sums["acc"] += float((out.logits.argmax(1) == b.y).float().mean())
+        n = max(1, len(batches))
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **{k: (v / n if k in ("loss", "acc") or k != "att" or maps else "") for k, v in sums.items()},
+               "lr": opt.param_groups[0]["lr"], "seconds": seconds, "images_per_s": sum(map(len, batches)) / max(seconds, 1e-9)}
+        state = training_state(opt, rng)
+        rd.checkpoint(epoch + 1, model.state_dict(), state, row)
+        logger.info("epoch %d: loss %.4f (id %.4f, kd %.4f, feat %.4f) acc %.3f, %.1f img/s", epoch + 1, row["loss"],
+                    row["id"], row["kd"], row["feat"], row["acc"], row["images_per_s"])
+    model.eval()
+    return model, rd
+
