@@ -108,7 +108,7 @@ def test_replayed_views_equal_the_pixels_extraction_fed_the_backbones(market_cac
     from featcache.distill.data import ViewDataset
     from featcache.distill.pixelcache import build_pixel_cache
     from featcache.extract.runner import run_extract
-    from tests.conftest import extract_cfg, record_mapper_inputs
+    from conftest import extract_cfg, record_mapper_inputs
 
     fed = record_mapper_inputs(monkeypatch)
     cache = tmp_path / "again.h5"
@@ -221,7 +221,7 @@ def test_losses_switch_terms_off_and_every_term_is_logged(market_cache, gate_run
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(market_cache, gate_run, tmp_path, monkeypatch):
     from featcache.distill.runner import run_distill
-    from tests.conftest import interrupt_after_epoch
+    from conftest import interrupt_after_epoch
 
     whole = run_distill(dcfg(market_cache, gate_run, tmp_path / "whole", epochs=3, pixel_cache=tmp_path / "px.h5"))
     undo = interrupt_after_epoch(monkeypatch, 2)
@@ -282,7 +282,7 @@ def test_distillation_lowers_each_kd_term_and_agrees_more_with_the_teacher_than_
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate
     from featcache.synth import SynthConfig, generate
-    from tests.conftest import extract_cfg
+    from conftest import extract_cfg
 
     root, cache, gate = tmp_path / "market", tmp_path / "c.h5", tmp_path / "gate"
     generate(SynthConfig(root, "market1501", ids=24, cams=3, seed=3))

@@ -182,3 +182,22 @@ def test_cross_domain_gallery_cache(market_cache, tmp_path):
     assert rep["evaluated_on"] == str(other) and rep["protocol"]["dataset"] == "veri776"  # the protocol of the evaluated data
     alone = run_eval(EvalConfig(other, "backbone:clip-tiny")).report
     assert (rep["mAP"], rep["query_size"], rep["gallery_size"]) == (alone["mAP"], alone["query_size"], alone["gallery_size"])
+
+
+def test_topk_agreement_by_hand():
+    """Two models, two queries, a gallery of five: overlaps counted by hand, junk left out of both rankings."""
+    from featcache.evaluation.metrics import topk_agreement
+
+    eye = np.eye(5, dtype=np.float32)
+    g = eye
+    # query 0 prefers gallery 0 > 1 > 2 > ... in model a, 4 > 3 > 0 in model b; top-2 overlap {0,1} vs {4,3}: 0
+    qa = np.array([[5, 4, 3, 2, 1], [1, 2, 3, 4, 5]], np.float32)
+    qb = np.array([[3, 0, 0, 4, 5], [1, 2, 3, 4, 5]], np.float32)
+    pids, cams = np.array([1, 2]), np.array([1, 1])
+    g_pids, g_cams = np.array([9, 9, 9, 9, 9]), np.array([2, 2, 2, 2, 2])
+    assert topk_agreement(qa, g, qb, g, pids, cams, g_pids, g_cams, k=2) == pytest.approx((0 + 1) / 2)
+    assert topk_agreement(qa, g, qb, g, pids, cams, g_pids, g_cams, k=3) == pytest.approx((1 / 3 + 1) / 2)
+    # gallery 4 is junk for query 1 (same identity and camera): both top-2 become {3, 2}
+    g_pids2, g_cams2 = np.array([9, 9, 9, 9, 2]), np.array([2, 2, 2, 2, 1])
+    qb2 = np.array([[5, 4, 3, 2, 1], [0, 0, 4, 5, 9]], np.float32)
+    assert topk_agreement(qa, g, qb2, g, pids, cams, g_pids2, g_cams2, k=2) == pytest.approx(1.0)

@@ -127,7 +127,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cach
 def test_view_pixels_are_what_the_backbones_saw(market_root, tmp_path, monkeypatch):
     """Rebuilding a view from the cache's stored parameters gives the exact uint8 tensor extraction fed the backbones."""
     from featcache.cache.pixels import ViewPixels, view_pixels
-    from tests.conftest import record_mapper_inputs
+    from conftest import record_mapper_inputs
 
     seen = record_mapper_inputs(monkeypatch)
     out = tmp_path / "c.h5"

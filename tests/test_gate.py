@@ -160,7 +160,7 @@ def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(fcache, tmp_path, monkeypatch):
-    from tests.conftest import interrupt_after_epoch
+    from conftest import interrupt_after_epoch
 
     full = run_train_gate(cfg(fcache, tmp_path / "full", epochs=4))
     undo = interrupt_after_epoch(monkeypatch, 2)
