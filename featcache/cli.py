@@ -20,7 +20,7 @@ from click.core import ParameterSource
 
 from featcache import __version__
 from featcache.config import StageConfig, load_yaml, option_name, parse_set
-from featcache.errors import ConfigError, FeatcacheError
+from featcache.errors import ConfigError, FeatcacheError, one_line
 from featcache.registry import nearest
 from featcache.runtime import DEVICES
 
@@ -59,7 +59,7 @@ class FeatcacheGroup(click.Group):
         except FeatcacheError as exc:
             if ctx.meta.get("featcache.debug"):
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # a file the system refused (permissions, a full disk): name it, no traceback
             if ctx.meta.get("featcache.debug") or not exc.filename:
@@ -366,7 +366,7 @@ def distill(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def profile(models: tuple[str, ...], device: str, image_size: str | None, batches: str, repeats: int, as_json: bool) -> None:
     """Parameters, FLOPs per image, latency, images/s and peak memory of a student or the whole teacher."""
-    from featcache.distill.profile import format_profile, profile_model
+    from featcache.distill.profile import format_profile, profile_models
     from featcache.preprocess import parse_size
 
     try:
@@ -376,22 +376,23 @@ def profile(models: tuple[str, ...], device: str, image_size: str | None, batche
         raise ConfigError(f"--image-size/--batch: {exc}") from None
     if repeats < 1 or not sizes or min(sizes) < 1:
         raise ConfigError("--repeats and --batch sizes must be at least 1")
-    rows = [profile_model(m, device=device, image_size=size, batch_sizes=sizes, repeats=repeats) for m in models]
+    rows = profile_models(models, device=device, image_size=size, batch_sizes=sizes, repeats=repeats)
     click.echo(json.dumps(rows, indent=2) if as_json else format_profile(rows))
 
 
 @main.command()
 @click.argument("model")
 @click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The ONNX file to write.")
+@click.option("--atol", type=float, default=None, help="Tolerance of the ONNX Runtime check, in units of the embedding's largest value  [default: 1e-3].")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (torch's dynamo exporter writes 18 and up; lower ones use the TorchScript exporter).")
-def export(model: str, onnx_out: Path, opset: int) -> None:
+def export(model: str, onnx_out: Path, opset: int, atol: float | None) -> None:
     """Export student:RUN_DIR to ONNX (dynamic batch), checked against PyTorch with ONNX Runtime at batch 1 and 3."""
     from featcache.distill.export import export_onnx
 
     kind, sep, ref = model.partition(":")
     if kind != "student" or not ref:
         raise ConfigError(f"MODEL {model!r}: expected student:RUN_DIR (only students are exported)")
-    res = export_onnx(Path(ref), onnx_out, opset=opset)
+    res = export_onnx(Path(ref), onnx_out, opset=opset, **({"atol": atol} if atol is not None else {}))
     click.echo(f"{res['path']}: checked with ONNX Runtime against PyTorch: " + json.dumps({k: v for k, v in res.items() if k != 'path'}))
 
 

@@ -35,3 +35,15 @@ class RunError(FeatcacheError, RuntimeError):
     """A failure while running (exit 1)."""
 
     exit_code = 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The message to print for ``exc``. An error raised in a DataLoader worker comes back from torch wrapped
+    ("Caught InputError in DataLoader worker process 0. Original Traceback ..."), with the worker's
+    traceback in the message: its own message is the last line, after the exception's name."""
+    msg = str(exc)
+    if "Original Traceback" not in msg:
+        return msg
+    last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+    name, sep, rest = last.partition(": ")
+    return rest if sep and name.rsplit(".", 1)[-1] == type(exc).__name__ else last

@@ -193,6 +193,13 @@ def test_teacher_inputs_are_checked(market_cache, gate_run, tmp_path):
     (missing / "teacher_targets.h5").unlink()
     with pytest.raises(InputError, match="teacher targets .* not found"):
         load_teacher(missing, market_cache)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(gate_run, swapped)
+    w = load_file(swapped / "model.safetensors")
+    w["neck.bias"] = w["neck.bias"] + 1 if "neck.bias" in w else w[next(iter(w))] + 1
+    save_file(w, str(swapped / "model.safetensors"))
+    with pytest.raises(InputError, match="was made by other weights than"):
+        load_teacher(swapped, market_cache)
     other = tmp_path / "other-cache"
     shutil.copytree(gate_run, other)
     meta = (other / "run.json").read_text()
@@ -255,12 +262,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(market_cache, gate_ru
     assert (tmp_path / "nan" / "ckpt" / "last").read_text().strip() == "1" and not (tmp_path / "nan" / "model.safetensors").exists()
 
 
-def test_bad_dataset_root_and_mismatched_resume(market_cache, gate_run, tmp_path):
+def test_bad_dataset_root_changed_images_and_mismatched_resume(market_cache, market_root, gate_run, tmp_path):
     from featcache.distill.runner import run_distill
 
     with pytest.raises(InputError, match="--root .* is not the folder"):
         run_distill(dcfg(market_cache, gate_run, tmp_path / "r", root=tmp_path))
     assert not (tmp_path / "r").exists()  # refused before anything was written
+    root = tmp_path / "root"
+    shutil.copytree(market_root, root)
+    victims = sorted((root / "bounding_box_train").glob("*.jpg"))[2:4]
+    for v in victims:
+        v.write_bytes(v.read_bytes() + b"\0")
+    with pytest.raises(InputError, match=f"2 training image\\(s\\) under .* changed .*{victims[0].name}, .*{victims[1].name}"):
+        run_distill(dcfg(market_cache, gate_run, tmp_path / "r", root=root))
+    assert not (tmp_path / "r").exists()
     run_distill(dcfg(market_cache, gate_run, tmp_path / "r", epochs=1))
     with pytest.raises(InputError, match="--resume with another config \\(student"):
         run_distill(dcfg(market_cache, gate_run, tmp_path / "r", epochs=1, student="mobilenet_v3_large"), resume=True)

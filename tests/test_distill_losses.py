@@ -53,3 +53,15 @@ def test_attention_pairs_resizes_and_mixes_by_gate():
     assert got.item() == pytest.approx(2 * want.item(), rel=1e-5)
     same = attention_loss([ra.view(2, 4, 2)], [[a, a]], torch.full((2, 2), 0.5))
     assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_gates_mix_each_images_experts_with_that_images_weights():
+    """Asymmetric gates, so mixing by the wrong axis (images for experts) gives another map."""
+    torch.manual_seed(1)
+    a, b = torch.rand(2, 8, 4), torch.rand(2, 8, 4)
+    gates = torch.tensor([[0.7, 0.3], [0.2, 0.8]])  # rows: images; columns: experts
+    m = mixed_teacher_map([a, b], gates, (8, 4))
+    ua, ub = a.flatten(1) / a.flatten(1).norm(dim=1, keepdim=True), b.flatten(1) / b.flatten(1).norm(dim=1, keepdim=True)
+    for i in range(2):
+        want = gates[i, 0] * ua[i] + gates[i, 1] * ub[i]
+        torch.testing.assert_close(m[i], want / want.norm())

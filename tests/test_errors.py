@@ -146,3 +146,24 @@ def test_a_refused_train_gate_leaves_no_run_directory(env):
 def test_info_describes_a_synthetic_feature_cache(env):
     res = CliRunner().invoke(main, ["info", str(env["feat"])])
     assert res.exit_code == 0 and "synthetic features" in res.output and "backbone clip-sim" in res.output
+
+
+class _Refusing:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from featcache.errors import InputError
+
+        raise InputError(f"image{i}.jpg changed since it was extracted")
+
+
+def test_an_error_raised_in_a_dataloader_worker_prints_its_own_line():
+    import torch
+
+    from featcache.errors import InputError, one_line
+
+    with pytest.raises(InputError) as exc:
+        list(torch.utils.data.DataLoader(_Refusing(), num_workers=1))
+    assert "Original Traceback" in str(exc.value)  # what torch hands back
+    assert one_line(exc.value) == "image0.jpg changed since it was extracted"

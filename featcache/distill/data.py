@@ -26,7 +26,8 @@ from featcache.distill.pixelcache import PixelReader
 from featcache.errors import InputError
 from featcache.gate.targets import TARGETS, TeacherTargets
 from featcache.preprocess import view_of
-from featcache.training.rundir import RunDir
+from featcache.progress import progress
+from featcache.training.rundir import RunDir, state_digest
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Teacher:
 
 def load_teacher(gate: Path, cache: Path) -> Teacher:
     """The targets of gate run ``gate``, refused when unfinished, missing, or made from another cache."""
-    rd, _, meta, _ = RunDir.open(Path(gate), "train-gate")
+    rd, _, meta, weights = RunDir.open(Path(gate), "train-gate")
     with open_cache(cache) as f:
         ident = read_identity(f, cache)
         view_start_all = f["images/view_start"][...]
@@ -70,6 +71,9 @@ def load_teacher(gate: Path, cache: Path) -> Teacher:
     targets = TeacherTargets.load(path, ident.digest())
     if targets.experts != list(meta["experts"]) or targets.label_pids.tolist() != list(meta["pids"]):
         raise InputError(f"{path} belongs to another gate run than {gate} (experts or identities differ); train the gate again")
+    if targets.weights_digest is not None and targets.weights_digest != state_digest(weights):
+        raise InputError(f"{path} was made by other weights than {gate}/model.safetensors (another run's targets, or the "
+                         "weights were replaced); train the gate again")
     images, first = np.unique(targets.image, return_index=True)
     labels = targets.label[first]
     n_views = np.bincount(np.searchsorted(images, targets.image), minlength=len(images))
@@ -125,9 +129,23 @@ class ViewDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
-def check_root(root: Path, cache: Path, paths: np.ndarray) -> None:
-    """Refuse a dataset root that does not hold the cache's images (naming the first missing file)."""
-    missing = [p for p in paths if not (root / p).is_file()]
+def check_images(views: ViewPixels, rows: np.ndarray) -> None:
+    """Refuse, before training starts, a dataset root that lacks the cache's images or holds changed ones
+    (their SHA-1 differs from the one extraction recorded): all of them named, not the first one met mid-run."""
+    missing, changed = [], []
+    for i in progress(rows, desc="checking images", unit="img", leave=False):
+        path = views.root / views.paths[i]
+        try:
+            data = path.read_bytes()
+        except OSError:
+            missing.append(views.paths[i])
+            continue
+        if hashlib.sha1(data).hexdigest().encode() != views.sha1[i]:
+            changed.append(views.paths[i])
     if missing:
-        raise InputError(f"--root {root} is not the folder {cache} was extracted from: {len(missing)} of its {len(paths)} "
-                         f"training images are missing there (first: {missing[0]})")
+        raise InputError(f"--root {views.root} is not the folder {views.cache} was extracted from: {len(missing)} of its "
+                         f"{len(rows)} training images are missing there (first: {missing[0]})")
+    if changed:
+        raise InputError(f"{len(changed)} training image(s) under {views.root} changed since they were extracted into "
+                         f"{views.cache} (their SHA-1 differs): {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}; "
+                         "extract again, or point --root at the images that were extracted")

@@ -95,6 +95,23 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
     return row
 
 
+def profile_models(specs: list[str] | tuple[str, ...], device: str = "auto", **kw) -> list[dict]:
+    """``profile_model`` of each spec. On CPU, with more than one model, each runs in a fresh process: peak
+    memory there is the process's peak RSS, which never falls, so a model profiled after another would
+    inherit its peak."""
+    specs = list(specs)
+    if len(specs) < 2 or resolve_device(device).type != "cpu":
+        return [profile_model(s, device, **kw) for s in specs]
+    import concurrent.futures
+    import multiprocessing
+
+    rows = []
+    for s in specs:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(profile_model, s, device, **kw).result())
+    return rows
+
+
 # ---------------------------------------------------------------------- the two kinds
 def _student(run: Path, dev: torch.device, fallback: tuple[int, int] | None):
     from featcache.distill.load import load_student

@@ -166,7 +166,13 @@ def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
                 f"(torchvision's cache; TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}); not downloaded: {reason}. "
                 f"Supply them: copy {os.path.basename(url)} (from {url}) there, or pass --student-init PATH to a local file")
         logger.info("downloading %s to %s", url, path)
-    return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # a refused download, a proxy error, a hash mismatch, a damaged file
+        raise WeightsNotFoundError(
+            f"--student {arch} --student-init imagenet: torchvision's ImageNet weights could not be loaded from {path} "
+            f"or {url} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Supply them: copy "
+            f"{os.path.basename(url)} there, or pass --student-init PATH to a local file") from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

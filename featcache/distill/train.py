@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from featcache.distill.config import LOSSES, DistillConfig
-from featcache.distill.data import Teacher, ViewDataset, attention_names, check_root, load_teacher, read_teacher_maps
+from featcache.distill.data import Teacher, ViewDataset, attention_names, check_images, load_teacher, read_teacher_maps
 from featcache.distill.losses import attention_loss, feature_loss, kd_loss, relation_loss
 from featcache.distill.pixelcache import build_pixel_cache
 from featcache.distill.students import Student, StudentOutputs, build_student, normalize
@@ -111,7 +111,7 @@ def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
         raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "
                          f"{p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
     dataset = ViewDataset(cfg.cache, cfg.root, None)
-    check_root(dataset.views.root, cfg.cache, dataset.views.paths[teacher.images])
+    check_images(dataset.views, teacher.images)
     return teacher, dataset
 
 
@@ -131,6 +131,7 @@ def prepare(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
 
 def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir]:
     device = resolve_device(cfg.device)
+    RunDir.refuse_existing(cfg.out, resume)  # before the slow checks and builds below
     teacher, dataset = load_inputs(cfg)
     maps = attention_names(cfg.cache, teacher.experts, required="att" in cfg.losses)
     student = build_student(cfg.student, teacher.n_classes, cfg.student_init, seed=cfg.seed)  # before the pixel cache's build

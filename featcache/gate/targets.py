@@ -6,15 +6,15 @@
 ``feature`` (the fused 2048-d F_t before BN), ``logits`` (z_t) and ``gates``
 (the expert weights at inference); ``label_pids`` maps labels to dataset
 identities. Attributes record the cache (path and identity digest), the run
-and the experts, so a reader can refuse targets made from another cache or
-run.
+and the experts, and ``weights_digest`` the gate weights they came from, so a
+reader can refuse targets made from another cache or run.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -26,6 +26,7 @@ from featcache.fileio import atomic_write
 from featcache.gate.data import TrainData
 from featcache.gate.model import GateModel
 from featcache.gate.outputs import infer_rows
+from featcache.training.rundir import state_digest
 
 TARGETS = "teacher_targets.h5"
 TARGETS_FORMAT = "featcache-teacher-targets"
@@ -38,13 +39,14 @@ def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> 
     fused, _, logits, gates, _ = infer_rows(model, data.feats, rows, data.route)
     image_of_row = np.repeat(np.arange(len(data.n_views)), data.n_views)
     view_of_row = rows - data.row_start[image_of_row]
+    digest = state_digest(model.state_dict())
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(
                 format=TARGETS_FORMAT, format_version=TARGETS_VERSION, featcache_version=__version__,
                 cache=str(Path(cache).resolve()), cache_identity=data.identity.digest(), run=str(Path(run).resolve()),
-                experts=json.dumps(data.experts), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                experts=json.dumps(data.experts), weights_digest=digest, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 doc="one row per cached view of each training image; image = row in the cache's images/, view = its view index",
             )
             f.create_dataset("image", data=data.images[image_of_row].astype(np.int64))
@@ -75,6 +77,8 @@ class TeacherTargets:
     feature: np.ndarray
     logits: np.ndarray
     gates: np.ndarray
+    weights_digest: str | None = None  # ``state_digest`` of the gate's final weights (None: written before it was recorded)
+    _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, path: Path, cache_identity: str | None = None) -> "TeacherTargets":
@@ -95,16 +99,21 @@ class TeacherTargets:
             if cache_identity is not None and f.attrs["cache_identity"] != cache_identity:
                 raise InputError(f"{path} was made from another cache (identity {f.attrs['cache_identity']}, this cache {cache_identity})")
             arrays = {k: f[k][...] for k in ("image", "view", "label", "label_pids", "feature", "logits", "gates")}
-            return cls(path, json.loads(f.attrs["experts"]), str(f.attrs["cache_identity"]), str(f.attrs["run"]), **arrays)
+            digest = f.attrs.get("weights_digest")
+            return cls(path, json.loads(f.attrs["experts"]), str(f.attrs["cache_identity"]), str(f.attrs["run"]), **arrays,
+                       weights_digest=str(digest) if digest is not None else None)
 
     def rows(self, images: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Target rows of (cache image row, view) pairs; a pair with no target is an error."""
-        key = self.image * 256 + self.view
-        order = np.argsort(key)
+        if self._sorted is None:  # sorted once: rows() runs every training step
+            key = self.image * 256 + self.view
+            order = np.argsort(key)
+            self._sorted = (key[order], order)
+        skey, order = self._sorted
         want = np.asarray(images, dtype=np.int64) * 256 + np.asarray(views, dtype=np.int64)
-        pos = np.searchsorted(key[order], want)
+        pos = np.searchsorted(skey, want)
         pos = np.minimum(pos, len(order) - 1)
-        found = key[order][pos] == want
+        found = skey[pos] == want
         if not found.all():
             i = int(np.flatnonzero(~found)[0])
             raise InputError(f"{self.path} has no target for image row {int(images[i])}, view {int(views[i])}")

@@ -20,6 +20,7 @@ is unfinished, and evaluating it is refused.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -57,6 +58,16 @@ class Checkpoint:
         return self.epoch
 
 
+def state_digest(weights: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of a state dict (names, dtypes, shapes, values): which weights a derived file came from."""
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        v = weights[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def training_state(opt: torch.optim.Optimizer, rng) -> dict[str, Any]:
     """What a checkpoint needs beyond the weights to continue exactly: optimizer and RNG states."""
     return {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
@@ -69,13 +80,18 @@ class RunDir:
         self.path, self.command = Path(path), command
 
     # ------------------------------------------------------------------ starting
+    @staticmethod
+    def refuse_existing(path: Path, resume: bool) -> None:
+        """An existing run without --resume is refused (``start`` checks it too; stages call this first to fail fast)."""
+        if (Path(path) / CONFIG).is_file() and not resume:
+            raise InputError(f"{path} already holds a run; pass --resume to continue it or choose another --out")
+
     @classmethod
     def start(cls, path: Path, cfg: StageConfig, meta: dict[str, Any], resume: bool) -> tuple["RunDir", Checkpoint | None]:
         """Create the run directory, or check that the one to resume belongs to the same inputs and config."""
         rd = cls(path, cfg.command)
         if (rd.path / CONFIG).is_file():
-            if not resume:
-                raise InputError(f"{rd.path} already holds a run; pass --resume to continue it or choose another --out")
+            cls.refuse_existing(rd.path, resume)
             saved_cfg, saved_meta = rd.read_config(), rd.meta()
             if saved_meta != meta:
                 diff = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
