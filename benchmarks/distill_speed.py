@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from featcache.distill.config import DistillConfig  # noqa: E402
 from featcache.distill.data import ViewDataset, load_teacher  # noqa: E402
 from featcache.distill.pixelcache import build_pixel_cache  # noqa: E402
-from featcache.distill.profile import profile_model  # noqa: E402
+from featcache.distill.profile import profile_models  # noqa: E402
 from featcache.distill.runner import run_distill  # noqa: E402
 from featcache.extract.config import ExtractConfig  # noqa: E402
 from featcache.extract.runner import run_extract  # noqa: E402
@@ -131,8 +131,8 @@ def profile_part(tmp: Path, cache: Path, gate: Path, args) -> None:
                                experts={"clip-vit-b16": ("open_clip", 768), "align-b7": ("align", 640)})
     big_gate = tmp / "gate-full"
     run_train_gate(GateConfig(cache=feat, out=big_gate, epochs=1, device=args.device))
-    rows = [profile_model(f"student:{student}", args.device, batch_sizes=(1, 64), repeats=args.repeats),
-            profile_model(f"gate:{big_gate}", args.device, image_size=(256, 256), batch_sizes=(1, 64), repeats=args.repeats)]
+    rows = profile_models([f"student:{student}", f"gate:{big_gate}"], args.device, image_size=(256, 256),
+                          batch_sizes=(1, 64), repeats=args.repeats)  # on CPU each in its own process (RSS)
     s, t = rows
     print(f"\n2. inference at {s['image_size']} on {s['device']}, median of {args.repeats}")
     for r in rows:
