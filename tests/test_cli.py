@@ -156,6 +156,7 @@ def test_extract_gate_distill_eval_export_profile_through_the_command_line(marke
     out = ok("export", f"student:{student}", "--onnx", tmp_path / "s.onnx")
     assert "checked with ONNX Runtime" in out
     assert onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
-    rows = json.loads(ok("profile", "--model", f"student:{student}", "--model", f"gate:{gate}", "--batch", "1,2", "--repeats", "1", "--json"))
-    assert len(rows) == 2 and all(row["flops_per_image"] > 0 for row in rows)
+    # one model per call: several are profiled in fresh processes on CPU (tests/test_profile_export.py, slow set)
+    rows = json.loads(ok("profile", "--model", f"gate:{gate}", "--batch", "1,2", "--repeats", "1", "--json"))
+    assert len(rows) == 1 and rows[0]["flops_per_image"] > 0 and rows[0]["kind"] == "gate"
     assert "student" in ok("profile", "--model", f"student:{student}", "--batch", "1", "--repeats", "1")

@@ -24,6 +24,7 @@ and tokens the cache stores (a few percent at most over the pooled feature alone
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import resource
 import statistics
@@ -86,7 +87,7 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
         "peak_memory_kind": ("process peak RSS (resource.getrusage ru_maxrss) after each batch size, whole process so far" if cpu
                              else "torch.cuda.max_memory_allocated per batch size, weights included"),
         "device": _device_name(dev), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        "batch_sizes": list(sizes), "repeats": repeats,
+        "batch_sizes": list(sizes), "repeats": repeats, "pid": os.getpid(),
         "timing": f"median of {repeats} timed runs after {WARMUP} warm-up runs, torch.inference_mode",
         "image_size": [h, w],
     })
