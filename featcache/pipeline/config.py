@@ -1,0 +1,154 @@
+"""A pipeline file: one typed section per stage, checked as a whole before any stage runs.
+
+``pipelines/NAME.yaml`` has a ``pipeline:`` section (``PipelineConfig``: the
+output folder, seeds, which fusions and models to run) and one section per
+stage, each the stage's own config (``synth``, ``extract``, ``train-gate``,
+``distill``, ``eval``) less the keys the pipeline sets itself (where the cache,
+runs and reports go, the seed, the fusion). ``--set section.key=value``
+overrides any key. Every section is built into its dataclass at load time, so
+an unknown key (with the nearest suggested), a wrong type or a dataset root
+that does not exist fails before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from featcache.config import StageConfig, parse_set
+from featcache.distill.config import DistillConfig
+from featcache.errors import ConfigError, InputError
+from featcache.evaluation.runner import EvalConfig
+from featcache.extract.config import ExtractConfig
+from featcache.gate.config import GateConfig
+from featcache.registry import nearest
+from featcache.synth import SynthConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(StageConfig):
+    """``pipeline:``: what to run, and where its outputs go."""
+
+    command = "pipeline"
+
+    out: Path = Path("outputs/pipeline")
+    seeds: tuple[int, ...] = (42,)          # each gate and student is trained once per seed; the report gives mean ± std
+    fusions: tuple[str, ...] = ("moe-top1",)  # one train-gate run per fusion (and seed), each a row of the report
+    teacher: str = "moe-top1"               # the fusion whose gate the student distils
+    experts_alone: bool = True              # evaluate each cached backbone alone (backbone:PRESET rows)
+    concat: bool = True                     # evaluate the raw concatenation of the backbones (concat: row)
+    distill: bool = True                    # train and evaluate the student
+    profile: bool = True                    # parameters, FLOPs and latency of the teacher and the student
+    profile_batch: tuple[int, ...] = (1, 64)
+    profile_repeats: int = 5
+    ranked_lists: bool = True               # ranked-list grids of the teacher and the student in the report
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"pipeline.seeds {list(self.seeds)}: expected one or more distinct seeds")
+        if not self.fusions:
+            raise ConfigError("pipeline.fusions: expected at least one fusion")
+        if self.distill and self.teacher not in self.fusions:
+            raise ConfigError(f"pipeline.teacher {self.teacher!r} must be one of pipeline.fusions {list(self.fusions)}")
+        if not self.profile_batch or min(self.profile_batch) < 1 or self.profile_repeats < 1:
+            raise ConfigError("pipeline.profile_batch and profile_repeats: expected positive numbers")
+
+
+#: the stage sections and their configs, in the order they run
+SECTIONS: dict[str, type[StageConfig]] = {
+    "synth": SynthConfig, "extract": ExtractConfig, "train-gate": GateConfig, "distill": DistillConfig, "eval": EvalConfig,
+}
+#: keys each section may not set: the pipeline sets them (placeholders stand in while checking)
+MANAGED: dict[str, dict[str, Any]] = {
+    "synth": {"out": Path("data")},
+    "extract": {"out": Path("cache.h5")},
+    "train-gate": {"cache": Path("cache.h5"), "out": Path("gate"), "seed": 0, "fusion": "moe-top1"},
+    "distill": {"cache": Path("cache.h5"), "gate": Path("gate"), "out": Path("student"), "seed": 0},
+    "eval": {"cache": Path("cache.h5"), "model": "backbone:x", "json_out": None, "plots": None, "agree_with": None,
+             "save_features": None, "ranks": tuple(range(1, 21))},
+}
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A loaded pipeline: its settings, each section's own values (checked), and the file it came from."""
+
+    source: Path
+    settings: PipelineConfig
+    sections: dict[str, dict[str, Any]]
+
+    @property
+    def out(self) -> Path:
+        return self.settings.out
+
+    def stage_config(self, section: str, **managed: Any) -> StageConfig:
+        """The section's config with the pipeline's own values filled in."""
+        return SECTIONS[section].build((f"{self.source} [{section}]", self.sections.get(section, {})), ("pipeline", managed))
+
+    def resolved(self) -> dict[str, Any]:
+        """The pipeline as run: settings and sections, plain YAML data (saved beside the outputs)."""
+        return {"pipeline": self.settings.to_dict(absolute=True), **{k: dict(v) for k, v in self.sections.items()}}
+
+
+def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = None) -> Pipeline:
+    """Read, override (``--set section.key=value``, ``--out``) and check a pipeline file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the pipeline file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: expected a mapping of sections (pipeline, {', '.join(SECTIONS)}) to mappings of keys")
+    known = ["pipeline", *SECTIONS]
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"{path}: unknown section {name!r}{nearest(str(name), known)}; sections are {', '.join(known)}")
+    sections = {str(k): {str(kk).replace("-", "_"): vv for kk, vv in v.items()} for k, v in data.items()}
+    for name, values in _parse_sets(sets, known).items():
+        sections.setdefault(name, {}).update(values)
+    if out is not None:
+        sections.setdefault("pipeline", {})["out"] = str(out)
+    settings = PipelineConfig.build((f"{path} [pipeline]", sections.pop("pipeline", {})))
+    for name, values in sections.items():
+        taken = sorted(set(values) & set(MANAGED[name]))
+        if taken:
+            raise ConfigError(f"{path} [{name}]: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the pipeline "
+                              f"(outputs go under pipeline.out; seeds and fusions are listed in the pipeline section)")
+    p = Pipeline(path, settings, sections)
+    if "extract" not in sections:
+        raise ConfigError(f"{path}: no extract section (dataset, backbones, ...): a pipeline starts from a cache")
+    for name in sections:  # every section checked now: nothing runs on a half-valid pipeline
+        p.stage_config(name, **_placeholders(name, sections))
+    for fusion in settings.fusions:
+        p.stage_config("train-gate", **{**MANAGED["train-gate"], "fusion": fusion})
+    if "synth" not in sections:
+        root = Path(sections["extract"].get("root", ""))
+        if not root.exists():
+            raise InputError(f"{path} [extract]: root {root} does not exist (expected the dataset in its official layout, "
+                             "or a synth section that generates one)")
+    return p
+
+
+def _placeholders(name: str, sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    managed = dict(MANAGED[name])
+    if name == "extract" and "synth" in sections:
+        managed["root"] = Path("data")
+    return managed
+
+
+def _parse_sets(sets: tuple[str, ...], known: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for pair in sets:
+        key = pair.partition("=")[0]
+        section, dot, field = key.partition(".")
+        if not dot or not field:
+            raise ConfigError(f"--set {pair!r}: expected SECTION.KEY=VALUE, e.g. --set distill.epochs=10 (sections: {', '.join(known)})")
+        if section not in known:
+            raise ConfigError(f"--set {pair!r}: unknown section {section!r}{nearest(section, known)}; sections are {', '.join(known)}")
+        out.setdefault(section, {}).update(parse_set((f"{field}={pair.partition('=')[2]}",)))
+    return out

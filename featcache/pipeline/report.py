@@ -1,0 +1,189 @@
+"""The report a person reads: ``OUT/report/index.md`` and its HTML rendering, with every figure linked.
+
+A table in the shape of the paper's Tables 3 and 5 (mAP, R1, R5, mINP as mean ± std over the seeds, and
+parameters, FLOPs and latency where profiled), the CMC curves of every model in one plot, the teacher's gate
+heat-map, histogram and routing curves, ranked-list examples and the loss curves. When a backbone had random
+weights the report says, first, that its numbers measure the pipeline and not the method.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.fileio import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def _mean_std(values: list[float], scale: float = 100.0) -> str:
+    v = np.asarray(values, dtype=float) * scale
+    return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def write_report(plan) -> Path:
+    """Write ``report/index.md`` and ``report/index.html`` from the pipeline's eval and profile outputs."""
+    s = plan.pipeline.settings
+    rep_dir = plan.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    reports = {row.label: [json.loads(p.read_text()) for _, p in sorted(row.json.items())] for row in plan.rows}
+    random = sorted({b for reps in reports.values() for r in reps for b in r.get("random_init_backbones", [])})
+    profile = {r["model"]: r for r in json.loads(plan.profile.read_text())} if plan.profile and plan.profile.is_file() else {}
+    lines = [f"# featcache report: {plan.pipeline.source.name}", ""]
+    if random:
+        lines += [f"> **{', '.join(random)} have random weights.** These numbers measure the pipeline, not the method: "
+                  "they are not results of MoE-KD. For the real thing, supply the weights and the dataset and run "
+                  "`featcache run pipelines/market1501.yaml` (see the README).", ""]
+    first = next(iter(reports.values()))[0]
+    lines += [f"Dataset {first['protocol']['dataset']} ({first['protocol']['rule']}); {first['query_size']} queries, "
+              f"{first['gallery_size']} gallery images; seeds {', '.join(map(str, s.seeds))} (mean ± std over seeds where "
+              f"more than one); featcache {__version__}. Pipeline as run: `{plan.out / 'pipeline.yaml'}`.", ""]
+    lines += _table(plan, reports, profile)
+    lines += ["", "## CMC", "", "![CMC curves](cmc.png)", ""]
+    _cmc_plot(plan, reports, rep_dir / "cmc.png")
+    lines += _gate_section(plan, rep_dir)
+    lines += _ranked_section(plan, rep_dir)
+    lines += _loss_section(plan, rep_dir)
+    text = "\n".join(lines) + "\n"
+    atomic_write(rep_dir / "index.md", lambda p: p.write_text(text))
+    atomic_write(rep_dir / "index.html", lambda p: p.write_text(to_html(text, f"featcache report: {plan.pipeline.source.name}")))
+    return rep_dir / "index.md"
+
+
+def _table(plan, reports: dict, profile: dict) -> list[str]:
+    head = "| model | mAP | R1 | R5 | mINP | top-10 agreement with the teacher | parameters | GFLOPs / image | latency, batch 1 |"
+    out = ["## Results", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for row in plan.rows:
+        reps = reports[row.label]
+        agree = [r["agreement"]["top_k_overlap"] for r in reps if r.get("agreement")]
+        prof = profile.get(row.spec.get(min(row.spec)) if row.spec else None, {})
+        cols = [_mean_std([r["mAP"] for r in reps]), _mean_std([r["cmc"]["1"] for r in reps]),
+                _mean_std([r["cmc"]["5"] for r in reps]), _mean_std([r["mINP"] for r in reps]),
+                _mean_std(agree) + " %" if agree else "",
+                f"{prof['parameters_used'] / 1e6:.2f} M" if prof else "",
+                f"{prof['flops_per_image'] / 1e9:.2f}" if prof else "",
+                f"{prof['latency_ms']['1']:.1f} ms" if prof and "1" in prof["latency_ms"] else ""]
+        out.append(f"| {row.label} | " + " | ".join(cols) + " |")
+    if profile:
+        p = next(iter(profile.values()))
+        out += ["", f"Parameters at inference, FLOPs per image (2 per multiply-accumulate) and latency from `featcache profile` "
+                    f"on {p['device']}, {p['image_size'][0]}x{p['image_size'][1]}; the teacher's row counts both backbones, "
+                    "the adapters and the gate (backbones with random weights: timing only)."]
+    return out
+
+
+def _cmc_plot(plan, reports: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, reps in reports.items():
+        ranks = sorted(int(k) for k in reps[0]["cmc"])
+        ax.plot(ranks, [100 * np.mean([r["cmc"][str(k)] for r in reps]) for k in ranks], marker=".", label=label)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("CMC (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _gate_section(plan, rep_dir: Path) -> list[str]:
+    s = plan.pipeline.settings
+    run = plan.gates.get((s.teacher, s.seeds[0]))
+    out = ["## The teacher's gate", ""]
+    for name, caption in (("gate_heatmap.png", "mean gate weight per camera and expert"),
+                          ("gate_hist.png", "gate weights"), ("gate_routing.png", "routing per camera over the epochs")):
+        if run is not None and (run / name).is_file():
+            shutil.copy(run / name, rep_dir / name)
+            out += [f"![{caption}]({name})", ""]
+    return out if len(out) > 2 else []
+
+
+def _ranked_section(plan, rep_dir: Path) -> list[str]:
+    out = ["## Ranked lists", ""]
+    for d in sorted((rep_dir / "ranked").glob("*")) if (rep_dir / "ranked").is_dir() else []:
+        for png in sorted(d.glob("ranked_*.png")):
+            out += [f"{d.name}: {png.stem.replace('_', ' ')}", "", f"![{d.name} {png.stem}](ranked/{d.name}/{png.name})", ""]
+    return out if len(out) > 2 else []
+
+
+def _loss_section(plan, rep_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = plan.pipeline.settings
+    runs = [("teacher", plan.gates.get((s.teacher, s.seeds[0])), ("loss", "id", "triplet")),
+            ("student", plan.students.get(s.seeds[0]), ("loss", "id", "tri", "kd", "feat", "att", "rel"))]
+    out = ["## Loss curves", ""]
+    for name, run, keys in runs:
+        if run is None or not (run / "log.csv").is_file():
+            continue
+        with (run / "log.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in keys:
+            vals = [float(r[k]) for r in rows if r.get(k) not in (None, "")]
+            if vals and min(vals) > 0:
+                ax.plot(range(1, len(vals) + 1), vals, label=k)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{name}: {run.name}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(rep_dir / f"loss_{name}.png", dpi=110)
+        plt.close(fig)
+        out += [f"![{name} losses](loss_{name}.png)", ""]
+    return out if len(out) > 2 else []
+
+
+def to_html(markdown: str, title: str) -> str:
+    """The report's own small Markdown (headings, paragraphs, quotes, tables, images, code) as one HTML page."""
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def inline(text: str) -> str:
+        import re
+
+        t = html.escape(text)
+        t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', t)
+        t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+    def flush() -> None:
+        if table:
+            rows = [r for r in table if not set("".join(r)) <= set("-: ")]
+            body.append("<table>" + "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>"
+                                                             for c in r) + "</tr>" for i, r in enumerate(rows)) + "</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{inline(line[2:])}</blockquote>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "blockquote{background:#fff4e0;border-left:4px solid #e0a000;margin:1em 0;padding:.5em 1em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")

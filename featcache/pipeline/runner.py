@@ -1,0 +1,98 @@
+"""``featcache run``: the stages of a pipeline, each skipped when its inputs and config are unchanged.
+
+A stage's key is the SHA-256 of its resolved config, the identities of its
+inputs (the dataset listing, the cache's identity digest, the digest of the
+weights it reads) and the featcache version: never timestamps. After a stage
+succeeds its key is recorded in ``OUT/.stages/``; the next run skips a stage
+whose key and outputs are unchanged, and says why it runs one. Trained runs
+live in folders named with their key, so an edited option trains anew beside
+the old run (nothing is lost), and a run killed half-way resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import yaml
+
+from featcache import __version__
+from featcache.fileio import atomic_write
+from featcache.pipeline.config import Pipeline
+
+logger = logging.getLogger(__name__)
+
+STAGES_DIR = ".stages"
+
+
+@dataclass
+class Stage:
+    """One step: its name, what decides its key (computed when its turn comes), its outputs and its work."""
+
+    name: str
+    key: Callable[[], dict[str, Any]]
+    outputs: Callable[[], list[Path]]
+    run: Callable[[], None]
+
+
+@dataclass
+class StageLog:
+    name: str
+    status: str       # ran or skipped
+    reason: str
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    stages: list[StageLog] = field(default_factory=list)
+
+    @property
+    def ran(self) -> list[str]:
+        return [s.name for s in self.stages if s.status == "ran"]
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None] = click.echo) -> PipelineResult:
+    """Run ``stages`` in order, skipping those whose key and outputs are unchanged."""
+    out = pipeline.out
+    records = out / STAGES_DIR
+    records.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "pipeline.yaml", lambda p: p.write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False)))
+    result = PipelineResult(out)
+    for i, stage in enumerate(stages, 1):
+        key = digest({"stage": stage.name, "featcache": __version__, **stage.key()})
+        rec_path = records / f"{_slug(stage.name)}.json"
+        rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
+        missing = [p for p in stage.outputs() if not p.exists()]
+        if rec is not None and rec.get("key") == key and not missing:
+            reason = "unchanged: same config, inputs and featcache version"
+            echo(f"[{i}/{len(stages)}] {stage.name}: skipped ({reason})")
+            result.stages.append(StageLog(stage.name, "skipped", reason, 0.0))
+            continue
+        reason = ("first run" if rec is None else "config or inputs changed" if rec.get("key") != key
+                  else f"outputs missing ({missing[0]})")
+        echo(f"[{i}/{len(stages)}] {stage.name}: running ({reason}) ...")
+        t0 = time.perf_counter()
+        stage.run()
+        seconds = time.perf_counter() - t0
+        atomic_write(rec_path, lambda p: p.write_text(json.dumps({"stage": stage.name, "key": key, "seconds": seconds,
+                                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)))
+        echo(f"[{i}/{len(stages)}] {stage.name}: done in {seconds:.1f} s")
+        result.stages.append(StageLog(stage.name, "ran", reason, seconds))
+    return result

@@ -1,0 +1,259 @@
+"""The stages of a pipeline, in order: synth, extract, train-gate per fusion and seed, distill per seed, eval per
+model, profile, report. Each stage's key, outputs and work; paths carry a short key, so an edit trains anew."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featcache.cache import open_cache
+from featcache.cache.store import items_digest, read_identity
+from featcache.datasets import load_listing
+from featcache.distill.data import file_digest
+from featcache.fileio import atomic_write
+from featcache.pipeline.config import Pipeline
+from featcache.pipeline.runner import Stage, digest
+
+logger = logging.getLogger(__name__)
+
+CMC_RANKS = tuple(range(1, 21))
+
+
+@dataclass
+class Row:
+    """A model of the report: its label, group, and per seed the eval JSON (and run directory)."""
+
+    label: str
+    group: str                     # expert, fusion, teacher, student
+    spec: dict[int, str] = field(default_factory=dict)     # seed -> KIND:REF
+    json: dict[int, Path] = field(default_factory=dict)    # seed -> eval report
+    run: dict[int, Path] = field(default_factory=dict)     # seed -> run directory (gate, student)
+
+
+@dataclass
+class Plan:
+    """What the stages computed so far (paths that depend on earlier outputs), shared by the stages after them."""
+
+    pipeline: Pipeline
+    out: Path
+    root: Path | None = None
+    cache: Path | None = None
+    cache_id: str = ""
+    gates: dict[tuple[str, int], Path] = field(default_factory=dict)
+    students: dict[int, Path] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    profile: Path | None = None
+
+
+def build_stages(pipeline: Pipeline) -> tuple[list[Stage], Plan]:
+    s = pipeline.settings
+    plan = Plan(pipeline, Path(s.out).absolute())
+    stages: list[Stage] = []
+    if "synth" in pipeline.sections:
+        stages.append(_synth(plan))
+    else:
+        plan.root = Path(pipeline.sections["extract"]["root"]).absolute()
+    stages.append(_extract(plan))
+    backbones = list(pipeline.stage_config("extract", **_extract_managed(plan)).backbones)
+    if s.experts_alone:
+        plan.rows += [Row(f"{b} alone", "expert", {0: f"backbone:{b}"}) for b in backbones]
+    if s.concat and len(backbones) > 1:
+        plan.rows.append(Row("raw concatenation", "fusion", {0: "concat:" + ",".join(backbones)}))
+    for fusion in s.fusions:
+        row = Row(f"{fusion}" + (" (the teacher)" if fusion == s.teacher and s.distill else ""),
+                  "teacher" if fusion == s.teacher else "fusion")
+        for seed in s.seeds:
+            stages.append(_gate(plan, fusion, seed, row))
+        plan.rows.append(row)
+    if s.distill:
+        row = Row(f"student ({pipeline.stage_config('distill', **_distill_managed()).student}, distilled)", "student")
+        for seed in s.seeds:
+            stages.append(_distill(plan, seed, row))
+        plan.rows.append(row)
+    for row in plan.rows:
+        for seed in (row.spec or {seed: None for seed in s.seeds}):
+            stages.append(_eval(plan, row, seed))
+    if s.profile:
+        stages.append(_profile(plan))
+    stages.append(_report(plan))
+    return stages, plan
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _synth(plan: Plan) -> Stage:
+    from featcache.synth import generate
+
+    plan.root = plan.out / "data"
+    cfg = plan.pipeline.stage_config("synth", out=plan.root)
+
+    def run() -> None:
+        if plan.root.exists():  # the pipeline's own folder, from an earlier config: generated anew
+            shutil.rmtree(plan.root)
+        generate(cfg)
+
+    return Stage("synth", lambda: {"config": cfg.to_dict(absolute=True)}, lambda: [plan.root], run)
+
+
+def _extract_managed(plan: Plan) -> dict[str, Any]:
+    managed: dict[str, Any] = {"out": plan.out / "cache.h5"}
+    if "synth" in plan.pipeline.sections:
+        managed["root"] = plan.out / "data"
+    return managed
+
+
+def _extract(plan: Plan) -> Stage:
+    from featcache.extract.runner import run_extract
+
+    state: dict[str, Any] = {}
+
+    def key() -> dict:
+        base = plan.pipeline.stage_config("extract", **_extract_managed(plan))
+        listing = items_digest(load_listing(base.dataset, base.root, strict=not base.skip_bad_names))
+        name = digest({"config": {k: v for k, v in base.to_dict(absolute=True).items() if k != "out"}, "listing": listing})[:8]
+        state["cfg"] = base.replace(out=plan.out / f"cache-{name}.h5")
+        plan.cache = state["cfg"].out
+        return {"config": state["cfg"].to_dict(absolute=True), "listing": listing}
+
+    def run() -> None:
+        run_extract(state["cfg"])
+
+    def outputs() -> list[Path]:
+        return [plan.cache]
+
+    return Stage("extract", key, outputs, run)
+
+
+def _cache_id(plan: Plan) -> str:
+    with open_cache(plan.cache) as f:
+        return read_identity(f, plan.cache).digest()
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
+    from featcache.gate.runner import run_train_gate
+
+    state: dict[str, Any] = {}
+
+    def key() -> dict:
+        cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
+        k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}, "cache": _cache_id(plan)}
+        out = plan.out / "gate" / f"{fusion}-seed{seed}-{digest(k)[:8]}"
+        state["cfg"] = cfg.replace(out=out)
+        plan.gates[(fusion, seed)] = row.run[seed] = out
+        row.spec[seed] = f"gate:{out}"
+        return k
+
+    def run() -> None:
+        cfg = state["cfg"]
+        run_train_gate(cfg, resume=(cfg.out / "config.yaml").is_file())  # a killed run continues
+
+    return Stage(f"train-gate {fusion} seed {seed}", key, lambda: [state["cfg"].out / "model.safetensors"], run)
+
+
+def _distill_managed() -> dict[str, Any]:
+    return {"cache": Path("cache.h5"), "gate": Path("gate"), "out": Path("student"), "seed": 0}
+
+
+def _distill(plan: Plan, seed: int, row: Row) -> Stage:
+    from featcache.distill.runner import run_distill
+
+    state: dict[str, Any] = {}
+
+    def key() -> dict:
+        gate = plan.gates[(plan.pipeline.settings.teacher, seed)]
+        cfg = plan.pipeline.stage_config("distill", cache=plan.cache, gate=gate, out=Path("student"), seed=seed)
+        if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():
+            cfg = cfg.replace(pixel_cache=plan.out / cfg.pixel_cache)
+        k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
+             "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
+        out = plan.out / "student" / f"seed{seed}-{digest(k)[:8]}"
+        state["cfg"] = cfg.replace(out=out)
+        plan.students[seed] = row.run[seed] = out
+        row.spec[seed] = f"student:{out}"
+        return k
+
+    def run() -> None:
+        cfg = state["cfg"]
+        run_distill(cfg, resume=(cfg.out / "config.yaml").is_file())
+
+    return Stage(f"distill seed {seed}", key, lambda: [state["cfg"].out / "model.safetensors"], run)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _model_digest(spec: str) -> str:
+    kind, _, ref = spec.partition(":")
+    if kind in ("gate", "student"):
+        return file_digest(Path(ref) / "model.safetensors")
+    return ""
+
+
+def _eval(plan: Plan, row: Row, seed: int) -> Stage:
+    from featcache.evaluation.runner import run_eval
+
+    s = plan.pipeline.settings
+    state: dict[str, Any] = {}
+    label = row.label.split(" (")[0]
+
+    def key() -> dict:
+        spec = row.spec[seed]
+        agree = f"gate:{plan.gates[(s.teacher, seed)]}" if row.group == "student" else None
+        first = seed == min(row.spec)
+        plots = plan.out / "report" / "ranked" / _safe(label) if s.ranked_lists and first and row.group in ("teacher", "student") else None
+        path = plan.out / "eval" / f"{_safe(label)}-seed{seed}.json"
+        cfg = plan.pipeline.stage_config("eval", cache=plan.cache, model=spec, json_out=path, plots=plots, agree_with=agree,
+                                         ranks=CMC_RANKS)
+        row.json[seed] = path
+        state["cfg"] = cfg
+        return {"config": cfg.to_dict(absolute=True), "cache": _cache_id(plan), "model": _model_digest(spec),
+                "agree": _model_digest(agree) if agree else ""}
+
+    name = f"eval {label}" + (f" seed {seed}" if row.group in ("teacher", "student") or (row.group == "fusion" and not row.spec) else "")
+    return Stage(name, key, lambda: [state["cfg"].json_out], lambda: run_eval(state["cfg"]))
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def _profile(plan: Plan) -> Stage:
+    from featcache.distill.profile import profile_models
+
+    s = plan.pipeline.settings
+    plan.profile = plan.out / "profile.json"
+
+    def specs() -> list[str]:
+        seed = s.seeds[0]
+        out = [f"gate:{plan.gates[(s.teacher, seed)]}"]
+        if s.distill:
+            out.append(f"student:{plan.students[seed]}")
+        return out
+
+    def key() -> dict:
+        device = plan.pipeline.stage_config("eval", **{"cache": plan.cache, "model": "backbone:x"}).device
+        return {"models": {m: _model_digest(m) for m in specs()}, "batch": list(s.profile_batch), "repeats": s.profile_repeats,
+                "device": device}
+
+    def run() -> None:
+        device = plan.pipeline.stage_config("eval", cache=plan.cache, model="backbone:x").device
+        rows = profile_models(specs(), device, batch_sizes=tuple(s.profile_batch), repeats=s.profile_repeats)
+        atomic_write(plan.profile, lambda p: p.write_text(json.dumps(rows, indent=1, default=str)))
+
+    return Stage("profile", key, lambda: [plan.profile], run)
+
+
+def _report(plan: Plan) -> Stage:
+    from featcache.pipeline.report import write_report
+
+    def inputs() -> list[Path]:
+        files = [p for row in plan.rows for p in row.json.values()]
+        return files + ([plan.profile] if plan.profile else [])
+
+    def key() -> dict:
+        return {"inputs": {str(p): p.read_text() for p in inputs()}, "settings": plan.pipeline.settings.to_dict(absolute=True)}
+
+    return Stage("report", key, lambda: [plan.out / "report" / "index.md", plan.out / "report" / "index.html"],
+                 lambda: write_report(plan))
