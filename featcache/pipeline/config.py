@@ -93,8 +93,9 @@ class Pipeline:
         return {"pipeline": self.settings.to_dict(absolute=True), **{k: dict(v) for k, v in self.sections.items()}}
 
 
-def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = None) -> Pipeline:
-    """Read, override (``--set section.key=value``, ``--out``) and check a pipeline file."""
+def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = None, check_paths: bool = True) -> Pipeline:
+    """Read, override (``--set section.key=value``, ``--out``) and check a pipeline file; ``check_paths``: also
+    that the dataset root exists (off to validate a shipped pipeline on a machine without the dataset)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -126,7 +127,7 @@ def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = Non
         p.stage_config(name, **_placeholders(name, sections))
     for fusion in settings.fusions:
         p.stage_config("train-gate", **{**MANAGED["train-gate"], "fusion": fusion})
-    if "synth" not in sections:
+    if "synth" not in sections and check_paths:
         root = Path(sections["extract"].get("root", ""))
         if not root.exists():
             raise InputError(f"{path} [extract]: root {root} does not exist (expected the dataset in its official layout, "

@@ -21,6 +21,9 @@ from featcache.pipeline.runner import Stage, digest
 logger = logging.getLogger(__name__)
 
 CMC_RANKS = tuple(range(1, 21))
+#: what a fusion's row is, for readers of the report (train-gate --fusion)
+FUSION_NOTES = {"clip": "CLIP expert, adapted", "align": "ALIGN expert, adapted", "concat": "adapted experts, concatenated + FC",
+                "average": "adapted experts, averaged"}
 
 
 @dataclass
@@ -64,8 +67,8 @@ def build_stages(pipeline: Pipeline) -> tuple[list[Stage], Plan]:
     if s.concat and len(backbones) > 1:
         plan.rows.append(Row("raw concatenation", "fusion", {0: "concat:" + ",".join(backbones)}))
     for fusion in s.fusions:
-        row = Row(f"{fusion}" + (" (the teacher)" if fusion == s.teacher and s.distill else ""),
-                  "teacher" if fusion == s.teacher else "fusion")
+        what = "the teacher" if fusion == s.teacher and s.distill else FUSION_NOTES.get(fusion, "")
+        row = Row(fusion + (f" ({what})" if what else ""), "teacher" if fusion == s.teacher else "fusion")
         for seed in s.seeds:
             stages.append(_gate(plan, fusion, seed, row))
         plan.rows.append(row)

@@ -1,0 +1,89 @@
+"""featcache run and demo: shipped pipelines validate, bad pipelines fail before any stage, unchanged stages skip."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from featcache.cli import main
+from featcache.errors import ConfigError, InputError
+from featcache.pipeline.config import load_pipeline
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+#: the demo, shrunk to seconds: the same stages on a smaller synthetic set
+SMALL = ["--set", "synth.ids=16", "--set", "synth.cams=3", "--set", "extract.image_size=64x32", "--set", "extract.views=3",
+         "--set", "train-gate.epochs=2", "--set", "train-gate.batch_size=16", "--set", "distill.epochs=1",
+         "--set", "distill.batch_size=16", "--set", "pipeline.profile=false", "--set", "pipeline.fusions=[concat,moe-top1]"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
+def test_every_shipped_pipeline_loads_and_validates(name):
+    p = load_pipeline(PIPELINES / name, check_paths=False)
+    assert p.settings.seeds and "extract" in p.sections
+    if name in ("market1501.yaml", "veri776.yaml"):  # the paper's protocol
+        assert p.settings.seeds == (42, 1337, 2024) and p.stage_config("distill", cache=Path("c"), gate=Path("g"), out=Path("o"), seed=1).epochs == 80
+        assert p.stage_config("train-gate", cache=Path("c"), out=Path("o"), seed=1, fusion="moe-top1").epochs == 60
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"pipeline": {"out": "OUT"}, "synth": {"ids": 8}, "extract": {"dataset": "market1501", "backbones": ["clip-tiny"]}}
+
+
+@pytest.mark.parametrize("change, sets, error, text", [
+    ({"distil": {}}, (), ConfigError, "unknown section 'distil' (did you mean 'distill'"),
+    ({"distill": {"epoch": 3}}, (), ConfigError, "unknown key 'epoch' for distill (did you mean 'epochs'"),
+    ({"train-gate": {"cache": "x.h5"}}, (), ConfigError, "[train-gate]: cache is set by the pipeline"),
+    ({}, ("distill.epochs=many",), ConfigError, "epochs: expected an integer, got 'many'"),
+    ({}, ("epochs=3",), ConfigError, "expected SECTION.KEY=VALUE"),
+    ({"pipeline": {"out": "OUT", "teacher": "average"}}, (), ConfigError, "pipeline.teacher 'average' must be one of"),
+    ({"synth": None}, (), InputError, "root data/nowhere does not exist"),
+])
+def test_a_bad_pipeline_fails_before_any_stage_runs(tmp_path, change, sets, error, text):
+    data = {k: dict(v) for k, v in BASE.items()}
+    data["pipeline"]["out"] = str(tmp_path / "out")
+    for k, v in change.items():
+        if v is None:
+            data.pop(k)
+            data["extract"]["root"] = "data/nowhere"
+        else:
+            data[k] = v
+    with pytest.raises(error) as exc:
+        load_pipeline(write(tmp_path, data), tuple(sets))
+    assert text in str(exc.value)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == error.exit_code and text in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path):
+    r = CliRunner()
+    out = tmp_path / "demo"
+    res = r.invoke(main, ["demo", "--out", str(out), *SMALL])
+    assert res.exit_code == 0, res.output
+    assert "[1/" in res.output and "synth: done in" in res.output
+    md = (out / "report" / "index.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", md)
+    assert links and all((out / "report" / link).is_file() for link in links), [x for x in links if not (out / "report" / x).is_file()]
+    srcs = re.findall(r'src="([^"]+)"', (out / "report" / "index.html").read_text())
+    assert sorted(srcs) == sorted(links)
+    assert "have random weights" in md and "moe-top1 (the teacher)" in md and "student (resnet18, distilled)" in md
+    assert (out / "pipeline.yaml").is_file()
+
+    res = r.invoke(main, ["demo", "--out", str(out), *SMALL])  # nothing changed: every stage skipped
+    assert res.exit_code == 0, res.output
+    assert "0 stage(s) ran" in res.output and "running" not in res.output
+
+    res = r.invoke(main, ["demo", "--out", str(out), *SMALL, "--set", "distill.lambda_kd=1.0"])
+    assert res.exit_code == 0, res.output
+    ran = re.findall(r"\] (.+): running", res.output)
+    assert ran == ["distill seed 42", "eval student seed 42", "report"], res.output
+    assert len(list((out / "student").iterdir())) == 2  # the first student is kept beside the new one
