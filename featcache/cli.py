@@ -430,10 +430,21 @@ def demo(ctx: click.Context, out: Path | None, sets: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def info(cache: Path, as_json: bool) -> None:
+@click.option("--splits", is_flag=True, help="Only the paper's Table 1: cached images, identities and cameras per split.")
+def info(cache: Path, as_json: bool, splits: bool) -> None:
     """Describe a cache: images per split, failures, stored arrays and sizes per backbone."""
     from featcache.cache import summary
+    from featcache.cache.reader import split_stats
 
+    if splits:
+        st = split_stats(cache)
+        if as_json:
+            click.echo(json.dumps(st, indent=2))
+            return
+        click.echo(f"{'split':8s} {'images':>8s} {'identities':>10s} {'cameras':>8s}")
+        for name, v in st.items():
+            click.echo(f"{name:8s} {v['images']:8d} {v['identities']:10d} {v['cameras']:8d}")
+        return
     s = summary(cache)
     if as_json:
         click.echo(json.dumps(s, indent=2))

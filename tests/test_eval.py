@@ -201,3 +201,16 @@ def test_topk_agreement_by_hand():
     g_pids2, g_cams2 = np.array([9, 9, 9, 9, 2]), np.array([2, 2, 2, 2, 1])
     qb2 = np.array([[5, 4, 3, 2, 1], [0, 0, 4, 5, 9]], np.float32)
     assert topk_agreement(qa, g, qb2, g, pids, cams, g_pids2, g_cams2, k=2) == pytest.approx(1.0)
+
+
+def test_split_stats_count_images_identities_and_cameras(market_cache):
+    from featcache.cache import CacheSplit
+    from featcache.cache.reader import split_stats
+
+    st = split_stats(market_cache)
+    for name in ("train", "query", "gallery"):
+        sp = CacheSplit.load(market_cache, name)
+        assert st[name]["images"] == len(sp)
+        assert st[name]["identities"] == len(set(sp.pids[sp.pids > 0].tolist()))
+        assert st[name]["cameras"] == len(set(sp.camids.tolist()))
+    assert st["train"]["identities"] == 4 and st["query"]["cameras"] >= 2

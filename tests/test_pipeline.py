@@ -75,6 +75,7 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     assert links and all((out / "report" / link).is_file() for link in links), [x for x in links if not (out / "report" / x).is_file()]
     srcs = re.findall(r'src="([^"]+)"', (out / "report" / "index.html").read_text())
     assert sorted(srcs) == sorted(links)
+    assert "## Dataset" in md and "| train |" in md
     assert "have random weights" in md and "moe-top1 (the teacher)" in md and "student (resnet18, distilled)" in md
     assert (out / "pipeline.yaml").is_file()
 

@@ -101,3 +101,18 @@ def summary(path: str | Path) -> dict[str, Any]:
             arrays = {k: {"shape": list(d.shape), "dtype": str(d.dtype), "rows": d.attrs["rows"], "doc": d.attrs["doc"]} for k, d in bg.items()}
             out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(d.id.get_storage_size() for d in bg.values()))}
     return out
+
+
+def split_stats(path: str | Path) -> dict[str, dict[str, int]]:
+    """The paper's Table 1 from a cache: cached images, identities and cameras per split (distractors, pid <= 0,
+    count as images but not as identities)."""
+    with open_cache(path) as f:
+        g = f["images"]
+        done = g["status"][...] == DONE
+        split, pid, cam = g["split"][...], g["pid"][...], g["camid"][...]
+    out = {}
+    for i, name in enumerate(SPLITS):
+        m = done & (split == i)
+        out[name] = {"images": int(m.sum()), "identities": int(np.unique(pid[m & (pid > 0)]).size),
+                     "cameras": int(np.unique(cam[m]).size)}
+    return out

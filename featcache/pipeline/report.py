@@ -45,6 +45,7 @@ def write_report(plan) -> Path:
     lines += [f"Dataset {first['protocol']['dataset']} ({first['protocol']['rule']}); {first['query_size']} queries, "
               f"{first['gallery_size']} gallery images; seeds {', '.join(map(str, s.seeds))} (mean ± std over seeds where "
               f"more than one); featcache {__version__}. Pipeline as run: `{plan.out / 'pipeline.yaml'}`.", ""]
+    lines += _dataset(plan.cache)
     lines += _table(plan, reports, profile)
     lines += ["", "## CMC", "", "![CMC curves](cmc.png)", ""]
     _cmc_plot(plan, reports, rep_dir / "cmc.png")
@@ -55,6 +56,15 @@ def write_report(plan) -> Path:
     atomic_write(rep_dir / "index.md", lambda p: p.write_text(text))
     atomic_write(rep_dir / "index.html", lambda p: p.write_text(to_html(text, f"featcache report: {plan.pipeline.source.name}")))
     return rep_dir / "index.md"
+
+
+def _dataset(cache: Path) -> list[str]:
+    """The paper's Table 1 for this cache."""
+    from featcache.cache.reader import split_stats
+
+    out = ["## Dataset", "", "| split | images | identities | cameras |", "|---|---|---|---|"]
+    out += [f"| {name} | {v['images']} | {v['identities']} | {v['cameras']} |" for name, v in split_stats(cache).items()]
+    return out + [""]
 
 
 def _table(plan, reports: dict, profile: dict) -> list[str]:
