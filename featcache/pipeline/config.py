@@ -40,7 +40,11 @@ class PipelineConfig(StageConfig):
     teacher: str = "moe-top1"               # the fusion whose gate the student distils
     experts_alone: bool = True              # evaluate each cached backbone alone (backbone:PRESET rows)
     concat: bool = True                     # evaluate the raw concatenation of the backbones (concat: row)
-    distill: bool = True                    # train and evaluate the student
+    distill: bool = True                    # train and evaluate the student(s)
+    # students to train, by report label: each a set of distill keys over the distill section (empty: one student,
+    # labelled after its architecture); "teacher" picks another fusion's gate as that student's teacher
+    students: dict[str, dict] = dataclasses.field(default_factory=dict)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)  # report labels of fusions (and experts) by name
     profile: bool = True                    # parameters, FLOPs and latency of the teacher and the student
     profile_batch: tuple[int, ...] = (1, 64)
     profile_repeats: int = 5
@@ -53,6 +57,12 @@ class PipelineConfig(StageConfig):
             raise ConfigError("pipeline.fusions: expected at least one fusion")
         if self.distill and self.teacher not in self.fusions:
             raise ConfigError(f"pipeline.teacher {self.teacher!r} must be one of pipeline.fusions {list(self.fusions)}")
+        for name, over in self.students.items():
+            if not isinstance(over, dict):
+                raise ConfigError(f"pipeline.students.{name}: expected a mapping of distill keys, got {over!r}")
+            teacher = over.get("teacher", self.teacher)
+            if teacher not in self.fusions:
+                raise ConfigError(f"pipeline.students.{name}.teacher {teacher!r} must be one of pipeline.fusions {list(self.fusions)}")
         if not self.profile_batch or min(self.profile_batch) < 1 or self.profile_repeats < 1:
             raise ConfigError("pipeline.profile_batch and profile_repeats: expected positive numbers")
 
@@ -87,6 +97,15 @@ class Pipeline:
     def stage_config(self, section: str, **managed: Any) -> StageConfig:
         """The section's config with the pipeline's own values filled in."""
         return SECTIONS[section].build((f"{self.source} [{section}]", self.sections.get(section, {})), ("pipeline", managed))
+
+    def student_config(self, name: str, **managed: Any) -> StageConfig:
+        """The distill config of student ``name``: the distill section, then that student's own keys."""
+        over = {k: v for k, v in self.settings.students.get(name, {}).items() if k != "teacher"}
+        taken = sorted(set(over) & set(MANAGED["distill"]))
+        if taken:
+            raise ConfigError(f"{self.source} [pipeline.students.{name}]: {', '.join(taken)} set by the pipeline")
+        return DistillConfig.build((f"{self.source} [distill]", self.sections.get("distill", {})),
+                                   (f"{self.source} [pipeline.students.{name}]", over), ("pipeline", managed))
 
     def resolved(self) -> dict[str, Any]:
         """The pipeline as run: settings and sections, plain YAML data (saved beside the outputs)."""
@@ -127,6 +146,8 @@ def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = Non
         p.stage_config(name, **_placeholders(name, sections))
     for fusion in settings.fusions:
         p.stage_config("train-gate", **{**MANAGED["train-gate"], "fusion": fusion})
+    for name, over in settings.students.items():
+        p.student_config(name, **MANAGED["distill"])
     if "synth" not in sections and check_paths:
         root = Path(sections["extract"].get("root", ""))
         if not root.exists():

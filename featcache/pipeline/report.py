@@ -136,7 +136,8 @@ def _loss_section(plan, rep_dir: Path) -> list[str]:
 
     s = plan.pipeline.settings
     runs = [("teacher", plan.gates.get((s.teacher, s.seeds[0])), ("loss", "id", "triplet")),
-            ("student", plan.students.get(s.seeds[0]), ("loss", "id", "tri", "kd", "feat", "att", "rel"))]
+            ("student", next((r for (n, seed), r in plan.students.items() if seed == s.seeds[0]), None),
+             ("loss", "id", "tri", "kd", "feat", "att", "rel"))]
     out = ["## Loss curves", ""]
     for name, run, keys in runs:
         if run is None or not (run / "log.csv").is_file():

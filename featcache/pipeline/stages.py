@@ -47,7 +47,7 @@ class Plan:
     cache: Path | None = None
     cache_id: str = ""
     gates: dict[tuple[str, int], Path] = field(default_factory=dict)
-    students: dict[int, Path] = field(default_factory=dict)
+    students: dict[tuple[str, int], Path] = field(default_factory=dict)  # (student name, seed) -> run
     rows: list[Row] = field(default_factory=list)
     profile: Path | None = None
 
@@ -63,20 +63,24 @@ def build_stages(pipeline: Pipeline) -> tuple[list[Stage], Plan]:
     stages.append(_extract(plan))
     backbones = list(pipeline.stage_config("extract", **_extract_managed(plan)).backbones)
     if s.experts_alone:
-        plan.rows += [Row(f"{b} alone", "expert", {0: f"backbone:{b}"}) for b in backbones]
+        plan.rows += [Row(s.labels.get(b, f"{b} alone"), "expert", {0: f"backbone:{b}"}) for b in backbones]
     if s.concat and len(backbones) > 1:
         plan.rows.append(Row("raw concatenation", "fusion", {0: "concat:" + ",".join(backbones)}))
     for fusion in s.fusions:
         what = "the teacher" if fusion == s.teacher and s.distill else FUSION_NOTES.get(fusion, "")
-        row = Row(fusion + (f" ({what})" if what else ""), "teacher" if fusion == s.teacher else "fusion")
+        label = s.labels.get(fusion, fusion + (f" ({what})" if what else ""))
+        row = Row(label, "teacher" if fusion == s.teacher else "fusion")
         for seed in s.seeds:
             stages.append(_gate(plan, fusion, seed, row))
         plan.rows.append(row)
     if s.distill:
-        row = Row(f"student ({pipeline.stage_config('distill', **_distill_managed()).student}, distilled)", "student")
-        for seed in s.seeds:
-            stages.append(_distill(plan, seed, row))
-        plan.rows.append(row)
+        for name in student_names(pipeline):
+            cfg = pipeline.student_config(name, **_distill_managed())
+            label = name if s.students else f"student ({cfg.student}, distilled)"
+            row = Row(label, "student")
+            for seed in s.seeds:
+                stages.append(_distill(plan, name, seed, row))
+            plan.rows.append(row)
     for row in plan.rows:
         for seed in (row.spec or {seed: None for seed in s.seeds}):
             stages.append(_eval(plan, row, seed))
@@ -161,21 +165,30 @@ def _distill_managed() -> dict[str, Any]:
     return {"cache": Path("cache.h5"), "gate": Path("gate"), "out": Path("student"), "seed": 0}
 
 
-def _distill(plan: Plan, seed: int, row: Row) -> Stage:
+def student_names(pipeline: Pipeline) -> list[str]:
+    """The students to train: those listed in pipeline.students, or one (named "student")."""
+    return list(pipeline.settings.students) or ["student"]
+
+
+def teacher_of(pipeline: Pipeline, name: str) -> str:
+    return pipeline.settings.students.get(name, {}).get("teacher", pipeline.settings.teacher)
+
+
+def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
     from featcache.distill.runner import run_distill
 
     state: dict[str, Any] = {}
 
     def key() -> dict:
-        gate = plan.gates[(plan.pipeline.settings.teacher, seed)]
-        cfg = plan.pipeline.stage_config("distill", cache=plan.cache, gate=gate, out=Path("student"), seed=seed)
+        gate = plan.gates[(teacher_of(plan.pipeline, name), seed)]
+        cfg = plan.pipeline.student_config(name, cache=plan.cache, gate=gate, out=Path("student"), seed=seed)
         if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():
             cfg = cfg.replace(pixel_cache=plan.out / cfg.pixel_cache)
         k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
              "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
-        out = plan.out / "student" / f"seed{seed}-{digest(k)[:8]}"
+        out = plan.out / "student" / f"{_safe(name)}-seed{seed}-{digest(k)[:8]}"
         state["cfg"] = cfg.replace(out=out)
-        plan.students[seed] = row.run[seed] = out
+        plan.students[(name, seed)] = row.run[seed] = out
         row.spec[seed] = f"student:{out}"
         return k
 
@@ -183,7 +196,7 @@ def _distill(plan: Plan, seed: int, row: Row) -> Stage:
         cfg = state["cfg"]
         run_distill(cfg, resume=(cfg.out / "config.yaml").is_file())
 
-    return Stage(f"distill seed {seed}", key, lambda: [state["cfg"].out / "model.safetensors"], run)
+    return Stage(f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}", key, lambda: [state["cfg"].out / "model.safetensors"], run)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -203,7 +216,7 @@ def _eval(plan: Plan, row: Row, seed: int) -> Stage:
 
     def key() -> dict:
         spec = row.spec[seed]
-        agree = f"gate:{plan.gates[(s.teacher, seed)]}" if row.group == "student" else None
+        agree = f"gate:{plan.gates[(s.teacher, seed)]}" if row.group == "student" else None  # agreement with the main teacher
         first = seed == min(row.spec)
         plots = plan.out / "report" / "ranked" / _safe(label) if s.ranked_lists and first and row.group in ("teacher", "student") else None
         path = plan.out / "eval" / f"{_safe(label)}-seed{seed}.json"
@@ -232,7 +245,7 @@ def _profile(plan: Plan) -> Stage:
         seed = s.seeds[0]
         out = [f"gate:{plan.gates[(s.teacher, seed)]}"]
         if s.distill:
-            out.append(f"student:{plan.students[seed]}")
+            out += [f"student:{plan.students[(n, seed)]}" for n in student_names(plan.pipeline)]
         return out
 
     def key() -> dict:
