@@ -17,7 +17,8 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 #: the demo, shrunk to seconds: the same stages on a smaller synthetic set
 SMALL = ["--set", "synth.ids=16", "--set", "synth.cams=3", "--set", "extract.image_size=64x32", "--set", "extract.views=3",
          "--set", "train-gate.epochs=2", "--set", "train-gate.batch_size=16", "--set", "distill.epochs=1",
-         "--set", "distill.batch_size=16", "--set", "pipeline.profile=false", "--set", "pipeline.fusions=[concat,moe-top1]"]
+         "--set", "distill.batch_size=16", "--set", "pipeline.profile=false", "--set", "pipeline.fusions=[concat,moe-top1]",
+         "--set", "pipeline.students={}"]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
@@ -27,6 +28,19 @@ def test_every_shipped_pipeline_loads_and_validates(name):
     if name in ("market1501.yaml", "veri776.yaml"):  # the paper's protocol
         assert p.settings.seeds == (42, 1337, 2024) and p.stage_config("distill", cache=Path("c"), gate=Path("g"), out=Path("o"), seed=1).epochs == 80
         assert p.stage_config("train-gate", cache=Path("c"), out=Path("o"), seed=1, fusion="moe-top1").epochs == 60
+
+
+def test_the_demo_plans_tables_3_and_5():
+    from featcache.pipeline.stages import build_stages
+
+    stages, plan = build_stages(load_pipeline(PIPELINES / "demo.yaml"))
+    names = [st.name for st in stages]
+    assert names[:2] == ["synth", "extract"] and names[-2:] == ["profile", "report"]
+    assert [n for n in names if n.startswith("distill")] == [
+        "distill student, task loss only (Table 5's base, ResNet-18 here) seed 42", "distill student, distilled (MoE-KD) seed 42"]
+    groups = [r.group for r in plan.rows]
+    assert groups.count("expert") == 2 and groups.count("teacher") == 1 and groups.count("student") == 2
+    assert [r.label for r in plan.rows if r.group == "fusion"][0] == "raw concatenation"
 
 
 def write(tmp_path: Path, data: dict) -> Path:
