@@ -60,16 +60,21 @@ BASE = {"pipeline": {"out": "OUT"}, "synth": {"ids": 8}, "extract": {"dataset": 
     ({}, ("epochs=3",), ConfigError, "expected SECTION.KEY=VALUE"),
     ({"pipeline": {"out": "OUT", "teacher": "average"}}, (), ConfigError, "pipeline.teacher 'average' must be one of"),
     ({"synth": None}, (), InputError, "root data/nowhere does not exist"),
+    ({"pipeline": {"out": "OUT", "distill": False, "fusions": ["average"]}}, (), ConfigError, "pipeline.teacher 'moe-top1' must be one of"),
+    ({"pipeline": {"out": "OUT", "labels": {"moe-top2": "x"}}}, (), ConfigError, "labels for moe-top2, which is neither"),
+    ({"distill": {"student_init": "/nowhere/w.pt"}}, (), InputError, "student_init /nowhere/w.pt is not a file"),
+    ({"train-gate": {"fusion": "moe"}}, (), ConfigError, "[train-gate]: fusion is set by the pipeline"),
+    ({}, ("train-gate.epochs=0",), ConfigError, "p.yaml: --epochs 0: expected at least 1"),
 ])
 def test_a_bad_pipeline_fails_before_any_stage_runs(tmp_path, change, sets, error, text):
     data = {k: dict(v) for k, v in BASE.items()}
-    data["pipeline"]["out"] = str(tmp_path / "out")
     for k, v in change.items():
         if v is None:
             data.pop(k)
             data["extract"]["root"] = "data/nowhere"
         else:
-            data[k] = v
+            data[k] = dict(v)
+    data["pipeline"]["out"] = str(tmp_path / "out")  # after the change, so no case writes outside tmp_path
     with pytest.raises(error) as exc:
         load_pipeline(write(tmp_path, data), tuple(sets))
     assert text in str(exc.value)
@@ -87,8 +92,9 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     md = (out / "report" / "index.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", md)
     assert links and all((out / "report" / link).is_file() for link in links), [x for x in links if not (out / "report" / x).is_file()]
-    srcs = re.findall(r'src="([^"]+)"', (out / "report" / "index.html").read_text())
-    assert sorted(srcs) == sorted(links)
+    page = (out / "report" / "index.html").read_text()
+    srcs, hrefs = re.findall(r'src="([^"]+)"', page), re.findall(r'href="([^"]+)"', page)
+    assert sorted(set(links)) == sorted(srcs) == sorted(hrefs)  # every figure shown and linked, in both renderings
     assert "## Dataset" in md and "| train |" in md
     assert "have random weights" in md and "moe-top1 (the teacher)" in md and "student (resnet18, distilled)" in md
     assert (out / "pipeline.yaml").is_file()
@@ -101,4 +107,5 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     assert res.exit_code == 0, res.output
     ran = re.findall(r"\] (.+): running", res.output)
     assert ran == ["distill seed 42", "eval student seed 42", "report"], res.output
+    assert "distill seed 42: running (changed: config.lambda_kd)" in res.output
     assert len(list((out / "student").iterdir())) == 2  # the first student is kept beside the new one

@@ -55,7 +55,7 @@ class PipelineConfig(StageConfig):
             raise ConfigError(f"pipeline.seeds {list(self.seeds)}: expected one or more distinct seeds")
         if not self.fusions:
             raise ConfigError("pipeline.fusions: expected at least one fusion")
-        if self.distill and self.teacher not in self.fusions:
+        if (self.distill or self.profile) and self.teacher not in self.fusions:
             raise ConfigError(f"pipeline.teacher {self.teacher!r} must be one of pipeline.fusions {list(self.fusions)}")
         for name, over in self.students.items():
             if not isinstance(over, dict):
@@ -108,8 +108,12 @@ class Pipeline:
                                    (f"{self.source} [pipeline.students.{name}]", over), ("pipeline", managed))
 
     def resolved(self) -> dict[str, Any]:
-        """The pipeline as run: settings and sections, plain YAML data (saved beside the outputs)."""
-        return {"pipeline": self.settings.to_dict(absolute=True), **{k: dict(v) for k, v in self.sections.items()}}
+        """The pipeline as run: settings and every section with its defaults filled in (saved beside the outputs)."""
+        out: dict[str, Any] = {"pipeline": self.settings.to_dict(absolute=True)}
+        for name in self.sections:
+            cfg = self.stage_config(name, **_placeholders(name, self.sections)).to_dict(absolute=True)
+            out[name] = {k: v for k, v in cfg.items() if k not in _placeholders(name, self.sections)}
+        return out
 
 
 def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = None, check_paths: bool = True) -> Pipeline:
@@ -142,12 +146,27 @@ def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = Non
     p = Pipeline(path, settings, sections)
     if "extract" not in sections:
         raise ConfigError(f"{path}: no extract section (dataset, backbones, ...): a pipeline starts from a cache")
-    for name in sections:  # every section checked now: nothing runs on a half-valid pipeline
-        p.stage_config(name, **_placeholders(name, sections))
-    for fusion in settings.fusions:
-        p.stage_config("train-gate", **{**MANAGED["train-gate"], "fusion": fusion})
-    for name, over in settings.students.items():
-        p.student_config(name, **MANAGED["distill"])
+    try:  # every section checked now: nothing runs on a half-valid pipeline
+        for name in sections:
+            p.stage_config(name, **_placeholders(name, sections))
+        for fusion in settings.fusions:
+            p.stage_config("train-gate", **{**MANAGED["train-gate"], "fusion": fusion})
+        students = [p.student_config(name, **MANAGED["distill"]) for name in settings.students] or \
+            ([p.stage_config("distill", **MANAGED["distill"])] if settings.distill else [])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+    extract = p.stage_config("extract", **_placeholders("extract", sections))
+    unknown = sorted(set(settings.labels) - set(settings.fusions) - set(extract.backbones))
+    if unknown:
+        raise ConfigError(f"{path} [pipeline]: labels for {', '.join(unknown)}, which is neither a fusion of this pipeline "
+                          f"({', '.join(settings.fusions)}) nor a backbone ({', '.join(extract.backbones)})")
+    if check_paths:
+        for preset, w in extract.weights.items():
+            if not Path(w).exists():
+                raise InputError(f"{path} [extract]: weights {preset}={w} do not exist")
+        for cfg in students:
+            if cfg.student_init not in ("imagenet", "random") and not Path(cfg.student_init).is_file():
+                raise InputError(f"{path} [distill]: student_init {cfg.student_init} is not a file (expected imagenet, random or a weights file)")
     if "synth" not in sections and check_paths:
         root = Path(sections["extract"].get("root", ""))
         if not root.exists():

@@ -16,11 +16,17 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from featcache import __version__
 from featcache.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
+
+
+def figure_link(caption: str, file: str) -> str:
+    """A figure shown in the page and linked to its PNG."""
+    return f"[![{caption}]({file})]({file})"
 
 
 def _mean_std(values: list[float], scale: float = 100.0) -> str:
@@ -47,7 +53,7 @@ def write_report(plan) -> Path:
               f"more than one); featcache {__version__}. Pipeline as run: `{plan.out / 'pipeline.yaml'}`.", ""]
     lines += _dataset(plan.cache)
     lines += _table(plan, reports, profile)
-    lines += ["", "## CMC", "", "![CMC curves](cmc.png)", ""]
+    lines += ["", "## CMC", "", figure_link("CMC curves", "cmc.png"), ""]
     _cmc_plot(plan, reports, rep_dir / "cmc.png")
     lines += _gate_section(plan, rep_dir)
     lines += _ranked_section(plan, rep_dir)
@@ -73,7 +79,8 @@ def _table(plan, reports: dict, profile: dict) -> list[str]:
     for row in plan.rows:
         reps = reports[row.label]
         agree = [r["agreement"]["top_k_overlap"] for r in reps if r.get("agreement")]
-        prof = profile.get(row.spec.get(min(row.spec)) if row.spec else None, {})
+        seed = plan.pipeline.settings.seeds[0]
+        prof = profile.get(row.spec.get(seed, row.spec.get(0)), {})
         cols = [_mean_std([r["mAP"] for r in reps]), _mean_std([r["cmc"]["1"] for r in reps]),
                 _mean_std([r["cmc"]["5"] for r in reps]), _mean_std([r["mINP"] for r in reps]),
                 _mean_std(agree) + " %" if agree else "",
@@ -116,7 +123,7 @@ def _gate_section(plan, rep_dir: Path) -> list[str]:
                           ("gate_hist.png", "gate weights"), ("gate_routing.png", "routing per camera over the epochs")):
         if run is not None and (run / name).is_file():
             shutil.copy(run / name, rep_dir / name)
-            out += [f"![{caption}]({name})", ""]
+            out += [figure_link(caption, name), ""]
     return out if len(out) > 2 else []
 
 
@@ -124,7 +131,7 @@ def _ranked_section(plan, rep_dir: Path) -> list[str]:
     out = ["## Ranked lists", ""]
     for d in sorted((rep_dir / "ranked").glob("*")) if (rep_dir / "ranked").is_dir() else []:
         for png in sorted(d.glob("ranked_*.png")):
-            out += [f"{d.name}: {png.stem.replace('_', ' ')}", "", f"![{d.name} {png.stem}](ranked/{d.name}/{png.name})", ""]
+            out += [f"{d.name}: {png.stem.replace('_', ' ')}", "", figure_link(f"{d.name} {png.stem}", f"ranked/{d.name}/{png.name}"), ""]
     return out if len(out) > 2 else []
 
 
@@ -135,9 +142,11 @@ def _loss_section(plan, rep_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     s = plan.pipeline.settings
-    runs = [("teacher", plan.gates.get((s.teacher, s.seeds[0])), ("loss", "id", "triplet")),
-            ("student", next((r for (n, seed), r in plan.students.items() if seed == s.seeds[0]), None),
-             ("loss", "id", "tri", "kd", "feat", "att", "rel"))]
+    runs = [("teacher", plan.gates.get((s.teacher, s.seeds[0])), ("loss", "id", "triplet"))]
+    for row in plan.rows:  # one plot per student, titled with its row; only the terms it trained with
+        if row.group == "student" and s.seeds[0] in row.run:
+            cfg = yaml.safe_load((row.run[s.seeds[0]] / "config.yaml").read_text())["distill"]
+            runs.append((row.label, row.run[s.seeds[0]], ("loss", *cfg["losses"])))
     out = ["## Loss curves", ""]
     for name, run, keys in runs:
         if run is None or not (run / "log.csv").is_file():
@@ -151,13 +160,18 @@ def _loss_section(plan, rep_dir: Path) -> list[str]:
                 ax.plot(range(1, len(vals) + 1), vals, label=k)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_title(f"{name}: {run.name}")
+        ax.set_title(f"{name}: {run.name}", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(rep_dir / f"loss_{name}.png", dpi=110)
+        file = f"loss_{_file_name(name)}.png"
+        fig.savefig(rep_dir / file, dpi=110)
         plt.close(fig)
-        out += [f"![{name} losses](loss_{name}.png)", ""]
+        out += [figure_link(f"{name}: losses", file), ""]
     return out if len(out) > 2 else []
+
+
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:60]
 
 
 def to_html(markdown: str, title: str) -> str:
@@ -170,6 +184,7 @@ def to_html(markdown: str, title: str) -> str:
 
         t = html.escape(text)
         t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', t)
+        t = re.sub(r"\[(<img [^>]*>)\]\(([^)]+)\)", r'<a href="\2">\1</a>', t)
         t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
 

@@ -68,6 +68,19 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def changes(old: Any, new: Any, prefix: str = "") -> str:
+    """What differs between a stage's recorded inputs and today's, as dotted names (e.g. ``config.lambda_kd``)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return prefix or "its inputs (no record of them)"
+    diff = []
+    for k in sorted(set(old) | set(new), key=str):
+        if old.get(k) != new.get(k):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            sub = changes(old.get(k), new.get(k), name) if isinstance(old.get(k), dict) and isinstance(new.get(k), dict) else name
+            diff.append(sub)
+    return ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "") if diff else "nothing recorded differs"
+
+
 def execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None] = click.echo) -> PipelineResult:
     """Run ``stages`` in order, skipping those whose key and outputs are unchanged."""
     out = pipeline.out
@@ -76,7 +89,8 @@ def execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None]
     atomic_write(out / "pipeline.yaml", lambda p: p.write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False)))
     result = PipelineResult(out)
     for i, stage in enumerate(stages, 1):
-        key = digest({"stage": stage.name, "featcache": __version__, **stage.key()})
+        inputs = json.loads(json.dumps({"featcache": __version__, **stage.key()}, sort_keys=True, default=str))
+        key = digest({"stage": stage.name, **inputs})
         rec_path = records / f"{_slug(stage.name)}.json"
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
         missing = [p for p in stage.outputs() if not p.exists()]
@@ -85,13 +99,13 @@ def execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None]
             echo(f"[{i}/{len(stages)}] {stage.name}: skipped ({reason})")
             result.stages.append(StageLog(stage.name, "skipped", reason, 0.0))
             continue
-        reason = ("first run" if rec is None else "config or inputs changed" if rec.get("key") != key
+        reason = ("first run" if rec is None else f"changed: {changes(rec.get('inputs'), inputs)}" if rec.get("key") != key
                   else f"outputs missing ({missing[0]})")
         echo(f"[{i}/{len(stages)}] {stage.name}: running ({reason}) ...")
         t0 = time.perf_counter()
         stage.run()
         seconds = time.perf_counter() - t0
-        atomic_write(rec_path, lambda p: p.write_text(json.dumps({"stage": stage.name, "key": key, "seconds": seconds,
+        atomic_write(rec_path, lambda p: p.write_text(json.dumps({"stage": stage.name, "key": key, "inputs": inputs, "seconds": seconds,
                                                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)))
         echo(f"[{i}/{len(stages)}] {stage.name}: done in {seconds:.1f} s")
         result.stages.append(StageLog(stage.name, "ran", reason, seconds))

@@ -21,6 +21,8 @@ from featcache.pipeline.runner import Stage, digest
 logger = logging.getLogger(__name__)
 
 CMC_RANKS = tuple(range(1, 21))
+#: extract keys that do not change what the cache holds (left out of its key)
+EXTRACT_HOW = ("out", "batch_size", "workers", "device", "overwrite", "repair")
 #: what a fusion's row is, for readers of the report (train-gate --fusion)
 FUSION_NOTES = {"clip": "CLIP expert, adapted", "align": "ALIGN expert, adapted", "concat": "adapted experts, concatenated + FC",
                 "average": "adapted experts, averaged"}
@@ -46,6 +48,7 @@ class Plan:
     root: Path | None = None
     cache: Path | None = None
     cache_id: str = ""
+    cache_key: str = ""
     gates: dict[tuple[str, int], Path] = field(default_factory=dict)
     students: dict[tuple[str, int], Path] = field(default_factory=dict)  # (student name, seed) -> run
     rows: list[Row] = field(default_factory=list)
@@ -120,10 +123,14 @@ def _extract(plan: Plan) -> Stage:
     def key() -> dict:
         base = plan.pipeline.stage_config("extract", **_extract_managed(plan))
         listing = items_digest(load_listing(base.dataset, base.root, strict=not base.skip_bad_names))
-        name = digest({"config": {k: v for k, v in base.to_dict(absolute=True).items() if k != "out"}, "listing": listing})[:8]
-        state["cfg"] = base.replace(out=plan.out / f"cache-{name}.h5")
+        # what the cache's content depends on; not how it is computed (batch size, workers, device) or what to do
+        # with an existing file (overwrite, repair: `featcache extract` does those)
+        content = {k: v for k, v in base.to_dict(absolute=True).items() if k not in EXTRACT_HOW}
+        content["weights"] = {k: [v, Path(v).stat().st_size if Path(v).is_file() else None] for k, v in base.weights.items()}
+        plan.cache_key = digest({"content": content, "listing": listing})[:8]
+        state["cfg"] = base.replace(out=plan.out / f"cache-{plan.cache_key}.h5")
         plan.cache = state["cfg"].out
-        return {"config": state["cfg"].to_dict(absolute=True), "listing": listing}
+        return {"content": content, "listing": listing}
 
     def run() -> None:
         run_extract(state["cfg"])
@@ -182,8 +189,9 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
     def key() -> dict:
         gate = plan.gates[(teacher_of(plan.pipeline, name), seed)]
         cfg = plan.pipeline.student_config(name, cache=plan.cache, gate=gate, out=Path("student"), seed=seed)
-        if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():
-            cfg = cfg.replace(pixel_cache=plan.out / cfg.pixel_cache)
+        if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():  # one per cache: an edited extract makes its own
+            px = cfg.pixel_cache
+            cfg = cfg.replace(pixel_cache=plan.out / px.with_name(f"{px.stem}-{plan.cache_key}{px.suffix}"))
         k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
              "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
         out = plan.out / "student" / f"{_safe(name)}-seed{seed}-{digest(k)[:8]}"
@@ -217,7 +225,7 @@ def _eval(plan: Plan, row: Row, seed: int) -> Stage:
     def key() -> dict:
         spec = row.spec[seed]
         agree = f"gate:{plan.gates[(s.teacher, seed)]}" if row.group == "student" else None  # agreement with the main teacher
-        first = seed == min(row.spec)
+        first = seed in (s.seeds[0], 0)
         plots = plan.out / "report" / "ranked" / _safe(label) if s.ranked_lists and first and row.group in ("teacher", "student") else None
         path = plan.out / "eval" / f"{_safe(label)}-seed{seed}.json"
         cfg = plan.pipeline.stage_config("eval", cache=plan.cache, model=spec, json_out=path, plots=plots, agree_with=agree,
