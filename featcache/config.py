@@ -204,17 +204,22 @@ def parse_set(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
+def read_sections(path: Path, label: str, noun: str, expected: str) -> dict[str, dict[str, Any]]:
+    """A YAML file of sections, ``{section: {key: value}}``, keys spelled with underscores; errors start with ``label``."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read {noun} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{label}: expected a mapping of {expected}")
+    return {str(k): {str(kk).replace("-", "_"): vv for kk, vv in v.items()} for k, v in data.items()}
+
+
 def load_yaml(path: Path) -> dict[str, dict[str, Any]]:
     """A ``--config`` file: ``{command: {key: value}}``; keys are checked by each command's config."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(f"--config {path}: expected a mapping of command names to mappings of options")
-    return {str(k): {str(kk).replace("-", "_"): vv for kk, vv in v.items()} for k, v in data.items()}
+    return read_sections(path, f"--config {path}", "it", "command names to mappings of options")
 
 
 def save_resolved(path: Path, cfg: StageConfig) -> None:

@@ -16,9 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from featcache.config import StageConfig, parse_set
+from featcache.config import StageConfig, parse_set, read_sections
 from featcache.distill.config import DistillConfig
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.runner import EvalConfig
@@ -120,19 +118,11 @@ def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = Non
     """Read, override (``--set section.key=value``, ``--out``) and check a pipeline file; ``check_paths``: also
     that the dataset root exists (off to validate a shipped pipeline on a machine without the dataset)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the pipeline file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(f"{path}: expected a mapping of sections (pipeline, {', '.join(SECTIONS)}) to mappings of keys")
+    sections = read_sections(path, str(path), "the pipeline file", f"sections (pipeline, {', '.join(SECTIONS)}) to mappings of keys")
     known = ["pipeline", *SECTIONS]
-    for name in data:
+    for name in sections:
         if name not in known:
-            raise ConfigError(f"{path}: unknown section {name!r}{nearest(str(name), known)}; sections are {', '.join(known)}")
-    sections = {str(k): {str(kk).replace("-", "_"): vv for kk, vv in v.items()} for k, v in data.items()}
+            raise ConfigError(f"{path}: unknown section {name!r}{nearest(name, known)}; sections are {', '.join(known)}")
     for name, values in _parse_sets(sets, known).items():
         sections.setdefault(name, {}).update(values)
     if out is not None:
