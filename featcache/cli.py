@@ -401,9 +401,18 @@ def export(model: str, onnx_out: Path, opset: int, atol: float | None) -> None:
 def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
     """Run a pipeline: synth, extract, train-gate, distill, eval, profile, report; unchanged stages are skipped."""
     from featcache.pipeline.config import load_pipeline
+    from featcache.pipeline.cross import is_cross, load_cross, run_cross
     from featcache.pipeline.runner import execute
     from featcache.pipeline.stages import build_stages
 
+    if is_cross(pipeline_file):  # two pipelines, then each one's models on the other's data (Table 6)
+        if sets:
+            raise ConfigError(f"--set: {pipeline_file} is a cross-domain file; set keys in the two pipelines it names")
+        results = run_cross(load_cross(pipeline_file, out))
+        ran = sum(len(r.ran) for r in results)
+        click.echo(f"{results[-1].out}: {ran} stage(s) ran, {sum(len(r.stages) for r in results) - ran} skipped; "
+                   f"report: {results[-1].out / 'report' / 'index.html'}")
+        return
     pipeline = load_pipeline(pipeline_file, sets, out)
     stages, _ = build_stages(pipeline)
     res = execute(pipeline, stages)

@@ -23,6 +23,12 @@ SMALL = ["--set", "synth.ids=16", "--set", "synth.cams=3", "--set", "extract.ima
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
 def test_every_shipped_pipeline_loads_and_validates(name):
+    from featcache.pipeline.cross import is_cross, load_cross
+
+    if is_cross(PIPELINES / name):
+        cross = load_cross(PIPELINES / name, check_paths=False)
+        assert [p.source.name for p in cross.parts] == ["veri776.yaml", "market1501.yaml"]
+        return
     p = load_pipeline(PIPELINES / name, check_paths=False)
     assert p.settings.seeds and "extract" in p.sections
     if name in ("market1501.yaml", "veri776.yaml"):  # the paper's protocol
@@ -109,3 +115,28 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     assert ran == ["distill seed 42", "eval student seed 42", "report"], res.output
     assert "distill seed 42: running (changed: config.lambda_kd)" in res.output
     assert len(list((out / "student").iterdir())) == 2  # the first student is kept beside the new one
+
+
+@pytest.mark.slow  # about 30 s: two small pipelines, then each one's models on the other's data
+def test_cross_domain_runs_both_pipelines_then_trades_datasets(tmp_path):
+    common = {"extract": {"backbones": ["clip-tiny", "align-tiny"], "views": 3, "image_size": "64x32", "batch_size": 16,
+                          "workers": 0},
+              "train-gate": {"epochs": 2, "batch_size": 16}, "distill": {"student_init": "random", "epochs": 1, "batch_size": 16}}
+    for name, layout in (("a", "market1501"), ("b", "veri776")):
+        data = {"pipeline": {"out": str(tmp_path / name), "profile": False, "experts_alone": False, "concat": False},
+                "synth": {"layout": layout, "ids": 16, "cams": 3, "seed": 2},
+                **{k: dict(v) for k, v in common.items()}}
+        data["extract"]["dataset"] = layout
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump({"cross-domain": {"pipelines": ["a.yaml", "b.yaml"], "out": str(tmp_path / "x")}}))
+    r = CliRunner()
+    res = r.invoke(main, ["run", str(tmp_path / "x.yaml")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "x" / "report" / "index.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| market1501 → veri776") or ln.startswith("| veri776 → market1501")]
+    assert len(rows) == 4  # two directions x (teacher, student)
+    for ln in rows:  # degradation = cross mAP - in-domain mAP on the target
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert float(cells[6]) == pytest.approx(float(cells[2]) - float(cells[5]), abs=0.011)
+    res = r.invoke(main, ["run", str(tmp_path / "x.yaml")])
+    assert res.exit_code == 0 and "0 stage(s) ran" in res.output, res.output
