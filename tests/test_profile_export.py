@@ -209,8 +209,10 @@ def test_profile_of_the_teacher(gate_run, tmp_path):
 
 def test_bad_input(runs, tmp_path):
     run, _, _ = exported(runs, "resnet18")
-    with pytest.raises(ConfigError, match="student:RUN_DIR or gate:RUN_DIR"):
+    with pytest.raises(ConfigError, match="student:RUN_DIR, gate:RUN_DIR or backbone:PRESET"):
         profile_model(f"teacher:{run}")
+    with pytest.raises(ConfigError, match="backbone:clip-tinny: .*clip-tiny"):
+        profile_model("backbone:clip-tinny", "cpu")
     with pytest.raises(ConfigError, match="student:RUN_DIR"):
         profile_model(str(run))
     with pytest.raises(InputError, match="not a distill run directory"):
@@ -248,3 +250,19 @@ def test_several_models_on_cpu_are_profiled_in_fresh_processes(runs, gate_run):
     assert rows[0]["parameters"] == alone["parameters"] and rows[0]["flops_per_image"] == alone["flops_per_image"]
     assert len({r["pid"] for r in rows} | {os.getpid()}) == 3  # two fresh processes, neither this one
     assert alone["pid"] == os.getpid()  # one model: profiled here
+
+
+def test_profile_of_a_backbone_alone_and_of_a_single_expert_fusion(gate_run, tmp_path):
+    from featcache.backbones import build_backbone
+    from featcache.gate.config import GateConfig
+    from featcache.gate.runner import run_train_gate
+
+    row = profile_model("backbone:clip-tiny", "cpu", image_size=(64, 32), batch_sizes=(1,), repeats=1)
+    assert row["parameters"] == count_parameters(build_backbone("clip-tiny", (64, 32))) and row["image_size"] == [64, 32]
+    cache = yaml.safe_load((gate_run / "config.yaml").read_text())["train-gate"]["cache"]
+    clip_only = run_train_gate(GateConfig(cache=Path(cache), out=tmp_path / "clip", fusion="clip", epochs=1, batch_size=16, device="cpu")).run
+    one = profile_model(f"gate:{clip_only}", "cpu", batch_sizes=(1,), repeats=1)
+    both = profile_model(f"gate:{gate_run}", "cpu", batch_sizes=(1,), repeats=1)
+    assert [k for k in one["parameters_parts"] if k.startswith("backbone")] == ["backbone clip-tiny"]  # the expert it runs
+    assert len([k for k in both["parameters_parts"] if k.startswith("backbone")]) == 2
+    assert one["flops_per_image"] < both["flops_per_image"]

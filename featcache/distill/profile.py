@@ -41,7 +41,7 @@ from featcache.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("student", "gate")
+KINDS = ("student", "gate", "backbone")
 WARMUP = 2  # untimed runs before timing: first-call allocation, oneDNN/cuDNN set-up
 DEFAULT_IMAGE_SIZE = (256, 256)
 FLOPS_NOTE = ("FLOPs (2 per multiply-accumulate, not MACs) per image, FlopCounterMode on a batch of 1: "
@@ -57,7 +57,7 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
     """
     kind, _, ref = spec.partition(":")
     if kind not in KINDS or not ref:
-        raise ConfigError(f"model {spec!r}: expected {' or '.join(f'{k}:RUN_DIR' for k in KINDS)}")
+        raise ConfigError(f"model {spec!r}: expected student:RUN_DIR, gate:RUN_DIR or backbone:PRESET")
     sizes = tuple(batch_sizes)
     if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
         raise ConfigError(f"batch sizes {list(sizes)}: expected one or more positive integers")
@@ -66,7 +66,7 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise ConfigError(f"--image-size {image_size}: expected H and W, both positive")
     dev = resolve_device(device)
-    build = _student if kind == "student" else _teacher
+    build = {"student": _student, "gate": _teacher, "backbone": _backbone}[kind]
     model, make_input, info = build(Path(ref), dev, image_size)
     model.requires_grad_(False).eval()
     h, w = info["image_size"]
@@ -135,16 +135,23 @@ def _student(run: Path, dev: torch.device, fallback: tuple[int, int] | None):
 
 
 class Teacher(nn.Module):
-    """The whole teacher at inference: uint8 images -> every expert's pooled feature -> adapters, gate, BN neck."""
+    """The whole teacher at inference: uint8 images -> the pooled feature of every expert it uses -> adapters,
+    gate, BN neck. A single-expert fusion (clip, align) runs only its expert; the other's input is zeros."""
 
-    def __init__(self, experts: list[str], backbones: list[nn.Module], gate: nn.Module) -> None:
+    def __init__(self, experts: list[str], backbones: list[nn.Module], gate: nn.Module, dims: list[int] | None = None,
+                 used: list[int] | None = None) -> None:
         super().__init__()
         self.experts = experts
         self.backbones = nn.ModuleList(backbones)
         self.gate = gate
+        self.dims = dims or []
+        self.used = used if used is not None else list(range(len(backbones)))
 
     def pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [bb(bb.normalize(images))["pooled"].float() for bb in self.backbones]
+        out = [images.new_zeros((images.shape[0], d), dtype=torch.float32) for d in self.dims] or [None] * len(self.backbones)
+        for i, bb in zip(self.used, self.backbones):
+            out[i] = bb(bb.normalize(images))["pooled"].float()
+        return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.gate(self.pooled(images))[1]
@@ -158,8 +165,12 @@ def _teacher(run: Path, dev: torch.device, fallback: tuple[int, int] | None):
     if cfg.fusion == "moe-oracle":
         raise InputError(f"{run}: fusion moe-oracle routes by labels the images do not carry; it has no cost to profile")
     size, source = _cache_image_size(Path(cfg.cache), fallback)
+    from featcache.gate.train import single_expert_index
+
+    single = single_expert_index(cfg.fusion, meta["families"])
+    used = [single] if single is not None else list(range(len(meta["experts"])))
     backbones = []
-    for name, dim in zip(meta["experts"], meta["dims"]):
+    for name, dim in [(meta["experts"][i], meta["dims"][i]) for i in used]:
         try:
             bb = build_backbone(name, size, random_init=True).to(dev).eval()
         except PresetError as exc:
@@ -170,8 +181,9 @@ def _teacher(run: Path, dev: torch.device, fallback: tuple[int, int] | None):
             raise InputError(f"{run}: expert {name} gives {got}-d pooled features at {size[0]}x{size[1]}, "
                              f"but the gate was trained on {dim}-d ones")
         backbones.append(bb)
-    model = Teacher(list(meta["experts"]), backbones, gate)
-    parts = {**{f"backbone {n}": _count(bb) for n, bb in zip(meta["experts"], backbones)},
+    names = [meta["experts"][i] for i in used]
+    model = Teacher(list(meta["experts"]), backbones, gate, list(meta["dims"]), used)
+    parts = {**{f"backbone {n}": _count(bb) for n, bb in zip(names, backbones)},
              "adapters": _count(gate.adapters), "fusion": _count(gate.fusion), "neck": _count(gate.bn),
              "classifier": _count(gate.classifier)}
 
@@ -181,17 +193,47 @@ def _teacher(run: Path, dev: torch.device, fallback: tuple[int, int] | None):
 
     def flops_parts() -> dict[str, int]:
         x = make_input(1)
-        out = {f"backbone {n}": _flops(lambda t, bb=bb: bb(bb.normalize(t)), x) for n, bb in zip(model.experts, backbones)}
+        out = {f"backbone {n}": _flops(lambda t, bb=bb: bb(bb.normalize(t)), x) for n, bb in zip(names, backbones)}
         with torch.no_grad():
             pooled = model.pooled(x)
         out["adapters+gate+neck"] = _flops(lambda xs: gate(xs)[1], pooled)
         return out
 
-    info = {"arch": f"{cfg.fusion} over {'+'.join(meta['experts'])}", "image_size": size, "image_size_source": source,
+    info = {"arch": f"{cfg.fusion} over {'+'.join(names)}", "image_size": size, "image_size_source": source,
             "parameters_parts": parts, "flops_parts_fn": flops_parts,
             "weights": "backbones: random (timing only); adapters, gate and neck: the run's",
             "input": "uint8 NCHW (each backbone normalises its own way)"}
     return model, make_input, info
+
+
+class BackboneAlone(nn.Module):
+    """One frozen backbone at inference: uint8 images -> its pooled feature (the raw-expert rows of Table 3)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.backbone.normalize(images))["pooled"]
+
+
+def _backbone(preset: Path, dev: torch.device, fallback: tuple[int, int] | None):
+    from featcache.backbones import PresetError, build_backbone
+
+    size = tuple(fallback) if fallback is not None else DEFAULT_IMAGE_SIZE
+    try:
+        bb = build_backbone(str(preset), size, random_init=True).to(dev).eval()
+    except PresetError as exc:
+        raise ConfigError(f"backbone:{preset}: {exc}") from None
+    info = {"arch": f"{preset} alone", "image_size": size,
+            "image_size_source": "the size given" if fallback is not None else "the default 256x256",
+            "parameters_parts": {"backbone": _count(bb)}, "weights": "random (timing only)", "input": "uint8 NCHW"}
+
+    def make_input(n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (n, 3, *size), generator=g, dtype=torch.uint8).to(dev)
+
+    return BackboneAlone(bb), make_input, info
 
 
 def _cache_image_size(cache: Path, fallback: tuple[int, int] | None) -> tuple[tuple[int, int], str]:

@@ -250,20 +250,23 @@ def _profile(plan: Plan) -> Stage:
     plan.profile = plan.out / "profile.json"
 
     def specs() -> list[str]:
-        seed = s.seeds[0]
-        out = [f"gate:{plan.gates[(s.teacher, seed)]}"]
-        if s.distill:
-            out += [f"student:{plan.students[(n, seed)]}" for n in student_names(plan.pipeline)]
-        return out
+        """Every row's model at the first seed (the raw concatenation is its backbones' rows together)."""
+        out = [row.spec.get(s.seeds[0], row.spec.get(0)) for row in plan.rows]
+        return [m for m in out if m and not m.startswith("concat:")]
+
+    def image_size() -> tuple[int, int]:
+        with open_cache(plan.cache) as f:
+            return tuple(read_identity(f, plan.cache).preprocessing["image_size"])
 
     def key() -> dict:
         device = plan.pipeline.stage_config("eval", **{"cache": plan.cache, "model": "backbone:x"}).device
         return {"models": {m: _model_digest(m) for m in specs()}, "batch": list(s.profile_batch), "repeats": s.profile_repeats,
-                "device": device}
+                "device": device, "image_size": list(image_size())}
 
     def run() -> None:
         device = plan.pipeline.stage_config("eval", cache=plan.cache, model="backbone:x").device
-        rows = profile_models(specs(), device, batch_sizes=tuple(s.profile_batch), repeats=s.profile_repeats)
+        rows = profile_models(specs(), device, image_size=image_size(), batch_sizes=tuple(s.profile_batch),
+                              repeats=s.profile_repeats)
         atomic_write(plan.profile, lambda p: p.write_text(json.dumps(rows, indent=1, default=str)))
 
     return Stage("profile", key, lambda: [plan.profile], run)
