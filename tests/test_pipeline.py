@@ -116,6 +116,12 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     assert "distill seed 42: running (changed: config.lambda_kd)" in res.output
     assert len(list((out / "student").iterdir())) == 2  # the first student is kept beside the new one
 
+    moved = tmp_path / "moved"
+    out.rename(moved)  # keys name the output folder $OUT: a moved folder is still up to date
+    res = r.invoke(main, ["demo", "--out", str(moved), *SMALL, "--set", "distill.lambda_kd=1.0"])
+    assert res.exit_code == 0, res.output
+    assert re.findall(r"\] (.+): running", res.output) == ["report"], res.output  # only the report, which names the paths
+
 
 @pytest.mark.slow  # about 30 s: two small pipelines, then each one's models on the other's data
 def test_cross_domain_runs_both_pipelines_then_trades_datasets(tmp_path):

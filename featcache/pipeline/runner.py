@@ -64,6 +64,12 @@ def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def portable(data: Any, out: Path) -> Any:
+    """``data`` as plain JSON values with the output folder written ``$OUT``: keys survive moving the folder."""
+    text = json.dumps(data, sort_keys=True, default=str)
+    return json.loads(text.replace(json.dumps(str(Path(out).absolute()))[1:-1], "$OUT"))
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -89,7 +95,7 @@ def execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None]
     atomic_write(out / "pipeline.yaml", lambda p: p.write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False)))
     result = PipelineResult(out)
     for i, stage in enumerate(stages, 1):
-        inputs = json.loads(json.dumps({"featcache": __version__, **stage.key()}, sort_keys=True, default=str))
+        inputs = portable({"featcache": __version__, **stage.key()}, out)
         key = digest({"stage": stage.name, **inputs})
         rec_path = records / f"{_slug(stage.name)}.json"
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None

@@ -16,7 +16,7 @@ from featcache.datasets import load_listing
 from featcache.distill.data import file_digest
 from featcache.fileio import atomic_write
 from featcache.pipeline.config import Pipeline
-from featcache.pipeline.runner import Stage, digest
+from featcache.pipeline.runner import Stage, digest, portable
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _extract(plan: Plan) -> Stage:
         # with an existing file (overwrite, repair: `featcache extract` does those)
         content = {k: v for k, v in base.to_dict(absolute=True).items() if k not in EXTRACT_HOW}
         content["weights"] = {k: [v, Path(v).stat().st_size if Path(v).is_file() else None] for k, v in base.weights.items()}
-        plan.cache_key = digest({"content": content, "listing": listing})[:8]
+        plan.cache_key = digest(portable({"content": content, "listing": listing}, plan.out))[:8]
         state["cfg"] = base.replace(out=plan.out / f"cache-{plan.cache_key}.h5")
         plan.cache = state["cfg"].out
         return {"content": content, "listing": listing}
@@ -155,7 +155,7 @@ def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
     def key() -> dict:
         cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
         k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}, "cache": _cache_id(plan)}
-        out = plan.out / "gate" / f"{fusion}-seed{seed}-{digest(k)[:8]}"
+        out = plan.out / "gate" / f"{fusion}-seed{seed}-{digest(portable(k, plan.out))[:8]}"
         state["cfg"] = cfg.replace(out=out)
         plan.gates[(fusion, seed)] = row.run[seed] = out
         row.spec[seed] = f"gate:{out}"
@@ -194,7 +194,7 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
             cfg = cfg.replace(pixel_cache=plan.out / px.with_name(f"{px.stem}-{plan.cache_key}{px.suffix}"))
         k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
              "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
-        out = plan.out / "student" / f"{_safe(name)}-seed{seed}-{digest(k)[:8]}"
+        out = plan.out / "student" / f"{_safe(name)}-seed{seed}-{digest(portable(k, plan.out))[:8]}"
         state["cfg"] = cfg.replace(out=out)
         plan.students[(name, seed)] = row.run[seed] = out
         row.spec[seed] = f"student:{out}"
