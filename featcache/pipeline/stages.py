@@ -259,9 +259,13 @@ def _profile(plan: Plan) -> Stage:
             return tuple(read_identity(f, plan.cache).preprocessing["image_size"])
 
     def key() -> dict:
+        from featcache.runtime import resolve_device
+
         device = plan.pipeline.stage_config("eval", **{"cache": plan.cache, "model": "backbone:x"}).device
+        machine = resolve_device(device)  # auto on a GPU machine is another measurement than auto on a CPU one
+        name = torch_device_name(machine)
         return {"models": {m: _model_digest(m) for m in specs()}, "batch": list(s.profile_batch), "repeats": s.profile_repeats,
-                "device": device, "image_size": list(image_size())}
+                "device": name, "image_size": list(image_size())}
 
     def run() -> None:
         device = plan.pipeline.stage_config("eval", cache=plan.cache, model="backbone:x").device
@@ -270,6 +274,15 @@ def _profile(plan: Plan) -> Stage:
         atomic_write(plan.profile, lambda p: p.write_text(json.dumps(rows, indent=1, default=str)))
 
     return Stage("profile", key, lambda: [plan.profile], run)
+
+
+def torch_device_name(device) -> str:
+    """The device a profile ran on, by name (the GPU model on CUDA)."""
+    if device.type == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
 
 
 def _report(plan: Plan) -> Stage:
