@@ -63,13 +63,18 @@ def test_verify_finds_a_flipped_byte_in_any_stored_array_and_names_the_image(mar
         assert any(array.startswith(w) or w == array.split("/")[0] for w in rep.bad[image]), (array, rep.bad)
 
 
-def test_readers_refuse_damaged_rows_and_repair_restores_the_uninterrupted_bytes(market_root, market_cache, tmp_path):
+def damaged_copy(cache, tmp_path, query: int, train: int) -> tuple:
+    """A copy of ``cache`` to damage, with the image rows of its ``query``-th query and ``train``-th training image."""
     copy = tmp_path / "c.h5"
-    shutil.copy(market_cache, copy)
+    shutil.copy(cache, copy)
     with h5py.File(copy, "r") as f:
         split = f["images/split"][...]
-        q = int(np.flatnonzero(split == 1)[0])
-        t = int(np.flatnonzero(split == 0)[3])
+    return copy, int(np.flatnonzero(split == 1)[query]), int(np.flatnonzero(split == 0)[train])
+
+
+def test_readers_refuse_damaged_rows_and_repair_restores_the_uninterrupted_bytes(market_root, market_cache, tmp_path):
+    copy, q, t = damaged_copy(market_cache, tmp_path, 0, 3)
+    with h5py.File(copy, "r") as f:
         q_row, q_name = int(f["images/view_start"][q]), f["images/path"].asstr()[q]
     flip_byte(copy, "backbones/align-tiny/pooled", q_row)
     flip_byte(copy, "backbones/clip-tiny/tokens", t)
@@ -110,12 +115,8 @@ def test_a_format_1_feature_cache_trains_and_evaluates(tmp_path):
 
 
 def test_damaged_metadata_is_refused_by_readers_and_restored_by_repair(market_root, market_cache, tmp_path):
-    copy = tmp_path / "c.h5"
-    shutil.copy(market_cache, copy)
+    copy, q, t = damaged_copy(market_cache, tmp_path, 2, 5)
     with h5py.File(copy, "r") as f:
-        split = f["images/split"][...]
-        q = int(np.flatnonzero(split == 1)[2])
-        t = int(np.flatnonzero(split == 0)[5])
         q_name = f["images/path"].asstr()[q]
     flip_byte(copy, "images/camid", q, byte=0)       # a camera label: would change the protocol's junk and positives
     flip_byte(copy, "images/view_start", t, byte=0)  # a row layout: would send a repair's rows to another image

@@ -129,19 +129,14 @@ class ViewDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
-def check_images(views: ViewPixels, rows: np.ndarray) -> None:
+def check_image_files(views: ViewPixels, rows: np.ndarray) -> None:
     """Refuse, before training starts, a dataset root that lacks the cache's images or holds changed ones
     (their SHA-1 differs from the one extraction recorded): all of them named, not the first one met mid-run."""
     missing, changed = [], []
     for i in progress(rows, desc="checking images", unit="img", leave=False):
-        path = views.root / views.paths[i]
-        try:
-            data = path.read_bytes()
-        except OSError:
-            missing.append(views.paths[i])
-            continue
-        if hashlib.sha1(data).hexdigest().encode() != views.sha1[i]:
-            changed.append(views.paths[i])
+        data, problem = views.file(i)
+        if problem:
+            (changed if problem == "changed" else missing).append(views.paths[i])
     if missing:
         raise InputError(f"--root {views.root} is not the folder {views.cache} was extracted from: {len(missing)} of its "
                          f"{len(rows)} training images are missing there (first: {missing[0]})")

@@ -15,8 +15,6 @@ from the first image not marked. One writer at a time (``WriterLock``).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import time
 import zlib
@@ -24,15 +22,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from PIL import Image
 
 from featcache import __version__
 from featcache.cache import open_cache
 from featcache.cache.checksum import row_crcs
 from featcache.cache.lock import WriterLock
+from featcache.cache.pixels import ViewPixels
 from featcache.cache.store import DONE, read_identity
 from featcache.errors import InputError
-from featcache.preprocess import letterbox
 from featcache.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -79,8 +76,8 @@ def check_pixel_cache(path: Path, cache: Path) -> None:
 def build_pixel_cache(path: Path, cache: Path, root: Path | None = None) -> dict:
     """Create or resume ``path`` for every cached image of ``cache``; returns counts and the decode rate."""
     path = Path(path)
-    digest, size, cache_root, paths, sha1, status = _source(cache)
-    root = Path(root) if root is not None else Path(cache_root)
+    digest, size, _, paths, sha1, status = _source(cache)
+    views = ViewPixels(cache, root)
     with WriterLock(path):
         if path.exists():
             check_pixel_cache(path, cache)
@@ -95,7 +92,7 @@ def build_pixel_cache(path: Path, cache: Path, root: Path | None = None) -> dict
             bar = progress(total=len(todo), desc=f"pixel cache {path.name}", unit="img")
             for s in range(0, len(todo), WRITE_BATCH):
                 rows = todo[s: s + WRITE_BATCH]
-                imgs = np.stack([decode(root, paths[i], sha1[i], size, cache) for i in rows])
+                imgs = np.stack([views.base(int(i)) for i in rows])
                 for i, img in zip(rows, imgs):  # rows are increasing; one chunk per image
                     f["image"][i] = img
                 f["crc"][rows] = row_crcs(imgs)
@@ -108,19 +105,6 @@ def build_pixel_cache(path: Path, cache: Path, root: Path | None = None) -> dict
             n_done = int(f["done"][...].sum())
     logger.info("pixel cache %s: %d images decoded this run (%d in all)", path, len(todo), n_done)
     return {"path": str(path), "decoded": int(len(todo)), "images": n_done, "seconds": seconds}
-
-
-def decode(root: Path, rel: str, sha1: bytes, size: tuple[int, int], cache: Path) -> np.ndarray:
-    """The letterboxed uint8 (H, W, 3) of one cached image, refusing a file changed since extraction."""
-    p = root / rel
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read the image extracted into {cache} ({exc.strerror}); "
-                         "is --root the folder the cache was extracted from?") from None
-    if hashlib.sha1(data).hexdigest().encode() != sha1:
-        raise InputError(f"{p} changed since it was extracted into {cache} (its SHA-1 differs): extract again")
-    return letterbox(Image.open(io.BytesIO(data)), size)
 
 
 def _create(path: Path, digest: str, size: tuple[int, int], paths: np.ndarray, sha1: np.ndarray) -> None:

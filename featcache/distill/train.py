@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from featcache.distill.config import LOSSES, DistillConfig
-from featcache.distill.data import Teacher, ViewDataset, attention_names, check_images, load_teacher, read_teacher_maps
+from featcache.distill.data import Teacher, ViewDataset, attention_names, check_image_files, load_teacher, read_teacher_maps
 from featcache.distill.losses import attention_loss, feature_loss, kd_loss, relation_loss
 from featcache.distill.pixelcache import build_pixel_cache
 from featcache.distill.students import Student, StudentOutputs, build_student, normalize
@@ -111,7 +111,7 @@ def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
         raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "
                          f"{p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
     dataset = ViewDataset(cfg.cache, cfg.root, None)
-    check_images(dataset.views, teacher.images)
+    check_image_files(dataset.views, teacher.images)
     return teacher, dataset
 
 

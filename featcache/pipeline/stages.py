@@ -8,7 +8,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from featcache.cache import open_cache
 from featcache.cache.store import items_digest, read_identity
@@ -147,25 +147,37 @@ def _cache_id(plan: Plan) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
-    from featcache.gate.runner import run_train_gate
-
+def _trained(plan: Plan, name: str, folder: str, row: Row, seed: int, kind: str,
+             build: Callable[[], tuple[Any, dict]], register: Callable[[Path], None], train: Callable[..., Any]) -> Stage:
+    """A stage that trains a run: ``build()`` gives its config and key; the run's folder is ``folder`` plus a short
+    key (an edit trains a new run beside the old one), and a run a kill left behind is resumed."""
     state: dict[str, Any] = {}
 
     def key() -> dict:
-        cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
-        k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}, "cache": _cache_id(plan)}
-        out = plan.out / "gate" / f"{fusion}-seed{seed}-{digest(portable(k, plan.out))[:8]}"
+        cfg, k = build()
+        out = Path(f"{folder}-{digest(portable(k, plan.out))[:8]}")
         state["cfg"] = cfg.replace(out=out)
-        plan.gates[(fusion, seed)] = row.run[seed] = out
-        row.spec[seed] = f"gate:{out}"
+        register(out)
+        row.run[seed] = out
+        row.spec[seed] = f"{kind}:{out}"
         return k
 
     def run() -> None:
         cfg = state["cfg"]
-        run_train_gate(cfg, resume=(cfg.out / "config.yaml").is_file())  # a killed run continues
+        train(cfg, resume=(cfg.out / "config.yaml").is_file())
 
-    return Stage(f"train-gate {fusion} seed {seed}", key, lambda: [state["cfg"].out / "model.safetensors"], run)
+    return Stage(name, key, lambda: [state["cfg"].out / "model.safetensors"], run)
+
+
+def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
+    from featcache.gate.runner import run_train_gate
+
+    def build() -> tuple[Any, dict]:
+        cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
+        return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}, "cache": _cache_id(plan)}
+
+    return _trained(plan, f"train-gate {fusion} seed {seed}", str(plan.out / "gate" / f"{fusion}-seed{seed}"), row, seed,
+                    "gate", build, lambda out: plan.gates.__setitem__((fusion, seed), out), run_train_gate)
 
 
 def _distill_managed() -> dict[str, Any]:
@@ -184,27 +196,18 @@ def teacher_of(pipeline: Pipeline, name: str) -> str:
 def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
     from featcache.distill.runner import run_distill
 
-    state: dict[str, Any] = {}
-
-    def key() -> dict:
+    def build() -> tuple[Any, dict]:
         gate = plan.gates[(teacher_of(plan.pipeline, name), seed)]
         cfg = plan.pipeline.student_config(name, cache=plan.cache, gate=gate, out=Path("student"), seed=seed)
         if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():  # one per cache: an edited extract makes its own
             px = cfg.pixel_cache
             cfg = cfg.replace(pixel_cache=plan.out / px.with_name(f"{px.stem}-{plan.cache_key}{px.suffix}"))
-        k = {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
-             "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
-        out = plan.out / "student" / f"{_safe(name)}-seed{seed}-{digest(portable(k, plan.out))[:8]}"
-        state["cfg"] = cfg.replace(out=out)
-        plan.students[(name, seed)] = row.run[seed] = out
-        row.spec[seed] = f"student:{out}"
-        return k
+        return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
+                     "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
 
-    def run() -> None:
-        cfg = state["cfg"]
-        run_distill(cfg, resume=(cfg.out / "config.yaml").is_file())
-
-    return Stage(f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}", key, lambda: [state["cfg"].out / "model.safetensors"], run)
+    stage = f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}"
+    return _trained(plan, stage, str(plan.out / "student" / f"{_safe(name)}-seed{seed}"), row, seed, "student", build,
+                    lambda out: plan.students.__setitem__((name, seed), out), run_distill)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
