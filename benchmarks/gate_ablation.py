@@ -48,6 +48,11 @@ ROWS: dict[str, tuple[str, dict]] = {
     "paper + temperature 1.0 -> 0.5": ("moe-top1", {"gate_recipe": "paper", "tau_anneal": True}),
     "paper + expert loss (0.5)": ("moe-top1", {"gate_recipe": "paper", "expert_loss": 0.5}),
     "paper + warm-up (0.5) + route by loss (1.0)": ("moe-top1", {"gate_recipe": "paper", "warmup": 0.5, "route_by_loss": 1.0}),
+    "oracle + expert loss (0.5)": ("moe-oracle", {"expert_loss": 0.5}),
+    "oracle + agreement (1.0)": ("moe-oracle", {"agreement": 1.0}),
+    "oracle + expert loss + agreement": ("moe-oracle", {"expert_loss": 0.5, "agreement": 1.0}),
+    "routed + agreement (1.0)": ("moe-top1", {"gate_recipe": "routed", "agreement": 1.0}),
+    "paper + noisy gating (1.0) + importance (0.1) + load (0.1)": ("moe-top1", {"gate_recipe": "paper", "gate_noise": 1.0, "importance": 0.1, "load": 0.1}),
     "routed recipe (default)": ("moe-top1", {"gate_recipe": "routed"}),
     "routed without route by loss": ("moe-top1", {"gate_recipe": "routed", "route_by_loss": 0.0}),
     "routed without warm-up": ("moe-top1", {"gate_recipe": "routed", "warmup": 0.0}),
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="camera,dominant,twin")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--ids", type=int, default=24, help="training identities in each synthetic cache")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     rows = {k: v for k, v in ROWS.items() if not args.rows or k in args.rows.split(",")}
@@ -85,7 +91,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         for kind in args.kinds.split(","):
-            cache = write_feature_cache(tmp / f"{kind}.h5", ids=24, per_id=6, cams=4, views=3, kind=kind)
+            cache = write_feature_cache(tmp / f"{kind}.h5", ids=args.ids, per_id=6, cams=4, views=3, kind=kind)
             print(f"\n### {kind} ({args.epochs} epochs, seeds {', '.join(map(str, seeds))})\n")
             print("| fusion / recipe | mAP | routing fidelity |\n|---|---|---|")
             for name, (fusion, over) in rows.items():

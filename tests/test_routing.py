@@ -47,6 +47,44 @@ def test_balancing_losses_at_perfect_balance():
     assert fo.aux_loss.item() == pytest.approx(1.0)
 
 
+def test_smooth_load_by_hand():
+    from featcache.gate.model import cv_squared, smooth_load
+
+    clean = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    noisy = torch.tensor([[0.5, -0.5], [0.2, 0.4]])
+    std = torch.tensor([[1.0, 1.0], [0.5, 2.0]])
+    phi = torch.distributions.Normal(0.0, 1.0).cdf
+    # image 0: expert 0 leads, so its threshold is the other's noisy logit (-0.5); expert 1's is expert 0's (0.5)
+    # image 1: expert 1 leads; expert 0 must beat 0.4, expert 1 must beat 0.2
+    want = torch.stack([phi(torch.tensor([0.5, -0.5])), phi(torch.tensor([(1.0 - 0.4) / 0.5, (0.0 - 0.2) / 2.0]))])
+    assert torch.allclose(smooth_load(clean, noisy, std, 1), want)
+    assert torch.equal(smooth_load(clean, noisy, std, 2), torch.ones(2, 2))  # top-2 of 2: every expert always loaded
+    mirrored = smooth_load(torch.tensor([[0.3, 0.0], [0.0, 0.3]]), torch.tensor([[0.9, 0.1], [0.1, 0.9]]), torch.ones(2, 2), 1)
+    assert cv_squared(mirrored.sum(0)).item() == pytest.approx(0.0, abs=1e-12)  # balanced: no load loss
+
+
+def test_agreement_loss_by_hand():
+    from featcache.gate.model import agreement_loss
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert agreement_loss([a, 3 * a]).item() == pytest.approx(0.0, abs=1e-7)  # same direction: agree
+    b = torch.tensor([[0.0, 1.0], [0.0, -1.0]])  # orthogonal (1 - 0), opposite (1 - (-1))
+    assert agreement_loss([a, b]).item() == pytest.approx((1 + 2) / 2)
+    assert agreement_loss([a, a, b]).item() == pytest.approx((0 + 1.5 + 1.5) / 3)  # every pair, equally weighted
+
+
+def test_load_loss_reaches_the_gate_and_its_noise():
+    m, xs = gated(Routing(gate_noise=1.0, load=1.0))
+    m.train()
+    fo, _, _ = m(xs)
+    assert fo.aux_loss.item() > 0
+    fo.aux_loss.backward()
+    assert m.fusion.gate[-1].weight.grad.abs().sum() > 0 and m.fusion.noise.weight.grad.abs().sum() > 0
+    m.eval()
+    fo, _, _ = m(xs)
+    assert fo.aux_loss.item() == 0.0  # no noise, no load loss outside training
+
+
 def test_straight_through_uses_hard_weights_forward_and_reaches_the_gate():
     m, xs = gated(Routing(train_routing="straight-through"))
     m.train()
@@ -112,6 +150,8 @@ def test_oracle_router(camera_cache, tmp_path):
     ({"fusion": "moe-soft", "train_routing": "gumbel"}, "moe-soft mixes all of them densely"),
     ({"gate_recipe": "fancy"}, "--gate-recipe 'fancy'"),
     ({"warmup": 1.0}, "warmup=1.0"),
+    ({"load": 0.1}, "load=0.1 estimates how the noise moves each expert's load, so it needs --set gate_noise above 0"),
+    ({"fusion": "moe-soft", "load": 0.1, "gate_noise": 1.0}, "--fusion moe-soft sends every image to every expert"),
 ])
 def test_nonsense_combinations_are_refused(tmp_path, over, text):
     with pytest.raises(ConfigError, match=text.replace("(", "\\(").replace(")", "\\)")):

@@ -23,7 +23,10 @@ class Routing:
     gate_noise: float = 0.0            # noisy top-k gating (Shazeer et al. 2017): learned noise scale, training only
     balance: float = 0.0               # Switch-style load-balancing loss weight
     importance: float = 0.0            # Shazeer's importance loss weight (CV^2 of the experts' summed weights)
+    load: float = 0.0                  # Shazeer's load loss weight (CV^2 of each expert's smooth routed count; needs gate_noise)
     expert_loss: float = 0.0           # weight of a triplet loss on each expert's adapted feature alone
+    agreement: float = 0.0             # weight of a loss pulling the experts' adapted features of one image together
+                                       # (1 - cosine), so that images routed to different experts compare in one space
     warmup: float = 0.0                # share of the epochs in which the experts are averaged (the gate still learns)
     route_by_loss: float = 0.0         # weight of a routing loss: the gate learns to pick, per image, the expert whose
                                        # feature alone gives the lowest ID loss (hard EM, as mixtures of experts are fitted)
@@ -71,7 +74,9 @@ class GateConfig(StageConfig):
     gate_noise: float | None = None
     balance: float | None = None
     importance: float | None = None
+    load: float | None = None
     expert_loss: float | None = None
+    agreement: float | None = None
     warmup: float | None = None
     route_by_loss: float | None = None
 
@@ -117,13 +122,20 @@ class GateConfig(StageConfig):
             raise ConfigError(f"train_routing {r.train_routing!r}: expected one of {', '.join(ROUTINGS)}")
         if not 0 <= r.warmup < 1:
             raise ConfigError(f"--set warmup={r.warmup}: expected a share of the epochs, 0 <= warmup < 1")
-        for k in ("gate_noise", "balance", "importance", "expert_loss", "route_by_loss"):
+        for k in ("gate_noise", "balance", "importance", "load", "expert_loss", "agreement", "route_by_loss"):
             if getattr(r, k) < 0:
                 raise ConfigError(f"--set {k}={getattr(r, k)}: expected 0 or more")
         set_for_gate = sorted(k for k in explicit if getattr(r, k) != getattr(Routing(), k))
+        if self.fusion == "moe-oracle":  # routes without a gate: what trains its experts still applies
+            set_for_gate = [k for k in set_for_gate if k not in ("expert_loss", "agreement")]
         if not gated and set_for_gate:
             raise ConfigError(f"--fusion {self.fusion} has no gate, so {', '.join(set_for_gate)} cannot apply "
                               "(they tune a gated fusion: moe-top1, moe-top2, moe-soft)")
+        if r.load and not r.gate_noise:
+            raise ConfigError(f"--set load={r.load} estimates how the noise moves each expert's load, so it needs "
+                              "--set gate_noise above 0 (Shazeer et al. 2017, Appendix A)")
+        if r.load and self.fusion == "moe-soft":
+            raise ConfigError("--set load balances top-k routing; --fusion moe-soft sends every image to every expert")
         if self.fusion == "moe-soft" and r.train_routing != "dense" and "train_routing" in explicit:
             raise ConfigError(f"train_routing {r.train_routing} picks top-k experts; --fusion moe-soft mixes all of them densely")
 

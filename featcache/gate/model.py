@@ -116,7 +116,7 @@ class Gated(Fusion):
     ``Routing`` adds the remedies measured in docs/train-gate.md: the gate's input (the adapted features, or
     the L2-normalised cached ones), stopping its gradient into the adapters, a zero-initialised last layer,
     training as it infers (straight-through or Gumbel top-k), an annealed temperature, learned noise
-    (Shazeer et al. 2017), and the Switch and importance balancing losses.
+    (Shazeer et al. 2017), and the Switch, importance and load balancing losses.
     """
 
     top_k: int | None = None  # None: dense
@@ -146,8 +146,10 @@ class Gated(Fusion):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate(x)
+        self._clean, self._std = h, None
         if self.noise is not None and self.training:  # noisy gating: noise only in training
-            h = h + torch.randn_like(h) * F.softplus(self.noise(x)) * self.routing.gate_noise
+            self._std = F.softplus(self.noise(x)) * self.routing.gate_noise
+            h = h + torch.randn_like(h) * self._std
         return h
 
     def _top(self, p: torch.Tensor) -> torch.Tensor:
@@ -187,9 +189,40 @@ class Gated(Fusion):
                 aux = aux + r.balance * self.k * (share * p.mean(0)).sum()
             if r.importance:
                 # Shazeer et al.: squared coefficient of variation of each expert's summed weight; 0 when equal
-                imp = p.sum(0)
-                aux = aux + r.importance * imp.var(unbiased=False) / imp.mean().pow(2).clamp_min(1e-12)
+                aux = aux + r.importance * cv_squared(p.sum(0))
+            if r.load and self._std is not None:
+                aux = aux + r.load * cv_squared(smooth_load(self._clean, self._last_logits, self._std, self.top_k or self.k).sum(0))
         return FusionOut(fused, g, aux, p, gate_logits=self._last_logits)
+
+
+def agreement_loss(experts: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of 1 - cosine between the adapted features that every pair of experts gives the same image: 0 when
+    the experts agree, so that a query and a gallery image routed to different experts compare in one space."""
+    unit = [F.normalize(e, dim=1) for e in experts]
+    pairs = [(a * b).sum(1) for j, a in enumerate(unit) for b in unit[j + 1:]]
+    return (1 - torch.stack(pairs)).mean() if pairs else experts[0].new_zeros(())
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation of a vector: 0 when its entries are equal."""
+    return x.var(unbiased=False) / x.mean().pow(2).clamp_min(1e-12)
+
+
+def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, k: int) -> torch.Tensor:
+    """Shazeer et al. (2017, Appendix A): per image and expert, the probability that expert i stays in the top k
+    when only its own noise is drawn again, P(x, i) = Phi((clean_i - kth_excluding(noisy, k, i)) / std_i).
+
+    The k-th largest noisy logit among the others is the (k+1)-th largest overall when i is in the top k, and the
+    k-th largest otherwise. Differentiable in the clean logits and the noise scale, unlike the routed count.
+    """
+    n_experts = noisy.shape[1]
+    if k >= n_experts:
+        return torch.ones_like(clean)
+    top = noisy.topk(k + 1, dim=1).values
+    in_top = noisy >= top[:, k - 1:k]
+    threshold = torch.where(in_top, top[:, k:k + 1], top[:, k - 1:k])
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    return normal.cdf((clean - threshold) / std.clamp_min(1e-9))
 
 
 def _gumbel(h: torch.Tensor) -> torch.Tensor:

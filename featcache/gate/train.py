@@ -17,7 +17,7 @@ import torch
 from featcache.errors import ConfigError, InputError
 from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
 from featcache.gate.data import TrainData, load_train
-from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel
+from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, agreement_loss
 from featcache.gate.outputs import routing_row
 from featcache.progress import progress
 from featcache.runtime import resolve_device
@@ -100,6 +100,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
             l_exp = logits.new_zeros(())
             if routing.expert_loss:  # each expert's adapted feature must stand alone, so the gate has real choices
                 l_exp = routing.expert_loss * torch.stack([batch_hard_triplet(e, y, cfg.margin) for e in fo.experts]).mean()
+            if routing.agreement:  # one space for every expert's feature, so routed images compare
+                l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
             if routing.route_by_loss and fo.gate_logits is not None:  # the gate learns which expert explains each image best
                 target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
                 l_exp = l_exp + routing.route_by_loss * torch.nn.functional.cross_entropy(fo.gate_logits, target)
