@@ -184,6 +184,40 @@ def synth(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     click.echo(f"wrote {sum(counts.values())} images to {cfg.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+# ---------------------------------------------------------------------------------------------- stand-ins
+def _standin_options(f: Callable) -> Callable:
+    from featcache.standins.config import StandinConfig as C
+
+    return stack(f, [
+        opt(C, "presets", "--preset", multiple=True, help="Stand-in preset to train (repeatable)."),
+        opt(C, "root", type=click.Path(file_okay=False, path_type=Path),
+            help="Where trained stand-ins are kept  [default: $FEATCACHE_HOME/standins, else ~/.cache/featcache/standins]."),
+        opt(C, "epochs", type=int, help="Pre-training epochs."),
+        opt(C, "seed", type=int, help="Seed of the pre-training set and of training."),
+        opt(C, "device", help="auto, cpu, cuda or cuda:N."),
+        opt(C, "force", is_flag=True, help="Train again even where weights with the same key exist."),
+        set_option(C),
+    ])
+
+
+@main.command("pretrain-standins")
+@_standin_options
+@click.pass_context
+def pretrain_standins(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
+    """Pre-train the demo's stand-in experts (clip-mini, align-mini) on a synthetic set of their own, once per machine.
+
+    Prints the --weights option that extraction takes for each.
+    """
+    from featcache.standins.config import StandinConfig
+    from featcache.standins.runner import run_pretrain_standins
+
+    if not params.get("presets"):
+        params.pop("presets", None)
+    cfg = resolve(ctx, StandinConfig, params, sets)
+    for name, path in run_pretrain_standins(cfg).items():
+        click.echo(f"--weights {name}={path}")
+
+
 # ---------------------------------------------------------------------------------------------- extract
 def _datasets() -> list[str]:
     from featcache.datasets import available
@@ -499,5 +533,6 @@ def backbones() -> None:
 
     for name in available_presets():
         p = get_preset(name)
-        src = f"{p.model}" + (f" ({p.pretrained})" if p.pretrained else "") if not p.random_init else "random init"
+        src = "random init" if p.random_init else "stand-in: featcache pretrain-standins" if p.standin else \
+            f"{p.model}" + (f" ({p.pretrained})" if p.pretrained else "")
         click.echo(f"{name:14s} {p.family:9s} {src:34s} {p.description}")

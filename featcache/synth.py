@@ -9,6 +9,7 @@ the ``name_*.txt`` lists and ``gt_index.txt`` / ``jk_index.txt``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class SynthConfig(StageConfig):
     seed: int = 0
     images_per_cam: tuple[int, int] = (2, 4)
     cams_per_id: tuple[int, int] = (2, 4)
+    night_cams: tuple[int, ...] = ()    # monochrome cameras (colour lost): a condition one expert may see better
+    blur_cams: tuple[int, ...] = ()     # out-of-focus cameras (patterns lost)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_CAMS:
@@ -49,6 +52,13 @@ class SynthConfig(StageConfig):
                 raise ConfigError(f"{name} {lo},{hi}: expected two numbers with 1 <= first <= second")
         if self.cams_per_id[0] > self.cams:
             raise ConfigError(f"cams_per_id {self.cams_per_id[0]},{self.cams_per_id[1]}: the first is at most --cams ({self.cams})")
+        for name, cams in (("night_cams", self.night_cams), ("blur_cams", self.blur_cams)):
+            bad = [c for c in cams if not 1 <= c <= self.cams]
+            if bad:
+                raise ConfigError(f"{name} {bad}: cameras are numbered 1 to --cams ({self.cams})")
+        both = sorted(set(self.night_cams) & set(self.blur_cams))
+        if both:
+            raise ConfigError(f"cameras {both} are in both night_cams and blur_cams; a camera has one condition")
         if self.ids < 4:
             raise ConfigError(f"--ids {self.ids}: at least 4 identities (half train, half test)")
 
@@ -90,12 +100,18 @@ def _queries(shots: list[_Shot], test: set[int]) -> set[int]:
 def generate(cfg: SynthConfig) -> dict[str, int]:
     """Write the dataset under ``cfg.out``; return the number of files per folder."""
     rng = np.random.default_rng(cfg.seed)
-    scenes = {c: Scene.sample(np.random.default_rng([cfg.seed, 1, c])) for c in range(1, cfg.cams + 1)}
+    scenes = {c: dataclasses.replace(Scene.sample(np.random.default_rng([cfg.seed, 1, c])), condition=condition(cfg, c))
+              for c in range(1, cfg.cams + 1)}
     train, test, shots = _plan(cfg, rng)
     write = _write_market if cfg.layout == "market1501" else _write_veri
     counts = write(cfg, rng, scenes, set(train), set(test), shots)
     save_resolved(Path(cfg.out).with_name(Path(cfg.out).name + ".config.yaml"), cfg)
     return counts
+
+
+def condition(cfg: SynthConfig, cam: int) -> str:
+    """The camera's condition: night, blur or day."""
+    return "night" if cam in cfg.night_cams else "blur" if cam in cfg.blur_cams else "day"
 
 
 def _save(img, path: Path, rng: np.random.Generator) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 VIEWS = ("front", "back", "left", "right")
+CONDITIONS = ("day", "night", "blur")
 
 
 def _color(rng: np.random.Generator, sat: tuple[float, float] = (0.3, 1.0), val: tuple[float, float] = (0.2, 0.95)) -> tuple[int, int, int]:
@@ -38,6 +39,7 @@ class Scene:
     cast: tuple[float, float, float]
     blur: float
     view_bias: int
+    condition: str = "day"  # day; night (an infrared-like monochrome camera); blur (a far, out-of-focus camera)
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "Scene":
@@ -65,10 +67,16 @@ class Scene:
         """Lighting (camera gain and colour cast with per-image jitter), blur and sensor noise."""
         if self.blur > 0.3:
             img = img.filter(ImageFilter.GaussianBlur(self.blur * rng.uniform(0.5, 1.5)))
+        if self.condition == "blur":  # patterns and edges are gone, colours and layout remain
+            img = img.filter(ImageFilter.GaussianBlur(2.5 * img.width / 64))
+
         a = np.asarray(img, dtype=np.float32)
         gain = self.gain * rng.uniform(0.85, 1.15)
         a = a * gain * np.asarray(self.cast, dtype=np.float32) + rng.normal(0, 4, a.shape)
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        if self.condition == "night":  # a monochrome sensor: colour is gone; luminance, patterns and shape remain
+            img = img.convert("L").convert("RGB")
+        return img
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,19 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+@pytest.fixture(scope="session", autouse=True)
+def standin_home(tmp_path_factory) -> Path:
+    """Stand-ins trained by tests go to a temporary FEATCACHE_HOME, never the user's cache."""
+    home = tmp_path_factory.mktemp("featcache-home")
+    old = os.environ.get("FEATCACHE_HOME")
+    os.environ["FEATCACHE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("FEATCACHE_HOME", None)
+    else:
+        os.environ["FEATCACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def market_root(tmp_path_factory) -> Path:
     from featcache.synth import SynthConfig, generate

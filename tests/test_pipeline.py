@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from featcache.pipeline.config import load_pipeline
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 #: the demo, shrunk to seconds: the same stages on a smaller synthetic set
-SMALL = ["--set", "synth.ids=16", "--set", "synth.cams=3", "--set", "extract.image_size=64x32", "--set", "extract.views=3",
+SMALL = ["--set", "synth.ids=16", "--set", "synth.cams=3", "--set", "synth.night_cams=[2]", "--set", "synth.blur_cams=[3]", "--set", "extract.image_size=64x32", "--set", "extract.views=3",
          "--set", "train-gate.epochs=2", "--set", "train-gate.batch_size=16", "--set", "distill.epochs=1",
          "--set", "distill.batch_size=16", "--set", "pipeline.profile=false", "--set", "pipeline.fusions=[concat,moe-top1]",
-         "--set", "pipeline.students={}"]
+         "--set", "pipeline.students={}", "--set", "pretrain-standins.ids=16", "--set", "pretrain-standins.per_id=4",
+         "--set", "pretrain-standins.epochs=1", "--set", "pretrain-standins.batch_size=16",
+         "--set", "pretrain-standins.image_size=64x32"]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
@@ -41,12 +44,14 @@ def test_the_demo_plans_tables_3_and_5():
 
     stages, plan = build_stages(load_pipeline(PIPELINES / "demo.yaml"))
     names = [st.name for st in stages]
-    assert names[:2] == ["synth", "extract"] and names[-2:] == ["profile", "report"]
+    assert names[:3] == ["synth", "pretrain-standins", "extract"] and names[-2:] == ["profile", "report"]
     assert [n for n in names if n.startswith("distill")] == [
         "distill student, task loss only (Table 5's base, ResNet-18 here) seed 42", "distill student, distilled (MoE-KD) seed 42"]
     groups = [r.group for r in plan.rows]
     assert groups.count("expert") == 2 and groups.count("teacher") == 1 and groups.count("student") == 2
     assert [r.label for r in plan.rows if r.group == "fusion"][0] == "raw concatenation"
+    assert [r.key for r in plan.rows] == ["expert:clip-mini", "expert:align-mini", "fusion:raw-concat", "fusion:clip", "fusion:align",
+                                          "fusion:average", "fusion:concat", "teacher", "student:task", "student:kd"]
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -102,7 +107,13 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     srcs, hrefs = re.findall(r'src="([^"]+)"', page), re.findall(r'href="([^"]+)"', page)
     assert sorted(set(links)) == sorted(srcs) == sorted(hrefs)  # every figure shown and linked, in both renderings
     assert "## Dataset" in md and "| train |" in md
-    assert "have random weights" in md and "moe-top1 (the teacher)" in md and "student (resnet18, distilled)" in md
+    assert "are synthetic stand-ins, not CLIP and ALIGN" in md and "moe-top1 (the teacher)" in md and "student (resnet18, distilled)" in md
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert list(summary["rows"]) == ["expert:clip-mini", "expert:align-mini", "fusion:raw-concat", "fusion:concat", "teacher", "student:kd"]
+    teacher = summary["rows"]["teacher"]
+    assert teacher["seeds"] == [42] and teacher["mAP"]["per_seed"] == [teacher["mAP"]["mean"]]
+    assert teacher["mAP"]["mean"] == pytest.approx(100 * json.loads((out / "eval" / "moe-top1-seed42.json").read_text())["mAP"], abs=1e-3)
+    assert set(summary["teacher_gate_per_camera"]) == {"1", "2", "3"} and summary["standins"] == ["align-mini", "clip-mini"]
     assert (out / "pipeline.yaml").is_file()
 
     res = r.invoke(main, ["demo", "--out", str(out), *SMALL])  # nothing changed: every stage skipped

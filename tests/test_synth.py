@@ -6,11 +6,13 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from featcache.datasets import load_listing
 from featcache.datasets.layouts import MARKET_RE, VERI_RE
+from featcache.errors import ConfigError
 from featcache.synth import SynthConfig, generate
 
 
@@ -77,3 +79,21 @@ def test_bad_options():
         SynthConfig(Path("x"), "market1501", ids=10, cams=7)
     with pytest.raises(ValueError, match="--layout"):
         SynthConfig(Path("x"), "duke", ids=10, cams=3)
+
+
+def test_camera_conditions_night_is_monochrome_and_blur_is_soft(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "cond"
+    generate(SynthConfig(root, "market1501", ids=6, cams=3, seed=2, night_cams=(2,), blur_cams=(3,)))
+    by_cam: dict[int, list[np.ndarray]] = {1: [], 2: [], 3: []}
+    for p in (root / "bounding_box_train").glob("*.jpg"):
+        by_cam[int(p.name.split("_c")[1][0])].append(np.asarray(Image.open(p), dtype=np.float32))
+    chroma = {c: np.mean([np.abs(a - a.mean(2, keepdims=True)).mean() for a in v]) for c, v in by_cam.items()}
+    detail = {c: np.mean([np.abs(np.diff(a, axis=1)).mean() for a in v]) for c, v in by_cam.items()}
+    assert chroma[2] < 1.5 < chroma[1]  # night: no colour left (JPEG adds a little)
+    assert detail[3] < 0.7 * detail[1]   # blur: edges gone (sensor noise, added after, keeps some)
+    with pytest.raises(ConfigError, match="night_cams \\[7\\]: cameras are numbered 1 to --cams"):
+        SynthConfig(root, "market1501", ids=6, cams=3, night_cams=(7,))
+    with pytest.raises(ConfigError, match="cameras \\[2\\] are in both night_cams and blur_cams"):
+        SynthConfig(root, "market1501", ids=6, cams=3, night_cams=(2,), blur_cams=(2,))

@@ -19,6 +19,11 @@ def build_backbone(name: str, image_size: tuple[int, int], weights: str | None =
     explicitly; else the preset's published weights, which must be found.
     """
     preset = get_preset(name)
+    if weights is None and preset.standin and not random_init:
+        raise WeightsNotFoundError(
+            f"{name} is a stand-in expert whose weights are trained on this machine, not published: run "
+            f"`featcache pretrain-standins` (it prints the path) and pass --weights {name}=PATH, or use `featcache demo`, "
+            "which does both")
     if weights is None and not (preset.random_init or random_init):
         check_published_weights(preset)  # fails in seconds, before the model libraries load
     return family_builder(preset.family)(preset, image_size, weights, random_init)

@@ -64,6 +64,7 @@ class ClipBackbone(Backbone):
             _load(model, ckpt, preset)
             self.weights_id = f"open_clip:{preset.model}:{preset.pretrained}"
         self.visual = model.visual.eval().requires_grad_(False)
+        object.__setattr__(self, "clip_model", model)  # the whole CLIP (not a submodule): what a checkpoint holds
         v = self.visual
         if getattr(v, "attn_pool", None) is not None or getattr(v, "final_ln_after_pool", False) or getattr(v, "pool_type", "tok") != "tok":
             raise PresetError(f"{preset.name}: only class-token pooling (pool_type 'tok', no attentional pooling) is supported")

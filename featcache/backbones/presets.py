@@ -5,6 +5,8 @@ A preset names a model family and either a published model (``model`` plus
 architecture (``model_cfg``) for the tiny randomly initialised presets.
 ``hub_repo`` and ``hub_files`` say where the published weights are found, so
 their absence is known in a second, before any model library is imported.
+A ``standin`` preset is a tiny architecture whose weights
+``featcache pretrain-standins`` trains on this machine (the demo's experts).
 ``attn_depths`` are 1-based: transformer blocks for open_clip, EfficientNet
 stages (of 7) for ALIGN, whose outputs give the attention maps of Eq. 11.
 """
@@ -41,6 +43,7 @@ class Preset:
     model_cfg: dict[str, Any] = field(default_factory=dict)
     hub_repo: str | None = None           # where the published weights live on the Hugging Face hub
     hub_files: tuple[str, ...] = ()       # any one of these in the local cache means the weights are here
+    standin: dict[str, Any] = field(default_factory=dict)  # a stand-in expert: how `featcache pretrain-standins` trains it
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> "Preset":
@@ -57,6 +60,8 @@ class Preset:
             raise PresetError(f"{source}: a preset needs 'model' (a published model) or 'model_cfg' (an inline architecture)")
         if p.family == "align" and not p.model_cfg:
             raise PresetError(f"{source}: an ALIGN preset needs 'model_cfg' (the architecture, for --random-init)")
+        if p.standin and (p.random_init or p.model or not p.model_cfg):
+            raise PresetError(f"{source}: a stand-in preset ('standin') has an inline 'model_cfg' and no published or random weights")
         if len(p.attn_depths) < 4:
             raise PresetError(f"{source}: attn_depths needs at least four depths, got {list(p.attn_depths)}")
         return p

@@ -2,8 +2,8 @@
 
 ``pipelines/NAME.yaml`` has a ``pipeline:`` section (``PipelineConfig``: the
 output folder, seeds, which fusions and models to run) and one section per
-stage, each the stage's own config (``synth``, ``extract``, ``train-gate``,
-``distill``, ``eval``) less the keys the pipeline sets itself (where the cache,
+stage, each the stage's own config (``synth``, ``pretrain-standins``,
+``extract``, ``train-gate``, ``distill``, ``eval``) less the keys the pipeline sets itself (where the cache,
 runs and reports go, the seed, the fusion). ``--set section.key=value``
 overrides any key. Every section is built into its dataclass at load time, so
 an unknown key (with the nearest suggested), a wrong type or a dataset root
@@ -23,6 +23,7 @@ from featcache.evaluation.runner import EvalConfig
 from featcache.extract.config import ExtractConfig
 from featcache.gate.config import GateConfig
 from featcache.registry import nearest
+from featcache.standins.config import StandinConfig
 from featcache.synth import SynthConfig
 
 
@@ -67,11 +68,12 @@ class PipelineConfig(StageConfig):
 
 #: the stage sections and their configs, in the order they run
 SECTIONS: dict[str, type[StageConfig]] = {
-    "synth": SynthConfig, "extract": ExtractConfig, "train-gate": GateConfig, "distill": DistillConfig, "eval": EvalConfig,
+    "synth": SynthConfig, "pretrain-standins": StandinConfig, "extract": ExtractConfig, "train-gate": GateConfig, "distill": DistillConfig, "eval": EvalConfig,
 }
 #: keys each section may not set: the pipeline sets them (placeholders stand in while checking)
 MANAGED: dict[str, dict[str, Any]] = {
     "synth": {"out": Path("data")},
+    "pretrain-standins": {"presets": ("clip-mini",)},  # the extract section's stand-in backbones
     "extract": {"out": Path("cache.h5")},
     "train-gate": {"cache": Path("cache.h5"), "out": Path("gate"), "seed": 0, "fusion": "moe-top1"},
     "distill": {"cache": Path("cache.h5"), "gate": Path("gate"), "out": Path("student"), "seed": 0},

@@ -43,6 +43,12 @@ def write_report(plan) -> Path:
     random = sorted({b for reps in reports.values() for r in reps for b in r.get("random_init_backbones", [])})
     profile = {r["model"]: r for r in json.loads(plan.profile.read_text())} if plan.profile and plan.profile.is_file() else {}
     lines = [f"# featcache report: {plan.pipeline.source.name}", ""]
+    if plan.standins:
+        lines += [f"> **{', '.join(plan.standins)} are synthetic stand-ins, not CLIP and ALIGN.** Tiny models of the two "
+                  "families, pre-trained here by `featcache pretrain-standins` on a synthetic set of other people, each "
+                  "seeing it its own way (docs/demo.md). The numbers show the method's mechanics on synthetic data; they "
+                  "are not results of MoE-KD. The real thing needs the CLIP ViT-B/16 and ALIGN weights, the dataset and a "
+                  "GPU: `featcache run pipelines/market1501.yaml` (see the README).", ""]
     if random:
         lines += [f"> **{', '.join(random)} have random weights.** These numbers measure the pipeline, not the method: "
                   "they are not results of MoE-KD. For the real thing, supply the weights and the dataset and run "
@@ -58,10 +64,37 @@ def write_report(plan) -> Path:
     lines += _gate_section(plan, rep_dir)
     lines += _ranked_section(plan, rep_dir)
     lines += _loss_section(plan, rep_dir)
+    lines += ["", "The rows above, by stable names, for programs: `summary.json`.", ""]
+    summary = summarise(plan, reports)
+    atomic_write(rep_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     text = "\n".join(lines) + "\n"
     atomic_write(rep_dir / "index.md", lambda p: p.write_text(text))
     atomic_write(rep_dir / "index.html", lambda p: p.write_text(to_html(text, f"featcache report: {plan.pipeline.source.name}")))
     return rep_dir / "index.md"
+
+
+def summarise(plan, reports: dict) -> dict:
+    """``report/summary.json``: each row under its stable name (``expert:PRESET``, ``fusion:NAME``, ``teacher``,
+    ``student:kd``, ``student:task``) with mAP, R1, R5 and mINP in % (mean, std and per seed), and the teacher's
+    mean gate weight per camera and expert."""
+    s = plan.pipeline.settings
+    rows: dict[str, dict] = {}
+    for row in plan.rows:
+        reps = reports[row.label]
+        trained = row.group != "expert" and row.key != "fusion:raw-concat"  # the others have no seed
+        entry: dict = {"label": row.label, "seeds": sorted(row.json) if trained else []}
+        for metric, get in (("mAP", lambda r: r["mAP"]), ("R1", lambda r: r["cmc"]["1"]), ("R5", lambda r: r["cmc"]["5"]),
+                            ("mINP", lambda r: r["mINP"])):
+            v = np.asarray([get(r) for r in reps], dtype=float) * 100
+            entry[metric] = {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
+                             "per_seed": [round(float(x), 4) for x in v]}
+        rows[row.key or row.label] = entry
+    out: dict = {"pipeline": str(plan.pipeline.source), "featcache": __version__, "seeds": list(s.seeds),
+                 "standins": sorted(plan.standins), "rows": rows}
+    run = plan.gates.get((s.teacher, s.seeds[0]))
+    if run is not None and (run / "gate_stats.json").is_file():
+        out["teacher_gate_per_camera"] = json.loads((run / "gate_stats.json").read_text()).get("per_camera", {})
+    return out
 
 
 def _dataset(cache: Path) -> list[str]:

@@ -34,6 +34,7 @@ class Row:
 
     label: str
     group: str                     # expert, fusion, teacher, student
+    key: str = ""                  # its stable name in report/summary.json (expert:PRESET, fusion:NAME, teacher, student:kd)
     spec: dict[int, str] = field(default_factory=dict)     # seed -> KIND:REF
     json: dict[int, Path] = field(default_factory=dict)    # seed -> eval report
     run: dict[int, Path] = field(default_factory=dict)     # seed -> run directory (gate, student)
@@ -49,6 +50,7 @@ class Plan:
     cache: Path | None = None
     cache_id: str = ""
     cache_key: str = ""
+    standins: dict[str, Path] = field(default_factory=dict)  # stand-in preset -> its trained weights
     gates: dict[tuple[str, int], Path] = field(default_factory=dict)
     students: dict[tuple[str, int], Path] = field(default_factory=dict)  # (student name, seed) -> run
     rows: list[Row] = field(default_factory=list)
@@ -63,16 +65,20 @@ def build_stages(pipeline: Pipeline) -> tuple[list[Stage], Plan]:
         stages.append(_synth(plan))
     else:
         plan.root = Path(pipeline.sections["extract"]["root"]).absolute()
-    stages.append(_extract(plan))
     backbones = list(pipeline.stage_config("extract", **_extract_managed(plan)).backbones)
+    standins = standin_backbones(pipeline)
+    if standins:
+        stages.append(_standins(plan, standins))
+    stages.append(_extract(plan))
     if s.experts_alone:
-        plan.rows += [Row(s.labels.get(b, f"{b} alone"), "expert", {0: f"backbone:{b}"}) for b in backbones]
+        plan.rows += [Row(s.labels.get(b, f"{b} alone"), "expert", f"expert:{b}", {0: f"backbone:{b}"}) for b in backbones]
     if s.concat and len(backbones) > 1:
-        plan.rows.append(Row("raw concatenation", "fusion", {0: "concat:" + ",".join(backbones)}))
+        plan.rows.append(Row("raw concatenation", "fusion", "fusion:raw-concat", {0: "concat:" + ",".join(backbones)}))
     for fusion in s.fusions:
         what = "the teacher" if fusion == s.teacher and s.distill else FUSION_NOTES.get(fusion, "")
         label = s.labels.get(fusion, fusion + (f" ({what})" if what else ""))
-        row = Row(label, "teacher" if fusion == s.teacher else "fusion")
+        teacher = fusion == s.teacher
+        row = Row(label, "teacher" if teacher else "fusion", "teacher" if teacher else f"fusion:{fusion}")
         for seed in s.seeds:
             stages.append(_gate(plan, fusion, seed, row))
         plan.rows.append(row)
@@ -80,7 +86,9 @@ def build_stages(pipeline: Pipeline) -> tuple[list[Stage], Plan]:
         for name in student_names(pipeline):
             cfg = pipeline.student_config(name, **_distill_managed())
             label = name if s.students else f"student ({cfg.student}, distilled)"
-            row = Row(label, "student")
+            kind = "student:kd" if set(cfg.losses) - {"id", "tri"} else "student:task"  # with a teacher's loss, or without
+            taken = sum(r.key == kind or r.key.startswith(kind + ":") for r in plan.rows)
+            row = Row(label, "student", kind + (f":{taken + 1}" if taken else ""))
             for seed in s.seeds:
                 stages.append(_distill(plan, name, seed, row))
             plan.rows.append(row)
@@ -108,10 +116,43 @@ def _synth(plan: Plan) -> Stage:
     return Stage("synth", lambda: {"config": cfg.to_dict(absolute=True)}, lambda: [plan.root], run)
 
 
+def standin_backbones(pipeline: Pipeline) -> tuple[str, ...]:
+    """The extract section's stand-in presets whose weights the section does not give: the pipeline trains them."""
+    from featcache.backbones.presets import get_preset
+
+    extract = pipeline.sections.get("extract", {})
+    given = pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")}).weights \
+        if extract else {}
+    names = extract.get("backbones", ())
+    names = [names] if isinstance(names, str) else list(names)
+    return tuple(n for n in names if get_preset(n).standin and n not in given)
+
+
+def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
+    """Pre-train the stand-in experts, once per machine: their weights live in the user's cache, keyed by recipe."""
+    from featcache.standins.runner import run_pretrain_standins, standin_key, standin_paths
+
+    cfg = plan.pipeline.stage_config("pretrain-standins", presets=names)
+
+    def key() -> dict:
+        plan.standins = standin_paths(cfg)
+        return {name: standin_key(cfg, name) for name in names}
+
+    def outputs() -> list[Path]:
+        return [p / "standin.json" for p in plan.standins.values()]
+
+    return Stage("pretrain-standins", key, outputs, lambda: plan.standins.update(run_pretrain_standins(cfg)))
+
+
 def _extract_managed(plan: Plan) -> dict[str, Any]:
     managed: dict[str, Any] = {"out": plan.out / "cache.h5"}
     if "synth" in plan.pipeline.sections:
         managed["root"] = plan.out / "data"
+    if plan.standins:
+        section = plan.pipeline.sections.get("extract", {}).get("weights", {})
+        from featcache.extract.config import parse_weights
+
+        managed["weights"] = {**parse_weights(section), **{k: str(v) for k, v in plan.standins.items()}}
     return managed
 
 

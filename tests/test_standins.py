@@ -1,0 +1,102 @@
+"""Stand-in experts: their views, the pre-training set, training once per key, loading through --weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featcache.backbones import WeightsNotFoundError, build_backbone
+from featcache.cli import main
+from featcache.errors import ConfigError
+from featcache.standins.config import StandinConfig
+from featcache.standins.runner import run_pretrain_standins, standin_key
+from featcache.standins.views import VIEWS
+
+TINY = dict(ids=16, cams=3, per_id=4, image_size=(64, 32), epochs=1, batch_size=16, instances=4, device="cpu")
+
+
+def test_colour_jitter_hides_colour_and_blur_removes_detail():
+    g = torch.Generator().manual_seed(0)
+    red = torch.zeros(64, 3, 16, 8)
+    red[:, 0] = 0.8
+    out = VIEWS.get("colour-jitter")(red, g)
+    lead = out.mean((2, 3)).argmax(1)
+    assert len(set(lead.tolist())) == 3  # the red channel lands anywhere: colour tells nothing
+    assert (out[:, 0] == out[:, 1]).all((1, 2)).sum() > 10  # and about half the images are gray
+    checker = (torch.arange(128)[:, None] + torch.arange(64)[None, :]) % 2  # at the demo's size: blur scales with width
+    x = checker.float().expand(4, 3, 128, 64).clone()
+    y = VIEWS.get("blur")(x, torch.Generator().manual_seed(0))
+    assert y.diff(dim=-1).abs().mean() < 0.1 * x.diff(dim=-1).abs().mean()
+    assert torch.allclose(y.mean(), x.mean(), atol=0.05)  # colour (here: gray level) kept
+    a = VIEWS.get("colour-jitter")(x, torch.Generator().manual_seed(3))
+    b = VIEWS.get("colour-jitter")(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # seeded: the same images for the same seed
+
+
+def test_config_refuses_what_is_not_a_stand_in():
+    with pytest.raises(ConfigError, match="clip-tiny: not a stand-in preset"):
+        StandinConfig(presets=("clip-tiny",))
+    with pytest.raises(ConfigError, match="--ids 8: fewer than the 16 identities of a batch"):
+        StandinConfig(ids=8)
+
+
+def test_key_follows_the_recipe_not_where_or_how(tmp_path):
+    a = StandinConfig(root=tmp_path, **TINY)
+    assert standin_key(a, "clip-mini") == standin_key(a.replace(root=tmp_path / "x", device="auto", force=True), "clip-mini")
+    assert standin_key(a, "clip-mini") != standin_key(a.replace(epochs=2), "clip-mini")
+    assert standin_key(a, "clip-mini") != standin_key(a, "align-mini")
+
+
+def test_a_stand_in_without_weights_says_how_to_make_them():
+    with pytest.raises(WeightsNotFoundError, match="featcache pretrain-standins"):
+        build_backbone("align-mini", (32, 16))
+
+
+def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path, caplog):
+    cfg = StandinConfig(root=tmp_path / "a", **TINY)
+    paths = run_pretrain_standins(cfg)
+    assert set(paths) == {"clip-mini", "align-mini"} and all((p / "standin.json").is_file() for p in paths.values())
+    assert (paths["clip-mini"] / "open_clip_model.safetensors").is_file() and (paths["align-mini"] / "config.json").is_file()
+    x = torch.rand(2, 3, 64, 32)
+    for name, path in paths.items():
+        trained = build_backbone(name, (64, 32), weights=str(path))
+        assert trained.weights_id.startswith(("file:", "dir:"))
+        random = build_backbone(name, (64, 32), random_init=True)
+        with torch.no_grad():
+            assert not torch.allclose(trained(x)["pooled"], random(x)["pooled"])  # trained weights, not the random init
+    stamp = {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()}
+    caplog.set_level("INFO")
+    assert run_pretrain_standins(cfg) == paths  # the same key: reused, not trained again
+    assert {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()} == stamp
+    assert "reused" in caplog.text
+    again = run_pretrain_standins(cfg.replace(root=tmp_path / "b", presets=("clip-mini",)))
+    from safetensors.torch import load_file
+
+    first = load_file(str(paths["clip-mini"] / "open_clip_model.safetensors"))
+    second = load_file(str(again["clip-mini"] / "open_clip_model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # deterministic
+    assert not list((tmp_path / "a").glob(".*tmp*"))  # published whole, nothing half-written left behind
+
+
+def test_cli_prints_the_weights_options(tmp_path):
+    args = ["pretrain-standins", "--root", str(tmp_path), "--preset", "clip-mini", "--epochs", "1"]
+    args += [a for k, v in TINY.items() if k not in ("epochs", "image_size") for a in ("--set", f"{k}={v}")]
+    res = CliRunner().invoke(main, [*args, "--set", "image_size=64x32"])
+    assert res.exit_code == 0, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("--weights clip-mini=") and Path(line.split("=", 1)[1]).is_dir()
+    res = CliRunner().invoke(main, ["pretrain-standins", "--preset", "clip-tiny"])
+    assert res.exit_code == 2 and "clip-tiny: not a stand-in preset" in res.output
+
+
+def test_pretraining_set_is_other_people(tmp_path):
+    from featcache.standins.data import render_pretraining_set
+
+    imgs, labels = render_pretraining_set(4, 2, 3, seed=0, size=(32, 16))
+    assert imgs.shape == (12, 32, 16, 3) and imgs.dtype == np.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    again, _ = render_pretraining_set(4, 2, 3, seed=0, size=(32, 16))
+    assert np.array_equal(imgs, again)
