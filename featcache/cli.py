@@ -192,7 +192,7 @@ def _standin_options(f: Callable) -> Callable:
         opt(C, "presets", "--preset", multiple=True, help="Stand-in preset to train (repeatable)."),
         opt(C, "root", type=click.Path(file_okay=False, path_type=Path),
             help="Where trained stand-ins are kept  [default: $FEATCACHE_HOME/standins, else ~/.cache/featcache/standins]."),
-        opt(C, "epochs", type=int, help="Pre-training epochs."),
+        opt(C, "epochs", type=int, help="Pre-training epochs  [default: each preset's own]"),
         opt(C, "seed", type=int, help="Seed of the pre-training set and of training."),
         opt(C, "device", help="auto, cpu, cuda or cuda:N."),
         opt(C, "force", is_flag=True, help="Train again even where weights with the same key exist."),

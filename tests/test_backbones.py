@@ -13,7 +13,7 @@ from featcache.backbones.presets import Preset
 
 def test_presets_listed_and_unknown_name_lists_them():
     assert {"clip-vit-b16", "align-b7", "clip-tiny", "align-tiny"} <= set(available_presets())
-    with pytest.raises(PresetError, match="available: align-b7, align-tiny, clip-tiny, clip-vit-b16"):
+    with pytest.raises(PresetError, match="available: align-b7, align-mini, align-tiny, clip-mini, clip-tiny, clip-vit-b16"):
         get_preset("clip-huge")
 
 

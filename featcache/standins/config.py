@@ -33,15 +33,15 @@ class StandinConfig(StageConfig):
 
     presets: tuple[str, ...] = ("clip-mini", "align-mini")
     root: Path | None = None           # default: $FEATCACHE_HOME/standins or ~/.cache/featcache/standins
-    ids: int = 240                     # pre-training identities (the demo has 50)
+    ids: int = 256                     # pre-training identities (the demo has 50, other people)
     cams: int = 12                     # scenes of the pre-training set (all in daylight; the views do the rest)
     per_id: int = 12
     image_size: tuple[int, int] = parser(parse_size, default=(128, 64))
     seed: int = 1000                   # the pre-training set's seed; also the training seed
-    epochs: int = 12
-    batch_size: int = 64
+    epochs: int | None = None          # None: each preset's own (its standin.epochs)
+    batch_size: int = 32
     instances: int = 4
-    lr: float = 1e-3
+    lr: float | None = None            # None: each preset's own (its standin.lr)
     lr_min: float = 1e-5
     weight_decay: float = 5e-4
     device: str = "auto"
@@ -57,12 +57,22 @@ class StandinConfig(StageConfig):
                 raise ConfigError(f"--presets {name}: not a stand-in preset (its preset file has no 'standin' entry); "
                                   "stand-ins are clip-mini and align-mini")
         check_device_name(self.device)
-        check_training(self.epochs, self.batch_size, self.instances, self.lr, self.lr_min)
+        for name in self.presets:
+            epochs, lr = self.schedule(name)
+            check_training(epochs, self.batch_size, self.instances, lr, self.lr_min)
         if self.ids < self.batch_size // self.instances:
             raise ConfigError(f"--ids {self.ids}: fewer than the {self.batch_size // self.instances} identities of a batch")
         if self.cams < 2 or self.per_id < self.instances:
             raise ConfigError(f"--cams {self.cams} / --per-id {self.per_id}: need at least 2 cameras and --instances "
                               f"({self.instances}) images per identity")
+
+    def schedule(self, name: str) -> tuple[int, float]:
+        """(epochs, lr) for preset ``name``: the options where given, else the preset's own."""
+        from featcache.backbones.presets import get_preset
+
+        own = get_preset(name).standin
+        return (self.epochs if self.epochs is not None else int(own.get("epochs", 10)),
+                self.lr if self.lr is not None else float(own.get("lr", 1e-3)))
 
     def where(self) -> Path:
         return Path(self.root).expanduser() if self.root is not None else default_root()

@@ -33,6 +33,7 @@ def train_standin(name: str, cfg: StandinConfig, images: np.ndarray, labels: np.
     """The trained backbone (eval mode, frozen) and its per-epoch log."""
     preset = get_preset(name)
     view = VIEWS.get(preset.standin.get("view", ""))
+    epochs, lr = cfg.schedule(name)
     torch.manual_seed(cfg.seed)
     backbone = family_builder(preset.family)(preset, cfg.image_size, None, True).to(device)
     backbone.train().requires_grad_(True)
@@ -41,20 +42,20 @@ def train_standin(name: str, cfg: StandinConfig, images: np.ndarray, labels: np.
     neck = nn.BatchNorm1d(dim).to(device)
     head = nn.Linear(dim, int(labels.max()) + 1, bias=False).to(device)
     params = [*backbone.parameters(), *neck.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     p = cfg.batch_size // cfg.instances
     per_epoch = steps_per_epoch(labels, p, cfg.instances)
-    total = per_epoch * cfg.epochs
+    total = per_epoch * epochs
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W), shared
     y_all = torch.from_numpy(labels)
     log: list[dict] = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         t0, sums, n = time.perf_counter(), {"id": 0.0, "triplet": 0.0, "acc": 0.0}, 0
         for i, idx in enumerate(progress(pk_batches(labels, p, cfg.instances, rng), leave=False, unit="batch",
-                                         desc=f"pretrain-standins {name} epoch {epoch + 1}/{cfg.epochs}")):
-            set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
+                                         desc=f"pretrain-standins {name} epoch {epoch + 1}/{epochs}")):
+            set_lr(opt, cosine_lr(lr, cfg.lr_min, epoch * per_epoch + i, total))
             x = view(pixels[torch.from_numpy(idx)].float() / 255.0, g).to(device)
             y = y_all[torch.from_numpy(idx)].to(device)
             f = backbone((x - backbone.mean) / backbone.std)["pooled"]
@@ -63,8 +64,8 @@ def train_standin(name: str, cfg: StandinConfig, images: np.ndarray, labels: np.
             opt.zero_grad(set_to_none=True)
             (l_id + l_tri).backward()
             opt.step()
-            sums["id"] += float(l_id)
-            sums["triplet"] += float(l_tri)
+            sums["id"] += float(l_id.detach())
+            sums["triplet"] += float(l_tri.detach())
             sums["acc"] += float((logits.argmax(1) == y).float().mean())
             n += 1
         row = {"epoch": epoch + 1, **{k: v / max(1, n) for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
