@@ -19,9 +19,19 @@ logger = logging.getLogger(__name__)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars (loading and writing weights) draw with carriage returns even into a log
+    file; featcache reports its own progress, so they are switched off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _load_local(path: Path):
     """A ``save_pretrained`` directory of an AlignModel (vision tower taken) or an AlignVisionModel."""
     from transformers import AlignModel, AlignVisionModel
+
+    quiet_transformers()
 
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

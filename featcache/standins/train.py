@@ -83,5 +83,8 @@ def save_standin(backbone: Backbone, folder: Path) -> Path:
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.clip_model.state_dict().items()}
         save_file(state, str(folder / "open_clip_model.safetensors"))
         return folder
+    from featcache.backbones.align import quiet_transformers
+
+    quiet_transformers()
     backbone.model.save_pretrained(folder, safe_serialization=True)
     return folder
