@@ -433,7 +433,7 @@ def export(model: str, onnx_out: Path, opset: int, atol: float | None) -> None:
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key of a section, e.g. --set distill.epochs=10 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (overrides pipeline.out).")
 def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
-    """Run a pipeline: synth, extract, train-gate, distill, eval, profile, report; unchanged stages are skipped."""
+    """Run a pipeline: synth, pretrain-standins, extract, train-gate, distill, eval, profile, report; unchanged stages are skipped."""
     from featcache.pipeline.config import load_pipeline
     from featcache.pipeline.cross import is_cross, load_cross, run_cross
     from featcache.pipeline.runner import execute
@@ -459,7 +459,7 @@ def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key of pipelines/demo.yaml.")
 @click.pass_context
 def demo(ctx: click.Context, out: Path | None, sets: tuple[str, ...]) -> None:
-    """The whole method in miniature: a synthetic dataset, the tiny presets, every stage, and a report (pipelines/demo.yaml)."""
+    """The whole method in miniature: a synthetic dataset, two stand-in experts pre-trained here, every stage, and a report (pipelines/demo.yaml)."""
     from featcache.errors import InputError
 
     path = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"

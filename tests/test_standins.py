@@ -40,7 +40,7 @@ def test_colour_jitter_hides_colour_and_blur_removes_detail():
 def test_config_refuses_what_is_not_a_stand_in():
     with pytest.raises(ConfigError, match="clip-tiny: not a stand-in preset"):
         StandinConfig(presets=("clip-tiny",))
-    with pytest.raises(ConfigError, match="--ids 4: fewer than the 8 identities of a batch"):
+    with pytest.raises(ConfigError, match="ids 4: fewer than the 8 identities of a batch"):
         StandinConfig(ids=4)
 
 
@@ -71,12 +71,12 @@ def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path):
     stamp = {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()}
     assert run_pretrain_standins(cfg) == paths  # the same key: reused, not trained again
     assert {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()} == stamp
-    again = run_pretrain_standins(cfg.replace(root=tmp_path / "b", presets=("clip-mini",)))
+    again = run_pretrain_standins(cfg.replace(root=tmp_path / "b"))
     from safetensors.torch import load_file
 
-    first = load_file(str(paths["clip-mini"] / "open_clip_model.safetensors"))
-    second = load_file(str(again["clip-mini"] / "open_clip_model.safetensors"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # deterministic
+    for name, file in (("clip-mini", "open_clip_model.safetensors"), ("align-mini", "model.safetensors")):
+        first, second = load_file(str(paths[name] / file)), load_file(str(again[name] / file))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name  # deterministic
     assert not list((tmp_path / "a").glob(".*tmp*"))  # published whole, nothing half-written left behind
 
 
@@ -98,3 +98,20 @@ def test_pretraining_set_is_other_people(tmp_path):
     assert imgs.shape == (12, 32, 16, 3) and imgs.dtype == np.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     again, _ = render_pretraining_set(4, 2, 3, seed=0, size=(32, 16))
     assert np.array_equal(imgs, again)
+
+
+def test_a_pipeline_trains_only_the_stand_ins_it_is_not_given(tmp_path):
+    from featcache.pipeline.config import load_pipeline
+    from featcache.pipeline.stages import build_stages, standin_backbones
+
+    demo = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+    p = load_pipeline(demo, ("extract.backbones=clip-mini,align-mini",), out=tmp_path / "o")  # a string, as --set gives it
+    assert standin_backbones(p) == ("clip-mini", "align-mini")
+    given = tmp_path / "w"
+    given.mkdir()
+    p = load_pipeline(demo, (f"extract.weights={{clip-mini: {given}}}",), out=tmp_path / "o")
+    assert standin_backbones(p) == ("align-mini",)
+    names = [st.name for st in build_stages(p)[0]]
+    assert names[:3] == ["synth", "pretrain-standins", "extract"]
+    p = load_pipeline(demo, (f"extract.weights={{clip-mini: {given}, align-mini: {given}}}",), out=tmp_path / "o")
+    assert "pretrain-standins" not in [st.name for st in build_stages(p)[0]]

@@ -43,8 +43,9 @@ def write_report(plan) -> Path:
     random = sorted({b for reps in reports.values() for r in reps for b in r.get("random_init_backbones", [])})
     profile = {r["model"]: r for r in json.loads(plan.profile.read_text())} if plan.profile and plan.profile.is_file() else {}
     lines = [f"# featcache report: {plan.pipeline.source.name}", ""]
-    if plan.standins:
-        lines += [f"> **{', '.join(plan.standins)} are synthetic stand-ins, not CLIP and ALIGN.** Tiny models of the two "
+    standins = standin_backbones_of(plan)
+    if standins:
+        lines += [f"> **{', '.join(standins)} are synthetic stand-ins, not CLIP and ALIGN.** Tiny models of the two "
                   "families, pre-trained here by `featcache pretrain-standins` on a synthetic set of other people, each "
                   "seeing it its own way (docs/demo.md). The numbers show the method's mechanics on synthetic data; they "
                   "are not results of MoE-KD. The real thing needs the CLIP ViT-B/16 and ALIGN weights, the dataset and a "
@@ -73,6 +74,21 @@ def write_report(plan) -> Path:
     return rep_dir / "index.md"
 
 
+def standin_backbones_of(plan) -> list[str]:
+    """The cached backbones that are stand-ins, whether the pipeline trained them or the extract section named weights."""
+    from featcache.backbones.presets import PresetError, available_presets, get_preset
+    from featcache.cache import open_cache
+    from featcache.cache.store import read_identity
+
+    with open_cache(plan.cache) as f:
+        names = list(read_identity(f, plan.cache).backbones)
+    known = set(available_presets())  # caches written by tests and benchmarks may name simulated backbones
+    try:
+        return [n for n in names if n in known and get_preset(n).standin]
+    except PresetError:
+        return []
+
+
 def summarise(plan, reports: dict) -> dict:
     """``report/summary.json``: each row under its stable name (``expert:PRESET``, ``fusion:NAME``, ``teacher``,
     ``student:kd``, ``student:task``) with mAP, R1, R5 and mINP in % (mean, std and per seed), and the teacher's
@@ -90,7 +106,7 @@ def summarise(plan, reports: dict) -> dict:
                              "per_seed": [round(float(x), 4) for x in v]}
         rows[row.key or row.label] = entry
     out: dict = {"pipeline": str(plan.pipeline.source), "featcache": __version__, "seeds": list(s.seeds),
-                 "standins": sorted(plan.standins), "rows": rows}
+                 "standins": sorted(standin_backbones_of(plan)), "rows": rows}
     run = plan.gates.get((s.teacher, s.seeds[0]))
     if run is not None and (run / "gate_stats.json").is_file():
         out["teacher_gate_per_camera"] = json.loads((run / "gate_stats.json").read_text()).get("per_camera", {})

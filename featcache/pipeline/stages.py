@@ -120,12 +120,21 @@ def standin_backbones(pipeline: Pipeline) -> tuple[str, ...]:
     """The extract section's stand-in presets whose weights the section does not give: the pipeline trains them."""
     from featcache.backbones.presets import get_preset
 
-    extract = pipeline.sections.get("extract", {})
-    given = pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")}).weights \
-        if extract else {}
-    names = extract.get("backbones", ())
-    names = [names] if isinstance(names, str) else list(names)
-    return tuple(n for n in names if get_preset(n).standin and n not in given)
+    cfg = pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")})  # parsed: lists or "a,b"
+    return tuple(n for n in cfg.backbones if get_preset(n).standin and n not in cfg.weights)
+
+
+def weights_identity(path: str) -> Any:
+    """What a --weights path is, for a stage key: a file's size; a folder's files and sizes, and the content of its
+    ``standin.json`` (a stand-in trained again with --force is another input, though its path is the same)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file())
+        meta = p / "standin.json"
+        return {"files": files, "standin": file_digest(meta) if meta.is_file() else None}
+    return None
 
 
 def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
@@ -167,7 +176,7 @@ def _extract(plan: Plan) -> Stage:
         # what the cache's content depends on; not how it is computed (batch size, workers, device) or what to do
         # with an existing file (overwrite, repair: `featcache extract` does those)
         content = {k: v for k, v in base.to_dict(absolute=True).items() if k not in EXTRACT_HOW}
-        content["weights"] = {k: [v, Path(v).stat().st_size if Path(v).is_file() else None] for k, v in base.weights.items()}
+        content["weights"] = {k: [v, weights_identity(v)] for k, v in base.weights.items()}
         plan.cache_key = digest(portable({"content": content, "listing": listing}, plan.out))[:8]
         state["cfg"] = base.replace(out=plan.out / f"cache-{plan.cache_key}.h5")
         plan.cache = state["cfg"].out
@@ -339,5 +348,5 @@ def _report(plan: Plan) -> Stage:
     def key() -> dict:
         return {"inputs": {str(p): p.read_text() for p in inputs()}, "settings": plan.pipeline.settings.to_dict(absolute=True)}
 
-    return Stage("report", key, lambda: [plan.out / "report" / "index.md", plan.out / "report" / "index.html"],
+    return Stage("report", key, lambda: [plan.out / "report" / name for name in ("index.md", "index.html", "summary.json")],
                  lambda: write_report(plan))

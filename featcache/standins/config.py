@@ -51,19 +51,24 @@ class StandinConfig(StageConfig):
         from featcache.backbones.presets import get_preset
 
         if not self.presets:
-            raise ConfigError("--presets: name at least one stand-in preset")
+            raise ConfigError("--preset: name at least one stand-in preset")
         for name in self.presets:
-            if not get_preset(name).standin:
-                raise ConfigError(f"--presets {name}: not a stand-in preset (its preset file has no 'standin' entry); "
+            try:
+                preset = get_preset(name)
+            except ConfigError as exc:
+                raise ConfigError(f"--preset: {exc}") from None
+            if not preset.standin:
+                raise ConfigError(f"--preset {name}: not a stand-in preset (its preset file has no 'standin' entry); "
                                   "stand-ins are clip-mini and align-mini")
         check_device_name(self.device)
         for name in self.presets:
             epochs, lr = self.schedule(name)
             check_training(epochs, self.batch_size, self.instances, lr, self.lr_min)
         if self.ids < self.batch_size // self.instances:
-            raise ConfigError(f"--ids {self.ids}: fewer than the {self.batch_size // self.instances} identities of a batch")
+            raise ConfigError(f"ids {self.ids}: fewer than the {self.batch_size // self.instances} identities of a batch "
+                              "(batch_size / instances)")
         if self.cams < 2 or self.per_id < self.instances:
-            raise ConfigError(f"--cams {self.cams} / --per-id {self.per_id}: need at least 2 cameras and --instances "
+            raise ConfigError(f"cams {self.cams}, per_id {self.per_id}: need at least 2 cameras and instances "
                               f"({self.instances}) images per identity")
 
     def schedule(self, name: str) -> tuple[int, float]:

@@ -14,16 +14,24 @@ from featcache.standins.config import StandinConfig
 
 logger = logging.getLogger(__name__)
 
-#: config keys that do not change the weights (where they go, what runs them, whether to train again)
+#: config keys that do not change the weights (where they go, whether to train again, which presets); the device
+#: does (CPU and CUDA kernels differ), so its resolved type is part of the key
 HOW = ("root", "device", "force", "presets")
+#: the code that shapes the weights: an edit to any of these trains anew (the package version alone would not see it)
+RECIPE_CODE = ("standins/data.py", "standins/views.py", "standins/train.py", "synth_render.py")
 
 
 def standin_key(cfg: StandinConfig, name: str) -> str:
     """A digest of what the weights depend on: the recipe, the preset file, the featcache version."""
     import hashlib
 
+    from featcache.runtime import resolve_device
+
     recipe = {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in HOW}
-    data = {"recipe": recipe, "preset": (PRESET_DIR / f"{name}.json").read_text(), "version": __version__}
+    root = Path(__file__).resolve().parents[1]
+    code = {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in RECIPE_CODE}
+    data = {"recipe": recipe, "preset": (PRESET_DIR / f"{name}.json").read_text(), "version": __version__, "code": code,
+            "device": resolve_device(cfg.device).type}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -43,6 +51,11 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
     if not todo:
         return paths
     device = resolve_device(cfg.device)
+    from featcache.backbones.presets import get_preset
+    from featcache.standins.views import VIEWS
+
+    for name in todo:  # a preset naming no known view fails now, not after rendering the set
+        VIEWS.get(get_preset(name).standin.get("view", "(none)"))
     from featcache.standins.data import render_pretraining_set
     from featcache.standins.train import save_standin, train_standin
 
@@ -57,7 +70,14 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
                 "images": int(len(labels)), "identities": int(labels.max() + 1), "log": log}
         (tmp / "standin.json").write_text(json.dumps(meta, indent=1, default=str))
         if final.exists():  # --force: the old weights go only once the new ones are complete
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # published whole: a killed run leaves only a temporary folder
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)  # published whole: a killed run leaves only a temporary folder
+        except OSError:
+            if not (final / "standin.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another run published the same key meanwhile: same recipe, kept
+            logger.info("%s: another run published %s first; kept it", name, final)
+            continue
         logger.info("%s: trained in %.0f s, saved to %s", name, sum(r["seconds"] for r in log), final)
     return paths

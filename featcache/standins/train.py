@@ -1,6 +1,7 @@
 """Pre-training one stand-in: its tiny architecture, trained for re-ID on the pre-training set seen through its view.
 
-The backbone is built exactly as extraction builds it (the family's own class, its seeded random init) and trained
+The backbone is built exactly as extraction builds it (the family's own class and its fixed seed-0 random init; the
+config's seed sets the batch order and the views) and trained
 on the output extraction caches (``pooled``), through a BN neck and an ID classifier with label-smoothed
 cross-entropy and a batch-hard triplet loss. It is then saved in its family's own checkpoint format (an open_clip
 state dict in safetensors; a transformers ``save_pretrained`` directory), so that extraction loads it through
