@@ -139,13 +139,13 @@ def weights_identity(path: str) -> Any:
 
 def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
     """Pre-train the stand-in experts, once per machine: their weights live in the user's cache, keyed by recipe."""
-    from featcache.standins.runner import run_pretrain_standins, standin_key, standin_paths
+    from featcache.standins.runner import run_pretrain_standins, standin_paths
 
     cfg = plan.pipeline.stage_config("pretrain-standins", presets=names)
 
     def key() -> dict:
-        plan.standins = standin_paths(cfg)
-        return {name: standin_key(cfg, name) for name in names}
+        plan.standins = standin_paths(cfg)  # each folder is named by its stand-in's key
+        return {name: path.name for name, path in plan.standins.items()}
 
     def outputs() -> list[Path]:
         return [p / "standin.json" for p in plan.standins.values()]

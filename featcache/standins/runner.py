@@ -25,11 +25,12 @@ def standin_key(cfg: StandinConfig, name: str) -> str:
     """A digest of what the weights depend on: the recipe, the preset file, the featcache version."""
     import hashlib
 
+    from featcache.backbones.base import sha256_file
     from featcache.runtime import resolve_device
 
     recipe = {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in HOW}
     root = Path(__file__).resolve().parents[1]
-    code = {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in RECIPE_CODE}
+    code = {f: sha256_file(root / f) for f in RECIPE_CODE}
     data = {"recipe": recipe, "preset": (PRESET_DIR / f"{name}.json").read_text(), "version": __version__, "code": code,
             "device": resolve_device(cfg.device).type}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
