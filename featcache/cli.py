@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -260,8 +261,9 @@ def extract(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     cfg = resolve(ctx, ExtractConfig, params, sets)
     res = run_extract(cfg)
     s = res.summary
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     click.echo(
-        f"{cfg.out}: cached train {s['splits']['train']}, query {s['splits']['query']}, gallery {s['splits']['gallery']}; "
+        (f"rank {rank}: " if rank is not None else "") + f"{cfg.out}: cached train {s['splits']['train']}, query {s['splits']['query']}, gallery {s['splits']['gallery']}; "
         f"failed {len(s['failed'])}; {res.processed} images this run at {res.images_per_second:.1f} img/s"
     )
 
@@ -499,6 +501,10 @@ def info(cache: Path, as_json: bool, splits: bool) -> None:
     click.echo(f"input {pre['image_size'][0]}x{pre['image_size'][1]} ({pre.get('resize', '?')}); views {pre.get('views')}; "
                f"tokens {s['tokens']}" + ("; synthetic features" if pre.get("synthetic") else ""))
     click.echo("cached: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"; pending {s['pending']}; failed {len(s['failed'])}")
+    if "shards" in s:
+        states = [sh["state"] for sh in s["shards"]]
+        click.echo(f"shards: {len(states)} ({', '.join(f'{states.count(k)} {k}' for k in ('published', 'partial', 'missing') if k in states)}) "
+                   f"under {Path(s['shards'][0]['path']).parent}")
     for name, b in s["backbones"].items():
         click.echo(f"\nbackbone {name}  weights {ident['backbones'][name]['weights']}  ({b['bytes'] / 2**20:.1f} MiB)")
         for k, a in b["arrays"].items():

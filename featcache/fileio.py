@@ -27,3 +27,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if isinstance(exc, RuntimeError):  # torch.save reports a short write this way ("unexpected pos ...")
             raise RunError(f"cannot write {path}: {exc} (is the disk full?)") from exc
         raise
+
+
+def save_figure(fig, path: Path, **kw) -> None:
+    """``fig.savefig`` through ``atomic_write``: a killed run never leaves a torn image under the real name."""
+    path = Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png", **kw))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -102,25 +99,25 @@ def test_rejected_names_are_recorded_as_failed(market_root, tmp_path):
 
 
 def _extract_argv(root: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "featcache", "extract", "--dataset", "market1501", "--root", str(root),
-            "--backbone", "clip-tiny", "--backbone", "align-tiny", "--out", str(out), "--views", "3",
-            "--batch-size", "8", "--workers", "1", "--image-size", "64x32"]
+    return ["extract", "--dataset", "market1501", "--root", str(root), "--backbone", "clip-tiny", "--backbone", "align-tiny",
+            "--out", str(out), "--views", "3", "--batch-size", "8", "--workers", "1", "--image-size", "64x32"]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cache, tmp_path):
-    """SIGKILL of the whole process group at a fixed point (FEATCACHE_FAULT): after two whole batches, between
-    the third batch's arrays and its status flags; the killed file opens and resumes to the same bytes."""
+    """SIGKILL at a fixed point (FEATCACHE_FAULT): after two whole batches, between the third batch's arrays and
+    its status flags; the killed file opens and resumes to the same bytes (tests/test_faults.py kills at random
+    moments)."""
+    from crash import finish, start
+
     point, batches = "extract.before_status", 3
     out = tmp_path / "killed.h5"
-    cmd = _extract_argv(market_root, out)
-    env = {**os.environ, "FEATCACHE_FAULT": f"{point}:{batches}"}
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    assert proc.returncode == -signal.SIGKILL
+    argv = _extract_argv(market_root, out)
+    assert finish(start(argv, tmp_path / "log", env_per_rank=[{"FEATCACHE_FAULT": f"{point}:{batches}"}])) == [-signal.SIGKILL]
     total = len(load_listing("market1501", market_root).items)
     done_batches = batches if point == "extract.after_batch" else batches - 1
     s = summary(out)  # the killed file opens
     assert sum(s["splits"].values()) == 8 * done_batches and s["pending"] == total - 8 * done_batches
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert finish(start(argv, tmp_path / "log")) == [0]
     assert_same_cache(market_cache, out)
 
 

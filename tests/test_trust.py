@@ -278,34 +278,52 @@ def _argv(root: Path, out: Path, workers: int) -> list[str]:
             "--image-size", "64x32"]
 
 
-def _processes_with(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes():
-                pids.append(int(d.name))
+            fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
-            pass
-    return pids
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
 
 
 def test_workers_die_with_their_killed_parent(market_root, tmp_path):
+    from crash import start
+
     out = tmp_path / "orphans.h5"
-    env = {**os.environ, "FEATCACHE_FAULT": "extract.after_batch:1"}  # SIGKILL of the main process alone
-    proc = subprocess.run(_argv(market_root, out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert proc.returncode == -signal.SIGKILL
+    argv = _argv(market_root, out, 2)[3:]
+    (proc,) = start(argv, tmp_path / "log", env_per_rank=[{"FEATCACHE_FAULT": "extract.after_batch:1"}])  # SIGKILL of the main process alone
+    workers: set[int] = set()
+    while proc.is_alive():
+        workers |= _children(proc.pid)
+        time.sleep(0.01)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL and workers, (proc.exitcode, workers)
     deadline = time.monotonic() + 30
-    while _processes_with(str(out)) and time.monotonic() < deadline:
+    while any(map(_running, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_with(str(out)) == []
+    assert not [w for w in workers if _running(w)]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may leave dead orphans unreaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_sigterm_stops_cleanly_with_queued_batches_written(market_root, market_cache, tmp_path):
-    out = tmp_path / "term.h5"
-    env = {**os.environ, "FEATCACHE_FAULT": "extract.after_batch:2:TERM"}
-    proc = subprocess.run(_argv(market_root, out, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr  # click's 'Aborted!', as for Ctrl-C
+    from crash import finish, start
+
+    out, log = tmp_path / "term.h5", tmp_path / "log"
+    argv = _argv(market_root, out, 0)[3:]  # the command line without the interpreter
+    assert finish(start(argv, log, env_per_rank=[{"FEATCACHE_FAULT": "extract.after_batch:2:TERM"}])) == [1]
+    assert "Aborted!" in log.read_text() and "Traceback" not in log.read_text()  # click's 'Aborted!', as for Ctrl-C
     s = summary(out)
     assert sum(s["splits"].values()) >= 16 and s["pending"] > 0  # the batches finished before the signal stay
-    subprocess.run(_argv(market_root, out, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert finish(start(argv, log)) == [0]
     assert_same_cache(market_cache, out)

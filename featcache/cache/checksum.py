@@ -108,10 +108,13 @@ def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> Verify
 
     rep = VerifyReport()
     t0 = time.perf_counter()
+    from featcache.cache.store import window_offsets
+
     g = f["images"]
     status = g["status"][...]
     paths = g["path"].asstr()[...]
     n_img = len(status)
+    image0, row0 = window_offsets(f)  # a shard: images and rows are numbered as in the whole cache
     done = status == DONE
     for i in np.flatnonzero(~np.isin(status, (PENDING, DONE, FAILED))):
         rep.add(i, "images/status")
@@ -122,9 +125,9 @@ def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> Verify
         rep.add(i, "images")
     # which image owns each view row: views/image, itself checked by the views checksum; a damaged entry
     # there is named through view_start instead (the rows of image i start at view_start[i])
-    view_image = np.clip(f["views/image"][...], 0, n_img - 1)
+    view_image = np.clip(f["views/image"][...] - image0, 0, n_img - 1)
     vbad = np.flatnonzero(_views(f) != f[f"{GROUP}/views"][...])
-    by_start = np.clip(np.searchsorted(fields["view_start"], vbad, side="right") - 1, 0, n_img - 1)
+    by_start = np.clip(np.searchsorted(fields["view_start"] - row0, vbad, side="right") - 1, 0, n_img - 1)
     view_image[vbad] = by_start
     for r in vbad:
         if done[view_image[r]]:

@@ -99,8 +99,20 @@ def summary(path: str | Path) -> dict[str, Any]:
         }
         for name, bg in f["backbones"].items():
             arrays = {k: {"shape": list(d.shape), "dtype": str(d.dtype), "rows": d.attrs["rows"], "doc": d.attrs["doc"]} for k, d in bg.items()}
-            out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(d.id.get_storage_size() for d in bg.values()))}
+            out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(_stored_bytes(d) for d in bg.values()))}
+        shards = "shards" in f.attrs
+    if shards:  # a distributed extraction's master: the arrays live in the shard files
+        from featcache.cache.shards import shard_status
+
+        states = shard_status(Path(path))
+        out["shards"] = [{"path": str(p), "state": st} for p, st in states]
+        out["file_bytes"] += sum(p.stat().st_size for p, st in states if st == "published")
     return out
+
+
+def _stored_bytes(ds) -> int:
+    """Bytes a dataset holds on disk; for a virtual dataset, the bytes it maps (in its source files)."""
+    return int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize if ds.is_virtual else int(ds.id.get_storage_size())
 
 
 def split_stats(path: str | Path) -> dict[str, dict[str, int]]:

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import h5py
 import numpy as np
@@ -44,6 +44,9 @@ from featcache.cache.spec import OutputSpec
 from featcache.datasets import SPLITS, Listing
 from featcache.errors import InputError, RunError
 from featcache.faults import fault_point
+
+if TYPE_CHECKING:
+    from featcache.cache.shards import Window
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,11 @@ def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
     if not path.is_file():
         raise CacheError(f"cache {path} does not exist")
     try:
-        f = h5py.File(path, mode)
+        # featcache's writers hold the writer lock (featcache.cache.lock) and open without HDF5's own file lock,
+        # so that readers can open a cache while it is written: they see the images whose status is set, and a
+        # status is set only after its batch's rows are flushed. Readers keep HDF5's lock: a foreign writer
+        # (plain h5py in 'r+') still makes the file busy.
+        f = h5py.File(path, mode, locking=False) if mode == "r+" else h5py.File(path, mode)
     except OSError as exc:
         if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc):
             from featcache.cache.lock import held_by
@@ -136,20 +143,24 @@ def create_cache(
     n_views: dict[str, int],
     specs: dict[str, dict[str, OutputSpec]],
     tokens: str,
+    window: "Window | None" = None,
 ) -> None:
-    """Create the whole file under a temporary name, then rename it into place."""
+    """Create the whole file under a temporary name, then rename it into place.
+
+    With ``window`` (one rank's share of a distributed extraction, see
+    featcache.cache.shards) the file holds only that window's images and
+    view rows, numbered as in the whole cache, and records the window."""
     counts = view_counts(listing, n_views)
-    n_img = len(counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n_rows = int(counts.sum())
-    need = _bytes_needed(specs, tokens, n_img, n_rows)
+    ilo, ihi = window.images if window else (0, len(counts))
+    rlo, rhi = window.rows if window else (0, int(counts.sum()))
+    need = _bytes_needed(specs, tokens, ihi - ilo, rhi - rlo)
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise RunError(f"cannot create {path}: it needs {_gib(need)} and {_gib(free)} are free on that filesystem "
                        "(free space, or choose another --out, fewer --views or --tokens none)")
     tmp = path.with_name(path.name + ".creating")
     try:
-        _write_new(tmp, listing, identity, specs, tokens, counts, starts, n_img, n_rows)
+        _write_new(tmp, listing, identity, specs, tokens, counts, window)
         _reserve(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # nothing half-made stays behind to stop a rerun
@@ -212,10 +223,26 @@ def static_tables(listing: Listing, counts: np.ndarray) -> dict[str, np.ndarray]
     }
 
 
-def restore_static(path: Path, listing: Listing, n_views: dict[str, int]) -> None:
+def initial_tables(listing: Listing) -> dict[str, np.ndarray]:
+    """The starting values of the arrays a run changes: every listed image pending, every rejected name failed."""
+    rej = listing.rejected
+    return {
+        "images/status": np.array([PENDING] * len(listing.items) + [FAILED] * len(rej), dtype=np.uint8),
+        "images/reason": np.array([b""] * len(listing.items) + [r.reason.encode()[:REASON_LEN] for r in rej], dtype=f"S{REASON_LEN}"),
+    }
+
+
+def windowed(tables: dict[str, np.ndarray], window: "Window | None") -> dict[str, np.ndarray]:
+    """``tables`` cut to a window's images (``images/...``) and view rows (``views/...``); all of them without one."""
+    if window is None:
+        return tables
+    return {k: v[slice(*(window.images if k.startswith("images/") else window.rows))] for k, v in tables.items()}
+
+
+def restore_static(path: Path, listing: Listing, n_views: dict[str, int], window: "Window | None" = None) -> None:
     """Rewrite the arrays the listing fixes (labels, row layout), so that damage to them is repaired from the
     dataset, not carried into new checksums. The cache's identity (checked before) says the listing is the same."""
-    tables = static_tables(listing, view_counts(listing, n_views))
+    tables = windowed(static_tables(listing, view_counts(listing, n_views)), window)
     with open_cache(path, "r+") as f:
         for name, data in tables.items():
             if name == "images/path":
@@ -225,49 +252,69 @@ def restore_static(path: Path, listing: Listing, n_views: dict[str, int]) -> Non
                 f[name][...] = data
 
 
+@dataclass(frozen=True)
+class Array:
+    """An array a run writes: one row per image or per view row, allocated at creation, never resized."""
+
+    name: str
+    per: str                  # "image" or "view"
+    tail: tuple[int, ...]
+    dtype: Any
+    attrs: dict[str, str]
+
+
+def run_arrays(specs: dict[str, dict[str, OutputSpec]], tokens: str) -> list[Array]:
+    """Every array extraction writes (the rest of a cache is fixed by the listing), in creation order."""
+    out = [Array("images/status", "image", (), np.uint8, {}), Array("images/reason", "image", (), f"S{REASON_LEN}", {}),
+           Array("images/width", "image", (), np.int32, {}), Array("images/height", "image", (), np.int32, {}),
+           Array("images/sha1", "image", (), "S40", {})]
+    out += [Array(f"views/{n}", "view", (), dt, {}) for n, dt in (("dx", np.int16), ("dy", np.int16), ("flip", np.uint8))]
+    out.append(Array("views/erase", "view", (4,), np.int16, {}))        # ex, ey, ew, eh of the final view; ew = 0: none
+    out.append(Array("views/erase_fill", "view", (3,), np.uint8, {}))   # RGB
+    for bname, outs in specs.items():
+        for oname, spec in outs.items():
+            if spec.token and tokens == "none":
+                continue
+            per = ("image" if tokens == "view0" else "view") if spec.token else "view"
+            out.append(Array(f"backbones/{bname}/{oname}", per, tuple(spec.shape), spec.dtype, {"doc": spec.doc, "rows": per}))
+            out.append(Array(f"{checksum.GROUP}/backbones/{bname}/{oname}", per, (), np.uint32, {}))
+    out.append(Array(f"{checksum.GROUP}/images", "image", (), np.uint32, {}))
+    out.append(Array(f"{checksum.GROUP}/views", "view", (), np.uint32, {}))
+    return out
+
+
+def root_attrs(identity: CacheIdentity, tokens: str) -> dict[str, Any]:
+    """The root attributes of a new cache (docs/cache-format.md)."""
+    return dict(format=FORMAT, format_version=FORMAT_VERSION, featcache_version=__version__,
+                identity=identity.to_json(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                split_codes=json.dumps(list(SPLITS)), status_codes=json.dumps({"pending": PENDING, "cached": DONE, "failed": FAILED}),
+                tokens=tokens)
+
+
+def write_groups(f: h5py.File, specs: dict[str, dict[str, OutputSpec]], static: dict[str, np.ndarray]) -> None:
+    """The fixed part of a new cache: the listing's tables and the groups' attributes."""
+    for name, data in static.items():
+        f.create_dataset(name, data=data, dtype=h5py.string_dtype() if name == "images/path" else None)
+    for bname, outs in specs.items():
+        f.require_group(f"backbones/{bname}").attrs["outputs"] = json.dumps({k: s.doc for k, s in outs.items()})
+    f.require_group(checksum.GROUP).attrs["doc"] = "CRC-32 of each stored row, written before the batch's status (featcache.cache.checksum)"
+
+
 def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict[str, dict[str, OutputSpec]], tokens: str,
-               counts: np.ndarray, starts: np.ndarray, n_img: int, n_rows: int) -> None:
-    items = listing.items
+               counts: np.ndarray, window: "Window | None") -> None:
+    n_img = (window.images[1] - window.images[0]) if window else len(counts)
+    n_rows = (window.rows[1] - window.rows[0]) if window else int(counts.sum())
+    initial = windowed(initial_tables(listing), window)
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            format=FORMAT, format_version=FORMAT_VERSION, featcache_version=__version__,
-            identity=identity.to_json(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            split_codes=json.dumps(list(SPLITS)), status_codes=json.dumps({"pending": PENDING, "cached": DONE, "failed": FAILED}),
-            tokens=tokens,
-        )
-        g = f.create_group("images")
-        tables = static_tables(listing, counts)
-        g.create_dataset("path", data=tables["images/path"], dtype=h5py.string_dtype())
-        for name in ("pid", "camid", "split", "n_views", "view_start"):
-            g.create_dataset(name, data=tables[f"images/{name}"])
-        rej_split = [SPLIT_CODE[r.split] for r in listing.rejected]
-        status = np.array([PENDING] * len(items) + [FAILED] * len(rej_split), dtype=np.uint8)
-        reason = np.array([b""] * len(items) + [r.reason.encode()[:REASON_LEN] for r in listing.rejected], dtype=f"S{REASON_LEN}")
-        for name, data in (("status", status), ("reason", reason)):
-            _create_fixed(g, name, data.shape, data.dtype)[...] = data
-        for name, dt in (("width", np.int32), ("height", np.int32), ("sha1", "S40")):
-            _create_fixed(g, name, (n_img,), dt)
-        v = f.create_group("views")
-        v.create_dataset("image", data=tables["views/image"])
-        v.create_dataset("view", data=tables["views/view"])
-        for name, dt in (("dx", np.int16), ("dy", np.int16), ("flip", np.uint8)):
-            _create_fixed(v, name, (n_rows,), dt)
-        _create_fixed(v, "erase", (n_rows, 4), np.int16)       # ex, ey, ew, eh of the final view; ew = 0: none
-        _create_fixed(v, "erase_fill", (n_rows, 3), np.uint8)  # RGB
-        for bname, outs in specs.items():
-            bg = f.create_group(f"backbones/{bname}")
-            bg.attrs["outputs"] = json.dumps({k: s.doc for k, s in outs.items()})
-            for oname, spec in outs.items():
-                if spec.token and tokens == "none":
-                    continue
-                n = (n_img if tokens == "view0" else n_rows) if spec.token else n_rows
-                ds = _create_fixed(bg, oname, (n, *spec.shape), spec.dtype)
-                ds.attrs["doc"] = spec.doc
-                ds.attrs["rows"] = ("image" if tokens == "view0" else "view") if spec.token else "view"
-                _create_fixed(f, f"{checksum.GROUP}/backbones/{bname}/{oname}", (n,), np.uint32)
-        _create_fixed(f, f"{checksum.GROUP}/images", (n_img,), np.uint32)
-        _create_fixed(f, f"{checksum.GROUP}/views", (n_rows,), np.uint32)
-        f[checksum.GROUP].attrs["doc"] = "CRC-32 of each stored row, written before the batch's status (featcache.cache.checksum)"
+        f.attrs.update(root_attrs(identity, tokens))
+        if window is not None:
+            f.attrs["window"] = window.to_json()
+        write_groups(f, specs, windowed(static_tables(listing, counts), window))
+        for arr in run_arrays(specs, tokens):
+            ds = _create_fixed(f, arr.name, (n_img if arr.per == "image" else n_rows, *arr.tail), arr.dtype)
+            ds.attrs.update(arr.attrs)
+            if arr.name in initial:
+                ds[...] = initial[arr.name]
 
 
 class CacheWriter:
@@ -276,6 +323,10 @@ class CacheWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.f = open_cache(path, "r+")
+        if "shards" in self.f.attrs:
+            self.f.close()
+            raise CacheError(f"{path} stitches the shards of a distributed extraction: its ranks write their shards, not it")
+        self.image0, self.row0 = window_offsets(self.f)  # a shard numbers images and rows as the whole cache does
         g = self.f["images"]
         self.view_start = g["view_start"][...]
         self.n_views = g["n_views"][...]
@@ -295,8 +346,9 @@ class CacheWriter:
         g = self.f["images"]
         ok = batch.ok_images
         if len(ok):
-            ok_idx = np.asarray(ok)
-            rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok])
+            ok_global = np.asarray(ok)
+            ok_idx = ok_global - self.image0
+            rows = np.concatenate([np.arange(self.view_start[i], self.view_start[i] + self.n_views[i]) for i in ok_idx]) - self.row0
             for name, arr in (("dx", batch.params[:, 0]), ("dy", batch.params[:, 1]), ("flip", batch.params[:, 2])):
                 _put(self.f["views"][name], rows, arr)
             _put(self.f["views"]["erase"], rows, batch.params[:, 3:7])
@@ -313,8 +365,8 @@ class CacheWriter:
             for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):
                 _put(g[name], ok_idx, arr)
             p = batch.params.astype(np.int16)
-            image = np.repeat(ok_idx, self.n_views[ok_idx])
-            view = rows - self.view_start[image]
+            image = np.repeat(ok_global, self.n_views[ok_idx])
+            view = rows + self.row0 - np.repeat(self.view_start[ok_idx], self.n_views[ok_idx])
             _put(self.f[f"{checksum.GROUP}/views"], rows,
                  checksum.view_crcs(image, view, p[:, 0], p[:, 1], p[:, 2], p[:, 3:7], p[:, 7:10].astype(np.uint8)))
             fields = {k: v[ok_idx] for k, v in self.static.items()}
@@ -322,7 +374,7 @@ class CacheWriter:
             _put(self.f[f"{checksum.GROUP}/images"], ok_idx, checksum.image_crcs(fields, self.paths[ok_idx]))
         self.f.flush()
         fault_point("extract.before_status")  # arrays written, status not yet: the batch must be redone
-        idx = np.asarray(batch.images)
+        idx = np.asarray(batch.images) - self.image0
         order = np.argsort(idx)
         status = np.where(batch.failed_mask, FAILED, DONE).astype(np.uint8)
         reasons = np.array([r.encode()[:REASON_LEN] for r in batch.reasons], dtype=f"S{REASON_LEN}")
@@ -333,6 +385,14 @@ class CacheWriter:
 
     def close(self) -> None:
         self.f.close()
+
+
+def window_offsets(f: h5py.File) -> tuple[int, int]:
+    """(first image, first view row) of a shard's window in the whole cache; (0, 0) for a whole cache."""
+    if "window" not in f.attrs:
+        return 0, 0
+    w = json.loads(f.attrs["window"])
+    return int(w["images"][0]), int(w["rows"][0])
 
 
 def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:

@@ -114,9 +114,15 @@ def _create(path: Path, digest: str, size: tuple[int, int], paths: np.ndarray, s
         f.attrs.update(format=PIXELS_FORMAT, format_version=PIXELS_VERSION, featcache_version=__version__,
                        cache_identity=digest, image_size=list(size), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        doc="one row per row of the feature cache's images/: the letterboxed uint8 image views are cut from")
-        f.create_dataset("image", shape=(n, h, w, 3), dtype=np.uint8, chunks=(1, h, w, 3))
-        f.create_dataset("crc", shape=(n,), dtype=np.uint32)
-        f.create_dataset("done", shape=(n,), dtype=bool)
+        # every chunk allocated now: later writes change raw bytes only, never HDF5's chunk index, so a run
+        # killed at any moment leaves a file that opens (as the feature cache, featcache.cache.store)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((1, h, w, 3))
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        h5py.h5d.create(f.id, b"image", h5py.h5t.py_create(np.dtype(np.uint8)), h5py.h5s.create_simple((n, h, w, 3)), dcpl=dcpl)
+        f.create_dataset("crc", data=np.zeros(n, np.uint32))  # written now: allocated now
+        f.create_dataset("done", data=np.zeros(n, bool))
         f.create_dataset("sha1", data=sha1)
         f.create_dataset("path", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
     tmp.replace(path)

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from featcache.evaluation.metrics import masks
+from featcache.fileio import save_figure
 
 if TYPE_CHECKING:
     from featcache.evaluation.runner import Evaluation
@@ -47,7 +48,7 @@ def _cmc_curve(ev: "Evaluation", path: Path) -> Path:
            title=f"CMC  {ev.report['model']['spec']}  mAP {100 * ev.report['mAP']:.1f}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

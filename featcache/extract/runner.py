@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -18,7 +19,13 @@ from featcache.backbones import build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
 from featcache.cache.store import restore_static
 from featcache.cache import PENDING, CacheError, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
+from featcache.cache.shards import (
+    Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_info, shard_path, shard_status, write_master,
+)
+from featcache.errors import InputError
+from featcache.extract.distributed import Group, Ranks, rank_device, ranks_from_env
 from featcache.config import save_resolved
+from featcache.errors import RunError
 from featcache.datasets import load_listing
 from featcache.extract.config import ExtractConfig
 from featcache.extract.mapper import Mapper
@@ -47,9 +54,10 @@ class ExtractResult:
 
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached."""
+    ranks = ranks_from_env()
     listing = load_listing(cfg.dataset, cfg.root, strict=not cfg.skip_bad_names)
     logger.info("dataset: %s", listing.summary())
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device), ranks)
     backbones = {n: build_backbone(n, cfg.image_size, cfg.weights.get(n), cfg.random_init) for n in cfg.backbones}
     specs = {n: b.output_specs() for n, b in backbones.items()}
     n_views = {"train": cfg.views, "query": min(cfg.views, 2), "gallery": min(cfg.views, 2)}
@@ -66,36 +74,153 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         listing, preprocessing,
         {n: {"family": b.family, "weights": b.weights_id, "preset": b.preset.to_dict()} for n, b in backbones.items()},
     )
+    job = _Job(cfg, listing, device, backbones, specs, n_views, identity)
+    if ranks.distributed:
+        return _extract_sharded(job, ranks)
     with WriterLock(cfg.out), _sigterm_as_interrupt():  # one writer, from the existence check to the end
-        return _extract_into(cfg, listing, device, backbones, specs, n_views, identity)
+        _prepare_single(job)
+        save_resolved(cfg.out.with_name(cfg.out.name + ".config.yaml"), cfg)
+        return _extract_into(job, cfg.out, None)
 
 
-def _extract_into(cfg: ExtractConfig, listing, device, backbones, specs, n_views, identity) -> ExtractResult:
-    out = cfg.out
+@dataclass
+class _Job:
+    """What every rank (or the one process) has worked out before it touches a file."""
+
+    cfg: ExtractConfig
+    listing: Any
+    device: torch.device
+    backbones: dict
+    specs: dict
+    n_views: dict[str, int]
+    identity: Any
+
+
+def _prepare_single(job: _Job) -> None:
+    """One process: replace (--overwrite), check (resume) or create the cache file."""
+    cfg, out = job.cfg, job.cfg.out
     if out.exists() and cfg.overwrite:
         logger.warning("--overwrite: replacing %s", out)
-        out.unlink()
+        _remove_cache(out)
     if out.exists():
         try:
-            check_identity(out, identity)
+            check_identity(out, job.identity)
         except CacheError as exc:
             if "busy" in str(exc) or "cannot be resumed" in str(exc):
                 raise
             raise CacheError(f"{exc}; use --overwrite to replace it, or choose another --out") from None
+        with open_cache(out) as f:
+            info = shard_info(f)
+        if info is not None:
+            raise CacheError(f"{out} was extracted by {info['world']} ranks: resume it with torchrun --nproc-per-node "
+                             f"{info['world']} (across all nodes) and --batch-size {info['batch_size']}, or use --overwrite, or another --out")
         logger.info("resuming %s", out)
         if cfg.repair:
-            _repair(out, listing, n_views)
+            _repair(out, job.listing, job.n_views, None)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        create_cache(out, listing, identity, n_views, specs, cfg.tokens)
-    save_resolved(out.with_name(out.name + ".config.yaml"), cfg)
+        create_cache(out, job.listing, job.identity, job.n_views, job.specs, cfg.tokens)
 
+
+def _remove_cache(out: Path) -> None:
+    """Delete a cache and, for a sharded one, its shards (--overwrite)."""
+    import shutil
+
+    out.unlink(missing_ok=True)
+    if shard_dir(out).is_dir():
+        shutil.rmtree(shard_dir(out))
+
+
+def _extract_sharded(job: _Job, ranks: Ranks) -> ExtractResult:
+    """One rank of a torchrun launch: rank 0 prepares the master file, every rank extracts and publishes its shard."""
+    cfg, out = job.cfg, job.cfg.out
+    windows = plan_windows(job.listing, job.n_views, cfg.batch_size, ranks.world)
+    window = windows[ranks.rank]
+    final = shard_path(out, ranks.rank, ranks.world)
+    with Group(ranks) as group:
+        problem = None
+        if ranks.rank == 0:
+            try:
+                with WriterLock(out):
+                    _prepare_master(job, windows)
+                save_resolved(out.with_name(out.name + ".config.yaml"), cfg)
+            except InputError as exc:
+                problem = str(exc)
+        problem = group.share(problem)
+        if problem:
+            raise CacheError(problem if ranks.rank == 0 else f"rank 0 refused the cache: {problem}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with WriterLock(final), _sigterm_as_interrupt():
+            result = _extract_shard(job, window, final)
+        complete = group.all_true(final.is_file())  # every rank waits here for the slowest
+    missing = [str(p) for p, state in shard_status(out) if state != "published"]
+    if complete and not missing:
+        logger.info("rank %d of %d: all %d shards of %s are published", ranks.rank, ranks.world, ranks.world, out)
+    else:
+        raise RunError(f"{out}: shards not published: {', '.join(missing)}; run the same command to finish them")
+    result.summary = summary(out)
+    if ranks.rank == 0:
+        _log_summary(result)
+    return result
+
+
+def _prepare_master(job: _Job, windows: list[Window]) -> None:
+    cfg, out = job.cfg, job.cfg.out
+    if cfg.overwrite and (out.exists() or shard_dir(out).exists()):
+        logger.warning("--overwrite: replacing %s and its shards", out)
+        _remove_cache(out)
+    if out.exists():
+        check_master(out, job.identity, windows)
+        logger.info("resuming %s (%d ranks)", out, len(windows))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if shard_dir(out).exists() and any(shard_dir(out).iterdir()):
+            raise CacheError(f"{shard_dir(out)} holds shards but {out} is missing; use --overwrite to start anew")
+        write_master(out, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, windows)
+
+
+def _extract_shard(job: _Job, window: Window, final: Path) -> ExtractResult:
+    """Resume or start this rank's shard; rename it to its final name once no image of its window is pending."""
+    part = partial_path(final)
+    if final.is_file():
+        check_window(final, job.identity, window)
+        if not job.cfg.repair:
+            logger.info("rank %d: shard %s is already complete", window.rank, final)
+            return ExtractResult(final, 0, 0.0, {})
+        os.replace(final, part)  # unpublished while it is checked and redone
+    if part.is_file():
+        check_window(part, job.identity, window)
+        logger.info("rank %d: resuming %s", window.rank, part)
+        if job.cfg.repair:
+            _repair(part, job.listing, job.n_views, window)
+    else:
+        create_cache(part, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, window)
+    result = _extract_into(job, part, window)
+    with open_cache(part) as f:
+        pending = int((f["images/status"][...] == PENDING).sum())
+    if pending:
+        raise RunError(f"{part}: {pending} images still pending after the run")
+    os.replace(part, final)  # published: a shard under its final name is complete
+    logger.info("rank %d: published %s", window.rank, final)
+    return result
+
+
+def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
+    """Extract every pending image of ``out`` (a whole cache, or a shard's window of it)."""
+    cfg, listing, device = job.cfg, job.listing, job.device
+    n_items = len(listing.items)
     with open_cache(out) as f:
-        pending = f["images/status"][: len(listing.items)] == PENDING
+        status = f["images/status"][...]
+    pending = np.zeros(n_items, dtype=bool)
+    lo = window.images[0] if window else 0
+    hi = min(n_items, lo + len(status))
+    pending[lo:hi] = status[: hi - lo] == PENDING
     workers = resolve_workers(cfg.workers, device)
-    sampler = BlockSampler(len(listing.items), cfg.batch_size, pending)
+    sampler = BlockSampler(n_items, cfg.batch_size, pending)
     todo = sum(len(b) for b in sampler.blocks)
-    logger.info("%d of %d images to extract (%d already done)", todo, len(listing.items), len(listing.items) - int(pending.sum()))
+    mine = hi - lo
+    logger.info("%d of %d images to extract (%d already done)", todo, mine, mine - int(pending.sum()))
+    n_views, backbones, specs = job.n_views, job.backbones, job.specs
     reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
     loader = torch.utils.data.DataLoader(
         reader, batch_sampler=sampler, num_workers=workers, collate_fn=collate, worker_init_fn=die_with_parent,
@@ -121,7 +246,8 @@ def _extract_into(cfg: ExtractConfig, listing, device, backbones, specs, n_views
                        "as the datasets' official evaluation code does", exif)
     seconds = time.perf_counter() - start
     result = ExtractResult(out, done, seconds, summary(out))
-    _log_summary(result)
+    if window is None:
+        _log_summary(result)
     return result
 
 
@@ -142,10 +268,10 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def _repair(out: Path, listing, n_views: dict[str, int]) -> None:
+def _repair(out: Path, listing, n_views: dict[str, int], window: Window | None) -> None:
     """Restore what the listing fixes (labels, row layout) from the dataset, verify every row, and set the
     damaged images back to pending: this run redoes exactly their blocks."""
-    restore_static(out, listing, n_views)
+    restore_static(out, listing, n_views, window)
     report = verify_cache(out)
     n = mark_for_repair(out, report)
     if n:

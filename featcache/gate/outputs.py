@@ -11,6 +11,7 @@ import torch
 
 from featcache.gate.data import TrainData
 from featcache.gate.model import GateModel, Gated, Single
+from featcache.fileio import atomic_write, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
         "images": int(len(g)),
         "mode": "inference (temperature 0.5, sparse top-k where the fusion is)",
     }
-    (out / "gate_stats.json").write_text(json.dumps(stats, indent=2))
+    atomic_write(out / "gate_stats.json", lambda p: p.write_text(json.dumps(stats, indent=2)))
     _histogram(g, data.experts, out / "gate_hist.png")
     _heatmap(stats, out / "gate_heatmap.png")
     _routing_curves(out / "log.csv", data.experts, out / "gate_routing.png")
@@ -111,7 +112,7 @@ def _heatmap(stats: dict, path: Path) -> None:
     ax.set_title("mean gate weight per camera")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -133,7 +134,7 @@ def _routing_curves(log: Path, experts: list[str], path: Path) -> None:
     ax.set(xlabel="epoch", ylabel=f"share routed to {experts[0]}", ylim=(-0.05, 1.05), title="routing per camera during training")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -145,5 +146,5 @@ def _histogram(g: np.ndarray, experts: list[str], path: Path) -> None:
     ax.set(xlabel="gate weight", ylabel="training images", title="expert weights at inference")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.gate.outputs import gate_statistics, recalibrate_bn
-from featcache.gate.targets import write_targets
+from featcache.gate.targets import TARGETS, write_targets
 from featcache.gate.train import GateConfig, check_experts, default_experts, train
+from featcache.training.rundir import FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,11 @@ def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
         experts = default_experts(cfg.cache)
         check_experts(cfg.fusion, experts)
         cfg = cfg.replace(experts=list(experts))
-    model, data, rd = train(cfg, resume)
+    finished = resume and (Path(cfg.out) / FINAL).is_file()
+    model, data, rd = train(cfg, resume)  # checks the config and inputs against the run's, finished or not
+    if finished:  # its outputs were written before its final weights: nothing to redo
+        logger.info("%s is a finished run: nothing to resume", rd.path)
+        return GateResult(rd.path, json.loads((rd.path / "gate_stats.json").read_text()), rd.path / TARGETS)
     recalibrate_bn(model, data)  # the BN neck must see the features inference produces
     stats = gate_statistics(model, data, rd.path)
     targets = write_targets(model, data, cfg.cache, rd.path)

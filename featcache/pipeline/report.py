@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from featcache import __version__
-from featcache.fileio import atomic_write
+from featcache.fileio import atomic_write, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _cmc_plot(plan, reports: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -214,7 +214,7 @@ def _loss_section(plan, rep_dir: Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         file = f"loss_{_file_name(name)}.png"
-        fig.savefig(rep_dir / file, dpi=110)
+        save_figure(fig, rep_dir / file, dpi=110)
         plt.close(fig)
         out += [figure_link(f"{name}: losses", file), ""]
     return out if len(out) > 2 else []

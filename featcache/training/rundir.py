@@ -128,13 +128,18 @@ class RunDir:
 
     # ------------------------------------------------------------------ during training
     def log_epoch(self, row: dict[str, Any]) -> None:
+        """Append the epoch's row by rewriting the log under a temporary name (a kill mid-append never tears it)."""
         log = self.path / LOG
-        new = not log.exists()
-        with log.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        old = log.read_text() if log.exists() else ""
+
+        def write(p: Path) -> None:
+            with p.open("w", newline="") as fh:
+                fh.write(old)
+                w = csv.DictWriter(fh, fieldnames=list(row))
+                if not old:
+                    w.writeheader()
+                w.writerow(row)
+        atomic_write(log, write)
 
     def checkpoint(self, epoch: int, weights: dict[str, torch.Tensor], state: dict[str, Any], row: dict[str, Any]) -> None:
         """Log the epoch, then weights and state under epoch-numbered names, then the pointer (one atomic rename)."""

@@ -1,0 +1,191 @@
+"""SIGKILL at seeded random moments: run featcache commands in child processes, kill them, resume them.
+
+Children come from a multiprocessing *forkserver* that has imported torch
+and featcache once, so starting one costs milliseconds, not the seconds of a
+new interpreter: twenty kills and resumes fit in a CI test. A child runs the
+real command line (``featcache.cli.main``) and nothing of the test process.
+
+A kill moment is drawn (seeded) from the run a start is expected to make:
+two in three within the work still to do, one in three within start-up; a
+run that ends before its moment is simply started again with the next one.
+Kills land in decoding, inference, writing, checkpointing, start-up,
+checks, creation and publication. Moments
+are seeded; where they land depends on the machine's speed, which is the
+point: the guarantees must hold at any moment.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# what a child would otherwise import at each start (the backbones' libraries take seconds)
+_PRELOAD = ["featcache.cli", "featcache.extract.runner", "featcache.gate.runner", "featcache.distill.runner",
+            "torch.distributed", "h5py", "open_clip", "open_clip.model", "transformers", "huggingface_hub",
+            "transformers.models.align.modeling_align", "featcache.backbones.align", "featcache.backbones.clip",
+            "torchvision", "crash_warm"]
+_ctx = None
+
+
+def context():
+    global _ctx
+    if _ctx is None:
+        _ctx = mp.get_context("forkserver")
+        _ctx.set_forkserver_preload(_PRELOAD)
+    return _ctx
+
+
+def _child(argv: list[str], env: dict[str, str], log: str) -> None:
+    mp.set_start_method("fork", force=True)  # as in `python -m featcache`: DataLoader workers are this process's children
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from featcache.cli import main
+
+    main.main(args=argv, prog_name="featcache", standalone_mode=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv: list[str], log: Path, world: int = 1, env_per_rank: list[dict[str, str]] | None = None) -> list:
+    """Start ``featcache ARGV`` as ``world`` ranks (torchrun's variables set as torchrun sets them)."""
+    ctx = context()
+    procs = []
+    port = str(free_port())
+    for rank in range(world):
+        e = dict(env_per_rank[rank]) if env_per_rank else {}
+        if world > 1:
+            e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        p = ctx.Process(target=_child, args=(argv, e, str(log)), daemon=False)
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def finish(procs: list, timeout: float = 300) -> list[int]:
+    for p in procs:
+        p.join(timeout)
+    return [p.exitcode for p in procs]
+
+
+def kill_when(procs: list, ready, delay: float, victim: int) -> bool:
+    """SIGKILL rank ``victim`` ``delay`` seconds after ``ready()`` first holds, unless the run ended first; the
+    other ranks then get what torchrun sends them when one rank dies: SIGTERM, then SIGKILL."""
+    while not ready():
+        if not any(p.is_alive() for p in procs):
+            return False
+        time.sleep(0.01)
+    time.sleep(delay)
+    if not any(p.is_alive() for p in procs):
+        return False
+    killed = procs[victim].is_alive()
+    if killed:
+        os.kill(procs[victim].pid, signal.SIGKILL)
+    for i, p in enumerate(procs):
+        if i != victim and p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.join(3)
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
+            p.join()
+    return killed
+
+
+@dataclass
+class Campaign:
+    """Twenty seeded kills of a command, each followed by ``check``, then a run to the end."""
+
+    argv: list[str]
+    log: Path
+    world: int = 1
+    units: int = 1   # units of work in a whole run (batches, epochs)
+    kills: int = 20
+    seed: int = 0
+    landed: list[float] = field(default_factory=list)
+    in_work: int = 0  # kills that landed while work was left (the others hit start-up, checks or publication)
+
+    def run(self, timing: "Timing", remaining, check) -> int:
+        """``remaining()``: the share of the work left (0..1), read from the files as a resumed run reads them;
+        ``check()``: the files' guarantees, asserted after every kill. Returns the kills that landed."""
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed)
+        unit = timing.work / self.units  # seconds of one unit of work (a batch, an epoch)
+        if os.environ.get("CRASH_DEBUG"):
+            print(timing, flush=True)
+        hits = tries = 0
+        while hits < self.kills and tries < 3 * self.kills:
+            # While work is left, three moments in four fall in it: once the files show the run a seeded number
+            # of units further (one or a few, so that work is left for the next kill), a seeded fraction of a
+            # unit later, so anywhere within a unit (decoding, inference, writing,
+            # checkpointing, publication after the last). The others, and all once the work is done, fall
+            # within a run that finds nothing (or little) to do: start-up, checks, creation, final outputs.
+            left, u, v = remaining(), float(rng.uniform()), float(rng.uniform())
+            in_work = left > 0 and tries % 4 != 3
+            t0 = time.monotonic()
+            if in_work:
+                target = left - max(1, round(u * u * left * self.units / 4)) / self.units
+                ready, delay = (lambda target=target: remaining() <= target), v * unit
+            else:  # within start-up, before the first unit of work (or within a run with nothing to do)
+                ready, delay = (lambda: True), u * (timing.startup if left > 0 else timing.noop)
+            victim = int(rng.integers(self.world))
+            procs = start(self.argv, self.log, self.world)
+            tries += 1
+            landed = kill_when(procs, ready, delay, victim)
+            if os.environ.get("CRASH_DEBUG"):
+                print(f"{'work' if in_work else 'start'} left {left:.3f} after {time.monotonic() - t0:.3f} s landed {landed}", flush=True)
+            if landed:
+                hits += 1
+                self.landed.append(round(time.monotonic() - t0, 3))
+                self.in_work += in_work
+            check()
+        codes = finish(start(self.argv, self.log, self.world))
+        if any(c != 0 for c in codes):
+            raise AssertionError(f"the final resume failed (exit codes {codes}); log: {self.log.read_text()[-3000:]}")
+        return hits
+
+
+@dataclass
+class Timing:
+    noop: float     # a run that finds nothing to do: start-up and checks
+    startup: float  # from the start to the first unit of work done
+    work: float     # from there to the last
+    tail: float     # from there to the exit
+
+
+def timing(argv: list[str], log: Path, remaining, world: int = 1) -> Timing:
+    """Time an uninterrupted run, watching ``remaining()`` (the share of work left) from outside, then the same
+    command again, which finds nothing to do."""
+    finish(start(["--help"], log))  # the forkserver is up and warm
+    t0 = time.monotonic()
+    procs = start(argv, log, world)
+    first = last = None
+    while any(p.is_alive() for p in procs):
+        r = remaining()
+        now = time.monotonic() - t0
+        if first is None and r < 1:
+            first = now
+        if last is None and r <= 0:
+            last = now
+        time.sleep(0.01)
+    end = time.monotonic() - t0
+    if any(c != 0 for c in finish(procs)):
+        raise AssertionError(f"the uninterrupted run failed; log: {log.read_text()[-3000:]}")
+    first = end if first is None else first
+    last = end if last is None else last
+    t1 = time.monotonic()
+    if any(c != 0 for c in finish(start(argv, log, world))):
+        raise AssertionError(f"the run that finds nothing to do failed; log: {log.read_text()[-3000:]}")
+    return Timing(time.monotonic() - t1, first, max(0.05, last - first), max(0.01, end - last))

@@ -1,0 +1,105 @@
+"""Distributed extraction (torchrun, gloo): shards, the virtual-dataset master, resuming a dead rank, and readers
+that open a cache while it is written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import assert_same_cache
+from crash import finish, free_port, start
+from featcache.cache import CacheSplit, open_cache, status_counts
+from featcache.cache.checksum import verify_cache
+from featcache.cache.shards import partial_path, shard_dir, shard_path
+
+
+def _argv(root: Path, out: Path, batch: int = 8) -> list[str]:
+    """The options of the session's ``market_cache`` (conftest.extract_cfg), on the command line."""
+    return ["extract", "--dataset", "market1501", "--root", str(root), "--backbone", "clip-tiny", "--backbone", "align-tiny",
+            "--out", str(out), "--views", "3", "--batch-size", str(batch), "--workers", "0", "--image-size", "64x32", "--device", "cpu"]
+
+
+def test_torchrun_two_processes_equal_one_process_array_for_array(market_root, market_cache, tmp_path):
+    out = tmp_path / "dist.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one-process cache was made: same kernels, same bits
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                           "-m", "featcache", *_argv(market_root, out)], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: " in proc.stdout and "rank 1: " in proc.stdout
+    assert_same_cache(market_cache, out)  # plain h5py reads the master as one cache
+    with h5py.File(out, "r") as f:
+        assert f["backbones/clip-tiny/embed"].is_virtual and not f["images/path"].is_virtual
+    assert [p.name for p in sorted(shard_dir(out).glob("*.h5"))] == ["rank-00000-of-00002.h5", "rank-00001-of-00002.h5"]
+    assert not verify_cache(out).bad
+    from click.testing import CliRunner
+    from featcache.cli import main
+
+    assert "shards: 2 (2 published)" in CliRunner().invoke(main, ["info", str(out)]).output
+
+
+def test_a_dead_rank_is_redone_alone_and_other_world_sizes_are_refused(market_root, market_cache, tmp_path):
+    from featcache.errors import InputError
+    from featcache.extract.runner import run_extract
+    from conftest import extract_cfg
+
+    out, log = tmp_path / "c.h5", tmp_path / "log"
+    argv = _argv(market_root, out)
+    procs = start(argv, log, world=2, env_per_rank=[{}, {"FEATCACHE_FAULT": "extract.after_batch:2"}])
+    procs[1].join(120)
+    assert procs[1].exitcode == -signal.SIGKILL
+    deadline = time.monotonic() + 120
+    while not shard_path(out, 0, 2).is_file() and time.monotonic() < deadline:  # rank 0 finishes and publishes
+        time.sleep(0.05)
+    os.kill(procs[0].pid, signal.SIGTERM)  # what torchrun does to the others when a rank dies
+    procs[0].join(10)
+    assert shard_path(out, 0, 2).is_file() and partial_path(shard_path(out, 1, 2)).is_file()
+    with open_cache(out) as f:  # readers of the master see rank 0's images, rank 1's as pending
+        assert 0 < int((f["images/status"][...] == 0).sum()) < len(f["images/status"])
+    before = shard_path(out, 0, 2).stat().st_mtime_ns
+    assert finish(start(argv, log, world=2)) == [0, 0]
+    assert shard_path(out, 0, 2).stat().st_mtime_ns == before  # rank 0's finished shard was not touched
+    assert "rank 0: " in log.read_text() and "; 0 images this run" in log.read_text().split("rank 0: ")[-1].splitlines()[0]
+    assert_same_cache(market_cache, out)
+
+    with pytest.raises(InputError, match="extracted by 2 ranks: resume it with torchrun --nproc-per-node 2"):
+        run_extract(extract_cfg(market_root, out))
+    assert finish(start(_argv(market_root, out, batch=4), log, world=2)) == [1, 1]
+    assert "extracted by 2 ranks with --batch-size 8; this run has 2 ranks and --batch-size 4" in log.read_text()
+    assert finish(start([*argv, "--overwrite"], log, world=1)) == [0]  # --overwrite starts anew, shards and all
+    assert not shard_dir(out).exists()
+    assert_same_cache(market_cache, out)
+
+
+def test_readers_of_a_growing_cache_see_only_complete_images(market_root, market_cache, tmp_path):
+    """Evaluation and training read a cache while it is written: every image they see as cached equals the
+    finished cache, row for row, checksums included; the rest count as pending. (Through a sharded master,
+    a shard's images appear when it is published: test_a_dead_rank_... reads one half-published.)"""
+    out, log = tmp_path / "c.h5", tmp_path / "log"
+    ref = CacheSplit.load(market_cache, "gallery")
+    want = dict(zip(ref.images, ref.read("clip-tiny", "embed", 0)))
+    procs = start(_argv(market_root, out), log)
+    seen: list[tuple[int, int]] = []
+    while any(p.is_alive() for p in procs):
+        if not out.is_file():
+            continue
+        pending = status_counts(out)["pending"]["gallery"]
+        try:
+            split = CacheSplit.load(out, "gallery")
+        except Exception as exc:  # no gallery image cached yet is the only acceptable refusal
+            assert "holds no cached gallery images" in str(exc), exc
+            continue
+        rows = split.read("clip-tiny", "embed", 0)  # checked against its checksums as it is read
+        for i, r in zip(split.images, rows):
+            assert np.array_equal(r, want[i]), f"image {i} read while written differs from the finished cache"
+        seen.append((len(split), pending))
+    assert finish(procs) == [0]
+    assert any(0 < n and p > 0 for n, p in seen), f"no read caught the cache part-written: {seen[:5]}"
+    assert_same_cache(market_cache, out)
