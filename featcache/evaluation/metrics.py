@@ -86,6 +86,27 @@ class Accumulator:
         self.first.append(int(ranks[0]))
         self.evaluated.append(query_index)
 
+    def add_block(self, first: int, ranks: np.ndarray, counts: np.ndarray) -> None:
+        """``add`` for consecutive queries at once: ``ranks`` sorted within each query, ``counts`` per query."""
+        has = counts > 0
+        self.skipped += int((~has).sum())
+        if not has.any():
+            return
+        c = counts[has]
+        starts = np.concatenate([[0], np.cumsum(c)[:-1]])
+        k = (np.arange(ranks.size) - np.repeat(starts, c) + 1).astype(np.float64)
+        r = ranks.astype(np.float64)
+        if self.ap_form == "plain":
+            terms = k / r
+        elif self.ap_form == "trapezoid":
+            terms = (np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0) + k / r) / 2
+        else:
+            raise ConfigError(f"--ap {self.ap_form!r}: expected one of {', '.join(AP_FORMS)}")
+        self.aps.extend((np.add.reduceat(terms, starts) / c).tolist())
+        self.inps.extend((c / r[starts + c - 1]).tolist())
+        self.first.extend(ranks[starts].tolist())
+        self.evaluated.extend((first + np.flatnonzero(has)).tolist())
+
     def result(self) -> dict:
         if not self.aps:
             raise InputError("no query has a valid match in the gallery (same identity, another camera): nothing to evaluate")

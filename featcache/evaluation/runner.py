@@ -15,7 +15,8 @@ from featcache.cache import CacheError, CacheSplit, open_cache, read_identity, s
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import FeatureContext, parse_model
-from featcache.evaluation.metrics import AP_FORMS, Accumulator, masks, positive_ranks, topk_agreement
+from featcache.evaluation.metrics import AP_FORMS, Accumulator, topk_agreement
+from featcache.evaluation.ranking import GalleryIndex, block_ranks
 from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import check_device_name
@@ -189,14 +190,12 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
         scorer = Scorer(gf, device)
         blocks = score_blocks(qf, scorer, block_size(len(gf), budget))
         backend = scorer.backend
+    index = GalleryIndex.build(q_pids, q_cams, g_pids, g_cams)
     with progress(total=len(qf), desc="eval", unit="query", leave=False) as bar:
         for start, scores in blocks:
-            for b in range(len(scores)):
-                i = start + b
-                r = positive_ranks(scores[b], *masks(int(q_pids[i]), int(q_cams[i]), g_pids, g_cams))
-                acc.add(i, r)
-                if r.size:
-                    per_query[i] = (acc.aps[-1], int(r[0]))
+            n = len(acc.aps)
+            acc.add_block(start, *block_ranks(scores, start, index))
+            per_query.update(zip(acc.evaluated[n:], zip(acc.aps[n:], acc.first[n:])))
             bar.update(len(scores))
     return acc.result(), per_query, backend
 
