@@ -452,8 +452,9 @@ def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
     pipeline = load_pipeline(pipeline_file, sets, out)
     stages, _ = build_stages(pipeline)
     res = execute(pipeline, stages)
-    click.echo(f"{res.out}: {len(res.ran)} stage(s) ran, {len(res.stages) - len(res.ran)} skipped; "
-               f"report: {res.out / 'report' / 'index.html'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 runs every stage and reports
+        click.echo(f"{res.out}: {len(res.ran)} stage(s) ran, {len(res.stages) - len(res.ran)} skipped; "
+                   f"report: {res.out / 'report' / 'index.html'}")
 
 
 @main.command()

@@ -103,3 +103,22 @@ def test_readers_of_a_growing_cache_see_only_complete_images(market_root, market
     assert finish(procs) == [0]
     assert any(0 < n and p > 0 for n, p in seen), f"no read caught the cache part-written: {seen[:5]}"
     assert_same_cache(market_cache, out)
+
+
+@pytest.mark.slow
+def test_a_pipeline_under_two_ranks_shards_its_extraction_and_rank_0_runs_the_rest(tmp_path, monkeypatch):
+    """``torchrun --nproc-per-node 2 -m featcache demo ...``: extraction on both ranks, every other stage on rank 0,
+    and the report's numbers equal a one-process run's. (slow: two whole small demos, about 30 s)"""
+    import json
+
+    from test_pipeline import SMALL
+
+    home = {"FEATCACHE_HOME": str(tmp_path / "home")}
+    assert finish(start(["demo", "--out", str(tmp_path / "two"), *SMALL], tmp_path / "log", world=2,
+                        env_per_rank=[home, home])) == [0, 0]
+    log = (tmp_path / "log").read_text()
+    assert "rank 1: the sharded stages are done; rank 0 runs the rest" in log and log.count("stage(s) ran") == 1
+    assert len(list((tmp_path / "two").glob("cache-*.h5.shards/rank-*-of-00002.h5"))) == 2
+    assert finish(start(["demo", "--out", str(tmp_path / "one"), *SMALL], tmp_path / "log", env_per_rank=[home])) == [0]
+    two, one = (json.loads((tmp_path / d / "report" / "summary.json").read_text())["rows"] for d in ("two", "one"))
+    assert two == one

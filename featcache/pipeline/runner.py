@@ -18,14 +18,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 import yaml
 
 from featcache import __version__
+from featcache.errors import RunError
 from featcache.fileio import atomic_write
 from featcache.pipeline.config import Pipeline
+
+if TYPE_CHECKING:
+    from featcache.extract.distributed import Group, Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ class Stage:
     key: Callable[[], dict[str, Any]]
     outputs: Callable[[], list[Path]]
     run: Callable[[], None]
+    sharded: bool = False  # under torchrun every rank runs it (extraction); other stages run on rank 0
 
 
 @dataclass
@@ -88,31 +93,65 @@ def changes(old: Any, new: Any, prefix: str = "") -> str:
 
 
 def execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None] = click.echo) -> PipelineResult:
-    """Run ``stages`` in order, skipping those whose key and outputs are unchanged."""
+    """Run ``stages`` in order, skipping those whose key and outputs are unchanged.
+
+    Under torchrun, every rank runs the sharded stages (extraction) together; rank 0 alone runs the others
+    and decides what to skip, and the other ranks wait for it between stages, then stop after the last
+    sharded stage."""
+    from featcache.extract.distributed import Group, ranks_from_env
+
+    ranks = ranks_from_env()
+    if not ranks.distributed:
+        return _execute(pipeline, stages, echo, None, ranks)
+    with Group(ranks) as group:
+        return _execute(pipeline, stages, echo, group, ranks)
+
+
+def _execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None], group: "Group | None", ranks: "Ranks") -> PipelineResult:
     out = pipeline.out
     records = out / STAGES_DIR
-    records.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "pipeline.yaml", lambda p: p.write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False)))
+    lead = ranks.rank == 0
+    together = max((i for i, s in enumerate(stages) if s.sharded), default=-1) if group else -1
+    if lead:
+        records.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "pipeline.yaml", lambda p: p.write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False)))
+    else:
+        echo = lambda text: None  # noqa: E731  (rank 0 reports)
     result = PipelineResult(out)
     for i, stage in enumerate(stages, 1):
-        inputs = portable({"featcache": __version__, **stage.key()}, out)
+        if not lead and i - 1 > together:
+            click.echo(f"rank {ranks.rank}: the sharded stages are done; rank 0 runs the rest")
+            break
+        shared = group is not None and i - 1 <= together
+        inputs = portable({"featcache": __version__, **stage.key()}, out)  # every rank: keys set the plan's state
         key = digest({"stage": stage.name, **inputs})
         rec_path = records / f"{_slug(stage.name)}.json"
-        rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
-        missing = [p for p in stage.outputs() if not p.exists()]
-        if rec is not None and rec.get("key") == key and not missing:
-            reason = "unchanged: same config, inputs and featcache version"
+        decision = None
+        if lead:
+            rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
+            missing = [p for p in stage.outputs() if not p.exists()]
+            if rec is not None and rec.get("key") == key and not missing:
+                decision = ("skipped", "unchanged: same config, inputs and featcache version")
+            else:
+                decision = ("ran", "first run" if rec is None else f"changed: {changes(rec.get('inputs'), inputs)}"
+                            if rec.get("key") != key else f"outputs missing ({missing[0]})")
+        if shared:
+            decision = group.share(decision)
+        status, reason = decision
+        if status == "skipped":
             echo(f"[{i}/{len(stages)}] {stage.name}: skipped ({reason})")
             result.stages.append(StageLog(stage.name, "skipped", reason, 0.0))
             continue
-        reason = ("first run" if rec is None else f"changed: {changes(rec.get('inputs'), inputs)}" if rec.get("key") != key
-                  else f"outputs missing ({missing[0]})")
         echo(f"[{i}/{len(stages)}] {stage.name}: running ({reason}) ...")
         t0 = time.perf_counter()
-        stage.run()
+        if lead or stage.sharded:
+            stage.run()
         seconds = time.perf_counter() - t0
-        atomic_write(rec_path, lambda p: p.write_text(json.dumps({"stage": stage.name, "key": key, "inputs": inputs, "seconds": seconds,
-                                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)))
+        if lead:
+            atomic_write(rec_path, lambda p: p.write_text(json.dumps({"stage": stage.name, "key": key, "inputs": inputs, "seconds": seconds,
+                                                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)))
+        if shared and not group.all_true(True):  # the others wait here for rank 0's stage
+            raise RunError(f"stage {stage.name} did not finish on every rank")
         echo(f"[{i}/{len(stages)}] {stage.name}: done in {seconds:.1f} s")
         result.stages.append(StageLog(stage.name, "ran", reason, seconds))
     return result

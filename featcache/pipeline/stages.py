@@ -188,7 +188,7 @@ def _extract(plan: Plan) -> Stage:
     def outputs() -> list[Path]:
         return [plan.cache]
 
-    return Stage("extract", key, outputs, run)
+    return Stage("extract", key, outputs, run, sharded=True)
 
 
 def _cache_id(plan: Plan) -> str:
