@@ -272,6 +272,7 @@ def extract(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
 def _eval_options(f: Callable) -> Callable:
     from featcache.evaluation.features import kinds_help
     from featcache.evaluation.metrics import AP_FORMS
+    from featcache.evaluation.approx import APPROX_INDEXES
     from featcache.evaluation.runner import EvalConfig as C
 
     return stack(f, [
@@ -295,6 +296,10 @@ def _eval_options(f: Callable) -> Callable:
         opt(C, "allow_partial", is_flag=True, help="Evaluate a cache whose extraction has not finished (the report says so)."),
         opt(C, "agree_with", help="Another KIND:REF: also report the share of each query's top-k both models rank alike (e.g. a student against its teacher)."),
         opt(C, "agree_k", type=int, help="k of --agree-with."),
+        opt(C, "search", type=click.Choice(("exact", "approx")), help="exact: every score (the protocol's metrics); approx: an ANN index's top --approx-k lists (AP@k, labelled)."),
+        opt(C, "approx_index", type=click.Choice(APPROX_INDEXES), help="The approximate index (FAISS)."),
+        opt(C, "approx_k", type=int, help="Length of each query's list in approximate search."),
+        opt(C, "nprobe", type=int, help="IVF lists visited per query in approximate search."),
         set_option(C),
     ])
 

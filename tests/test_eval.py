@@ -214,3 +214,55 @@ def test_split_stats_count_images_identities_and_cameras(market_cache):
         assert st[name]["identities"] == len(set(sp.pids[sp.pids > 0].tolist()))
         assert st[name]["cameras"] == len(set(sp.camids.tolist()))
     assert st["train"]["identities"] == 4 and st["query"]["cameras"] >= 2
+
+
+@pytest.mark.parametrize("ap_form", ["plain", "trapezoid"])
+def test_block_ranking_equals_the_per_query_rule_with_ties_junk_and_tiny_blocks(ap_form):
+    """featcache.evaluation.ranking against metrics.positive_ranks, query by query: integer scores (ties
+    everywhere), junk, queries without positives, blocks of one and of many queries."""
+    from featcache.evaluation.ranking import GalleryIndex, block_ranks, split_ranks
+
+    rng = np.random.default_rng(3)
+    nq, ng = 50, 300
+    g_pids, g_cams = rng.integers(0, 12, ng), rng.integers(1, 4, ng)
+    q_pids, q_cams = rng.integers(1, 14, nq), rng.integers(1, 4, nq)
+    scores = rng.integers(-3, 4, size=(nq, ng)).astype(np.float32)
+    scores[:, 5] = -0.0  # -0.0 and 0.0 are one score
+    index = GalleryIndex.build(q_pids, q_cams, g_pids, g_cams)
+    want = [positive_ranks(scores[i], *masks(q_pids[i], q_cams[i], g_pids, g_cams)) for i in range(nq)]
+    for block in (1, 7, nq):
+        got = []
+        for s in range(0, nq, block):
+            got += split_ranks(*block_ranks(scores[s: s + block], s, index))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    acc_a, acc_b = Accumulator((1, 5), ap_form), Accumulator((1, 5), ap_form)
+    acc_a.add_block(0, *block_ranks(scores, 0, index))
+    for i, r in enumerate(want):
+        acc_b.add(i, r)
+    a, b = acc_a.result(), acc_b.result()
+    assert a["cmc"] == b["cmc"] and a["queries_skipped"] == b["queries_skipped"] > 0
+    assert (a["mAP"], a["mINP"]) == pytest.approx((b["mAP"], b["mINP"]), abs=1e-12)
+
+
+def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_path):
+    """ivf-flat visiting every list with k = the gallery returns every entry: its metrics are the exact ones;
+    a short list gives AP@k, and the report and table say the numbers are approximate."""
+    from featcache.evaluation.approx import ApproxSpec
+    from featcache.evaluation.runner import evaluate
+
+    rng = np.random.default_rng(0)
+    nq, ng, d = 40, 2000, 16
+    g_pids, g_cams = rng.integers(0, 40, ng), rng.integers(1, 7, ng)
+    q_pids, q_cams = rng.integers(1, 40, nq), rng.integers(1, 7, nq)
+    centers = rng.normal(size=(40, d))
+    qf = l2_normalize(centers[q_pids] + rng.normal(scale=1.0, size=(nq, d)))
+    gf = l2_normalize(centers[g_pids] + rng.normal(scale=1.0, size=(ng, d)))
+    exact, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu")
+    every, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu",
+                           approx=ApproxSpec("ivf-flat", k=ng, nprobe=4096))
+    assert every["search"]["mode"] == "approx" and every["search"]["index"].startswith("IVF")
+    for key in ("mAP", "mINP"):
+        assert every[key] == pytest.approx(exact[key], abs=1e-6)
+    assert every["cmc"] == pytest.approx(exact["cmc"])
+    short, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu", approx=ApproxSpec("ivf-pq", k=10, nprobe=8))
+    assert short["mAP"] < exact["mAP"] and short["mINP"] <= exact["mINP"] and "AP@k" in short["search"]["note"]

@@ -107,6 +107,31 @@ class Accumulator:
         self.first.extend(ranks[starts].tolist())
         self.evaluated.extend((first + np.flatnonzero(has)).tolist())
 
+    def add_truncated(self, first: int, ranks: np.ndarray, found: np.ndarray, n_pos: np.ndarray, k: int) -> None:
+        """Approximate search: ``ranks`` of the ``found`` positives within each returned top-``k`` list, of the
+        ``n_pos`` each query has (featcache.evaluation.approx states the rule: AP@k, INP 0 when any is beyond k)."""
+        has = n_pos > 0
+        self.skipped += int((~has).sum())
+        starts = np.concatenate([[0], np.cumsum(found)[:-1]]).astype(np.int64)
+        kk = (np.arange(ranks.size) - np.repeat(starts, found) + 1).astype(np.float64)
+        r = ranks.astype(np.float64)
+        if self.ap_form == "plain":
+            terms = kk / r
+        elif self.ap_form == "trapezoid":
+            terms = (np.where(r > 1, (kk - 1) / np.maximum(r - 1, 1), 1.0) + kk / r) / 2
+        else:
+            raise ConfigError(f"--ap {self.ap_form!r}: expected one of {', '.join(AP_FORMS)}")
+        sums = np.zeros(len(found))
+        np.add.at(sums, np.repeat(np.arange(len(found)), found), terms)
+        last = np.where(found > 0, ranks[np.maximum(starts + found - 1, 0)] if ranks.size else 0, 0)
+        never = np.iinfo(np.int64).max  # a query whose positives are all beyond k: a miss at every CMC rank
+        firsts = np.where(found > 0, ranks[np.minimum(starts, max(ranks.size - 1, 0))] if ranks.size else 0, never)
+        q = np.flatnonzero(has)
+        self.aps.extend((sums[q] / n_pos[q]).tolist())
+        self.inps.extend(np.where(found[q] == n_pos[q], n_pos[q] / np.maximum(last[q], 1), 0.0).tolist())
+        self.first.extend(firsts[q].tolist())
+        self.evaluated.extend((first + q).tolist())
+
     def result(self) -> dict:
         if not self.aps:
             raise InputError("no query has a valid match in the gallery (same identity, another camera): nothing to evaluate")

@@ -58,6 +58,11 @@ def write_report(plan) -> Path:
     lines += [f"Dataset {first['protocol']['dataset']} ({first['protocol']['rule']}); {first['query_size']} queries, "
               f"{first['gallery_size']} gallery images; seeds {', '.join(map(str, s.seeds))} (mean ± std over seeds where "
               f"more than one); featcache {__version__}. Pipeline as run: `{plan.out / 'pipeline.yaml'}`.", ""]
+    modes = sorted({(r.get("search") or {"mode": "exact"})["mode"] for reps in reports.values() for r in reps})
+    approx = [r["search"] for reps in reports.values() for r in reps if (r.get("search") or {}).get("mode") == "approx"]
+    lines += [f"Search: {' and '.join(modes)}" + (" (every score: the protocol's metrics)." if modes == ["exact"] else
+              f" - APPROXIMATE ({approx[0]['index']}): mAP is AP@{approx[0]['k']} and CMC and mINP count positives "
+              "beyond each list as missed; these are not the protocol's exact numbers."), ""]
     lines += _dataset(plan.cache)
     lines += _table(plan, reports, profile)
     lines += ["", "## CMC", "", figure_link("CMC curves", "cmc.png"), ""]
@@ -104,6 +109,7 @@ def summarise(plan, reports: dict) -> dict:
             v = np.asarray([get(r) for r in reps], dtype=float) * 100
             entry[metric] = {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
                              "per_seed": [round(float(x), 4) for x in v]}
+        entry["search"] = sorted({(r.get("search") or {"mode": "exact"})["mode"] for r in reps})
         rows[row.key or row.label] = entry
     out: dict = {"pipeline": str(plan.pipeline.source), "featcache": __version__, "seeds": list(s.seeds),
                  "standins": sorted(standin_backbones_of(plan)), "rows": rows}
