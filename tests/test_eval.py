@@ -46,15 +46,20 @@ def test_ties_break_by_gallery_order():
     assert average_precision(np.array([1]), "trapezoid") == 1.0
 
 
+def _clustered(rng, nq: int, ng: int, d: int, ids: int, noise: float):
+    """L2-normalised features around one centre per identity, cameras 1-6 (pid 0 in the gallery: distractors)."""
+    g_pids, g_cams = rng.integers(0, ids, ng), rng.integers(1, 7, ng)
+    q_pids, q_cams = rng.integers(1, ids, nq), rng.integers(1, 7, nq)
+    centers = rng.normal(size=(ids, d))
+    qf = l2_normalize(centers[q_pids] + rng.normal(scale=noise, size=(nq, d)))
+    gf = l2_normalize(centers[g_pids] + rng.normal(scale=noise, size=(ng, d)))
+    return qf, gf, q_pids, q_cams, g_pids, g_cams
+
+
 @pytest.mark.parametrize("ap_form", ["plain", "trapezoid"])
 def test_agrees_with_brute_force_reference(ap_form):
-    rng = np.random.default_rng(0)
-    nq, ng, d = 60, 400, 16
-    g_pids, g_cams = rng.integers(0, 30, ng), rng.integers(1, 7, ng)
-    q_pids, q_cams = rng.integers(1, 30, nq), rng.integers(1, 7, nq)
-    centers = rng.normal(size=(30, d))
-    qf = l2_normalize(centers[q_pids] + rng.normal(scale=1.2, size=(nq, d)))
-    gf = l2_normalize(centers[g_pids] + rng.normal(scale=1.2, size=(ng, d)))
+    nq, ng = 60, 400
+    qf, gf, q_pids, q_cams, g_pids, g_cams = _clustered(np.random.default_rng(0), nq, ng, 16, ids=30, noise=1.2)
     gf[10:40] = gf[40:70]  # identical rows with other identities: exact ties
     q_pids[0] = 99  # an identity absent from the gallery: skipped
     scores = qf @ gf.T
@@ -250,16 +255,10 @@ def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_pa
     from featcache.evaluation.approx import ApproxSpec
     from featcache.evaluation.runner import evaluate
 
-    rng = np.random.default_rng(0)
-    nq, ng, d = 40, 2000, 16
-    g_pids, g_cams = rng.integers(0, 40, ng), rng.integers(1, 7, ng)
-    q_pids, q_cams = rng.integers(1, 40, nq), rng.integers(1, 7, nq)
-    centers = rng.normal(size=(40, d))
-    qf = l2_normalize(centers[q_pids] + rng.normal(scale=1.0, size=(nq, d)))
-    gf = l2_normalize(centers[g_pids] + rng.normal(scale=1.0, size=(ng, d)))
+    qf, gf, q_pids, q_cams, g_pids, g_cams = _clustered(np.random.default_rng(0), 40, 2000, 16, ids=40, noise=1.0)
     exact, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu")
     every, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu",
-                           approx=ApproxSpec("ivf-flat", k=ng, nprobe=4096))
+                           approx=ApproxSpec("ivf-flat", k=len(gf), nprobe=4096))
     assert every["search"]["mode"] == "approx" and every["search"]["index"].startswith("IVF")
     for key in ("mAP", "mINP"):
         assert every[key] == pytest.approx(exact[key], abs=1e-6)

@@ -65,6 +65,17 @@ def average_precision(ranks: np.ndarray, form: str = "plain") -> float:
     raise ConfigError(f"--ap {form!r}: expected one of {', '.join(AP_FORMS)}")
 
 
+def ap_terms(ranks: np.ndarray, starts: np.ndarray, counts: np.ndarray, form: str) -> np.ndarray:
+    """Each hit's term of AP (the module doc's rule), for queries' sorted ranks laid end to end."""
+    k = (np.arange(ranks.size) - np.repeat(starts, counts) + 1).astype(np.float64)
+    r = ranks.astype(np.float64)
+    if form == "plain":
+        return k / r
+    if form == "trapezoid":
+        return (np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0) + k / r) / 2
+    raise ConfigError(f"--ap {form!r}: expected one of {', '.join(AP_FORMS)}")
+
+
 @dataclass
 class Accumulator:
     """Collects per-query results; ``result`` gives the means over evaluated queries."""
@@ -94,16 +105,9 @@ class Accumulator:
             return
         c = counts[has]
         starts = np.concatenate([[0], np.cumsum(c)[:-1]])
-        k = (np.arange(ranks.size) - np.repeat(starts, c) + 1).astype(np.float64)
-        r = ranks.astype(np.float64)
-        if self.ap_form == "plain":
-            terms = k / r
-        elif self.ap_form == "trapezoid":
-            terms = (np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0) + k / r) / 2
-        else:
-            raise ConfigError(f"--ap {self.ap_form!r}: expected one of {', '.join(AP_FORMS)}")
+        terms = ap_terms(ranks, starts, c, self.ap_form)
         self.aps.extend((np.add.reduceat(terms, starts) / c).tolist())
-        self.inps.extend((c / r[starts + c - 1]).tolist())
+        self.inps.extend((c / ranks[starts + c - 1]).tolist())
         self.first.extend(ranks[starts].tolist())
         self.evaluated.extend((first + np.flatnonzero(has)).tolist())
 
@@ -113,14 +117,7 @@ class Accumulator:
         has = n_pos > 0
         self.skipped += int((~has).sum())
         starts = np.concatenate([[0], np.cumsum(found)[:-1]]).astype(np.int64)
-        kk = (np.arange(ranks.size) - np.repeat(starts, found) + 1).astype(np.float64)
-        r = ranks.astype(np.float64)
-        if self.ap_form == "plain":
-            terms = kk / r
-        elif self.ap_form == "trapezoid":
-            terms = (np.where(r > 1, (kk - 1) / np.maximum(r - 1, 1), 1.0) + kk / r) / 2
-        else:
-            raise ConfigError(f"--ap {self.ap_form!r}: expected one of {', '.join(AP_FORMS)}")
+        terms = ap_terms(ranks, starts, found, self.ap_form)
         sums = np.zeros(len(found))
         np.add.at(sums, np.repeat(np.arange(len(found)), found), terms)
         last = np.where(found > 0, ranks[np.maximum(starts + found - 1, 0)] if ranks.size else 0, 0)
