@@ -76,14 +76,15 @@ class ApproxIndex:
             factory = "HNSW32,Flat"
         else:
             nlist = _nlist(n, spec)
-            factory = f"IVF{nlist},{'Flat' if spec.kind == 'ivf-flat' else f'PQ{_pq_m(d, spec)}x8'}"
+            # IVF-PQ's short list is re-scored exactly (RFlat, k_factor x k candidates): PQ codes rank coarsely
+            factory = f"IVF{nlist},{'Flat' if spec.kind == 'ivf-flat' else f'PQ{_pq_m(d, spec)}x8,RFlat'}"
         if spec.kind == "ivf-pq" and n < 256:
             raise InputError(f"--approx-index ivf-pq: the gallery has {n} images, and PQ trains 256 centroids per "
                              "sub-quantizer; use --search exact (fast at this size), or --approx-index ivf-flat or hnsw")
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             sample = gallery
-            limit = 256 * _nlist(n, spec)
+            limit = max(64 * _nlist(n, spec), 256 * 39)  # FAISS asks for 39 to 256 training points a centroid
             if n > limit:
                 sample = gallery[np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))]
             index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -97,8 +98,11 @@ class ApproxIndex:
             index.hnsw.efSearch = max(spec.ef_search, spec.k)
         else:
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", spec.nprobe)
+        if spec.kind == "ivf-pq":
+            faiss.downcast_index(index).k_factor = 4
         self.index = index
-        self.description = factory + ("" if spec.kind == "hnsw" else f", nprobe {spec.nprobe}") + f", top {spec.k}"
+        self.description = (factory + ("" if spec.kind == "hnsw" else f", nprobe {spec.nprobe}")
+                            + (", k_factor 4" if spec.kind == "ivf-pq" else "") + f", top {spec.k}")
         self.build_seconds = time.perf_counter() - t0
         logger.info("approximate index %s built in %.1f s (%s)", self.description, self.build_seconds, self.backend)
 

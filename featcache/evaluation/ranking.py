@@ -91,7 +91,8 @@ def _ranks(scores: np.ndarray, first: int, index: GalleryIndex, col_bits: int) -
 
     # only entries scoring at least a query's weakest positive can rank before one of its positives
     floor = np.full(n_rows, np.inf, dtype=np.float32)
-    np.minimum.at(floor, row, sp)
+    has = counts > 0
+    floor[has] = np.minimum.reduceat(sp, np.concatenate([[0], np.cumsum(counts)[:-1]])[has])
     selected = scores >= floor[:, None]
     flat = np.flatnonzero(selected)
     sel_row = np.repeat(np.arange(n_rows, dtype=np.int64), np.count_nonzero(selected, axis=1))
