@@ -6,8 +6,10 @@ new interpreter: twenty kills and resumes fit in a CI test. A child runs the
 real command line (``featcache.cli.main``) and nothing of the test process.
 
 A kill moment is drawn (seeded) from the run a start is expected to make:
-two in three within the work still to do, one in three within start-up; a
+three in four within the work still to do, one in four within start-up; a
 run that ends before its moment is simply started again with the next one.
+With two ranks, the SIGKILL hits one rank (the other then gets torchrun's
+SIGTERM) or, one time in three, both at once.
 Kills land in decoding, inference, writing, checkpointing, start-up,
 checks, creation and publication. Moments
 are seeded; where they land depends on the machine's speed, which is the
@@ -80,8 +82,9 @@ def finish(procs: list, timeout: float = 300) -> list[int]:
 
 
 def kill_when(procs: list, ready, delay: float, victim: int) -> bool:
-    """SIGKILL rank ``victim`` ``delay`` seconds after ``ready()`` first holds, unless the run ended first; the
-    other ranks then get what torchrun sends them when one rank dies: SIGTERM, then SIGKILL."""
+    """SIGKILL rank ``victim`` (every rank when ``victim == len(procs)``) ``delay`` seconds after ``ready()``
+    first holds, unless the run ended first; the other ranks then get what torchrun sends them when one rank
+    dies: SIGTERM, then SIGKILL."""
     while not ready():
         if not any(p.is_alive() for p in procs):
             return False
@@ -89,11 +92,13 @@ def kill_when(procs: list, ready, delay: float, victim: int) -> bool:
     time.sleep(delay)
     if not any(p.is_alive() for p in procs):
         return False
-    killed = procs[victim].is_alive()
-    if killed:
-        os.kill(procs[victim].pid, signal.SIGKILL)
+    victims = range(len(procs)) if victim == len(procs) else [victim]  # victim == ranks: all of them
+    killed = any(procs[v].is_alive() for v in victims)
+    for v in victims:
+        if procs[v].is_alive():
+            os.kill(procs[v].pid, signal.SIGKILL)
     for i, p in enumerate(procs):
-        if i != victim and p.is_alive():
+        if i not in victims and p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
     for p in procs:
         p.join(3)
@@ -140,7 +145,7 @@ class Campaign:
                 ready, delay = (lambda target=target: remaining() <= target), v * unit
             else:  # within start-up, before the first unit of work (or within a run with nothing to do)
                 ready, delay = (lambda: True), u * (timing.startup if left > 0 else timing.noop)
-            victim = int(rng.integers(self.world))
+            victim = int(rng.integers(self.world + 1)) if self.world > 1 else 0  # world: every rank
             procs = start(self.argv, self.log, self.world)
             tries += 1
             landed = kill_when(procs, ready, delay, victim)

@@ -52,14 +52,16 @@ def test_a_dead_rank_is_redone_alone_and_other_world_sizes_are_refused(market_ro
 
     out, log = tmp_path / "c.h5", tmp_path / "log"
     argv = _argv(market_root, out)
-    procs = start(argv, log, world=2, env_per_rank=[{}, {"FEATCACHE_FAULT": "extract.after_batch:2"}])
-    procs[1].join(120)
-    assert procs[1].exitcode == -signal.SIGKILL
+    procs = start(argv, log, world=2, env_per_rank=[{}, {"FEATCACHE_FAULT": "extract.after_batch:2:STOP"}])  # rank 1 hangs
     deadline = time.monotonic() + 120
     while not shard_path(out, 0, 2).is_file() and time.monotonic() < deadline:  # rank 0 finishes and publishes
         time.sleep(0.05)
+    assert procs[0].is_alive()  # waiting for rank 1, and holding the master's lock for the whole launch
+    with pytest.raises(InputError, match="being written by another featcache process"):
+        run_extract(extract_cfg(market_root, out, overwrite=True))
+    os.kill(procs[1].pid, signal.SIGKILL)
     os.kill(procs[0].pid, signal.SIGTERM)  # what torchrun does to the others when a rank dies
-    procs[0].join(10)
+    finish(procs, 30)
     assert shard_path(out, 0, 2).is_file() and partial_path(shard_path(out, 1, 2)).is_file()
     with open_cache(out) as f:  # readers of the master see rank 0's images, rank 1's as pending
         assert 0 < int((f["images/status"][...] == 0).sum()) < len(f["images/status"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,6 +241,12 @@ def test_block_ranking_equals_the_per_query_rule_with_ties_junk_and_tiny_blocks(
         for s in range(0, nq, block):
             got += split_ranks(*block_ranks(scores[s: s + block], s, index))
         assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    from featcache.evaluation.ranking import _ranks  # keys that fill all 64 bits: the last row of a pass
+
+    r, c = _ranks(scores[:3], 0, index, col_bits=30)
+    assert all(np.array_equal(a, b) for a, b in zip(split_ranks(r, c), want[:3]))
+    r, c = block_ranks(scores.astype(np.float64), 0, index)  # re-ranked distances: float64, ranked as such
+    assert all(np.array_equal(a, b) for a, b in zip(split_ranks(r, c), want))
     acc_a, acc_b = Accumulator((1, 5), ap_form), Accumulator((1, 5), ap_form)
     acc_a.add_block(0, *block_ranks(scores, 0, index))
     for i, r in enumerate(want):
@@ -263,5 +270,13 @@ def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_pa
     for key in ("mAP", "mINP"):
         assert every[key] == pytest.approx(exact[key], abs=1e-6)
     assert every["cmc"] == pytest.approx(exact["cmc"])
-    short, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu", approx=ApproxSpec("ivf-pq", k=10, nprobe=8))
+    short, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu", approx=ApproxSpec("ivf-pq", k=20, nprobe=8))
     assert short["mAP"] < exact["mAP"] and short["mINP"] <= exact["mINP"] and "AP@k" in short["search"]["note"]
+    from featcache.evaluation.runner import format_table
+
+    report = {**short, "model": {"spec": "x"}, "protocol": {"dataset": "synthetic"}, "ap_form": "plain", "flip": False,
+              "rerank": None, "gallery_size": len(gf), "feature_dim": 16, "search_backend": "faiss-cpu",
+              "timings": {"total_s": 0.0}, "random_init_backbones": []}
+    assert "APPROXIMATE search (IVF" in format_table(report) and "mAP is AP@20" in format_table(report)
+    with pytest.raises(ConfigError, match="--approx-k 10 is shorter than the largest of --ranks \(20\)"):
+        EvalConfig(Path("c.h5"), "backbone:x", search="approx", approx_k=10)

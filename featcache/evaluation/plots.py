@@ -45,7 +45,9 @@ def _cmc_curve(ev: "Evaluation", path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot(k, cmc, marker=".")
     ax.set(xlabel="rank", ylabel="matching rate (%)", ylim=(0, 100.5), xlim=(1, k[-1]),
-           title=f"CMC  {ev.report['model']['spec']}  mAP {100 * ev.report['mAP']:.1f}")
+           title=f"CMC  {ev.report['model']['spec']}  " + (f"AP@{ev.report['search']['k']} (approximate)"
+                                                              if (ev.report.get("search") or {}).get("mode") == "approx"
+                                                              else "mAP") + f" {100 * ev.report['mAP']:.1f}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -92,6 +94,7 @@ def _grid(ev: "Evaluation", queries, path: Path, title: str, top: int = 10) -> P
             kind = "junk" if junk[j] else "match" if pos[j] else "miss"
             rank += kind != "junk"
             canvas.paste(_tile(ev.gallery.root, ev.gallery.names[j], COLORS[kind], "junk" if kind == "junk" else str(rank)), (gap + (k + 1) * w, y))
-        d.text((2, y + h + 2), f"{Path(str(ev.query.names[i])).name}  first match rank {first}", fill=(0, 0, 0))
+        where = f"first match rank {first}" if first < len(ev.gf) + 1 else "no match in the approximate list"
+        d.text((2, y + h + 2), f"{Path(str(ev.query.names[i])).name}  {where}", fill=(0, 0, 0))
     canvas.save(path)
     return path

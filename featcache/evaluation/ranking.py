@@ -66,8 +66,10 @@ def block_ranks(scores: np.ndarray, first: int, index: GalleryIndex) -> tuple[np
     """Ranks of the positives of queries ``first .. first + len(scores)``: (1-based ranks, sorted within each
     query and concatenated in query order; the number of positives of each query)."""
     n_rows, n_gal = scores.shape
+    if scores.dtype != np.float32:  # re-ranked distances (float64): the per-query rule, at full precision
+        return _ranks_per_query(scores, first, index)
     col_bits = max(1, int(n_gal - 1).bit_length())
-    rows_per_pass = 1 << (32 - col_bits)  # a key is (row, score, gallery index) in 64 bits
+    rows_per_pass = (1 << (32 - col_bits)) - 1  # a key is (row, score, gallery index) in 64 bits; row + 1 must fit
     parts = [_ranks(scores[s: s + rows_per_pass], first + s, index, col_bits) for s in range(0, n_rows, rows_per_pass)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -111,6 +113,22 @@ def _ranks(scores: np.ndarray, first: int, index: GalleryIndex, col_bits: int) -
 
     ranks = before.astype(np.int64) + 1
     return ranks[np.lexsort((ranks, row))], counts
+
+
+def _ranks_per_query(scores: np.ndarray, first: int, index: GalleryIndex) -> tuple[np.ndarray, np.ndarray]:
+    from featcache.evaluation.metrics import positive_ranks
+
+    n_gal = scores.shape[1]
+    out, counts = [], []
+    for r in range(len(scores)):
+        i = first + r
+        pos = np.zeros(n_gal, bool)
+        junk = np.zeros(n_gal, bool)
+        pos[index.pos_col[index.pos_start[i]: index.pos_start[i + 1]]] = True
+        junk[index.junk_col[index.junk_start[i]: index.junk_start[i + 1]]] = True
+        out.append(positive_ranks(scores[r], pos, junk))
+        counts.append(out[-1].size)
+    return (np.concatenate(out) if out else np.zeros(0, np.int64)), np.asarray(counts, dtype=np.int64)
 
 
 def split_ranks(ranks: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:

@@ -71,6 +71,9 @@ class EvalConfig(StageConfig):
         if self.search == "approx":
             if self.rerank:
                 raise ConfigError("--rerank needs every score: use it with --search exact")
+            if self.approx_k < max(self.ranks):
+                raise ConfigError(f"--approx-k {self.approx_k} is shorter than the largest of --ranks "
+                                  f"({max(self.ranks)}): CMC there would be unknown; raise --approx-k or lower --ranks")
             self.approx_spec()
         if self.ap not in AP_FORMS:
             raise ConfigError(f"--ap {self.ap!r}: expected one of {', '.join(AP_FORMS)}")

@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,21 +137,25 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> ExtractResult:
     windows = plan_windows(job.listing, job.n_views, cfg.batch_size, ranks.world)
     window = windows[ranks.rank]
     final = shard_path(out, ranks.rank, ranks.world)
-    with Group(ranks) as group:
+    with Group(ranks) as group, ExitStack() as held:
         problem = None
         if ranks.rank == 0:
-            try:
-                with WriterLock(out):
-                    _prepare_master(job, windows)
+            try:  # rank 0 holds the master's lock for the whole launch: no other run replaces it meanwhile
+                held.enter_context(WriterLock(out))
+                _prepare_master(job, windows)
                 save_resolved(out.with_name(out.name + ".config.yaml"), cfg)
-            except InputError as exc:
+            except Exception as exc:  # every rank learns of it, or the others would wait for rank 0 forever
                 problem = str(exc)
         problem = group.share(problem)
         if problem:
             raise CacheError(problem if ranks.rank == 0 else f"rank 0 refused the cache: {problem}")
         final.parent.mkdir(parents=True, exist_ok=True)
-        with WriterLock(final), _sigterm_as_interrupt():
-            result = _extract_shard(job, window, final)
+        try:
+            with WriterLock(final), _sigterm_as_interrupt():
+                result = _extract_shard(job, window, final)
+        except Exception:
+            group.all_true(False)  # the others stop waiting for this rank, then this rank's error is raised
+            raise
         complete = group.all_true(final.is_file())  # every rank waits here for the slowest
     missing = [str(p) for p, state in shard_status(out) if state != "published"]
     if complete and not missing:
@@ -172,6 +176,8 @@ def _prepare_master(job: _Job, windows: list[Window]) -> None:
     if out.exists():
         check_master(out, job.identity, windows)
         logger.info("resuming %s (%d ranks)", out, len(windows))
+        if cfg.repair:  # the master's own tables (labels, row layout); each rank repairs its shard
+            restore_static(out, job.listing, job.n_views)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         if shard_dir(out).exists() and any(shard_dir(out).iterdir()):

@@ -186,7 +186,10 @@ def _extract(plan: Plan) -> Stage:
         run_extract(state["cfg"])
 
     def outputs() -> list[Path]:
-        return [plan.cache]
+        from featcache.cache.shards import shard_status
+
+        # a sharded cache (torchrun) is its master and every shard: a lost shard makes the stage run again
+        return [plan.cache] + ([p for p, _ in shard_status(plan.cache)] if plan.cache.is_file() else [])
 
     return Stage("extract", key, outputs, run, sharded=True)
 
