@@ -90,6 +90,7 @@ def test_readers_of_a_growing_cache_see_only_complete_images(market_root, market
     procs = start(_argv(market_root, out), log)
     seen: list[tuple[int, int]] = []
     while any(p.is_alive() for p in procs):
+        time.sleep(0.002)  # leave the writer its core
         if not out.is_file():
             continue
         pending = status_counts(out)["pending"]["gallery"]

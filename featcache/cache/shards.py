@@ -33,6 +33,7 @@ from featcache.cache.identity import CacheIdentity
 from featcache.cache.spec import OutputSpec
 from featcache.cache.store import (
     CacheError,
+    check_identity,
     open_cache,
     read_identity,
     root_attrs,
@@ -129,8 +130,6 @@ def write_master(cache: Path, listing: Listing, identity: CacheIdentity, n_views
 
 def check_master(cache: Path, identity: CacheIdentity, windows: list[Window]) -> None:
     """Refuse to resume a master made for other data or another split into ranks, saying how to go on."""
-    from featcache.cache.store import check_identity
-
     check_identity(cache, identity)
     with open_cache(cache) as f:
         info = shard_info(f)

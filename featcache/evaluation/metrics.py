@@ -120,9 +120,10 @@ class Accumulator:
         terms = ap_terms(ranks, starts, found, self.ap_form)
         sums = np.zeros(len(found))
         np.add.at(sums, np.repeat(np.arange(len(found)), found), terms)
-        last = np.where(found > 0, ranks[np.maximum(starts + found - 1, 0)] if ranks.size else 0, 0)
+        padded = np.append(ranks, 0)  # queries with nothing found index the pad; np.where discards it
+        last = np.where(found > 0, padded[np.where(found > 0, starts + found - 1, ranks.size)], 0)
         never = np.iinfo(np.int64).max  # a query whose positives are all beyond k: a miss at every CMC rank
-        firsts = np.where(found > 0, ranks[np.minimum(starts, max(ranks.size - 1, 0))] if ranks.size else 0, never)
+        firsts = np.where(found > 0, padded[np.where(found > 0, starts, ranks.size)], never)
         q = np.flatnonzero(has)
         self.aps.extend((sums[q] / n_pos[q]).tolist())
         self.inps.extend(np.where(found[q] == n_pos[q], n_pos[q] / np.maximum(last[q], 1), 0.0).tolist())
