@@ -153,7 +153,7 @@ def test_distill_survives_sigkill_at_20_random_moments(market_cache, tmp_path):
     from featcache.gate.runner import run_train_gate
 
     gate = tmp_path / "gate"
-    run_train_gate(GateConfig(cache=market_cache, out=gate, epochs=2, batch_size=16, device="cpu"))
+    run_train_gate(GateConfig(cache=market_cache, out=gate, epochs=1, batch_size=16, device="cpu"))
 
     def argv(out: Path) -> list[str]:
         return ["distill", "--cache", str(market_cache), "--gate", str(gate), "--out", str(out), "--epochs", "8",

@@ -53,12 +53,14 @@ def test_gate_temperatures_sparsity_and_gradients():
     torch.testing.assert_close(g, p)  # dense mixture at inference too
 
 
-def test_every_fusion_trains_and_beats_raw_concatenation(fcache, tmp_path):
+# the method's fusion and its plainest baseline in every run; the others with -m slow (about 1.4 s each)
+@pytest.mark.parametrize("fusion", [f if f in ("moe-top1", "concat") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in fusion_names()])
+def test_every_fusion_trains_and_beats_raw_concatenation(fcache, tmp_path, fusion):
     raw = run_eval(EvalConfig(fcache, "concat:clip-sim,align-sim")).report["mAP"]
-    for fusion in fusion_names():
-        res = run_train_gate(cfg(fcache, tmp_path / fusion, fusion=fusion, epochs=8))
-        m = run_eval(EvalConfig(fcache, f"gate:{res.run}")).report["mAP"]
-        assert m > raw + 0.05, f"{fusion}: mAP {m:.3f} vs raw concatenation {raw:.3f}"
+    res = run_train_gate(cfg(fcache, tmp_path / fusion, fusion=fusion, epochs=8))
+    m = run_eval(EvalConfig(fcache, f"gate:{res.run}")).report["mAP"]
+    assert m > raw + 0.05, f"{fusion}: mAP {m:.3f} vs raw concatenation {raw:.3f}"
 
 
 def test_trains_from_the_cache_alone(fcache, tmp_path, monkeypatch):
