@@ -171,10 +171,12 @@ class Gated(Fusion):
             return torch.full_like(p, 1.0 / self.k), p
         mode = self.routing.train_routing if sparse_model else "dense"
         if mode == "straight-through":  # forward: the sparse weights inference uses; backward: the softmax's gradient
-            return self._top(p).detach() + p - p.detach(), p
+            # hard + (p - p.detach()), not hard + p - p.detach(): (1 + p) - p rounds to 0.99999994 for about a
+            # quarter of float32 p in [0.5, 1), so the forward would not be exactly the weights inference uses
+            return self._top(p).detach() + (p - p.detach()), p
         if mode == "gumbel":
             y = torch.softmax((h + _gumbel(h)) / tau, dim=1)
-            return self._top(y).detach() + y - y.detach(), p
+            return self._top(y).detach() + (y - y.detach()), p
         return p, p
 
     def forward(self, feats, raw=None, route=None):
