@@ -17,7 +17,7 @@ from featcache.pipeline.config import load_pipeline
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 #: the demo, shrunk to seconds: the same stages on a smaller synthetic set
 SMALL = ["--set", "synth.ids=16", "--set", "synth.cams=3", "--set", "synth.night_cams=[2]", "--set", "synth.blur_cams=[3]", "--set", "extract.image_size=64x32", "--set", "extract.views=3",
-         "--set", "train-gate.epochs=2", "--set", "train-gate.batch_size=16", "--set", "distill.epochs=1",
+         "--set", "train-gate.epochs=2", "--set", "train-gate.batch_size=16", "--set", "train-gate.val_ids=2", "--set", "distill.epochs=1",
          "--set", "distill.batch_size=16", "--set", "pipeline.profile=false", "--set", "pipeline.fusions=[concat,moe-top1]",
          "--set", "pipeline.students={}", "--set", "pretrain-standins.ids=16", "--set", "pretrain-standins.per_id=4",
          "--set", "pretrain-standins.epochs=1", "--set", "pretrain-standins.batch_size=16",
@@ -114,6 +114,9 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     assert teacher["seeds"] == [42] and teacher["mAP"]["per_seed"] == [teacher["mAP"]["mean"]]
     assert teacher["mAP"]["mean"] == pytest.approx(100 * json.loads((out / "eval" / "moe-top1-seed42.json").read_text())["mAP"], abs=1e-3)
     assert set(summary["teacher_gate_per_camera"]) == {"1", "2", "3"} and summary["standins"] == ["align-mini", "clip-mini"]
+    val = json.loads((next((out / "gate").glob("moe-top1-seed42-*")) / "val.json").read_text())
+    assert teacher["val_mAP"]["per_seed"] == [pytest.approx(100 * val["mAP"], abs=1e-3)] and val["identities"] == 2
+    assert "validation mAP" in md
     assert (out / "pipeline.yaml").is_file()
 
     res = r.invoke(main, ["demo", "--out", str(out), *SMALL])  # nothing changed: every stage skipped

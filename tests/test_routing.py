@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +153,11 @@ def test_oracle_router(camera_cache, tmp_path):
     ({"warmup": 1.0}, "warmup=1.0"),
     ({"load": 0.1}, "load=0.1 estimates how the noise moves each expert's load, so it needs --set gate_noise above 0"),
     ({"fusion": "moe-soft", "load": 0.1, "gate_noise": 1.0}, "--fusion moe-soft sends every image to every expert"),
+    ({"fusion": "concat", "expert_neck": True}, "--fusion concat is not a weighted mix of experts"),
+    ({"gate_recipe": "paper", "gate_freeze": True}, "gate_freeze=true keeps the routing learned during the warm-up"),
+    ({"retrieval": "logits"}, "retrieval 'logits': expected one of neck, id-span"),
+    ({"cross_expert": -1.0}, "cross_expert=-1.0: expected 0 or more"),
+    ({"val_ids": -2}, "val_ids=-2: expected 0 or more"),
 ])
 def test_nonsense_combinations_are_refused(tmp_path, over, text):
     with pytest.raises(ConfigError, match=text.replace("(", "\\(").replace(")", "\\)")):
@@ -162,3 +168,112 @@ def test_recipes_are_what_the_docs_say():
     assert RECIPES["paper"] == Routing()  # Eq. 7-9: adapted input, dense softmax at tau 1, nothing added
     r = RECIPES["routed"]
     assert (r.gate_input, r.gate_detach, r.gate_init, r.train_routing, r.warmup, r.route_by_loss) == ("raw", True, "zero", "straight-through", 0.5, 1.0)
+    assert (r.gate_freeze, r.retrieval, r.expert_loss) == (True, "id-span", 0.5)
+
+
+def test_expert_fields_train_every_fusion_and_gate_fields_only_gated_ones(tmp_path):
+    base = {"cache": tmp_path / "c.h5", "out": tmp_path / "r"}
+    avg = GateConfig.from_dict({**base, "fusion": "average"})
+    assert (avg.retrieval, avg.expert_loss, avg.route_by_loss, avg.warmup) == ("id-span", 0.5, 0.0, 0.0)
+    assert GateConfig.from_dict({**base, "fusion": "average", "cross_expert": 1.0}).cross_expert == 1.0
+    paper = GateConfig.from_dict({**base, "fusion": "average", "gate_recipe": "paper"})
+    assert (paper.retrieval, paper.expert_loss) == ("neck", 0.0)
+    concat = GateConfig.from_dict({**base, "fusion": "concat", "gate_recipe": "routed"})
+    assert (concat.expert_neck, concat.retrieval, concat.expert_loss) == (False, "neck", 0.5)
+    assert GateConfig.from_dict({**base, "fusion": "clip"}).routing() == Routing()  # one expert: nothing to align
+
+
+def test_id_span_is_an_orthogonal_projection_that_keeps_the_logits():
+    m, xs = gated(Routing(retrieval="id-span"))
+    m.eval()
+    _, neck, logits = m(xs)
+    m.id_span = False
+    _, plain, plain_logits = m(xs)
+    w = m.classifier.weight
+    assert torch.allclose(logits, plain_logits) and torch.allclose(neck @ w.T, plain @ w.T, atol=1e-4)
+    assert torch.allclose(m.project_id_span(neck), neck, atol=1e-4)              # idempotent
+    assert ((plain - neck) @ w.T).abs().max() < 1e-4                            # what it drops is orthogonal to W's rows
+    m.id_span = True
+    m.train()
+    fo, neck, _ = m(xs)
+    assert torch.allclose(neck, m.bn(fo.feature))  # training sees the whole neck: the projection is for retrieval
+
+
+def test_expert_necks_give_the_routed_experts_own_bn_feature():
+    m, xs = gated(Routing(expert_neck=True))
+    m.eval()
+    fo, neck, _ = m(xs)
+    want = torch.where(fo.gates[:, :1] > 0, m.necks[0](fo.experts[0]), m.necks[1](fo.experts[1]))
+    assert set(fo.gates.flatten().tolist()) <= {0.0, 1.0} and torch.allclose(neck, want)
+
+
+def test_cross_expert_triplet_by_hand():
+    from featcache.training.losses import batch_hard_triplet
+
+    a = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    y = torch.tensor([0, 1])
+    # anchor a0: positive b0 at 1, negative b1 at sqrt(13); anchor a1: positive b1 at 2, negative b0 at 2
+    want = (max(0, 1 - 13 ** 0.5 + 0.5) + max(0, 2 - 2 + 0.5)) / 2
+    assert batch_hard_triplet(a, y, 0.5, others=b).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_cross_detach_moves_only_each_images_unreliable_expert():
+    from featcache.gate.train import alignment_losses
+
+    m, xs = gated(Routing(cross_expert=1.0, cross_detach=True))
+    m.train()
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    feats = [a(x) for a, x in zip(m.adapters, xs)]
+    for f in feats:
+        f.retain_grad()
+    alignment_losses(m, feats, y, m.fusion.routing, 0.3).backward()
+    reliable = m.expert_id_losses([f.detach() for f in feats], y).argmin(1)
+    for e, f in enumerate(feats):
+        moved = f.grad.abs().sum(1) > 0
+        assert not moved[reliable == e].any()  # the reliable side is the target
+        assert moved[reliable != e].any()
+
+
+def test_frozen_gate_keeps_the_routing_of_the_warm_up(camera_cache, tmp_path):
+    from featcache.training.rundir import RunDir
+
+    cfg = GateConfig(camera_cache, tmp_path / "g", epochs=4, warmup=0.5)
+    run_train_gate(cfg)
+    rows = list(csv.DictReader((tmp_path / "g" / "log.csv").open()))
+    routed = [[r[k] for k in r if k.startswith("routed_cam")] for r in rows]
+    assert routed[1] == routed[2] == routed[3]  # the gate stopped learning after epoch 2 of 4
+    assert RunDir(tmp_path / "g", "train-gate").meta()["val_pids"] == []
+
+
+def test_validation_split_is_held_out_and_evaluated(camera_cache, tmp_path):
+    from featcache.gate.runner import VAL
+    from featcache.training.rundir import RunDir
+    from featcache.training.validation import val_identities, val_queries
+
+    pids = np.repeat(np.arange(1, 25), 6)
+    held = val_identities(pids, 6)
+    assert len(held) == 6 and np.array_equal(held, val_identities(pids[::-1], 6))  # a fixed choice
+    with pytest.raises(InputError, match="at most 22 can be held out"):
+        val_identities(pids, 23)
+    q = val_queries(np.array([5, 5, 5, 7, 7]), np.array([1, 1, 2, 2, 2]))
+    assert q.tolist() == [True, False, True, True, False]  # the first image of each identity in each camera
+    res = run_train_gate(GateConfig(camera_cache, tmp_path / "v", epochs=2, val_ids=6, seed=3))
+    meta = RunDir(res.run, "train-gate").meta()
+    assert len(meta["val_pids"]) == 6 and not set(meta["val_pids"]) & set(meta["pids"]) and len(meta["pids"]) == 18
+    val = json.loads((res.run / VAL).read_text())
+    assert val["identities"] == 6 and 0 < val["mAP"] <= 1 and val["queries"] > 0
+    assert val["queries_same"] + val["queries_cross"] >= val["queries_all"]
+
+
+def test_ap_by_expert_by_hand():
+    from featcache.gate.diagnostics import ap_by_expert
+
+    g = np.eye(4, dtype=np.float32)
+    q = np.array([[0.9, 0.5, 0.1, 0.0]], dtype=np.float32)  # ranks gallery 0, 1, 2, 3
+    g_pids, g_cams = np.array([1, 2, 1, 1]), np.array([2, 2, 3, 1])  # gallery 3: same camera, junk
+    res = ap_by_expert(q, g, np.array([1]), np.array([1]), g_pids, g_cams, np.array([0]), np.array([0, 0, 1, 0]))
+    assert res["mAP_all"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert res["mAP_same"] == pytest.approx(1.0)       # match 0 alone; match 2 is junk for this group
+    assert res["mAP_cross"] == pytest.approx(1 / 2)   # match 2 alone, behind the negative 1
+    assert (res["queries_same"], res["queries_cross"]) == (1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ class CacheSplit:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def subset(self, keep: np.ndarray) -> "CacheSplit":
+        """The images selected by mask or index ``keep`` (a validation split carved from training, say)."""
+        return dataclasses.replace(self, images=self.images[keep], pids=self.pids[keep], camids=self.camids[keep],
+                                   names=self.names[keep], view_start=self.view_start[keep], n_views=self.n_views[keep])
 
     @property
     def root(self) -> Path:

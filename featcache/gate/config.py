@@ -27,17 +27,34 @@ class Routing:
     expert_loss: float = 0.0           # weight of a triplet loss on each expert's adapted feature alone
     agreement: float = 0.0             # weight of a loss pulling the experts' adapted features of one image together
                                        # (1 - cosine), so that images routed to different experts compare in one space
+    expert_id: float = 0.0             # weight of each expert's own ID loss (its feature alone through its neck and the
+                                       # shared classifier), so that every expert maps an identity to one place
+    expert_neck: bool = False          # a BN neck per expert: the retrieval feature is the gated mix of each expert's
+                                       # BN'd feature, so routed images compare at one scale and centre
+    cross_expert: float = 0.0          # weight of a cross-expert triplet on BN'd, L2-normalised features (anchor
+                                       # embedded by one expert, positives and negatives by another)
+    cross_detach: bool = False         # stop the cross-expert loss's gradient into each image's reliable expert (the
+                                       # one whose feature alone gives the lowest ID loss): the other moves to it
+    retrieval: str = "neck"            # neck: the BN-neck feature (BNNeck); id-span: the BN-neck feature projected onto the
+                                       # span of the shared ID classifier's weights, where that classifier ties every
+                                       # expert's feature of an identity to one place (docs/train-gate.md)
     warmup: float = 0.0                # share of the epochs in which the experts are averaged (the gate still learns)
+    gate_freeze: bool = False          # the gate learns during the warm-up only, then keeps its routing: its targets are
+                                       # fair only while the experts train alike (docs/train-gate.md)
     route_by_loss: float = 0.0         # weight of a routing loss: the gate learns to pick, per image, the expert whose
                                        # feature alone gives the lowest ID loss (hard EM, as mixtures of experts are fitted)
 
 
 ROUTING_FIELDS = tuple(f.name for f in dataclasses.fields(Routing))
+#: the fields that train the experts' adapters rather than a gate: they apply to every fusion, so that a routed
+#: teacher and the fixed fusions it is compared with are trained with the same losses
+EXPERT_FIELDS = ("expert_loss", "agreement", "expert_id", "expert_neck", "cross_expert", "cross_detach", "retrieval")
+RETRIEVALS = ("neck", "id-span")
 #: recipes: "paper" is the paper's Eq. 7-9 exactly; "routed" is the default that routes (docs/train-gate.md)
 RECIPES = {
     "paper": Routing(),
     "routed": Routing(gate_input="raw", gate_detach=True, gate_init="zero", train_routing="straight-through",
-                      balance=0.01, expert_loss=0.5, warmup=0.5, route_by_loss=1.0),
+                      balance=0.01, expert_loss=0.5, warmup=0.5, route_by_loss=1.0, gate_freeze=True, retrieval="id-span"),
 }
 ROUTINGS = ("dense", "straight-through", "gumbel")
 GATED = ("moe-top1", "moe-soft", "moe-top2")  # the fusions with a gate
@@ -64,6 +81,7 @@ class GateConfig(StageConfig):
     beta: float = 0.5                    # weight of the triplet loss
     margin: float = 0.3
     label_smoothing: float = 0.0
+    val_ids: int = 0                     # training identities held out for validation (featcache.training.validation)
     gate_recipe: str = "routed"          # paper: Eq. 7-9 exactly; routed: the default (docs/train-gate.md)
     # each remedy; None takes the recipe's value (the saved config holds the values used)
     gate_input: str | None = None
@@ -77,7 +95,13 @@ class GateConfig(StageConfig):
     load: float | None = None
     expert_loss: float | None = None
     agreement: float | None = None
+    expert_id: float | None = None
+    expert_neck: bool | None = None
+    cross_expert: float | None = None
+    cross_detach: bool | None = None
+    retrieval: str | None = None
     warmup: float | None = None
+    gate_freeze: bool | None = None
     route_by_loss: float | None = None
 
     def routing(self) -> Routing:
@@ -93,6 +117,8 @@ class GateConfig(StageConfig):
             raise ConfigError("weight_decay, beta and margin must not be negative")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing {self.label_smoothing}: expected 0 <= value < 1")
+        if self.val_ids < 0:
+            raise ConfigError(f"--set val_ids={self.val_ids}: expected 0 or more training identities to hold out")
         if len(set(self.experts)) != len(self.experts):
             raise ConfigError(f"--experts names an expert twice: {','.join(self.experts)}")
         if self.experts:
@@ -103,9 +129,15 @@ class GateConfig(StageConfig):
         if self.gate_recipe not in RECIPES:
             raise ConfigError(f"--gate-recipe {self.gate_recipe!r}: expected one of {', '.join(RECIPES)}")
         gated = self.fusion in GATED
-        base = RECIPES[self.gate_recipe] if gated else Routing()  # no gate: nothing to route
+        base = RECIPES[self.gate_recipe]
+        if not gated:  # no gate: nothing to route, but the experts train as the recipe trains them
+            base = Routing(**{k: getattr(base, k) for k in EXPERT_FIELDS})
         if self.fusion == "moe-soft":
             base = dataclasses.replace(base, train_routing="dense")  # a dense mixture trains densely
+        if self.fusion == "concat":  # one learned map over the concatenation: no BN'd experts to mix, nothing to align
+            base = dataclasses.replace(base, expert_neck=False, retrieval="neck")
+        if self.fusion in SINGLE_EXPERT:  # one expert alone: nothing to align (id-span costs it 4-25 mAP on validation)
+            base = Routing()
         explicit = {k for k in ROUTING_FIELDS if getattr(self, k) is not None}
         for k in ROUTING_FIELDS:
             if getattr(self, k) is None:
@@ -118,19 +150,26 @@ class GateConfig(StageConfig):
             raise ConfigError(f"gate_input {r.gate_input!r}: expected adapted or raw")
         if r.gate_init not in ("default", "zero"):
             raise ConfigError(f"gate_init {r.gate_init!r}: expected default or zero")
+        if r.retrieval not in RETRIEVALS:
+            raise ConfigError(f"retrieval {r.retrieval!r}: expected one of {', '.join(RETRIEVALS)}")
         if r.train_routing not in ROUTINGS:
             raise ConfigError(f"train_routing {r.train_routing!r}: expected one of {', '.join(ROUTINGS)}")
         if not 0 <= r.warmup < 1:
             raise ConfigError(f"--set warmup={r.warmup}: expected a share of the epochs, 0 <= warmup < 1")
-        for k in ("gate_noise", "balance", "importance", "load", "expert_loss", "agreement", "route_by_loss"):
+        for k in ("gate_noise", "balance", "importance", "load", "expert_loss", "agreement", "expert_id", "cross_expert",
+                  "route_by_loss"):
             if getattr(r, k) < 0:
                 raise ConfigError(f"--set {k}={getattr(r, k)}: expected 0 or more")
         set_for_gate = sorted(k for k in explicit if getattr(r, k) != getattr(Routing(), k))
-        if self.fusion == "moe-oracle":  # routes without a gate: what trains its experts still applies
-            set_for_gate = [k for k in set_for_gate if k not in ("expert_loss", "agreement")]
+        set_for_gate = [k for k in set_for_gate if k not in EXPERT_FIELDS]  # what trains the experts applies to every fusion
+        if r.expert_neck and self.fusion == "concat":
+            raise ConfigError("--set expert_neck=true mixes each expert's BN'd feature by the fusion's weights; --fusion concat "
+                              "is not a weighted mix of experts")
         if not gated and set_for_gate:
             raise ConfigError(f"--fusion {self.fusion} has no gate, so {', '.join(set_for_gate)} cannot apply "
                               "(they tune a gated fusion: moe-top1, moe-top2, moe-soft)")
+        if r.gate_freeze and not r.warmup:
+            raise ConfigError("--set gate_freeze=true keeps the routing learned during the warm-up, so it needs --set warmup above 0")
         if r.load and not r.gate_noise:
             raise ConfigError(f"--set load={r.load} estimates how the noise moves each expert's load, so it needs "
                               "--set gate_noise above 0 (Shazeer et al. 2017, Appendix A)")

@@ -11,6 +11,7 @@ import numpy as np
 
 from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_checked, status_counts
 from featcache.errors import InputError
+from featcache.training.validation import val_identities, val_queries
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class TrainData:
     images: np.ndarray        # per image: row in the cache's images/
     identity: CacheIdentity
     route: np.ndarray | None = None  # per row: the expert known to be reliable (synthetic caches), for moe-oracle
+    val: "ValData | None" = None     # the identities held out for validation (--set val_ids=N)
 
     @property
     def dims(self) -> list[int]:
@@ -39,7 +41,19 @@ class TrainData:
         return [f[rows] for f in self.feats]
 
 
-def load_train(cache: Path, experts: list[str]) -> TrainData:
+@dataclass
+class ValData:
+    """The held-out identities' images (featcache.training.validation): view 0 of each, per expert."""
+
+    feats: list[np.ndarray]   # per expert: (images, d) float32
+    pids: np.ndarray
+    camids: np.ndarray
+    query: np.ndarray         # mask: the validation queries
+    route: np.ndarray | None  # per image: the known reliable expert (synthetic caches)
+
+
+def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
+    """The training split's views, less the ``val_ids`` identities held out for validation (in ``val``)."""
     try:
         split = CacheSplit.load(cache, "train")
     except CacheError as exc:
@@ -56,16 +70,26 @@ def load_train(cache: Path, experts: list[str]) -> TrainData:
         raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")
     families = [ident.backbones[e]["family"] for e in experts]
     weights = [ident.weights(e) for e in experts]
-    rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
+    held = np.isin(split.pids, val_identities(split.pids, val_ids))
+    val = None
     with open_cache(cache) as f:
+        if held.any():
+            vrows = split.view_start[held]
+            val = ValData([read_checked(f, e, "pooled", vrows).astype(np.float32) for e in experts], split.pids[held],
+                          split.camids[held], val_queries(split.pids[held], split.camids[held]), read_route(f, vrows, experts))
+            split = split.subset(~held)
+        rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
         feats = [read_checked(f, e, "pooled", rows).astype(np.float32) for e in experts]
         route = read_route(f, rows, experts)
     local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
     pids, labels = np.unique(split.pids, return_inverse=True)
     logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),
                 experts, ", ".join(f"{e} {f.shape[1]}-d" for e, f in zip(experts, feats)))
+    if val is not None:
+        logger.info("validation: %d identities held out (%d images, %d queries)", len(np.unique(val.pids)), len(val.pids),
+                    int(val.query.sum()))
     return TrainData(experts, families, weights, feats, local_start, split.n_views.astype(np.int64), labels.astype(np.int64),
-                     pids, split.camids, split.images, ident, route)
+                     pids, split.camids, split.images, ident, route, val)
 
 
 def read_route(f, rows: np.ndarray, experts: list[str]) -> np.ndarray | None:

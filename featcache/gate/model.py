@@ -136,6 +136,13 @@ class Gated(Fusion):
         self.tau_train = TAU_TRAIN  # the trainer lowers it when the recipe anneals
         self.averaging = False      # the trainer sets it during the warm-up epochs
 
+    def freeze(self, frozen: bool) -> None:
+        """Stop (or resume) the gate's learning: no gradient into its layers, its input statistics fixed."""
+        for q in (*self.gate.parameters(), *(self.noise.parameters() if self.noise is not None else ())):
+            q.requires_grad_(not frozen)
+        if self.norm is not None and frozen:
+            self.norm.eval()
+
     def gate_input(self, feats: list[torch.Tensor], raw: list[torch.Tensor] | None) -> torch.Tensor:
         if self.routing.gate_input == "raw":
             if raw is None:
@@ -258,31 +265,68 @@ class MoEOracle(Fusion):
         return FusionOut((torch.stack(feats, 1) * g.unsqueeze(-1)).sum(1), g, _zero(feats[0]))
 
 
+def _neck() -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(DIM)
+    bn.bias.requires_grad_(False)  # BNNeck (Luo et al. 2019): no shift to learn before the bias-free classifier
+    return bn
+
+
 class GateModel(nn.Module):
-    """Adapters + fusion + BN neck + ID classifier."""
+    """Adapters + fusion + BN neck + ID classifier.
+
+    With ``routing.expert_neck`` each expert has a BN neck of its own and the retrieval feature is the fusion's
+    weighted mix of the experts' BN'd features (for top-1 routing: the routed expert's BN'd feature), so that
+    images routed to different experts compare at one centre and scale; the fused feature F_t stays the mix of
+    the adapted features, and the shared ``bn`` then goes unused.
+    """
 
     def __init__(self, families: list[str], dims: list[int], fusion: str, n_classes: int, single_expert: int | None = None,
                  routing: Routing | None = None) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(adapter(f, d) for f, d in zip(families, dims))
         self.fusion = make_fusion(fusion, dims, single_expert, routing)
-        self.bn = nn.BatchNorm1d(DIM)
-        self.bn.bias.requires_grad_(False)
+        self.bn = _neck()
+        self.necks = nn.ModuleList(_neck() for _ in dims) if routing is not None and routing.expert_neck else None
         self.classifier = nn.Linear(DIM, n_classes, bias=False)
+        self.id_span = routing is not None and routing.retrieval == "id-span"
 
     def forward(self, xs: list[torch.Tensor], route: torch.Tensor | None = None) -> tuple[FusionOut, torch.Tensor, torch.Tensor]:
         """(fusion output, BN feature used for retrieval, ID logits); ``route`` only for moe-oracle."""
         feats = [a(x) for a, x in zip(self.adapters, xs)]
         out = self.fusion(feats, xs, route)
         out.experts = feats
-        neck = self.bn(out.feature)
-        return out, neck, self.classifier(neck)
+        if self.necks is None:
+            neck = self.bn(out.feature)
+        else:
+            neck = (torch.stack([n(f) for n, f in zip(self.necks, feats)], 1) * out.gates.unsqueeze(-1)).sum(1)
+        logits = self.classifier(neck)
+        if self.id_span and not self.training:  # the same logits: W P = W
+            neck = self.project_id_span(neck)
+        return out, neck, logits
+
+    def project_id_span(self, x: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of retrieval features onto the span of the ID classifier's weights W (C x D):
+        x W^T (W W^T)^-1 W. The shared classifier ties every expert's feature of a training identity to one place
+        in this span; outside it each expert's feature is free, and for unseen identities the experts differ there."""
+        w = self.classifier.weight.double()
+        gram = w @ w.T
+        gram = gram + 1e-6 * gram.diagonal().mean() * torch.eye(len(w), dtype=w.dtype, device=w.device)
+        coef = torch.linalg.solve(gram, (x.double() @ w.T).T).T
+        return (coef @ w).to(x.dtype)
+
+    def expert_necked(self, feats: list[torch.Tensor], constant_stats: bool = False) -> list[torch.Tensor]:
+        """Each expert's feature alone through its neck (its own, or the shared one), with batch statistics and
+        without touching the running statistics: what each expert would give for retrieval. ``constant_stats``
+        treats the batch statistics as constants, so that a row's output has no gradient into other rows."""
+        bns = self.necks if self.necks is not None else [self.bn] * len(feats)
+        if not constant_stats:
+            return [F.batch_norm(f, None, None, bn.weight, bn.bias, training=True) for bn, f in zip(bns, feats)]
+        out = []
+        for bn, f in zip(bns, feats):
+            mean, var = f.detach().mean(0), f.detach().var(0, unbiased=False)
+            out.append((f - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias)
+        return out
 
     def expert_id_losses(self, feats: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """(N, K) per-image ID loss of each expert's feature alone, through the shared neck and classifier
-        (batch statistics, leaving the neck's running statistics as they are)."""
-        out = []
-        for f in feats:
-            z = F.batch_norm(f, None, None, self.bn.weight, self.bn.bias, training=True)
-            out.append(F.cross_entropy(self.classifier(z), labels, reduction="none"))
-        return torch.stack(out, 1)
+        """(N, K) per-image ID loss of each expert's feature alone, through its neck and the shared classifier."""
+        return torch.stack([F.cross_entropy(self.classifier(z), labels, reduction="none") for z in self.expert_necked(feats)], 1)

@@ -62,10 +62,20 @@ def recalibrate_bn(model: GateModel, data: TrainData) -> None:
     running statistics were collected on. Without this, the retrieval feature
     of a gated teacher is dominated by a constant offset.
     """
+    if model.necks is not None:  # a neck per expert: each sees its expert's inference-mode (dropout off) features
+        model.eval()
+        device = next(model.parameters()).device
+        for a, bn, x in zip(model.adapters, model.necks, data.feats):
+            f = torch.cat([a(torch.from_numpy(x[s: s + 4096]).to(device)) for s in range(0, len(x), 4096)]).double()
+            _set_stats(bn, f)
+        return
     fused = infer_rows(model, data.feats, np.arange(len(data.feats[0])), data.route)[0]
-    f = torch.from_numpy(fused).double()
-    model.bn.running_mean.copy_(f.mean(0).float())
-    model.bn.running_var.copy_(f.var(0, unbiased=True).float())
+    _set_stats(model.bn, torch.from_numpy(fused).double())
+
+
+def _set_stats(bn: torch.nn.BatchNorm1d, f: torch.Tensor) -> None:
+    bn.running_mean.copy_(f.mean(0).float())
+    bn.running_var.copy_(f.var(0, unbiased=True).float())
 
 
 def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:

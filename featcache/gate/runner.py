@@ -7,12 +7,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from featcache.fileio import atomic_write
+from featcache.gate.diagnostics import evaluate_val
 from featcache.gate.outputs import gate_statistics, recalibrate_bn
 from featcache.gate.targets import TARGETS, write_targets
 from featcache.gate.train import GateConfig, check_experts, default_experts, train
 from featcache.training.rundir import FINAL
 
 logger = logging.getLogger(__name__)
+VAL = "val.json"  # the run's validation metrics (--set val_ids=N)
 
 
 @dataclass
@@ -34,6 +37,11 @@ def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
         return GateResult(rd.path, json.loads((rd.path / "gate_stats.json").read_text()), rd.path / TARGETS)
     recalibrate_bn(model, data)  # the BN neck must see the features inference produces
     stats = gate_statistics(model, data, rd.path)
+    if data.val is not None:  # what a recipe is chosen on: never the test split
+        val = evaluate_val(model, data.val)
+        atomic_write(rd.path / VAL, lambda p: p.write_text(json.dumps(val, indent=2)))
+        logger.info("validation (%d identities): mAP %.4f; true matches embedded by the query's expert %s, by another %s",
+                    val["identities"], val["mAP"], val["mAP_same"], val["mAP_cross"])
     targets = write_targets(model, data, cfg.cache, rd.path)
     rd.finish(model.state_dict(), note="BN recalibrated on inference-mode features")  # last: the run is now finished
     logger.info("gate: mean weights %s, routed %s; teacher targets in %s", stats["mean_weight"], stats["routed_share"], targets)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featcache.errors import ConfigError, InputError
 from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
@@ -52,12 +53,13 @@ def build_model(fusion: str, dims: list[int], families: list[str], n_classes: in
 def run_meta(data: TrainData, experts: list[str]) -> dict:
     """What the run was trained from: a resumed run must match it, evaluation checks the experts' weights."""
     return {"cache_identity": data.identity.digest(), "experts": experts, "families": data.families,
-            "expert_weights": data.weights, "dims": data.dims, "n_classes": int(len(data.pids)), "pids": data.pids.tolist()}
+            "expert_weights": data.weights, "dims": data.dims, "n_classes": int(len(data.pids)), "pids": data.pids.tolist(),
+            "val_pids": np.unique(data.val.pids).tolist() if data.val is not None else []}
 
 
 def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, RunDir]:
     """Train the adapters and fusion from the cache; returns the model, the data it saw and its run directory."""
-    data = load_train(cfg.cache, list(cfg.experts))
+    data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids)
     p = cfg.batch_size // cfg.instances
     if len(data.pids) < p:
         raise InputError(f"{cfg.cache}: {len(data.pids)} training identities, fewer than P = {p} needed for "
@@ -85,6 +87,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
         model.train()
         if hasattr(model.fusion, "averaging"):
             model.fusion.averaging = epoch < routing.warmup * cfg.epochs
+            if routing.gate_freeze:
+                model.fusion.freeze(not model.fusion.averaging)
         if routing.tau_anneal and hasattr(model.fusion, "tau_train"):  # 1.0 -> 0.5 over the run
             model.fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
         sums = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "balance": 0.0, "expert": 0.0, "acc": 0.0}
@@ -102,7 +106,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
                 l_exp = routing.expert_loss * torch.stack([batch_hard_triplet(e, y, cfg.margin) for e in fo.experts]).mean()
             if routing.agreement:  # one space for every expert's feature, so routed images compare
                 l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
-            if routing.route_by_loss and fo.gate_logits is not None:  # the gate learns which expert explains each image best
+            l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
+            if routing.route_by_loss and fo.gate_logits is not None and fo.gate_logits.requires_grad:  # the gate learns which expert explains each image best
                 target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
                 l_exp = l_exp + routing.route_by_loss * torch.nn.functional.cross_entropy(fo.gate_logits, target)
             loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
@@ -122,6 +127,28 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     model.eval()
     return model, data, rd
 
+
+
+def alignment_losses(model: GateModel, experts: list[torch.Tensor], y: torch.Tensor, routing: Routing, margin: float) -> torch.Tensor:
+    """What puts every expert's retrieval feature in one space (docs/train-gate.md): each expert's own ID loss
+    through the shared classifier, and a cross-expert triplet on BN'd, L2-normalised features, anchors embedded
+    by one expert and positives and negatives by another, optionally moving only each image's unreliable expert."""
+    loss = experts[0].new_zeros(())
+    if not (routing.expert_id or routing.cross_expert):
+        return loss
+    necked = model.expert_necked(experts)
+    own = torch.stack([F.cross_entropy(model.classifier(z), y, reduction="none") for z in necked], 1)  # (N, K)
+    if routing.expert_id:
+        loss = loss + routing.expert_id * own.mean()
+    if routing.cross_expert and len(experts) > 1:
+        unit = [F.normalize(z, dim=1) for z in necked]
+        if routing.cross_detach:  # the image's reliable expert is the target, not the one that moves
+            reliable = own.detach().argmin(1)
+            unit = [F.normalize(z, dim=1) for z in model.expert_necked(experts, constant_stats=True)]  # no leak through BN
+            unit = [torch.where((reliable == e)[:, None], u.detach(), u) for e, u in enumerate(unit)]
+        pairs = [batch_hard_triplet(unit[a], y, margin, others=unit[b]) for a in range(len(unit)) for b in range(len(unit)) if a != b]
+        loss = loss + routing.cross_expert * torch.stack(pairs).mean()
+    return loss
 
 
 def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dict]:

@@ -110,6 +110,11 @@ def summarise(plan, reports: dict) -> dict:
             entry[metric] = {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
                              "per_seed": [round(float(x), 4) for x in v]}
         entry["search"] = sorted({(r.get("search") or {"mode": "exact"})["mode"] for r in reps})
+        val = validation_maps(row)
+        if val:
+            v = np.asarray(val) * 100
+            entry["val_mAP"] = {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
+                                "per_seed": [round(float(x), 4) for x in v]}
         rows[row.key or row.label] = entry
     out: dict = {"pipeline": str(plan.pipeline.source), "featcache": __version__, "seeds": list(s.seeds),
                  "standins": sorted(standin_backbones_of(plan)), "rows": rows}
@@ -117,6 +122,12 @@ def summarise(plan, reports: dict) -> dict:
     if run is not None and (run / "gate_stats.json").is_file():
         out["teacher_gate_per_camera"] = json.loads((run / "gate_stats.json").read_text()).get("per_camera", {})
     return out
+
+
+def validation_maps(row) -> list[float]:
+    """A trained row's validation mAP per seed (its runs' val.json: identities held out of training), or none."""
+    files = [Path(run) / "val.json" for _, run in sorted(row.run.items())]
+    return [json.loads(f.read_text())["mAP"] for f in files] if files and all(f.is_file() for f in files) else []
 
 
 def _dataset(cache: Path) -> list[str]:
@@ -129,7 +140,8 @@ def _dataset(cache: Path) -> list[str]:
 
 
 def _table(plan, reports: dict, profile: dict) -> list[str]:
-    head = "| model | mAP | R1 | R5 | mINP | top-10 agreement with the teacher | parameters | GFLOPs / image | latency, batch 1 |"
+    head = ("| model | mAP | R1 | R5 | mINP | validation mAP | top-10 agreement with the teacher | parameters | GFLOPs / image "
+            "| latency, batch 1 |")
     out = ["## Results", "", head, "|" + "---|" * (head.count("|") - 1)]
     for row in plan.rows:
         reps = reports[row.label]
@@ -138,6 +150,7 @@ def _table(plan, reports: dict, profile: dict) -> list[str]:
         prof = profile.get(row.spec.get(seed, row.spec.get(0)), {})
         cols = [_mean_std([r["mAP"] for r in reps]), _mean_std([r["cmc"]["1"] for r in reps]),
                 _mean_std([r["cmc"]["5"] for r in reps]), _mean_std([r["mINP"] for r in reps]),
+                _mean_std(validation_maps(row)) if validation_maps(row) else "",
                 _mean_std(agree) + " %" if agree else "",
                 f"{prof['parameters_used'] / 1e6:.2f} M" if prof else "",
                 f"{prof['flops_per_image'] / 1e9:.2f}" if prof else "",

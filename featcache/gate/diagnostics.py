@@ -1,0 +1,67 @@
+"""How a teacher's experts compare: its features and routing over cached rows, and AP split by which expert
+embedded each true match (the same as the query's, or another), so that the alignment of the experts' spaces
+shows directly (docs/train-gate.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from featcache.evaluation.metrics import average_precision, masks, positive_ranks
+from featcache.evaluation.search import l2_normalize
+from featcache.gate.data import ValData
+from featcache.gate.model import GateModel
+
+
+@torch.inference_mode()
+def embed(model: GateModel, xs: list[np.ndarray], route: np.ndarray | None = None, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised BN-neck features, the expert each row is routed to: argmax of its gate weights) of cached
+    pooled features ``xs`` (one array per expert, rows aligned), in inference mode."""
+    device = next(model.parameters()).device
+    feats, experts = [], []
+    for s in range(0, len(xs[0]), block):
+        rt = torch.from_numpy(route[s: s + block]).to(device) if route is not None else None
+        fo, neck, _ = model([torch.from_numpy(np.ascontiguousarray(x[s: s + block], dtype=np.float32)).to(device) for x in xs], rt)
+        feats.append(neck.float().cpu().numpy())
+        experts.append(fo.gates.argmax(1).cpu().numpy())
+    return l2_normalize(np.concatenate(feats), inplace=True), np.concatenate(experts)
+
+
+def ap_by_expert(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray,
+                 g_cams: np.ndarray, q_expert: np.ndarray, g_expert: np.ndarray, ap_form: str = "plain") -> dict[str, float | int | None]:
+    """mAP over the true matches embedded by the query's own expert (``same``) and by another (``cross``).
+
+    For each group, the other group's true matches are treated as junk (removed from the ranking), so each AP is
+    that of a protocol in which only that group's matches exist; a query with no match in a group is left out of
+    that group's mean. ``all`` is the ordinary mAP (featcache's protocol and tie rule) for reference.
+    """
+    out: dict[str, list[float]] = {"all": [], "same": [], "cross": []}
+    for i in range(len(qf)):
+        scores = gf @ qf[i]
+        pos, junk = masks(int(q_pids[i]), int(q_cams[i]), g_pids, g_cams)
+        same = pos & (g_expert == q_expert[i])
+        for key, p, j in (("all", pos, junk), ("same", same, junk | (pos & ~same)), ("cross", pos & ~same, junk | same)):
+            r = positive_ranks(scores, p, j)
+            if r.size:
+                out[key].append(average_precision(r, ap_form))
+    res: dict[str, float | int | None] = {f"mAP_{k}": float(np.mean(v)) if v else None for k, v in out.items()}
+    res.update({f"queries_{k}": len(v) for k, v in out.items()})
+    return res
+
+
+def evaluate_val(model: GateModel, val: ValData, ap_form: str = "plain") -> dict:
+    """The teacher on the validation identities (view 0 of each image), under the test protocol: mAP, CMC and
+    mINP, and mAP split by the expert that embedded each true match."""
+    from featcache.evaluation.runner import evaluate
+
+    was = model.training
+    model.eval()
+    feats, experts = embed(model, val.feats, val.route)
+    model.train(was)
+    q, g = val.query, ~val.query
+    args = (feats[q], feats[g], val.pids[q], val.camids[q], val.pids[g], val.camids[g])
+    report, _, _ = evaluate(*args, ap_form=ap_form, device="cpu")
+    report.update(ap_by_expert(*args, experts[q], experts[g], ap_form))
+    report.update(identities=int(len(np.unique(val.pids))), queries=int(q.sum()), gallery=int(g.sum()),
+                  routed_share=np.bincount(experts, minlength=len(val.feats)).astype(float).__truediv__(len(experts)).round(6).tolist())
+    return report
