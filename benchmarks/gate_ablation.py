@@ -70,6 +70,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "routed without expert loss": ("moe-top1", {"expert_loss": 0.0}),
     "routed without straight-through": ("moe-top1", {"train_routing": "dense"}),
     "routed with adapted gate input": ("moe-top1", {"gate_input": "adapted", "gate_detach": False}),
+    "routed without expert loss or straight-through": ("moe-top1", {"expert_loss": 0.0, "train_routing": "dense"}),
     "routed, neck retrieval": ("moe-top1", {"retrieval": "neck"}),
     "routed without gate freeze": ("moe-top1", {"gate_freeze": False}),
     "routed, neck retrieval, without gate freeze (the 2026-11-21 default)": ("moe-top1", {"retrieval": "neck", "gate_freeze": False}),

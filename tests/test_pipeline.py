@@ -116,7 +116,9 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     assert set(summary["teacher_gate_per_camera"]) == {"1", "2", "3"} and summary["standins"] == ["align-mini", "clip-mini"]
     val = json.loads((next((out / "gate").glob("moe-top1-seed42-*")) / "val.json").read_text())
     assert teacher["val_mAP"]["per_seed"] == [pytest.approx(100 * val["mAP"], abs=1e-3)] and val["identities"] == 2
-    assert "validation mAP" in md
+    assert "validation mAP" in md and "## By camera condition (validation identities)" in md
+    by_cond = summary["by_condition"]
+    assert set(by_cond["teacher"]) <= {"day", "night", "blur"} and "gate_weight" in next(iter(by_cond["teacher"].values()))
     assert (out / "pipeline.yaml").is_file()
 
     res = r.invoke(main, ["demo", "--out", str(out), *SMALL])  # nothing changed: every stage skipped

@@ -60,8 +60,13 @@ def evaluate_val(model: GateModel, val: ValData, ap_form: str = "plain") -> dict
     model.train(was)
     q, g = val.query, ~val.query
     args = (feats[q], feats[g], val.pids[q], val.camids[q], val.pids[g], val.camids[g])
-    report, _, _ = evaluate(*args, ap_form=ap_form, device="cpu")
+    report, per_query, _ = evaluate(*args, ap_form=ap_form, device="cpu")
     report.update(ap_by_expert(*args, experts[q], experts[g], ap_form))
+    q_cams = val.camids[q]
+    by_cam: dict[int, list[float]] = {}
+    for i, (ap, _) in per_query.items():
+        by_cam.setdefault(int(q_cams[i]), []).append(ap)
+    report["mAP_by_camera"] = {str(c): float(np.mean(v)) for c, v in sorted(by_cam.items())}  # queries from that camera
     report.update(identities=int(len(np.unique(val.pids))), queries=int(q.sum()), gallery=int(g.sum()),
                   routed_share=np.bincount(experts, minlength=len(val.feats)).astype(float).__truediv__(len(experts)).round(6).tolist())
     return report

@@ -67,6 +67,7 @@ def write_report(plan) -> Path:
     lines += _table(plan, reports, profile)
     lines += ["", "## CMC", "", figure_link("CMC curves", "cmc.png"), ""]
     _cmc_plot(plan, reports, rep_dir / "cmc.png")
+    lines += _condition_section(plan)
     lines += _gate_section(plan, rep_dir)
     lines += _ranked_section(plan, rep_dir)
     lines += _loss_section(plan, rep_dir)
@@ -121,6 +122,9 @@ def summarise(plan, reports: dict) -> dict:
     run = plan.gates.get((s.teacher, s.seeds[0]))
     if run is not None and (run / "gate_stats.json").is_file():
         out["teacher_gate_per_camera"] = json.loads((run / "gate_stats.json").read_text()).get("per_camera", {})
+    by_condition = condition_table(plan)
+    if by_condition:
+        out["by_condition"] = by_condition
     return out
 
 
@@ -182,6 +186,72 @@ def _cmc_plot(plan, reports: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def conditions(plan) -> dict[str, list[int]]:
+    """Synthetic datasets' camera conditions (day, night, blur) -> cameras; empty for other data."""
+    if "synth" not in plan.pipeline.sections:
+        return {}
+    from featcache.synth import condition
+
+    cfg = plan.pipeline.stage_config("synth", out=plan.root)
+    out: dict[str, list[int]] = {}
+    for cam in range(1, cfg.cams + 1):
+        out.setdefault(condition(cfg, cam), []).append(cam)
+    return out if len(out) > 1 else {}
+
+
+def condition_table(plan) -> dict[str, dict]:
+    """Per trained row and condition: validation mAP of the queries from that condition's cameras (mean over seeds),
+    and for the teacher its mean gate weight per expert there (seed by seed averaged): what a gate can exploit."""
+    conds = conditions(plan)
+    if not conds:
+        return {}
+    out: dict[str, dict] = {}
+    for row in plan.rows:
+        files = [Path(run) / "val.json" for _, run in sorted(row.run.items())]
+        if not files or not all(f.is_file() for f in files) or row.group == "student":
+            continue
+        vals = [json.loads(f.read_text()).get("mAP_by_camera", {}) for f in files]
+        entry = {}
+        for name, cams in conds.items():
+            per_seed = [float(np.mean([v[str(c)] for c in cams if str(c) in v])) * 100 for v in vals
+                        if any(str(c) in v for c in cams)]
+            if per_seed:
+                entry[name] = {"val_mAP": round(float(np.mean(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed]}
+        if row.group == "teacher":
+            stats = [json.loads((Path(run) / "gate_stats.json").read_text()) for _, run in sorted(row.run.items())
+                     if (Path(run) / "gate_stats.json").is_file()]
+            for name, cams in conds.items():
+                w: dict[str, list[float]] = {}
+                for st in stats:
+                    for c in cams:
+                        for e, x in st["per_camera"].get(str(c), {}).items():
+                            w.setdefault(e, []).append(x)
+                entry.setdefault(name, {})["gate_weight"] = {e: round(float(np.mean(x)), 4) for e, x in w.items()}
+        out[row.key or row.label] = entry
+    return out
+
+
+def _condition_section(plan) -> list[str]:
+    table = condition_table(plan)
+    if not table:
+        return []
+    conds = list(conditions(plan))
+    out = ["## By camera condition (validation identities)", "",
+           "Validation mAP of the queries from each condition's cameras (identities held out of training; mean over "
+           "seeds), and the teacher's mean gate weight per expert there.", "",
+           "| model | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
+    for key, entry in table.items():
+        cells = []
+        for c in conds:
+            e = entry.get(c, {})
+            cell = f"{e['val_mAP']:.2f}" if "val_mAP" in e else ""
+            if "gate_weight" in e:
+                cell += " (gate: " + ", ".join(f"{k} {v:.2f}" for k, v in e["gate_weight"].items()) + ")"
+            cells.append(cell)
+        out.append(f"| {key} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _gate_section(plan, rep_dir: Path) -> list[str]:
