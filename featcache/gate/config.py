@@ -43,6 +43,8 @@ class Routing:
                                        # fair only while the experts train alike (docs/train-gate.md)
     route_by_loss: float = 0.0         # weight of a routing loss: the gate learns to pick, per image, the expert whose
                                        # feature alone gives the lowest ID loss (hard EM, as mixtures of experts are fitted)
+    route_target: str = "loss"         # what that routing loss's target is: loss (the lowest ID loss, each step) or
+                                       # retrieval (the best leave-one-out AP of the cached feature, once; gate/route_targets.py)
 
 
 ROUTING_FIELDS = tuple(f.name for f in dataclasses.fields(Routing))
@@ -50,6 +52,7 @@ ROUTING_FIELDS = tuple(f.name for f in dataclasses.fields(Routing))
 #: teacher and the fixed fusions it is compared with are trained with the same losses
 EXPERT_FIELDS = ("expert_loss", "agreement", "expert_id", "expert_neck", "cross_expert", "cross_detach", "retrieval")
 RETRIEVALS = ("neck", "id-span")
+ROUTE_TARGETS = ("loss", "retrieval")
 #: recipes: "paper" is the paper's Eq. 7-9 exactly; "routed" is the default that routes (docs/train-gate.md)
 RECIPES = {
     "paper": Routing(),
@@ -103,6 +106,7 @@ class GateConfig(StageConfig):
     warmup: float | None = None
     gate_freeze: bool | None = None
     route_by_loss: float | None = None
+    route_target: str | None = None
 
     def routing(self) -> Routing:
         return Routing(**{k: getattr(self, k) for k in ROUTING_FIELDS})
@@ -150,6 +154,8 @@ class GateConfig(StageConfig):
             raise ConfigError(f"gate_input {r.gate_input!r}: expected adapted or raw")
         if r.gate_init not in ("default", "zero"):
             raise ConfigError(f"gate_init {r.gate_init!r}: expected default or zero")
+        if r.route_target not in ROUTE_TARGETS:
+            raise ConfigError(f"route_target {r.route_target!r}: expected one of {', '.join(ROUTE_TARGETS)}")
         if r.retrieval not in RETRIEVALS:
             raise ConfigError(f"retrieval {r.retrieval!r}: expected one of {', '.join(RETRIEVALS)}")
         if r.train_routing not in ROUTINGS:

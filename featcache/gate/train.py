@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from featcache.errors import ConfigError, InputError
 from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
 from featcache.gate.data import TrainData, load_train
-from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, agreement_loss
+from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated, agreement_loss
+from featcache.gate.route_targets import NO_TARGET, retrieval_targets
 from featcache.gate.outputs import routing_row
 from featcache.progress import progress
 from featcache.runtime import resolve_device
@@ -82,6 +83,9 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     feats = [torch.from_numpy(f).to(device) for f in data.feats]
     labels_t = torch.from_numpy(data.labels).to(device)
     route_t = torch.from_numpy(data.route).to(device) if data.route is not None and cfg.fusion == "moe-oracle" else None
+    route_targets = None
+    if routing.route_by_loss and routing.route_target == "retrieval" and isinstance(model.fusion, Gated):
+        route_targets = torch.from_numpy(retrieval_targets(data)).to(device)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -108,8 +112,12 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
                 l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
             l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
             if routing.route_by_loss and fo.gate_logits is not None and fo.gate_logits.requires_grad:  # the gate learns which expert explains each image best
-                target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
-                l_exp = l_exp + routing.route_by_loss * torch.nn.functional.cross_entropy(fo.gate_logits, target)
+                if route_targets is not None:
+                    target = route_targets[torch.from_numpy(imgs).to(device)]
+                else:
+                    target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
+                if (target != NO_TARGET).any():  # a batch with no target at all would give a NaN mean
+                    l_exp = l_exp + routing.route_by_loss * F.cross_entropy(fo.gate_logits, target, ignore_index=NO_TARGET)
             loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
             rd.check_finite(loss, epoch, i)
             opt.zero_grad(set_to_none=True)
