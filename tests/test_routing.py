@@ -156,7 +156,7 @@ def test_oracle_router(camera_cache, tmp_path):
     ({"fusion": "moe-soft", "load": 0.1, "gate_noise": 1.0}, "--fusion moe-soft sends every image to every expert"),
     ({"fusion": "concat", "expert_neck": True}, "--fusion concat is not a weighted mix of experts"),
     ({"gate_recipe": "paper", "gate_freeze": True}, "gate_freeze=true keeps the routing learned during the warm-up"),
-    ({"retrieval": "logits"}, "retrieval 'logits': expected one of neck, id-span"),
+    ({"retrieval": "logits"}, "--set retrieval=logits: expected one of neck, id-span"),
     ({"cross_expert": -1.0}, "cross_expert=-1.0: expected 0 or more"),
     ({"val_ids": -2}, "val_ids=-2: expected 0 or more"),
 ])
@@ -299,5 +299,5 @@ def test_retrieval_targets_pick_the_expert_that_retrieves_each_image_best(camera
 def test_retrieval_routing_option_trains(camera_cache, tmp_path):
     res = run_train_gate(GateConfig(camera_cache, tmp_path / "r", epochs=4, route_target="retrieval"))
     assert fidelity(res.run, camera_cache) >= 0.8
-    with pytest.raises(ConfigError, match="route_target 'knn': expected one of loss, retrieval"):
+    with pytest.raises(ConfigError, match="--set route_target=knn: expected one of loss, retrieval"):
         GateConfig(camera_cache, tmp_path / "x", route_target="knn")

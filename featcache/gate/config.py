@@ -155,9 +155,9 @@ class GateConfig(StageConfig):
         if r.gate_init not in ("default", "zero"):
             raise ConfigError(f"gate_init {r.gate_init!r}: expected default or zero")
         if r.route_target not in ROUTE_TARGETS:
-            raise ConfigError(f"route_target {r.route_target!r}: expected one of {', '.join(ROUTE_TARGETS)}")
+            raise ConfigError(f"--set route_target={r.route_target}: expected one of {', '.join(ROUTE_TARGETS)}")
         if r.retrieval not in RETRIEVALS:
-            raise ConfigError(f"retrieval {r.retrieval!r}: expected one of {', '.join(RETRIEVALS)}")
+            raise ConfigError(f"--set retrieval={r.retrieval}: expected one of {', '.join(RETRIEVALS)}")
         if r.train_routing not in ROUTINGS:
             raise ConfigError(f"train_routing {r.train_routing!r}: expected one of {', '.join(ROUTINGS)}")
         if not 0 <= r.warmup < 1:
