@@ -301,3 +301,18 @@ def test_retrieval_routing_option_trains(camera_cache, tmp_path):
     assert fidelity(res.run, camera_cache) >= 0.8
     with pytest.raises(ConfigError, match="--set route_target=knn: expected one of loss, retrieval"):
         GateConfig(camera_cache, tmp_path / "x", route_target="knn")
+
+
+def test_a_run_saved_before_the_new_fields_loads_as_it_was_trained(camera_cache, tmp_path):
+    import yaml
+
+    from featcache.gate.train import load_run
+
+    res = run_train_gate(GateConfig(camera_cache, tmp_path / "old", epochs=1, gate_freeze=False, retrieval="neck"))
+    path = res.run / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    for k in ("expert_id", "expert_neck", "cross_expert", "cross_detach", "retrieval", "gate_freeze", "route_target", "val_ids"):
+        saved["train-gate"].pop(k)  # as a 2026-11-22 run wrote it
+    path.write_text(yaml.safe_dump(saved))
+    model, cfg, _ = load_run(res.run)
+    assert (cfg.retrieval, cfg.gate_freeze, cfg.expert_neck) == ("neck", False, False) and model.necks is None and not model.id_span

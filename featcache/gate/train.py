@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from featcache.errors import ConfigError, InputError
-from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
+from featcache.gate.config import ROUTING_FIELDS, SINGLE_EXPERT, GateConfig, Routing, check_experts
 from featcache.gate.data import TrainData, load_train
 from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated, agreement_loss
 from featcache.gate.route_targets import NO_TARGET, retrieval_targets
@@ -163,6 +163,9 @@ def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dic
     """A finished run: its model in eval mode on ``device``, its config and the metadata (experts, weights, labels)."""
     rd, saved, meta, weights = RunDir.open(Path(run), GateConfig.command)
     saved.setdefault("gate_recipe", "paper")  # runs saved before routing recipes existed were trained with Eq. 7-9
+    if "gate_input" in saved:  # a resolved config: a field it lacks did not exist, and the run trained without it
+        for k in ROUTING_FIELDS:
+            saved.setdefault(k, getattr(Routing(), k))
     cfg = GateConfig.from_dict(saved, f"{rd.path}/config.yaml")
     model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"], cfg.routing())
     model.load_state_dict(weights)
