@@ -244,7 +244,7 @@ def test_frozen_gate_keeps_the_routing_of_the_warm_up(camera_cache, tmp_path):
     rows = list(csv.DictReader((tmp_path / "g" / "log.csv").open()))
     routed = [[r[k] for k in r if k.startswith("routed_cam")] for r in rows]
     assert routed[1] == routed[2] == routed[3]  # the gate stopped learning after epoch 2 of 4
-    assert RunDir(tmp_path / "g", "train-gate").meta()["val_pids"] == []
+    assert "val_pids" not in RunDir(tmp_path / "g", "train-gate").meta()  # as before validation existed: old runs resume
 
 
 def test_validation_split_is_held_out_and_evaluated(camera_cache, tmp_path):
@@ -316,3 +316,13 @@ def test_a_run_saved_before_the_new_fields_loads_as_it_was_trained(camera_cache,
     path.write_text(yaml.safe_dump(saved))
     model, cfg, _ = load_run(res.run)
     assert (cfg.retrieval, cfg.gate_freeze, cfg.expert_neck) == ("neck", False, False) and model.necks is None and not model.id_span
+
+
+def test_a_validation_split_without_true_matches_is_reported_not_fatal():
+    from featcache.gate.data import ValData
+    from featcache.gate.diagnostics import evaluate_val
+
+    m, xs = gated(Routing(retrieval="id-span"))
+    val = ValData([x.numpy() for x in xs], np.arange(8), np.ones(8, dtype=np.int64), np.arange(8) < 4, None)  # one image each
+    res = evaluate_val(m, val)
+    assert res["mAP"] is None and "no query has a valid match" in res["reason"] and res["identities"] == 8

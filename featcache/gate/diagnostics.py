@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from featcache.errors import InputError
 from featcache.evaluation.metrics import average_precision, masks, positive_ranks
 from featcache.evaluation.search import l2_normalize
 from featcache.gate.data import ValData
@@ -60,13 +61,17 @@ def evaluate_val(model: GateModel, val: ValData, ap_form: str = "plain") -> dict
     model.train(was)
     q, g = val.query, ~val.query
     args = (feats[q], feats[g], val.pids[q], val.camids[q], val.pids[g], val.camids[g])
-    report, per_query, _ = evaluate(*args, ap_form=ap_form, device="cpu")
+    counts = dict(identities=int(len(np.unique(val.pids))), queries=int(q.sum()), gallery=int(g.sum()))
+    try:
+        report, per_query, _ = evaluate(*args, ap_form=ap_form, device="cpu")
+    except InputError as exc:  # e.g. held-out identities each seen by one camera: say so, keep the run
+        return {"mAP": None, "reason": str(exc), **counts}
     report.update(ap_by_expert(*args, experts[q], experts[g], ap_form))
     q_cams = val.camids[q]
     by_cam: dict[int, list[float]] = {}
     for i, (ap, _) in per_query.items():
         by_cam.setdefault(int(q_cams[i]), []).append(ap)
     report["mAP_by_camera"] = {str(c): float(np.mean(v)) for c, v in sorted(by_cam.items())}  # queries from that camera
-    report.update(identities=int(len(np.unique(val.pids))), queries=int(q.sum()), gallery=int(g.sum()),
+    report.update(**counts,
                   routed_share=np.bincount(experts, minlength=len(val.feats)).astype(float).__truediv__(len(experts)).round(6).tolist())
     return report

@@ -40,8 +40,11 @@ def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
     if data.val is not None:  # what a recipe is chosen on: never the test split
         val = evaluate_val(model, data.val)
         atomic_write(rd.path / VAL, lambda p: p.write_text(json.dumps(val, indent=2)))
-        logger.info("validation (%d identities): mAP %.4f; true matches embedded by the query's expert %s, by another %s",
-                    val["identities"], val["mAP"], val["mAP_same"], val["mAP_cross"])
+        if val["mAP"] is None:
+            logger.warning("validation (%d identities): nothing to evaluate: %s", val["identities"], val["reason"])
+        else:
+            logger.info("validation (%d identities): mAP %.4f; true matches embedded by the query's expert %s, by another %s",
+                        val["identities"], val["mAP"], val["mAP_same"], val["mAP_cross"])
     targets = write_targets(model, data, cfg.cache, rd.path)
     rd.finish(model.state_dict(), note="BN recalibrated on inference-mode features")  # last: the run is now finished
     logger.info("gate: mean weights %s, routed %s; teacher targets in %s", stats["mean_weight"], stats["routed_share"], targets)

@@ -55,7 +55,7 @@ def run_meta(data: TrainData, experts: list[str]) -> dict:
     """What the run was trained from: a resumed run must match it, evaluation checks the experts' weights."""
     return {"cache_identity": data.identity.digest(), "experts": experts, "families": data.families,
             "expert_weights": data.weights, "dims": data.dims, "n_classes": int(len(data.pids)), "pids": data.pids.tolist(),
-            "val_pids": np.unique(data.val.pids).tolist() if data.val is not None else []}
+            **({"val_pids": np.unique(data.val.pids).tolist()} if data.val is not None else {})}
 
 
 def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, RunDir]:
@@ -111,7 +111,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
             if routing.agreement:  # one space for every expert's feature, so routed images compare
                 l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
             l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
-            if routing.route_by_loss and fo.gate_logits is not None and fo.gate_logits.requires_grad:  # the gate learns which expert explains each image best
+            gate_learns = not (routing.gate_freeze and hasattr(model.fusion, "averaging") and not model.fusion.averaging)
+            if routing.route_by_loss and fo.gate_logits is not None and gate_learns:  # the gate learns which expert explains each image best
                 if route_targets is not None:
                     target = route_targets[torch.from_numpy(imgs).to(device)]
                 else:

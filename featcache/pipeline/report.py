@@ -131,7 +131,8 @@ def summarise(plan, reports: dict) -> dict:
 def validation_maps(row) -> list[float]:
     """A trained row's validation mAP per seed (its runs' val.json: identities held out of training), or none."""
     files = [Path(run) / "val.json" for _, run in sorted(row.run.items())]
-    return [json.loads(f.read_text())["mAP"] for f in files] if files and all(f.is_file() for f in files) else []
+    maps = [json.loads(f.read_text())["mAP"] for f in files] if files and all(f.is_file() for f in files) else []
+    return maps if maps and None not in maps else []
 
 
 def _dataset(cache: Path) -> list[str]:
@@ -240,7 +241,7 @@ def _condition_section(plan) -> list[str]:
     conds = list(conditions(plan))
     out = ["## By camera condition (validation identities)", "",
            "Validation mAP of the queries from each condition's cameras (identities held out of training; mean over "
-           "seeds), and the teacher's mean gate weight per expert there.", "",
+           "seeds), and the teacher's mean gate weight per expert on the training images of those cameras.", "",
            "| model | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
     for key, entry in table.items():
         cells = []
