@@ -101,7 +101,7 @@ def fidelity(run: Path, cache: Path) -> float | None:
     return statistics.mean(per[c][reliable[c]] for c in per)
 
 
-def test_ap_by_expert(run: Path, cache: Path) -> dict:
+def split_test_ap(run: Path, cache: Path) -> dict:
     """Test mAP split by the expert that embedded each true match (view 0 of each image)."""
     model, cfg, meta = load_run(run)
     parts = []
@@ -138,7 +138,7 @@ def run_row(cache: Path, tmp: Path, fusion: str, over: dict, seeds: list[int], e
         if fusion.startswith("moe-"):
             out["fid"].append(fidelity(res.run, cache))
         if fusion.startswith("moe-"):  # a fusion that mixes every expert for every image has no "own expert"
-            split = test_ap_by_expert(res.run, cache)
+            split = split_test_ap(res.run, cache)
             out["same"].append(100 * split["mAP_same"] if split["mAP_same"] is not None else None)
             out["cross"].append(100 * split["mAP_cross"] if split["mAP_cross"] is not None else None)
         shutil.rmtree(run_dir)

@@ -5,27 +5,21 @@ shows directly (docs/train-gate.md)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from featcache.errors import InputError
 from featcache.evaluation.metrics import average_precision, masks, positive_ranks
 from featcache.evaluation.search import l2_normalize
 from featcache.gate.data import ValData
 from featcache.gate.model import GateModel
+from featcache.gate.outputs import infer_rows
 
 
-@torch.inference_mode()
-def embed(model: GateModel, xs: list[np.ndarray], route: np.ndarray | None = None, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(L2-normalised BN-neck features, the expert each row is routed to: argmax of its gate weights) of cached
+def embed(model: GateModel, xs: list[np.ndarray], route: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised retrieval features, the expert each row is routed to: argmax of its gate weights) of cached
     pooled features ``xs`` (one array per expert, rows aligned), in inference mode."""
-    device = next(model.parameters()).device
-    feats, experts = [], []
-    for s in range(0, len(xs[0]), block):
-        rt = torch.from_numpy(route[s: s + block]).to(device) if route is not None else None
-        fo, neck, _ = model([torch.from_numpy(np.ascontiguousarray(x[s: s + block], dtype=np.float32)).to(device) for x in xs], rt)
-        feats.append(neck.float().cpu().numpy())
-        experts.append(fo.gates.argmax(1).cpu().numpy())
-    return l2_normalize(np.concatenate(feats), inplace=True), np.concatenate(experts)
+    xs = [np.asarray(x, dtype=np.float32) for x in xs]
+    _, neck, _, gates, _ = infer_rows(model, xs, np.arange(len(xs[0])), route)
+    return l2_normalize(neck, inplace=True), gates.argmax(1)
 
 
 def ap_by_expert(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray,
@@ -72,6 +66,5 @@ def evaluate_val(model: GateModel, val: ValData, ap_form: str = "plain") -> dict
     for i, (ap, _) in per_query.items():
         by_cam.setdefault(int(q_cams[i]), []).append(ap)
     report["mAP_by_camera"] = {str(c): float(np.mean(v)) for c, v in sorted(by_cam.items())}  # queries from that camera
-    report.update(**counts,
-                  routed_share=np.bincount(experts, minlength=len(val.feats)).astype(float).__truediv__(len(experts)).round(6).tolist())
+    report.update(**counts, routed_share=(np.bincount(experts, minlength=len(val.feats)) / len(experts)).round(6).tolist())
     return report

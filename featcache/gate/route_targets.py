@@ -32,10 +32,8 @@ def retrieval_targets(data: TrainData, device: str = "cpu") -> np.ndarray:
         _, per_query, _ = evaluate(x, x, pids, cams, pids, cams, device=device)
         for i, (ap, _) in per_query.items():
             aps[i, e] = ap
-    known = ~np.isnan(aps).any(1)
-    best = np.where(known, np.nanargmax(np.nan_to_num(aps, nan=-1.0), 1), NO_TARGET)
-    tied = known & (np.sort(np.nan_to_num(aps, nan=-1.0), 1)[:, -1] == np.sort(np.nan_to_num(aps, nan=-1.0), 1)[:, -2])
-    best[tied] = NO_TARGET
+    top2 = np.sort(aps, 1)[:, -2:]  # NaN (no positive) sorts last
+    best = np.where(np.isnan(aps).any(1) | (top2[:, 0] == top2[:, 1]), NO_TARGET, np.argmax(np.nan_to_num(aps), 1))
     logger.info("retrieval routing targets: %s; %d images without one",
                 ", ".join(f"{n} {int((best == e).sum())}" for e, n in enumerate(data.experts)), int((best == NO_TARGET).sum()))
     return best.astype(np.int64)

@@ -89,10 +89,12 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
+        gate_learns = True
         if hasattr(model.fusion, "averaging"):
             model.fusion.averaging = epoch < routing.warmup * cfg.epochs
+            gate_learns = not (routing.gate_freeze and not model.fusion.averaging)
             if routing.gate_freeze:
-                model.fusion.freeze(not model.fusion.averaging)
+                model.fusion.freeze(not gate_learns)
         if routing.tau_anneal and hasattr(model.fusion, "tau_train"):  # 1.0 -> 0.5 over the run
             model.fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
         sums = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "balance": 0.0, "expert": 0.0, "acc": 0.0}
@@ -111,7 +113,6 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
             if routing.agreement:  # one space for every expert's feature, so routed images compare
                 l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
             l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
-            gate_learns = not (routing.gate_freeze and hasattr(model.fusion, "averaging") and not model.fusion.averaging)
             if routing.route_by_loss and fo.gate_logits is not None and gate_learns:  # the gate learns which expert explains each image best
                 if route_targets is not None:
                     target = route_targets[torch.from_numpy(imgs).to(device)]

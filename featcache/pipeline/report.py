@@ -150,12 +150,13 @@ def _table(plan, reports: dict, profile: dict) -> list[str]:
     out = ["## Results", "", head, "|" + "---|" * (head.count("|") - 1)]
     for row in plan.rows:
         reps = reports[row.label]
+        val = validation_maps(row)
         agree = [r["agreement"]["top_k_overlap"] for r in reps if r.get("agreement")]
         seed = plan.pipeline.settings.seeds[0]
         prof = profile.get(row.spec.get(seed, row.spec.get(0)), {})
         cols = [_mean_std([r["mAP"] for r in reps]), _mean_std([r["cmc"]["1"] for r in reps]),
                 _mean_std([r["cmc"]["5"] for r in reps]), _mean_std([r["mINP"] for r in reps]),
-                _mean_std(validation_maps(row)) if validation_maps(row) else "",
+                _mean_std(val) if val else "",
                 _mean_std(agree) + " %" if agree else "",
                 f"{prof['parameters_used'] / 1e6:.2f} M" if prof else "",
                 f"{prof['flops_per_image'] / 1e9:.2f}" if prof else "",
