@@ -190,9 +190,13 @@ def test_cross_domain_gallery_cache(market_cache, tmp_path):
     assert (rep["mAP"], rep["query_size"], rep["gallery_size"]) == (alone["mAP"], alone["query_size"], alone["gallery_size"])
 
 
-def test_topk_agreement_by_hand():
-    """Two models, two queries, a gallery of five: overlaps counted by hand, junk left out of both rankings."""
-    from featcache.evaluation.metrics import topk_agreement
+def test_agreement_by_hand():
+    """Two models, two queries, a gallery of five: overlaps and rank correlations worked out by hand, junk left out
+    of both rankings."""
+    from featcache.evaluation.metrics import agreement
+
+    def topk_agreement(*args, k):
+        return agreement(*args, k=k)["top_k_overlap"]
 
     eye = np.eye(5, dtype=np.float32)
     g = eye
@@ -207,6 +211,22 @@ def test_topk_agreement_by_hand():
     g_pids2, g_cams2 = np.array([9, 9, 9, 9, 2]), np.array([2, 2, 2, 2, 1])
     qb2 = np.array([[5, 4, 3, 2, 1], [0, 0, 4, 5, 9]], np.float32)
     assert topk_agreement(qa, g, qb2, g, pids, cams, g_pids2, g_cams2, k=2) == pytest.approx(1.0)
+    # Spearman, query 0: ranks of a (4, 3, 2, 1, 0); of b (3, 0, 0, 4, 5) with the tie shared: (2, .5, .5, 3, 4);
+    # centred, their products sum to -6.5 over norms sqrt(10 * 9.5). Query 1: identical scores, 1.
+    corr = agreement(qa, g, qb, g, pids, cams, g_pids, g_cams, k=2)["rank_correlation"]
+    assert corr == pytest.approx((-6.5 / np.sqrt(95) + 1) / 2)
+    # junk dropped before ranking: query 1 compares (1, 2, 3, 4) with (0, 0, 4, 5): ranks (0..3) and (.5, .5, 2, 3)
+    corr2 = agreement(qa, g, qb2, g, pids, cams, g_pids2, g_cams2, k=2)["rank_correlation"]
+    rb = np.array([0.5, 0.5, 2, 3]) - 1.5
+    assert corr2 == pytest.approx((1 + (np.arange(4) - 1.5) @ rb / np.sqrt(5 * (rb @ rb))) / 2)
+
+
+def test_ranks_share_ties_and_spearman_of_a_constant_is_zero():
+    from featcache.evaluation.metrics import ranks, spearman
+
+    assert ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([7.0, 7.0, 7.0])) == 0.0
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([-1.0, -5.0, -9.0])) == pytest.approx(-1.0)
 
 
 def test_split_stats_count_images_identities_and_cameras(market_cache):

@@ -157,22 +157,49 @@ def top_k(scores: np.ndarray, junk: np.ndarray, k: int) -> np.ndarray:
     return valid[order[:k]]
 
 
-def topk_agreement(qa: np.ndarray, ga: np.ndarray, qb: np.ndarray, gb: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray,
-                   g_pids: np.ndarray, g_cams: np.ndarray, k: int = 10, block: int = 1024) -> float:
-    """Mean over queries of |top-k(a) ∩ top-k(b)| / k: how far two models rank the gallery alike.
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks of ``x`` (0-based), ties sharing their mean rank, as Spearman's correlation needs."""
+    order = np.argsort(x, kind="stable")
+    sx = x[order]
+    first = np.concatenate([[True], sx[1:] != sx[:-1]])
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.concatenate([starts[1:], [len(x)]])
+    out = np.empty(len(x), dtype=np.float64)
+    out[order] = ((starts + ends - 1) / 2.0)[group]
+    return out
 
-    Both rankings drop the query's junk entries (same identity and camera), as the protocol does; features
-    are L2-normalised rows, scored by inner product.
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two score vectors (Pearson's of their tie-averaged ranks); 0 when either
+    is constant."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def agreement(qa: np.ndarray, ga: np.ndarray, qb: np.ndarray, gb: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray,
+              g_pids: np.ndarray, g_cams: np.ndarray, k: int = 10, block: int = 1024) -> dict[str, float]:
+    """How far two models rank the gallery alike, means over queries:
+
+    - ``top_k_overlap``: |top-k(a) ∩ top-k(b)| / k;
+    - ``rank_correlation``: Spearman's correlation of the two models' similarities to the whole gallery.
+
+    Both drop the query's junk entries (same identity and camera), as the protocol does; features are
+    L2-normalised rows, scored by inner product.
     """
     if len(qa) != len(qb) or len(ga) != len(gb):
         raise InputError(f"agreement: the two models scored {len(qa)}/{len(qb)} queries and {len(ga)}/{len(gb)} gallery images")
     k = min(k, len(ga))
-    total = 0.0
+    overlap, corr = 0.0, 0.0
     for s in range(0, len(qa), block):
         sa, sb = qa[s: s + block] @ ga.T, qb[s: s + block] @ gb.T
         for i in range(len(sa)):
             _, junk = masks(int(q_pids[s + i]), int(q_cams[s + i]), g_pids, g_cams)
             kk = min(k, int((~junk).sum()))
             if kk:
-                total += np.intersect1d(top_k(sa[i], junk, kk), top_k(sb[i], junk, kk)).size / kk
-    return total / max(1, len(qa))
+                overlap += np.intersect1d(top_k(sa[i], junk, kk), top_k(sb[i], junk, kk)).size / kk
+                corr += spearman(sa[i][~junk], sb[i][~junk])
+    n = max(1, len(qa))
+    return {"top_k_overlap": overlap / n, "rank_correlation": corr / n}

@@ -15,7 +15,7 @@ from featcache.cache import CacheError, CacheSplit, open_cache, read_identity, s
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import FeatureContext, parse_model
-from featcache.evaluation.metrics import AP_FORMS, Accumulator, topk_agreement
+from featcache.evaluation.metrics import AP_FORMS, Accumulator, agreement as rank_agreement
 from featcache.evaluation.approx import ApproxIndex, ApproxSpec, truncated_ranks
 from featcache.evaluation.ranking import GalleryIndex, block_ranks
 from featcache.fileio import atomic_write
@@ -149,7 +149,7 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
     if cfg.agree_with:
         other = parse_model(cfg.agree_with)
         oq, og = other.features(q, ctx), other.features(g, ctx)
-        agreement = {"with": cfg.agree_with, "k": cfg.agree_k, "top_k_overlap": topk_agreement(
+        agreement = {"with": cfg.agree_with, "k": cfg.agree_k, **rank_agreement(
             qf, gf, oq, og, q.pids, q.camids, g.pids, g.camids, cfg.agree_k)}
     report = {
         **res,
@@ -279,7 +279,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     if report.get("agreement"):
         a = report["agreement"]
-        lines.append(f"top-{a['k']} agreement with {a['with']}: {100 * a['top_k_overlap']:.2f}% of each query's top {a['k']} shared")
+        lines.append(f"top-{a['k']} agreement with {a['with']}: {100 * a['top_k_overlap']:.2f}% of each query's top {a['k']} shared; "
+                     f"rank correlation of the similarities {a.get('rank_correlation', float('nan')):.4f}")
     part = report.get("partial") or {"complete": True}
     if not part["complete"]:
         parts = [f"{k} {split} {n}" for k in ("pending", "failed") for split, n in part[k].items() if n]
