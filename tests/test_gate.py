@@ -103,6 +103,26 @@ def test_teacher_targets_reader(fcache, tmp_path):
         TeacherTargets.load(res.targets)
 
 
+def test_teacher_targets_hold_the_retrieval_feature_and_the_held_out_identities(fcache, tmp_path):
+    """Version 2: each row's L2-normalised retrieval feature, and view 0 of every held-out image, whose features
+    rank exactly as the run's own validation did (the same mAP as val.json)."""
+    import json
+
+    from featcache.gate.targets import TeacherTargets
+    from featcache.training.validation import evaluate_split
+
+    res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=2, val_ids=4))
+    t = TeacherTargets.load(res.targets)
+    np.testing.assert_allclose(np.linalg.norm(t.retrieval, axis=1), 1.0, rtol=1e-5)
+    assert t.retrieval.shape == t.feature.shape
+    val = t.val
+    assert len(np.unique(val.pid)) == 4 and not np.isin(val.pid, t.label_pids).any()  # held out of training
+    assert not np.isin(val.image, t.image).any() and val.query.sum() < len(val.query)
+    again = evaluate_split(val.retrieval, val.pid, val.camid, val.query)
+    assert again["mAP"] == pytest.approx(json.loads((res.run / "val.json").read_text())["mAP"], abs=1e-6)
+    assert TeacherTargets.load(run_train_gate(cfg(fcache, tmp_path / "r0", epochs=1)).targets).val is None
+
+
 def test_gate_features_in_blocks_on_the_device_equal_one_pass(fcache, tmp_path):
     res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=2, fusion="moe-soft"))
     one = run_eval(EvalConfig(fcache, f"gate:{res.run}", flip=True))

@@ -323,6 +323,6 @@ def test_a_validation_split_without_true_matches_is_reported_not_fatal():
     from featcache.gate.diagnostics import evaluate_val
 
     m, xs = gated(Routing(retrieval="id-span"))
-    val = ValData([x.numpy() for x in xs], np.arange(8), np.ones(8, dtype=np.int64), np.arange(8) < 4, None)  # one image each
+    val = ValData([x.numpy() for x in xs], np.arange(8), np.ones(8, dtype=np.int64), np.arange(8) < 4, None, np.arange(8))  # one image each
     res = evaluate_val(m, val)
     assert res["mAP"] is None and "no query has a valid match" in res["reason"] and res["identities"] == 8

@@ -50,6 +50,7 @@ class ValData:
     camids: np.ndarray
     query: np.ndarray         # mask: the validation queries
     route: np.ndarray | None  # per image: the known reliable expert (synthetic caches)
+    images: np.ndarray        # per image: its row in the cache's images/ (distillation embeds the same images)
 
 
 def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
@@ -76,7 +77,8 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
         if held.any():
             vrows = split.view_start[held]
             val = ValData([read_checked(f, e, "pooled", vrows).astype(np.float32) for e in experts], split.pids[held],
-                          split.camids[held], val_queries(split.pids[held], split.camids[held]), read_route(f, vrows, experts))
+                          split.camids[held], val_queries(split.pids[held], split.camids[held]), read_route(f, vrows, experts),
+                          split.images[held])
             split = split.subset(~held)
         rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
         feats = [read_checked(f, e, "pooled", rows).astype(np.float32) for e in experts]

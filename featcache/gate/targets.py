@@ -3,9 +3,15 @@
 ``RUN/teacher_targets.h5`` (format ``featcache-teacher-targets``, version
 ``TARGETS_VERSION``): one row per cached view of each training image, with
 ``image`` (the row in the cache's ``images/``), ``view``, ``label`` (0..C-1),
-``feature`` (the fused 2048-d F_t before BN), ``logits`` (z_t) and ``gates``
-(the expert weights at inference); ``label_pids`` maps labels to dataset
-identities. Attributes record the cache (path and identity digest), the run
+``feature`` (the fused 2048-d F_t before BN), ``retrieval`` (the teacher's
+L2-normalised retrieval feature: what its ranking uses, BN neck and, where the
+recipe has it, the ID-span projection), ``logits`` (z_t) and ``gates`` (the
+expert weights at inference); ``label_pids`` maps labels to dataset
+identities. Version 2 adds ``retrieval`` and, when the run held identities out
+(``val_ids``), the group ``val/``: ``image``, ``pid``, ``camid``, ``query`` (the
+validation protocol's queries) and ``retrieval`` of view 0 of each held-out
+image, so that distillation measures its student against the teacher on images
+neither trained on. Version 1 files (no ``retrieval``) are still read. Attributes record the cache (path and identity digest), the run
 and the experts, and ``weights_digest`` the gate weights they came from, so a
 reader can refuse targets made from another cache or run.
 """
@@ -22,6 +28,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import InputError
+from featcache.evaluation.search import l2_normalize
 from featcache.fileio import atomic_write
 from featcache.gate.data import TrainData
 from featcache.gate.model import GateModel
@@ -30,13 +37,15 @@ from featcache.training.rundir import state_digest
 
 TARGETS = "teacher_targets.h5"
 TARGETS_FORMAT = "featcache-teacher-targets"
-TARGETS_VERSION = 1
+TARGETS_VERSION = 2
 
 
 def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> Path:
     """For every training image and cached view: fused feature, ID logits, gate weights (HDF5, atomic)."""
     rows = np.arange(len(data.feats[0]))
-    fused, _, logits, gates, _ = infer_rows(model, data.feats, rows, data.route)
+    fused, retrieval, logits, gates, _ = infer_rows(model, data.feats, rows, data.route)
+    val = data.val
+    val_retrieval = infer_rows(model, val.feats, np.arange(len(val.pids)), val.route)[1] if val is not None else None
     image_of_row = np.repeat(np.arange(len(data.n_views)), data.n_views)
     view_of_row = rows - data.row_start[image_of_row]
     digest = state_digest(model.state_dict())
@@ -54,12 +63,33 @@ def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> 
             f.create_dataset("label", data=data.labels[image_of_row].astype(np.int64))
             f.create_dataset("label_pids", data=data.pids.astype(np.int64))
             f.create_dataset("feature", data=fused.astype(np.float32)).attrs["doc"] = "fused 2048-d feature before BN (F_t)"
+            f.create_dataset("retrieval", data=l2_normalize(retrieval.astype(np.float32))).attrs["doc"] = \
+                "the teacher's L2-normalised retrieval feature (what its ranking uses)"
             f.create_dataset("logits", data=logits.astype(np.float32)).attrs["doc"] = "ID logits z_t over the training identities"
             f.create_dataset("gates", data=gates.astype(np.float32)).attrs["doc"] = "expert weights g' at inference"
+            if val is not None:
+                g = f.create_group("val")
+                g.attrs["doc"] = "view 0 of each image of the identities held out of training (val_ids); query: the protocol's queries"
+                g.create_dataset("image", data=val.images.astype(np.int64))
+                g.create_dataset("pid", data=val.pids.astype(np.int64))
+                g.create_dataset("camid", data=val.camids.astype(np.int64))
+                g.create_dataset("query", data=val.query.astype(bool))
+                g.create_dataset("retrieval", data=l2_normalize(val_retrieval.astype(np.float32)))
 
     path = Path(run) / TARGETS
     atomic_write(path, write)
     return path
+
+
+@dataclass
+class ValTargets:
+    """The teacher on the held-out identities: view 0 of each image, and which are the protocol's queries."""
+
+    image: np.ndarray      # rows in the cache's images/
+    pid: np.ndarray
+    camid: np.ndarray
+    query: np.ndarray      # bool mask
+    retrieval: np.ndarray  # (N, D) L2-normalised
 
 
 @dataclass
@@ -78,6 +108,8 @@ class TeacherTargets:
     logits: np.ndarray
     gates: np.ndarray
     weights_digest: str | None = None  # ``state_digest`` of the gate's final weights (None: written before it was recorded)
+    retrieval: np.ndarray | None = None  # the teacher's L2-normalised retrieval feature per row (None: a version-1 file)
+    val: "ValTargets | None" = None      # the held-out identities (None: the run held none out, or a version-1 file)
     _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -100,8 +132,10 @@ class TeacherTargets:
                 raise InputError(f"{path} was made from another cache (identity {f.attrs['cache_identity']}, this cache {cache_identity})")
             arrays = {k: f[k][...] for k in ("image", "view", "label", "label_pids", "feature", "logits", "gates")}
             digest = f.attrs.get("weights_digest")
+            val = ValTargets(**{k: f["val"][k][...] for k in ("image", "pid", "camid", "query", "retrieval")}) if "val" in f else None
             return cls(path, json.loads(f.attrs["experts"]), str(f.attrs["cache_identity"]), str(f.attrs["run"]), **arrays,
-                       weights_digest=str(digest) if digest is not None else None)
+                       weights_digest=str(digest) if digest is not None else None,
+                       retrieval=f["retrieval"][...] if "retrieval" in f else None, val=val)
 
     def rows(self, images: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Target rows of (cache image row, view) pairs; a pair with no target is an error."""
