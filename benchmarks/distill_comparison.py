@@ -77,10 +77,10 @@ def run(tmp: Path, args) -> None:
                             lr=args.lr, device="cpu", losses=losses, pixel_cache=tmp / "pixels.h5")
         teacher, ds = prepare(cfg)
         if not rows[1:]:
-            before = measure_terms(build_student("resnet18", teacher.n_classes, "random", seed=args.seed), teacher, ds, cache, cfg.margin, cpu)
+            before = measure_terms(build_student("resnet18", teacher.n_classes, "random", seed=args.seed), teacher, ds, cache, cfg, cpu)
             rows.append(("(the student before training)", None, before))
         run_distill(cfg)
-        terms = measure_terms(load_student(out)[0], teacher, ds, cache, cfg.margin, cpu)
+        terms = measure_terms(load_student(out)[0], teacher, ds, cache, cfg, cpu)
         rows.append((f"{name}: --losses {losses}", report(cache, f"student:{out}", gate), terms))
     print(f"\nsynthetic Market-1501: {args.ids} identities, {args.cams} cameras, {size[0]}x{size[1]}, tiny presets (random "
           f"weights); ResNet-18 from random init, {args.epochs} epochs, lr {args.lr}, seed {args.seed}; "

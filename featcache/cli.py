@@ -355,7 +355,7 @@ def train_gate(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params
 
 # ---------------------------------------------------------------------------------------------- distill
 def _distill_options(f: Callable) -> Callable:
-    from featcache.distill.config import STUDENT_NAMES, VIEW_MODES, DistillConfig as C
+    from featcache.distill.config import KD_SPACES, STUDENT_NAMES, VIEW_MODES, DistillConfig as C
 
     return stack(f, [
         opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache the teacher was trained on."),
@@ -371,9 +371,12 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "losses", help="Terms of L_total (switch KD terms off for the ablation)."),
         opt(C, "views", type=click.Choice(list(VIEW_MODES)), help="cached: a random cached view per step; view0: the clean view only."),
         opt(C, "lambda_kd", type=float, help="Weight of L_KD (Eq. 16)."),
-        opt(C, "lambda_feat", type=float, help="Weight of L_feat (Eq. 10)."),
+        opt(C, "lambda_feat", type=float, help="Weight of L_feat (Eq. 10). Default: 30 with --kd-space retrieval (chosen on validation), the paper's 0.3 with literal."),
         opt(C, "lambda_att", type=float, help="Weight of L_att (Eq. 11)."),
         opt(C, "lambda_rel", type=float, help="Weight of L_rel (Eq. 12)."),
+        opt(C, "kd_temperature", type=float, help="Temperature T of L_KD (Eq. 16)."),
+        opt(C, "kd_space", type=click.Choice(list(KD_SPACES)), help="retrieval: L_feat and L_rel on the L2-normalised retrieval "
+            "features (scale-free); literal: Eq. 10 and 12 on the teacher's raw F_t."),
         opt(C, "workers", help="Decoding processes: a number or auto (0 on CPU, up to 8 on CUDA).  [default: auto]"),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         set_option(C),
@@ -393,6 +396,10 @@ def distill(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -
     last = res.last
     click.echo(f"{res.run}: {cfg.student} after epoch {last.get('epoch')}: loss {float(last.get('loss', 'nan')):.4f}, "
                f"kd {float(last.get('kd') or 'nan'):.4f}, train acc {float(last.get('acc', 'nan')):.3f}")
+    if res.val:
+        a = res.val["agreement"]
+        click.echo(f"validation ({res.val['identities']} identities): mAP {res.val['mAP']:.4f}; with the teacher: top-{a['k']} "
+                   f"overlap {a['top_k_overlap']:.4f}, rank correlation {a['rank_correlation']:.4f}")
 
 
 @main.command()

@@ -16,6 +16,11 @@ LOSSES = ("id", "tri", "kd", "feat", "att", "rel")
 #: the students (the registry lives with the models, in featcache.distill.students; kept here torch-free)
 STUDENT_NAMES = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 VIEW_MODES = ("cached", "view0")
+#: where L_feat and L_rel compare student and teacher (``kd_space``; docs/distill.md)
+KD_SPACES = ("retrieval", "literal")
+#: lambda_feat where none is given: literal, the paper's 0.3 (on a sum over 2048 raw dimensions); retrieval, 30,
+#: chosen on the demo's validation split among 0.3, 3, 10, 30, 100 and 300 (docs/distill.md)
+LAMBDA_FEAT = {"retrieval": 30.0, "literal": 0.3}
 
 
 def parse_losses(value) -> tuple[str, ...]:
@@ -55,9 +60,13 @@ class DistillConfig(StageConfig):
     beta: float = 0.5                    # triplet weight in L_task = L_id + beta L_tri
     margin: float = 0.3
     lambda_kd: float = 0.5
-    lambda_feat: float = 0.3
+    lambda_feat: float | None = None     # None: the kd_space's own (LAMBDA_FEAT)
     lambda_att: float = 0.1
     lambda_rel: float = 0.1
+    kd_temperature: float = 4.0          # T of Eq. 16
+    kd_space: str = "retrieval"          # retrieval: L_feat and L_rel between the L2-normalised retrieval features (the
+                                         # student's BN output, the teacher's ranked feature): scale-free, so a lambda
+                                         # means the same for every teacher; literal: Eq. 10 and 12 on the raw F_t
     workers: int | None = parser(parse_workers, default=None)  # None: auto (0 on CPU, up to 8 on CUDA)
 
     def __post_init__(self) -> None:
@@ -67,6 +76,12 @@ class DistillConfig(StageConfig):
             from featcache.registry import nearest
 
             raise ConfigError(f"--student {self.student!r}{nearest(self.student, STUDENT_NAMES)}: expected one of {', '.join(STUDENT_NAMES)}")
+        if self.kd_space not in KD_SPACES:
+            raise ConfigError(f"--kd-space {self.kd_space!r}: expected one of {', '.join(KD_SPACES)}")
+        if self.lambda_feat is None:
+            object.__setattr__(self, "lambda_feat", LAMBDA_FEAT[self.kd_space])
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"--kd-temperature {self.kd_temperature}: expected a positive temperature")
         if self.views not in VIEW_MODES:
             raise ConfigError(f"--views {self.views!r}: expected one of {', '.join(VIEW_MODES)}")
         check_training(self.epochs, self.batch_size, self.instances, self.lr, self.lr_min)

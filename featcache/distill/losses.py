@@ -1,15 +1,19 @@
-"""The distillation losses of Eq. 10-12 and 16, as featcache reads them (docs/distill.md will state each choice).
+"""The distillation losses of Eq. 10-12 and 16, as featcache reads them (docs/distill.md states each choice).
 
 - ``kd_loss`` (Eq. 16): T^2 * KL(p_t || p_s) of the temperature-T softmaxes (T = 4), mean over the batch,
   against the cached teacher logits z_t.
-- ``feature_loss`` (Eq. 10): mean over the batch of the squared L2 distance between the student's head output
-  before its BN neck (the FC output) and the teacher's fused 2048-d F_t, also before its BN neck (both signed).
+- ``feature_loss`` (Eq. 10): mean over the batch of the squared L2 distance between a student feature and the
+  teacher's. Which features is the trainer's choice (``kd_space``): by default both L2-normalised retrieval
+  features (the student's BN output, the teacher's ranked feature), so that the term lies in [0, 4] whatever the
+  teacher's scale; literally, the student's FC output and the teacher's raw fused F_t (norms of 12-40 at a
+  gate's initialisation, so that no fixed weight means the same from one teacher to the next).
 - ``attention_loss`` (Eq. 11): for each of the student's stages, the L2 distance between its L2-normalised
   spatial attention map and the teacher's. The teacher's map for an image is each expert's cached map, resized
   to the student's grid and L2-normalised, mixed by that image's gate weights and normalised again; the sum is
-  over stages of the batch mean.
+  over stages of the batch mean. Scale-free as written: each stage's term lies in [0, 2].
 - ``relation_loss`` (Eq. 12): squared Frobenius distance between the Frobenius-normalised N x N Gram matrices
-  of the batch's student and teacher features (relations between samples).
+  of the batch's student and teacher features (relations between samples), the same features as
+  ``feature_loss``: free of the features' global scale as written, and of each row's scale on the unit features.
 """
 
 from __future__ import annotations

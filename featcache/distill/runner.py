@@ -18,11 +18,12 @@ logger = logging.getLogger(__name__)
 class DistillResult:
     run: Path
     last: dict  # the log row of the last epoch
+    val: dict | None = None  # the student on the teacher's held-out identities (RUN/val.json), if it held some out
 
 
 def run_distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
-    model, rd = train(cfg, resume)
+    model, rd, val = train(cfg, resume)
     rd.finish(model.state_dict(), note=f"{cfg.student} student distilled from {Path(cfg.gate).resolve()}")
     with (rd.path / LOG).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return DistillResult(rd.path, rows[-1] if rows else {})
+    return DistillResult(rd.path, rows[-1] if rows else {}, val)

@@ -6,10 +6,11 @@ stages at strides 4, 8, 16 and 32, whose outputs give the four attention maps
 L_att pairs with the teacher's (at 256x256: 64², 32², 16², 8², the grids of
 ALIGN's stages 2, 3, 5 and 7). The head is FC(width -> 2048) + BN + ReLU and an
 ID classifier. The FC output (before BN, signed) is the counterpart of the
-teacher's F_t, the fused feature before its BN neck: L_feat, L_rel and the
-triplet loss read it. Retrieval uses the 2048-d BN output, as the teacher's
-does; the classifier reads it after the ReLU (BNNeck: metric losses before
-the BN, the ID loss after it).
+teacher's F_t, the fused feature before its BN neck: the triplet loss reads
+it, and L_feat and L_rel with ``kd_space`` literal. Retrieval uses the 2048-d
+BN output, as the teacher's does, and by default L_feat and L_rel compare it,
+L2-normalised, with the teacher's retrieval feature; the classifier reads it
+after the ReLU (BNNeck: the triplet before the BN, the ID loss after it).
 
 Initialisation: ``imagenet`` loads torchvision's ImageNet weights from its own
 cache (``TORCH_HOME``) or downloads them, and fails at once, naming the file it

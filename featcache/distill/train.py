@@ -11,6 +11,7 @@ training core's.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featcache.distill.config import LOSSES, DistillConfig
 from featcache.distill.data import Teacher, ViewDataset, attention_names, check_image_files, load_teacher, read_teacher_maps
@@ -26,12 +28,16 @@ from featcache.distill.losses import attention_loss, feature_loss, kd_loss, rela
 from featcache.distill.pixelcache import build_pixel_cache
 from featcache.distill.students import Student, StudentOutputs, build_student, normalize
 from featcache.errors import InputError
+from featcache.evaluation.metrics import agreement
+from featcache.evaluation.search import l2_normalize
+from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.rundir import RunDir, training_state
 from featcache.training.sampling import pk_batches, steps_per_epoch
 from featcache.training.schedule import cosine_lr, set_lr
+from featcache.training.validation import evaluate_split
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ class TeacherBatch:
 
     y: torch.Tensor
     f_t: torch.Tensor
+    r_t: torch.Tensor | None  # the teacher's L2-normalised retrieval feature (None: version-1 targets)
     z_t: torch.Tensor
     gates: torch.Tensor
     maps: list[list[torch.Tensor]] | None  # maps[stage][expert], (N, H, W)
@@ -57,26 +64,35 @@ def teacher_batch(teacher: Teacher, imgs: np.ndarray, views: np.ndarray, cache: 
     t_maps = None
     if maps is not None:
         t_maps = [[m.to(device) for m in stage] for stage in read_teacher_maps(cache, teacher.view_start[imgs] + views, maps)]
-    return TeacherBatch(dev(teacher.labels[imgs]), dev(t.feature[rows]), dev(t.logits[rows]), dev(t.gates[rows]), t_maps)
+    r_t = dev(t.retrieval[rows]) if t.retrieval is not None else None
+    return TeacherBatch(dev(teacher.labels[imgs]), dev(t.feature[rows]), r_t, dev(t.logits[rows]), dev(t.gates[rows]), t_maps)
 
 
-def loss_terms(out: StudentOutputs, b: TeacherBatch, margin: float) -> dict[str, Callable[[], torch.Tensor]]:
-    """Each term of L_total, computed on demand (so a switched-off term can run without gradient)."""
+def loss_terms(out: StudentOutputs, b: TeacherBatch, cfg: DistillConfig) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each term of L_total, computed on demand (so a switched-off term can run without gradient).
+
+    With ``kd_space`` retrieval, L_feat and L_rel compare the L2-normalised retrieval features (the student's BN
+    output, the teacher's ranked feature); with literal, the student's FC output and the teacher's raw F_t."""
     emb, logits = out.embedding.float(), out.logits.float()
+    if cfg.kd_space == "retrieval":
+        s_kd, t_kd = F.normalize(out.feature.float(), dim=1), b.r_t
+    else:
+        s_kd, t_kd = emb, b.f_t
     terms = {
         "id": lambda: id_loss(logits, b.y),
-        "tri": lambda: batch_hard_triplet(emb, b.y, margin),
-        "kd": lambda: kd_loss(logits, b.z_t),
-        "feat": lambda: feature_loss(emb, b.f_t),
-        "rel": lambda: relation_loss(emb, b.f_t),
+        "tri": lambda: batch_hard_triplet(emb, b.y, cfg.margin),
+        "kd": lambda: kd_loss(logits, b.z_t, cfg.kd_temperature),
     }
+    if t_kd is not None:  # None: version-1 targets, no retrieval feature (then feat and rel are off, checked at load)
+        terms["feat"] = lambda: feature_loss(s_kd, t_kd)
+        terms["rel"] = lambda: relation_loss(s_kd, t_kd)
     if b.maps is not None:
         terms["att"] = lambda: attention_loss([m.float() for m in out.maps], b.maps, b.gates)
     return terms
 
 
 @torch.inference_mode()
-def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache: Path, margin: float, device: torch.device,
+def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache: Path, cfg: DistillConfig, device: torch.device,
                   batch: int = 32) -> dict[str, float]:
     """Each term's mean over every cached training view, in eval mode, in fixed batches: comparable between
     models (before and after training, with and without a term), unlike the training log's running means."""
@@ -90,10 +106,38 @@ def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache:
         i, v = imgs[s: s + batch], views[s: s + batch]
         pixels = torch.stack([dataset[(int(teacher.images[a]), int(b))] for a, b in zip(i, v)])
         out = model.outputs(normalize(pixels.to(device)))
-        for name, fn in loss_terms(out, teacher_batch(teacher, i, v, cache, maps, device), margin).items():
+        for name, fn in loss_terms(out, teacher_batch(teacher, i, v, cache, maps, device), cfg).items():
             sums[name] = sums.get(name, 0.0) + float(fn()) * len(i)
         n += len(i)
     return {k: v / n for k, v in sums.items()}
+
+
+VAL = "val.json"  # the student on the gate's held-out identities: mAP and agreement with the teacher
+AGREE_K = 10
+
+
+@torch.inference_mode()
+def validate(model: Student, teacher: Teacher, dataset: ViewDataset, device: torch.device, batch: int = 64) -> dict | None:
+    """The student on the identities its teacher held out (view 0 of each image, under the test protocol): mAP,
+    CMC, mINP, and its agreement with the teacher's ranking of the same images (top-10 overlap, rank correlation
+    of similarities); None when the teacher held none out or its targets predate the record (version 1)."""
+    val = teacher.targets.val
+    if val is None:
+        return None
+    was = model.training
+    model.eval()
+    feats = []
+    for s in range(0, len(val.image), batch):
+        pixels = torch.stack([dataset[(int(i), 0)] for i in val.image[s: s + batch]])
+        feats.append(model(normalize(pixels.to(device))).float().cpu().numpy())
+    model.train(was)
+    f = l2_normalize(np.concatenate(feats))
+    report = evaluate_split(f, val.pid, val.camid, val.query)
+    if report["mAP"] is not None:
+        q, g = val.query, ~val.query
+        report["agreement"] = {"with": "teacher", "k": AGREE_K, **agreement(
+            f[q], f[g], val.retrieval[q], val.retrieval[g], val.pid[q], val.camid[q], val.pid[g], val.camid[g], AGREE_K)}
+    return report
 
 
 def run_meta(cfg: DistillConfig, teacher: Teacher) -> dict:
@@ -110,8 +154,12 @@ def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     if teacher.n_classes < p:
         raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "
                          f"{p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
+    if cfg.kd_space == "retrieval" and teacher.targets.retrieval is None and set(cfg.losses) & {"feat", "rel"}:
+        raise InputError(f"{teacher.targets.path} predates the teacher's retrieval feature (teacher-targets version 1): "
+                         "train the gate again, or compare raw features with --kd-space literal")
     dataset = ViewDataset(cfg.cache, cfg.root, None)
-    check_image_files(dataset.views, teacher.images)
+    val = teacher.targets.val
+    check_image_files(dataset.views, teacher.images if val is None else np.concatenate([teacher.images, val.image]))
     return teacher, dataset
 
 
@@ -129,7 +177,7 @@ def prepare(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     return teacher, with_pixel_cache(cfg, dataset)
 
 
-def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir]:
+def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, dict | None]:
     device = resolve_device(cfg.device)
     RunDir.refuse_existing(cfg.out, resume)  # before the slow checks and builds below
     teacher, dataset = load_inputs(cfg)
@@ -155,13 +203,14 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir]:
         keys = [[(int(teacher.images[i]), int(v)) for i, v in zip(b, vv)] for b, vv in zip(batches, views)]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda")
         sums = dict.fromkeys(("loss", *LOSSES, "acc"), 0.0)
+        logged = {"loss", "acc"}
         bar = progress(zip(batches, views, loader), total=len(batches), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         for i, (imgs, vv, pixels) in enumerate(bar):
             set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
             b = teacher_batch(teacher, imgs, vv, cfg.cache, maps, device)
             with autocast:
                 out = model.outputs(normalize(pixels.to(device, non_blocking=True)))
-            terms = loss_terms(out, b, cfg.margin)
+            terms = loss_terms(out, b, cfg)
             values = {}
             loss = b.f_t.new_zeros(())
             for name, fn in terms.items():
@@ -179,15 +228,27 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir]:
             sums["loss"] += float(loss.detach())
             for name, v in values.items():
                 sums[name] += float(v.detach())
+            logged.update(values)
             sums["acc"] += float((out.logits.argmax(1) == b.y).float().mean())
         n = max(1, len(batches))
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, **{k: (v / n if k in ("loss", "acc") or k != "att" or maps else "") for k, v in sums.items()},
+        row = {"epoch": epoch + 1, **{k: (v / n if k in logged else "") for k, v in sums.items()},
                "lr": opt.param_groups[0]["lr"], "seconds": seconds, "images_per_s": sum(map(len, batches)) / max(seconds, 1e-9)}
         state = training_state(opt, rng)
         rd.checkpoint(epoch + 1, model.state_dict(), state, row)
-        logger.info("epoch %d: loss %.4f (id %.4f, kd %.4f, feat %.4f) acc %.3f, %.1f img/s", epoch + 1, row["loss"],
-                    row["id"], row["kd"], row["feat"], row["acc"], row["images_per_s"])
+        terms_text = ", ".join(f"{k} {row[k]:.4f}" for k in LOSSES if row[k] != "")
+        logger.info("epoch %d: loss %.4f (%s) acc %.3f, %.1f img/s", epoch + 1, row["loss"], terms_text, row["acc"],
+                    row["images_per_s"])
     model.eval()
-    return model, rd
+    val = validate(model, teacher, dataset, device)
+    if val is not None:
+        atomic_write(rd.path / VAL, lambda p: p.write_text(json.dumps(val, indent=2)))
+        if val["mAP"] is None:
+            logger.warning("validation: nothing to evaluate: %s", val["reason"])
+        else:
+            a = val["agreement"]
+            logger.info("validation (%d identities held out by the teacher): mAP %.4f; agreement with the teacher: "
+                        "top-%d overlap %.4f, rank correlation %.4f", val["identities"], val["mAP"], a["k"],
+                        a["top_k_overlap"], a["rank_correlation"])
+    return model, rd, val
 
