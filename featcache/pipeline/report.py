@@ -29,9 +29,9 @@ def figure_link(caption: str, file: str) -> str:
     return f"[![{caption}]({file})]({file})"
 
 
-def _mean_std(values: list[float], scale: float = 100.0) -> str:
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     v = np.asarray(values, dtype=float) * scale
-    return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+    return f"{v.mean():.{digits}f}" if len(v) == 1 else f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
 def write_report(plan) -> Path:
@@ -107,15 +107,17 @@ def summarise(plan, reports: dict) -> dict:
         entry: dict = {"label": row.label, "seeds": sorted(row.json) if trained else []}
         for metric, get in (("mAP", lambda r: r["mAP"]), ("R1", lambda r: r["cmc"]["1"]), ("R5", lambda r: r["cmc"]["5"]),
                             ("mINP", lambda r: r["mINP"])):
-            v = np.asarray([get(r) for r in reps], dtype=float) * 100
-            entry[metric] = {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
-                             "per_seed": [round(float(x), 4) for x in v]}
+            entry[metric] = _stats([get(r) for r in reps])
         entry["search"] = sorted({(r.get("search") or {"mode": "exact"})["mode"] for r in reps})
+        agree = [r["agreement"] for r in reps if r.get("agreement")]
+        if agree:  # test split, with the teacher
+            entry["agreement"] = {k: _stats([a[k] for a in agree], AGREE_SCALE[k]) for k in AGREE_SCALE if k in agree[0]}
         val = validation_maps(row)
         if val:
-            v = np.asarray(val) * 100
-            entry["val_mAP"] = {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
-                                "per_seed": [round(float(x), 4) for x in v]}
+            entry["val_mAP"] = _stats(val)
+        val_agree = validation_agreement(row)
+        if val_agree:
+            entry["val_agreement"] = {k: _stats(v, AGREE_SCALE[k]) for k, v in val_agree.items()}
         rows[row.key or row.label] = entry
     out: dict = {"pipeline": str(plan.pipeline.source), "featcache": __version__, "seeds": list(s.seeds),
                  "standins": sorted(standin_backbones_of(plan)), "rows": rows}
@@ -128,11 +130,35 @@ def summarise(plan, reports: dict) -> dict:
     return out
 
 
-def validation_maps(row) -> list[float]:
-    """A trained row's validation mAP per seed (its runs' val.json: identities held out of training), or none."""
+def _val_reports(row) -> list[dict]:
+    """A trained row's val.json per seed (identities held out of training), or none unless every seed has one."""
     files = [Path(run) / "val.json" for _, run in sorted(row.run.items())]
-    maps = [json.loads(f.read_text())["mAP"] for f in files] if files and all(f.is_file() for f in files) else []
+    return [json.loads(f.read_text()) for f in files] if files and all(f.is_file() for f in files) else []
+
+
+def validation_maps(row) -> list[float]:
+    """A trained row's validation mAP per seed, or none."""
+    maps = [v["mAP"] for v in _val_reports(row)]
     return maps if maps and None not in maps else []
+
+
+def validation_agreement(row) -> dict[str, list[float]]:
+    """A student's agreement with its teacher on the validation identities per seed (top-k overlap, rank
+    correlation of similarities), or none."""
+    agree = [v.get("agreement") for v in _val_reports(row)]
+    if not agree or None in agree:
+        return {}
+    return {k: [a[k] for a in agree] for k in ("top_k_overlap", "rank_correlation")}
+
+
+#: summary.json's scale of each agreement figure: the overlap in %, the rank correlation as it is (-1..1)
+AGREE_SCALE = {"top_k_overlap": 100.0, "rank_correlation": 1.0}
+
+
+def _stats(values: list[float], scale: float = 100.0) -> dict:
+    v = np.asarray(values, dtype=float) * scale
+    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
+            "per_seed": [round(float(x), 4) for x in v]}
 
 
 def _dataset(cache: Path) -> list[str]:
@@ -145,19 +171,21 @@ def _dataset(cache: Path) -> list[str]:
 
 
 def _table(plan, reports: dict, profile: dict) -> list[str]:
-    head = ("| model | mAP | R1 | R5 | mINP | validation mAP | top-10 agreement with the teacher | parameters | GFLOPs / image "
-            "| latency, batch 1 |")
+    head = ("| model | mAP | R1 | R5 | mINP | validation mAP | top-10 agreement with the teacher (test; validation) "
+            "| rank correlation with the teacher (validation) | parameters | GFLOPs / image | latency, batch 1 |")
     out = ["## Results", "", head, "|" + "---|" * (head.count("|") - 1)]
     for row in plan.rows:
         reps = reports[row.label]
         val = validation_maps(row)
         agree = [r["agreement"]["top_k_overlap"] for r in reps if r.get("agreement")]
+        val_agree = validation_agreement(row)
         seed = plan.pipeline.settings.seeds[0]
         prof = profile.get(row.spec.get(seed, row.spec.get(0)), {})
         cols = [_mean_std([r["mAP"] for r in reps]), _mean_std([r["cmc"]["1"] for r in reps]),
                 _mean_std([r["cmc"]["5"] for r in reps]), _mean_std([r["mINP"] for r in reps]),
                 _mean_std(val) if val else "",
-                _mean_std(agree) + " %" if agree else "",
+                "; ".join(f"{name}{_mean_std(a)} %" for name, a in (("", agree), ("val ", val_agree.get("top_k_overlap"))) if a),
+                _mean_std(val_agree["rank_correlation"], 1.0, 3) if val_agree else "",
                 f"{prof['parameters_used'] / 1e6:.2f} M" if prof else "",
                 f"{prof['flops_per_image'] / 1e9:.2f}" if prof else "",
                 f"{prof['latency_ms']['1']:.1f} ms" if prof and "1" in prof["latency_ms"] else ""]
