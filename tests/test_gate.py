@@ -109,7 +109,7 @@ def test_teacher_targets_hold_the_retrieval_feature_and_the_held_out_identities(
     import json
 
     from featcache.gate.targets import TeacherTargets
-    from featcache.training.validation import evaluate_split
+    from featcache.evaluation.heldout import evaluate_split
 
     res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=2, val_ids=4))
     t = TeacherTargets.load(res.targets)

@@ -28,6 +28,7 @@ from featcache.distill.losses import attention_loss, feature_loss, kd_loss, rela
 from featcache.distill.pixelcache import build_pixel_cache
 from featcache.distill.students import Student, StudentOutputs, build_student, normalize
 from featcache.errors import InputError
+from featcache.evaluation.heldout import evaluate_split
 from featcache.evaluation.metrics import agreement
 from featcache.evaluation.search import l2_normalize
 from featcache.fileio import atomic_write
@@ -37,7 +38,6 @@ from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.rundir import RunDir, training_state
 from featcache.training.sampling import pk_batches, steps_per_epoch
 from featcache.training.schedule import cosine_lr, set_lr
-from featcache.training.validation import evaluate_split
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from featcache.evaluation.heldout import evaluate_split
 from featcache.evaluation.metrics import average_precision, masks, positive_ranks
 from featcache.evaluation.search import l2_normalize
 from featcache.gate.data import ValData
 from featcache.gate.model import GateModel
 from featcache.gate.outputs import infer_rows
-from featcache.training.validation import evaluate_split
 
 
 def embed(model: GateModel, xs: list[np.ndarray], route: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
