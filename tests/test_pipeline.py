@@ -117,6 +117,11 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     val = json.loads((next((out / "gate").glob("moe-top1-seed42-*")) / "val.json").read_text())
     assert teacher["val_mAP"]["per_seed"] == [pytest.approx(100 * val["mAP"], abs=1e-3)] and val["identities"] == 2
     assert "validation mAP" in md and "## By camera condition (validation identities)" in md
+    student = summary["rows"]["student:kd"]  # the student on the identities its teacher held out, and its agreement
+    s_val = json.loads((next((out / "student").glob("*seed42*")) / "val.json").read_text())
+    assert student["val_mAP"]["per_seed"] == [pytest.approx(100 * s_val["mAP"], abs=1e-3)]
+    assert student["val_agreement"]["rank_correlation"]["per_seed"] == [pytest.approx(s_val["agreement"]["rank_correlation"], abs=1e-4)]
+    assert "top_k_overlap" in student["agreement"] and "rank correlation with the teacher (validation)" in md
     by_cond = summary["by_condition"]
     assert set(by_cond["teacher"]) <= {"day", "night", "blur"} and "gate_weight" in next(iter(by_cond["teacher"].values()))
     assert (out / "pipeline.yaml").is_file()
