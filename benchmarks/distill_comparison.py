@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ablation", action="store_true", help="also each KD term switched off alone")
+    ap.add_argument("--kd-space", default="retrieval", choices=("retrieval", "literal"),
+                    help="where L_feat and L_rel compare (literal: the setup of docs/distill.md's 2026-11-22 table)")
     ap.add_argument("--keep", type=Path, help="keep the runs here instead of a temporary folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
@@ -73,7 +75,7 @@ def run(tmp: Path, args) -> None:
     cpu = torch.device("cpu")
     for name, losses in variants.items():
         out = tmp / name.split()[0].replace("(", "") / losses.replace(",", "-")
-        cfg = DistillConfig(cache=cache, gate=gate, out=out, student_init="random", epochs=args.epochs, seed=args.seed,
+        cfg = DistillConfig(cache=cache, gate=gate, out=out, student_init="random", epochs=args.epochs, seed=args.seed, kd_space=args.kd_space,
                             lr=args.lr, device="cpu", losses=losses, pixel_cache=tmp / "pixels.h5")
         teacher, ds = prepare(cfg)
         if not rows[1:]:

@@ -42,9 +42,10 @@ def parse_row(text: str) -> tuple[str, dict]:
 def find_gate(out: Path, fusion: str, seed: int) -> Path:
     runs = sorted((out / "gate").glob(f"{fusion}-seed{seed}-*"))
     runs = [r for r in runs if (r / "teacher_targets.h5").is_file()]
-    if not runs:
-        raise SystemExit(f"{out}/gate: no finished {fusion} run for seed {seed}")
-    return runs[-1]
+    if len(runs) != 1:  # an edited pipeline leaves older runs beside the current one: say which to use
+        raise SystemExit(f"{out}/gate: {len(runs)} finished {fusion} runs for seed {seed} "
+                         f"({', '.join(r.name for r in runs) or 'none'}); expected one")
+    return runs[0]
 
 
 def main() -> None:

@@ -396,7 +396,9 @@ def distill(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -
     last = res.last
     click.echo(f"{res.run}: {cfg.student} after epoch {last.get('epoch')}: loss {float(last.get('loss', 'nan')):.4f}, "
                f"kd {float(last.get('kd') or 'nan'):.4f}, train acc {float(last.get('acc', 'nan')):.3f}")
-    if res.val:
+    if res.val and res.val["mAP"] is None:
+        click.echo(f"validation: nothing to evaluate ({res.val['reason']})")
+    elif res.val:
         a = res.val["agreement"]
         click.echo(f"validation ({res.val['identities']} identities): mAP {res.val['mAP']:.4f}; with the teacher: top-{a['k']} "
                    f"overlap {a['top_k_overlap']:.4f}, rank correlation {a['rank_correlation']:.4f}")

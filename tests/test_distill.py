@@ -317,6 +317,29 @@ def test_kd_space_retrieval_needs_the_retrieval_feature_and_literal_reads_old_ta
     run_distill(dcfg(market_cache, old, tmp_path / "c", epochs=1, losses="id,tri,kd,att"))
 
 
+def test_lambda_feat_default_follows_the_kd_space_and_old_runs_resume_as_they_trained(market_cache, gate_run, tmp_path):
+    """lambda_feat left unset is resolved from kd_space when used, not stored: a saved config run again with
+    another space gets that space's weight. A run saved before kd_space existed resumes as the literal reading
+    it trained with, and is refused in the new default space."""
+    import yaml
+
+    from featcache.distill.config import DistillConfig
+    from featcache.distill.runner import run_distill
+
+    c = DistillConfig(cache=Path("c.h5"), gate=Path("g"), out=Path("o"))
+    assert c.feat_weight == 30.0 and c.to_dict()["lambda_feat"] is None
+    assert c.replace(kd_space="literal").feat_weight == 0.3 and c.replace(lambda_feat=2.0).weight("feat") == 2.0
+    out = tmp_path / "old"
+    run_distill(dcfg(market_cache, gate_run, out, epochs=1, kd_space="literal", lambda_feat=0.3))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for k in ("kd_space", "kd_temperature"):  # as a run of 2026-11 saved it
+        saved["distill"].pop(k)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(InputError, match="kd_space: 'literal' -> 'retrieval'"):
+        run_distill(dcfg(market_cache, gate_run, out, epochs=1, lambda_feat=0.3), resume=True)
+    run_distill(dcfg(market_cache, gate_run, out, epochs=1, kd_space="literal", lambda_feat=0.3), resume=True)
+
+
 def test_retrieval_space_terms_are_scale_free():
     """kd_space retrieval: L_feat and L_rel of a student and teacher do not change when either is rescaled;
     literal: L_feat does."""

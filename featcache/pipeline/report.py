@@ -111,7 +111,7 @@ def summarise(plan, reports: dict) -> dict:
         entry["search"] = sorted({(r.get("search") or {"mode": "exact"})["mode"] for r in reps})
         agree = [r["agreement"] for r in reps if r.get("agreement")]
         if agree:  # test split, with the teacher
-            entry["agreement"] = {k: _stats([a[k] for a in agree], AGREE_SCALE[k]) for k in AGREE_SCALE if k in agree[0]}
+            entry["agreement"] = {k: _stats([a[k] for a in agree], AGREE_SCALE[k]) for k in AGREE_SCALE if all(k in a for a in agree)}
         val = validation_maps(row)
         if val:
             entry["val_mAP"] = _stats(val)

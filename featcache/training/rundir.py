@@ -92,7 +92,7 @@ class RunDir:
         rd = cls(path, cfg.command)
         if (rd.path / CONFIG).is_file():
             cls.refuse_existing(rd.path, resume)
-            saved_cfg, saved_meta = rd.read_config(), rd.meta()
+            saved_cfg, saved_meta = {**getattr(cfg, "legacy", {}), **rd.read_config()}, rd.meta()  # keys added since
             if saved_meta != meta:
                 diff = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
                 raise InputError(f"{rd.path} was trained from other inputs ({', '.join(diff)} differ: another cache or "

@@ -34,4 +34,3 @@ def val_queries(pids: np.ndarray, camids: np.ndarray) -> np.ndarray:
     mask = np.zeros(len(pids), dtype=bool)
     mask[first] = True
     return mask
-
