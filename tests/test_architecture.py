@@ -78,3 +78,29 @@ def test_layers():
     assert not graph["cache"] & {"gate", "training", "extract", "evaluation", "backbones", "cli"}
     assert not graph["training"] & {"gate", "extract", "evaluation", "cli"}
     assert "gate" in graph["cli"]
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    """Within featcache.<package>: module -> the package's modules it imports (function-level imports too; the
+    package's __init__, which re-exports, left out)."""
+    root = PKG / package
+    names = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                for m in mods:
+                    parts = m.split(".")
+                    if parts[:2] == ["featcache", package] and len(parts) > 2 and parts[2] in names and parts[2] != name:
+                        deps.add(parts[2])
+    return graph
+
+
+def test_no_import_cycle_between_the_cache_modules():
+    """store, checksum and shards once imported each other in a loop (issue 23): the format's base is fileformat."""
+    graph = module_graph("cache")
+    assert {"store", "checksum", "shards", "fileformat"} <= set(graph) and graph["fileformat"] <= {"lock"}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

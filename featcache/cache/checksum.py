@@ -26,6 +26,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from featcache.cache.fileformat import DONE, FAILED, PENDING, CacheError, open_cache, window_offsets
+
 logger = logging.getLogger(__name__)
 
 GROUP = "checksums"
@@ -81,7 +83,6 @@ def array_checksums(f: h5py.File, backbone: str, array: str) -> h5py.Dataset | N
 @dataclass
 class VerifyReport:
     """What ``verify`` found: the images whose rows fail, with the arrays that failed."""
-
     checked_images: int = 0
     checked_bytes: int = 0
     seconds: float = 0.0
@@ -104,11 +105,8 @@ def _chunks(n: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
 
 def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> VerifyReport:
     """Check every stored row of the cached images against its checksum."""
-    from featcache.cache.store import DONE, FAILED, PENDING
-
     rep = VerifyReport()
     t0 = time.perf_counter()
-    from featcache.cache.store import window_offsets
 
     g = f["images"]
     status = g["status"][...]
@@ -171,8 +169,6 @@ def stamp_all(f: h5py.File, chunk_bytes: int = 64 * 2**20) -> None:
 
 def verify_cache(path, progress=None) -> VerifyReport:
     """``featcache verify``: every stored row of ``path`` against its checksum."""
-    from featcache.cache.store import CacheError, open_cache
-
     with open_cache(path) as f:
         if not has_checksums(f):
             raise CacheError(f"{path} is a format {int(f.attrs['format_version'])} cache, which carries no checksums "
@@ -182,8 +178,6 @@ def verify_cache(path, progress=None) -> VerifyReport:
 
 def mark_for_repair(path, report: VerifyReport) -> int:
     """Set the images ``report`` found damaged back to pending, so that a resumed extraction redoes exactly them."""
-    from featcache.cache.store import PENDING, open_cache
-
     bad = np.array(sorted(report.bad), dtype=np.int64)
     if bad.size:
         with open_cache(path, "r+") as f:
@@ -195,8 +189,6 @@ def mark_for_repair(path, report: VerifyReport) -> int:
 
 def check_images(f: h5py.File, images: np.ndarray) -> None:
     """Refuse to use images whose metadata (labels, cameras, row layout) fail their checksums."""
-    from featcache.cache.store import CacheError
-
     if not has_checksums(f) or not len(images):
         return
     g = f["images"]

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from featcache.cache.fileformat import Window
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.spec import OutputSpec
 from featcache.cache.store import (
@@ -43,29 +43,6 @@ from featcache.cache.store import (
     write_groups,
 )
 from featcache.datasets import Listing
-
-
-@dataclass(frozen=True)
-class Window:
-    """One rank's share of a cache: images [images[0], images[1]) and view rows [rows[0], rows[1])."""
-
-    rank: int
-    world: int
-    batch_size: int
-    images: tuple[int, int]
-    rows: tuple[int, int]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Window":
-        d = json.loads(text)
-        return cls(int(d["rank"]), int(d["world"]), int(d["batch_size"]), tuple(d["images"]), tuple(d["rows"]))
-
-    @property
-    def n_images(self) -> int:
-        return self.images[1] - self.images[0]
 
 
 def plan_windows(listing: Listing, n_views: dict[str, int], batch_size: int, world: int) -> list[Window]:

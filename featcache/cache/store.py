@@ -32,33 +32,34 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
 from featcache import __version__
 from featcache.cache import checksum
+from featcache.cache.fileformat import (  # noqa: F401  (re-exported: the store's public names)
+    DONE,
+    FAILED,
+    FORMAT,
+    FORMAT_VERSION,
+    PENDING,
+    CacheError,
+    Window,
+    open_cache,
+    window_offsets,
+)
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.spec import OutputSpec
 from featcache.datasets import SPLITS, Listing
-from featcache.errors import InputError, RunError
+from featcache.errors import RunError
 from featcache.faults import fault_point
-
-if TYPE_CHECKING:
-    from featcache.cache.shards import Window
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "featcache-cache"
-FORMAT_VERSION = 3  # 2: checksums/ (featcache.cache.checksum); 3: views/erase, views/erase_fill (random erasing)
-PENDING, DONE, FAILED = 0, 1, 2
 REASON_LEN = 256
 SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
-
-
-class CacheError(InputError):
-    """A cache file that is not a featcache cache, or does not match the requested run."""
 
 
 def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
@@ -107,35 +108,6 @@ def check_identity(path: Path, wanted: CacheIdentity) -> None:
         )
 
 
-def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
-    """Open a featcache cache, refusing other files with a clear message."""
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"cache {path} does not exist")
-    try:
-        # featcache's writers hold the writer lock (featcache.cache.lock) and open without HDF5's own file lock,
-        # so that readers can open a cache while it is written: they see the images whose status is set, and a
-        # status is set only after its batch's rows are flushed. Readers keep HDF5's lock: a foreign writer
-        # (plain h5py in 'r+') still makes the file busy.
-        f = h5py.File(path, mode, locking=False) if mode == "r+" else h5py.File(path, mode)
-    except OSError as exc:
-        if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc):
-            from featcache.cache.lock import held_by
-
-            who = held_by(path)
-            raise CacheError(f"{path} is busy: another process has it open ({f'featcache extract, {who}' if who else 'not a featcache writer'}); "
-                             "try again when it has finished") from None
-        raise CacheError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
-    if f.attrs.get("format") != FORMAT:
-        f.close()
-        raise CacheError(f"{path} is not a featcache cache (no format={FORMAT!r} attribute)")
-    version = int(f.attrs.get("format_version", -1))
-    if version > FORMAT_VERSION:
-        f.close()
-        raise CacheError(f"{path} has format version {version}, newer than this featcache reads ({FORMAT_VERSION}): upgrade featcache")
-    return f
-
-
 def create_cache(
     path: Path,
     listing: Listing,
@@ -143,7 +115,7 @@ def create_cache(
     n_views: dict[str, int],
     specs: dict[str, dict[str, OutputSpec]],
     tokens: str,
-    window: "Window | None" = None,
+    window: Window | None = None,
 ) -> None:
     """Create the whole file under a temporary name, then rename it into place.
 
@@ -232,14 +204,14 @@ def initial_tables(listing: Listing) -> dict[str, np.ndarray]:
     }
 
 
-def windowed(tables: dict[str, np.ndarray], window: "Window | None") -> dict[str, np.ndarray]:
+def windowed(tables: dict[str, np.ndarray], window: Window | None) -> dict[str, np.ndarray]:
     """``tables`` cut to a window's images (``images/...``) and view rows (``views/...``); all of them without one."""
     if window is None:
         return tables
     return {k: v[slice(*(window.images if k.startswith("images/") else window.rows))] for k, v in tables.items()}
 
 
-def restore_static(path: Path, listing: Listing, n_views: dict[str, int], window: "Window | None" = None) -> None:
+def restore_static(path: Path, listing: Listing, n_views: dict[str, int], window: Window | None = None) -> None:
     """Rewrite the arrays the listing fixes (labels, row layout), so that damage to them is repaired from the
     dataset, not carried into new checksums. The cache's identity (checked before) says the listing is the same."""
     tables = windowed(static_tables(listing, view_counts(listing, n_views)), window)
@@ -301,7 +273,7 @@ def write_groups(f: h5py.File, specs: dict[str, dict[str, OutputSpec]], static: 
 
 
 def _write_new(tmp: Path, listing: Listing, identity: CacheIdentity, specs: dict[str, dict[str, OutputSpec]], tokens: str,
-               counts: np.ndarray, window: "Window | None") -> None:
+               counts: np.ndarray, window: Window | None) -> None:
     n_img = (window.images[1] - window.images[0]) if window else len(counts)
     n_rows = (window.rows[1] - window.rows[0]) if window else int(counts.sum())
     initial = windowed(initial_tables(listing), window)
@@ -385,14 +357,6 @@ class CacheWriter:
 
     def close(self) -> None:
         self.f.close()
-
-
-def window_offsets(f: h5py.File) -> tuple[int, int]:
-    """(first image, first view row) of a shard's window in the whole cache; (0, 0) for a whole cache."""
-    if "window" not in f.attrs:
-        return 0, 0
-    w = json.loads(f.attrs["window"])
-    return int(w["images"][0]), int(w["rows"][0])
 
 
 def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
