@@ -355,7 +355,7 @@ def test_retrieval_space_terms_are_scale_free():
     def terms(space, scale):
         cfg = DistillConfig(cache=Path("c.h5"), gate=Path("g"), out=Path("o"), kd_space=space)
         out = StudentOutputs(emb * scale, feat * scale, torch.randn(6, 3), [])
-        t = loss_terms(out, TeacherBatch(y, f_t * scale, r_t, z, torch.ones(6, 1), None), cfg)
+        t = loss_terms(out, TeacherBatch(y, r_t if space == "retrieval" else f_t * scale, z, torch.ones(6, 1), None), cfg)
         return float(t["feat"]()), float(t["rel"]())
 
     base = terms("retrieval", 1.0)

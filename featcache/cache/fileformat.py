@@ -55,8 +55,8 @@ def window_offsets(f: h5py.File) -> tuple[int, int]:
     """(first image, first view row) of a shard's window in the whole cache; (0, 0) for a whole cache."""
     if "window" not in f.attrs:
         return 0, 0
-    w = json.loads(f.attrs["window"])
-    return int(w["images"][0]), int(w["rows"][0])
+    w = Window.from_json(f.attrs["window"])
+    return int(w.images[0]), int(w.rows[0])
 
 
 @dataclass(frozen=True)

@@ -44,18 +44,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TeacherBatch:
-    """The teacher's side of a batch: labels, fused features F_t, logits z_t, gate weights, attention maps."""
+    """The teacher's side of a batch: labels, the feature L_feat and L_rel compare with, logits z_t, gate weights,
+    attention maps."""
 
     y: torch.Tensor
-    f_t: torch.Tensor
-    r_t: torch.Tensor | None  # the teacher's L2-normalised retrieval feature (None: version-1 targets)
+    f_t: torch.Tensor | None  # kd_space retrieval: the L2-normalised retrieval feature (None: version-1 targets);
+                              # literal: the fused F_t before BN. Only the one used is read and moved each step
     z_t: torch.Tensor
     gates: torch.Tensor
     maps: list[list[torch.Tensor]] | None  # maps[stage][expert], (N, H, W)
 
 
 def teacher_batch(teacher: Teacher, imgs: np.ndarray, views: np.ndarray, cache: Path, maps: dict[str, list[str]] | None,
-                  device: torch.device) -> TeacherBatch:
+                  device: torch.device, kd_space: str) -> TeacherBatch:
     """Targets of the training images ``imgs`` (indices into ``teacher.images``) at cached views ``views``."""
     t = teacher.targets
     rows = t.rows(teacher.images[imgs], views)
@@ -64,8 +65,9 @@ def teacher_batch(teacher: Teacher, imgs: np.ndarray, views: np.ndarray, cache: 
     t_maps = None
     if maps is not None:
         t_maps = [[m.to(device) for m in stage] for stage in read_teacher_maps(cache, teacher.view_start[imgs] + views, maps)]
-    r_t = dev(t.retrieval[rows]) if t.retrieval is not None else None
-    return TeacherBatch(dev(teacher.labels[imgs]), dev(t.feature[rows]), r_t, dev(t.logits[rows]), dev(t.gates[rows]), t_maps)
+    feature = t.retrieval if kd_space == "retrieval" else t.feature
+    f_t = dev(feature[rows]) if feature is not None else None
+    return TeacherBatch(dev(teacher.labels[imgs]), f_t, dev(t.logits[rows]), dev(t.gates[rows]), t_maps)
 
 
 def loss_terms(out: StudentOutputs, b: TeacherBatch, cfg: DistillConfig) -> dict[str, Callable[[], torch.Tensor]]:
@@ -74,10 +76,8 @@ def loss_terms(out: StudentOutputs, b: TeacherBatch, cfg: DistillConfig) -> dict
     With ``kd_space`` retrieval, L_feat and L_rel compare the L2-normalised retrieval features (the student's BN
     output, the teacher's ranked feature); with literal, the student's FC output and the teacher's raw F_t."""
     emb, logits = out.embedding.float(), out.logits.float()
-    if cfg.kd_space == "retrieval":
-        s_kd, t_kd = F.normalize(out.feature.float(), dim=1), b.r_t
-    else:
-        s_kd, t_kd = emb, b.f_t
+    s_kd = F.normalize(out.feature.float(), dim=1) if cfg.kd_space == "retrieval" else emb
+    t_kd = b.f_t
     terms = {
         "id": lambda: id_loss(logits, b.y),
         "tri": lambda: batch_hard_triplet(emb, b.y, cfg.margin),
@@ -106,7 +106,7 @@ def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache:
         i, v = imgs[s: s + batch], views[s: s + batch]
         pixels = torch.stack([dataset[(int(teacher.images[a]), int(b))] for a, b in zip(i, v)])
         out = model.outputs(normalize(pixels.to(device)))
-        for name, fn in loss_terms(out, teacher_batch(teacher, i, v, cache, maps, device), cfg).items():
+        for name, fn in loss_terms(out, teacher_batch(teacher, i, v, cache, maps, device, cfg.kd_space), cfg).items():
             sums[name] = sums.get(name, 0.0) + float(fn()) * len(i)
         n += len(i)
     return {k: v / n for k, v in sums.items()}
@@ -207,12 +207,12 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
         bar = progress(zip(batches, views, loader), total=len(batches), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         for i, (imgs, vv, pixels) in enumerate(bar):
             set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
-            b = teacher_batch(teacher, imgs, vv, cfg.cache, maps, device)
+            b = teacher_batch(teacher, imgs, vv, cfg.cache, maps, device, cfg.kd_space)
             with autocast:
                 out = model.outputs(normalize(pixels.to(device, non_blocking=True)))
             terms = loss_terms(out, b, cfg)
             values = {}
-            loss = b.f_t.new_zeros(())
+            loss = b.z_t.new_zeros(())
             for name, fn in terms.items():
                 w = cfg.weight(name)
                 if w:
