@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from featcache.distill.config import DistillConfig  # noqa: E402
 from featcache.distill.data import ViewDataset, load_teacher  # noqa: E402
-from featcache.distill.pixelcache import build_pixel_cache  # noqa: E402
+from featcache.cache.pixelcache import build_pixel_cache  # noqa: E402
 from featcache.distill.profile import profile_models  # noqa: E402
 from featcache.distill.runner import run_distill  # noqa: E402
 from featcache.extract.config import ExtractConfig  # noqa: E402

@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from featcache.cache import DONE, create_cache, make_identity
-from featcache.cache.checksum import stamp_all
+from featcache.cache import BatchResult, CacheWriter, create_cache, make_identity
 from featcache.cache.spec import OutputSpec
 from featcache.datasets import Item, Listing
+from featcache.preprocess import PARAMS
 
 EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
 
@@ -54,19 +53,24 @@ def write_cache(path: Path, queries: int, gallery: int, train_ids: int, seed: in
                              {e: {"family": f, "weights": f"synthetic:seed={seed}", "preset": {}} for e, (f, _) in EXPERTS.items()})
     create_cache(path, listing, identity, n_views, {e: {"pooled": OutputSpec((d,), "float32", "synthetic")} for e, (_, d) in EXPERTS.items()}, "none")
     pids = np.array([it.pid for it in items])
-    with h5py.File(path, "r+") as f:
-        g = f["images"]
-        rows_pid = np.repeat(pids, g["n_views"][...])
-        for e, (_, d) in EXPERTS.items():
-            centers = rng.standard_normal((ids + train_ids + 1, d), dtype=np.float32)
-            ds = f["backbones"][e]["pooled"]
-            for s in range(0, len(rows_pid), 50_000):
-                p = rows_pid[s: s + 50_000]
-                ds[s: s + len(p)] = centers[p] + 1.6 * rng.standard_normal((len(p), d), dtype=np.float32)
-        f["views/dx"][...], f["views/dy"][...] = 10, 10
-        f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
-        g["status"][...] = DONE
-        stamp_all(f)
+    nv = np.array([n_views[it.split] for it in items], dtype=np.int64)
+    centers = {e: rng.standard_normal((ids + train_ids + 1, d), dtype=np.float32) for e, (_, d) in EXPERTS.items()}
+    writer = CacheWriter(path)
+    try:
+        for s in range(0, len(items), 50_000):  # through the cache's writer, a block of images at a time
+            img = np.arange(s, min(len(items), s + 50_000))
+            counts = nv[img]
+            rows_pid = np.repeat(pids[img], counts)
+            params = np.zeros((len(rows_pid), len(PARAMS)), np.int16)
+            params[:, 0] = params[:, 1] = 10
+            params[:, 2] = (np.arange(len(rows_pid)) - np.repeat(np.cumsum(counts) - counts, counts)) % 2
+            outputs = {e: {"pooled": centers[e][rows_pid] + 1.6 * rng.standard_normal((len(rows_pid), d), dtype=np.float32)}
+                       for e, (_, d) in EXPERTS.items()}
+            writer.write(BatchResult(list(img), np.zeros(len(img), bool), [""] * len(img), list(img), np.zeros(len(img), np.int32),
+                                     np.zeros(len(img), np.int32), np.full(len(img), b"", dtype="S40"), params,
+                                     np.cumsum(counts) - counts, outputs))
+    finally:
+        writer.close()
 
 
 def main() -> None:

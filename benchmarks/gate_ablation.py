@@ -25,14 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from featcache.cache import CacheSplit, open_cache
+from featcache.cache import CacheReader, CacheSplit, known_route
 from featcache.evaluation.runner import EvalConfig, run_eval
 from featcache.gate.config import GateConfig
-from featcache.gate.data import read_route
 from featcache.gate.diagnostics import ap_by_expert, embed
 from featcache.gate.runner import VAL, run_train_gate
 from featcache.gate.train import load_run
@@ -90,9 +88,9 @@ LITERATURE = tuple(k for k in ROWS if k.startswith("paper +"))
 
 def fidelity(run: Path, cache: Path) -> float | None:
     """Mean over cameras of the gate weight on that camera's reliable expert (None where none is known)."""
-    with h5py.File(cache, "r") as f:
-        kind = f["synthetic"].attrs["kind"]
-        names = json.loads(f["synthetic"].attrs["experts"])
+    with CacheReader(cache) as c:
+        attrs, _ = c.annotation("route")
+    kind, names = attrs["kind"], json.loads(attrs["experts"])
     stats = json.loads((run / "gate_stats.json").read_text())
     if kind == "twin":
         return None
@@ -108,9 +106,9 @@ def split_test_ap(run: Path, cache: Path) -> dict:
     for split in ("query", "gallery"):
         sp = CacheSplit.load(cache, split)
         rows = sp.rows(0)
-        with open_cache(cache) as f:
-            xs = [f["backbones"][e]["pooled"][...][rows] for e in meta["experts"]]
-            route = read_route(f, rows, meta["experts"]) if cfg.fusion == "moe-oracle" else None
+        with CacheReader(cache) as c:
+            xs = [c.read(e, "pooled", rows) for e in meta["experts"]]
+            route = known_route(c, rows, meta["experts"]) if cfg.fusion == "moe-oracle" else None
         feats, experts = embed(model, xs, route)
         parts.append((feats, experts, sp.pids, sp.camids))
     (qf, qe, qp, qc), (gf, ge, gp, gc) = parts

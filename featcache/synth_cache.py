@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from featcache.cache import BatchResult, CacheWriter, create_cache, make_identity
 from featcache.cache.spec import OutputSpec
-from featcache.cache import DONE, create_cache, make_identity
-from featcache.cache.checksum import stamp_all
 from featcache.datasets import Item, Listing
+from featcache.preprocess import PARAMS
 
 EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
 KINDS = ("camera", "dominant", "twin")
@@ -48,32 +47,38 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
     specs = {e: {"pooled": OutputSpec((d,), "float32", "synthetic pooled feature")} for e, (_, d) in experts.items()}
     create_cache(path, listing, identity, n_views, specs, "none")
     z = rng.normal(size=(ids * 2 + 2, latent))
-    with h5py.File(path, "r+") as f:
-        g = f["images"]
-        nv = g["n_views"][...]
-        rows_img = np.repeat(np.arange(len(items)), nv)
-        pid = np.array([it.pid for it in items])[rows_img]
-        cam = np.array([it.camid for it in items])[rows_img]
-        for e_i, (e, (_, d)) in enumerate(experts.items()):
-            w = rng.normal(size=(latent, d)) / np.sqrt(latent)
-            bias = rng.normal(scale=1.5, size=(cams + 1, d))
-            if kind == "camera":
-                good = (cam % 2) == e_i % 2  # each expert is reliable on half of the cameras
-            else:
-                good = np.full(len(cam), kind == "twin" or e_i == 0)
-            signal = np.tanh(z[pid] @ w) * np.where(good, 1.0, 0.25)[:, None]
-            x = signal + bias[cam] + rng.normal(scale=0.6, size=(len(pid), d))
-            f["backbones"][e]["pooled"][...] = x.astype(np.float32)
-        f["views/dx"][...] = 10
-        f["views/dy"][...] = 10
-        f["views/flip"][...] = (f["views/view"][...] % 2).astype(np.uint8)
-        g["width"][...], g["height"][...], g["sha1"][...] = 0, 0, b""  # no image files behind these rows
-        g["status"][...] = DONE
-        route = {"camera": (cam % 2) % len(experts), "dominant": np.zeros(len(cam), np.int64),
-                 "twin": np.full(len(cam), -1)}[kind]
-        syn = f.create_group("synthetic")
-        syn.attrs.update(kind=kind, experts=json.dumps(list(experts)), doc="route: per view row, the index of the expert "
-                         "known to be reliable (-1: none), for moe-oracle")
-        syn.create_dataset("route", data=route.astype(np.int8))
-        stamp_all(f)
+    n_img = len(items)
+    nv = np.array([n_views[it.split] for it in items], dtype=np.int64)
+    rows_img = np.repeat(np.arange(n_img), nv)
+    view = np.arange(len(rows_img)) - np.repeat(np.cumsum(nv) - nv, nv)
+    pid = np.array([it.pid for it in items])[rows_img]
+    cam = np.array([it.camid for it in items])[rows_img]
+    outputs = {}
+    for e_i, (e, (_, d)) in enumerate(experts.items()):
+        w = rng.normal(size=(latent, d)) / np.sqrt(latent)
+        bias = rng.normal(scale=1.5, size=(cams + 1, d))
+        if kind == "camera":
+            good = (cam % 2) == e_i % 2  # each expert is reliable on half of the cameras
+        else:
+            good = np.full(len(cam), kind == "twin" or e_i == 0)
+        signal = np.tanh(z[pid] @ w) * np.where(good, 1.0, 0.25)[:, None]
+        x = signal + bias[cam] + rng.normal(scale=0.6, size=(len(pid), d))
+        outputs[e] = {"pooled": x.astype(np.float32)}
+    params = np.zeros((len(rows_img), len(PARAMS)), np.int16)
+    params[:, 0] = params[:, 1] = 10  # no image files behind these rows: a fixed crop, flipped on odd views
+    params[:, 2] = view % 2
+    batch = BatchResult(
+        images=list(range(n_img)), failed_mask=np.zeros(n_img, bool), reasons=[""] * n_img, ok_images=list(range(n_img)),
+        widths=np.zeros(n_img, np.int32), heights=np.zeros(n_img, np.int32), sha1=np.full(n_img, b"", dtype="S40"),
+        params=params, first_view_index=np.cumsum(nv) - nv, outputs=outputs,
+    )
+    route = {"camera": (cam % 2) % len(experts), "dominant": np.zeros(len(cam), np.int64),
+             "twin": np.full(len(cam), -1)}[kind]
+    writer = CacheWriter(path)
+    try:
+        writer.write(batch)
+        writer.annotate("route", route.astype(np.int8), kind=kind, experts=json.dumps(list(experts)),
+                        doc="route: per view row, the index of the expert known to be reliable (-1: none), for moe-oracle")
+    finally:
+        writer.close()
     return path

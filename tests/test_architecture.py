@@ -104,3 +104,22 @@ def test_no_import_cycle_between_the_cache_modules():
     assert {"store", "checksum", "shards", "fileformat"} <= set(graph) and graph["fileformat"] <= {"lock"}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_only_the_cache_package_touches_hdf5():
+    """Stages read and write featcache's files through ``featcache.cache`` (issue 23): no module outside it imports
+    h5py or opens a file with ``open_cache`` (which hands out the raw h5py.File), so none names a path inside one."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.parent.name == "cache" and path.parent.parent == PKG:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [a.name for a in node.names]
+            bad = [n for n in names if n.split(".")[0] == "h5py" or n in ("open_cache", "read_checked", "read_rows")]
+            if bad:
+                offenders.append(f"{path.relative_to(PKG.parent)}: {', '.join(bad)}")
+    assert not offenders, "outside featcache.cache: " + "; ".join(offenders)

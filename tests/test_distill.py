@@ -106,7 +106,7 @@ def test_unknown_student_lists_the_known_ones(tmp_path):
 def test_replayed_views_equal_the_pixels_extraction_fed_the_backbones(market_cache, market_root, tmp_path, monkeypatch):
     """Every cached training view, rebuilt from images and from the pixel cache, equals the mapper's input."""
     from featcache.distill.data import ViewDataset
-    from featcache.distill.pixelcache import build_pixel_cache
+    from featcache.cache.pixelcache import build_pixel_cache
     from featcache.extract.runner import run_extract
     from conftest import extract_cfg, record_mapper_inputs
 
@@ -130,7 +130,7 @@ def test_replayed_views_equal_the_pixels_extraction_fed_the_backbones(market_cac
 
 
 def test_pixel_cache_resumes_and_refuses_other_images_or_sizes(market_cache, market_root, tmp_path):
-    from featcache.distill.pixelcache import build_pixel_cache, check_pixel_cache
+    from featcache.cache.pixelcache import build_pixel_cache, check_pixel_cache
 
     px = tmp_path / "px.h5"
     first = build_pixel_cache(px, market_cache)
@@ -157,7 +157,7 @@ def test_pixel_cache_resumes_and_refuses_other_images_or_sizes(market_cache, mar
 
 
 def test_changed_image_is_named(market_cache, market_root, tmp_path):
-    from featcache.distill.pixelcache import build_pixel_cache
+    from featcache.cache.pixelcache import build_pixel_cache
 
     root = tmp_path / "root"
     shutil.copytree(market_root, root)

@@ -84,7 +84,7 @@ def test_trains_from_the_cache_alone(fcache, tmp_path, monkeypatch):
 
 def test_teacher_targets_reader(fcache, tmp_path):
     from featcache.cache import open_cache, read_identity
-    from featcache.gate.targets import TeacherTargets
+    from featcache.cache.targets import TeacherTargets
 
     res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=1))
     with open_cache(fcache) as f:
@@ -108,7 +108,7 @@ def test_teacher_targets_hold_the_retrieval_feature_and_the_held_out_identities(
     rank exactly as the run's own validation did (the same mAP as val.json)."""
     import json
 
-    from featcache.gate.targets import TeacherTargets
+    from featcache.cache.targets import TeacherTargets
     from featcache.evaluation.heldout import evaluate_split
 
     res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=2, val_ids=4))

@@ -62,7 +62,7 @@ def test_reservation_failure_leaves_nothing_and_a_rerun_works(market_root, marke
 
 
 def test_disk_full_during_the_run_is_one_line_and_resumes(market_root, market_cache, tmp_path, monkeypatch):
-    from featcache.cache.store import CacheWriter
+    from featcache.cache.writer import CacheWriter
 
     real, calls = CacheWriter.write, {"n": 0}
 

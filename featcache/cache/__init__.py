@@ -1,15 +1,19 @@
-"""The HDF5 feature cache: storage (``store``), identity (``identity``), reading (``reader``), view pixels (``pixels``)."""
+"""featcache's HDF5 files behind one interface: the file formats and their one door (``fileformat``), creating
+a feature cache (``store``), writing it (``writer``), reading it (``reader``), its identity (``identity``),
+checksums (``checksum``), shards (``shards``), the pixels a backbone saw (``pixels``), the pixel cache
+(``pixelcache``) and teacher targets (``targets``). No module outside this package names a path inside these files.
+"""
 
 from featcache.cache.identity import CacheIdentity
-from featcache.cache.reader import CacheSplit, status_counts, summary
+from featcache.cache.reader import CacheReader, CacheSplit, cache_identity, known_route, status_counts, summary
+from featcache.cache.writer import BatchResult, CacheWriter
+from featcache.cache.fileformat import open_featcache
 from featcache.cache.store import (
     DONE,
     FAILED,
     FORMAT_VERSION,
     PENDING,
-    BatchResult,
     CacheError,
-    CacheWriter,
     check_identity,
     create_cache,
     make_identity,
@@ -20,6 +24,7 @@ from featcache.cache.store import (
 )
 
 __all__ = [
-    "DONE", "FAILED", "FORMAT_VERSION", "PENDING", "BatchResult", "CacheError", "CacheIdentity", "CacheSplit",
+    "DONE", "FAILED", "FORMAT_VERSION", "PENDING", "BatchResult", "CacheError", "CacheIdentity", "CacheReader", "CacheSplit",
+    "cache_identity", "known_route", "open_featcache",
     "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "status_counts", "summary",
 ]

@@ -11,7 +11,9 @@ its batch before the batch's status flags.
   ``split``, ``n_views``, ``view_start``, ``width``, ``height`` and ``sha1``.
 
 Readers of pooled features (evaluation, training) check the rows they load;
-``featcache verify`` checks everything and names the images whose rows fail.
+``featcache verify`` checks everything and names the images whose rows fail,
+and, since a row stored with NaN or inf matches its checksum, also names rows
+that hold NaN or inf (readers refuse them too).
 Format 1 caches carry no checksums and are read without checks.
 """
 
@@ -41,6 +43,13 @@ def row_crcs(arr: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.uint32)
     flat = a.reshape(len(a), -1).view(np.uint8).reshape(len(a), -1)
     return np.fromiter((zlib.crc32(r) for r in flat), dtype=np.uint32, count=len(a))
+
+
+def nonfinite_rows(arr: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a float array that hold NaN or inf (none for integer arrays)."""
+    if arr.dtype.kind != "f" or not len(arr):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
 
 
 def image_crcs(fields: dict[str, np.ndarray], paths: np.ndarray) -> np.ndarray:
@@ -143,10 +152,14 @@ def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> Verify
                 live = done[owner[a:b]]
                 if not live.any():
                     continue
-                got = row_crcs(ds[a:b])
+                chunk = ds[a:b]
+                got = row_crcs(chunk)
                 rep.checked_bytes += (b - a) * row_bytes
                 for r in np.flatnonzero(live & (got != want[a:b])):
                     rep.add(owner[a + r], f"backbones/{bname}/{aname}")
+                for r in nonfinite_rows(chunk):  # stored as computed, so its checksum matches: still unusable
+                    if live[r]:
+                        rep.add(owner[a + r], f"backbones/{bname}/{aname} (NaN or inf)")
                 if progress is not None:
                     progress(b - a)
     rep.paths = {i: str(paths[i]) for i in rep.bad}

@@ -1,6 +1,14 @@
-"""The feature cache's file format at its most basic: its name and version, the image status codes, the error
-type, and opening a cache with those checked. Every other module of ``featcache.cache`` builds on this one and it
-on none of them, so that the store, checksums and shards do not import each other in a loop."""
+"""featcache's HDF5 files at their most basic: each format's name and version, the image status codes, the error
+type, and one door (``open_featcache``) that opens any of them with its format and version checked. Every other
+module of ``featcache.cache`` builds on this one and it on none of them, so that the store, checksums and shards do
+not import each other in a loop.
+
+Three formats, all plain HDF5 that h5py reads as documented (docs/cache-format.md):
+
+- ``featcache-cache``: the feature cache (``store``, ``writer``, ``reader``);
+- ``featcache-teacher-targets``: a gate run's outputs per training view (``targets``);
+- ``featcache-pixel-cache``: letterboxed uint8 images for the student (``pixelcache``).
+"""
 
 from __future__ import annotations
 
@@ -15,21 +23,44 @@ from featcache.errors import InputError
 
 FORMAT = "featcache-cache"
 FORMAT_VERSION = 3  # 2: checksums/ (featcache.cache.checksum); 3: views/erase, views/erase_fill (random erasing)
+TARGETS_FORMAT, TARGETS_VERSION = "featcache-teacher-targets", 2  # 2: retrieval, val/
+PIXELS_FORMAT, PIXELS_VERSION = "featcache-pixel-cache", 1
 PENDING, DONE, FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """One of featcache's HDF5 formats: its ``format`` attribute, the newest version this featcache reads, and
+    how messages name such a file."""
+
+    format: str
+    version: int
+    noun: str   # in "X is not a <noun>"
+    short: str  # in "<short> X does not exist"
+
+
+KINDS = {
+    "cache": FileKind(FORMAT, FORMAT_VERSION, "featcache cache", "cache"),
+    "teacher-targets": FileKind(TARGETS_FORMAT, TARGETS_VERSION, "featcache teacher-targets file", "teacher targets"),
+    "pixels": FileKind(PIXELS_FORMAT, PIXELS_VERSION, "featcache pixel cache", "pixel cache"),
+}
 
 
 class CacheError(InputError):
     """A cache file that is not a featcache cache, or does not match the requested run."""
 
 
-def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
-    """Open a featcache cache, refusing other files with a clear message."""
+def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = "") -> h5py.File:
+    """Open one of featcache's HDF5 files (``kind`` in ``KINDS``), refusing a missing file, another kind of file
+    or a newer version with one line that names it (``label``, an option such as ``--pixel-cache``, first)."""
+    fk = KINDS[kind]
     path = Path(path)
+    name = f"{label} {path}" if label else str(path)
     if not path.is_file():
-        raise CacheError(f"cache {path} does not exist")
+        raise CacheError(f"{label or fk.short} {path} does not exist")
     try:
         # featcache's writers hold the writer lock (featcache.cache.lock) and open without HDF5's own file lock,
-        # so that readers can open a cache while it is written: they see the images whose status is set, and a
+        # so that readers can open a file while it is written: they see the images whose status is set, and a
         # status is set only after its batch's rows are flushed. Readers keep HDF5's lock: a foreign writer
         # (plain h5py in 'r+') still makes the file busy.
         f = h5py.File(path, mode, locking=False) if mode == "r+" else h5py.File(path, mode)
@@ -40,15 +71,20 @@ def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
             who = held_by(path)
             raise CacheError(f"{path} is busy: another process has it open ({f'featcache extract, {who}' if who else 'not a featcache writer'}); "
                              "try again when it has finished") from None
-        raise CacheError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
-    if f.attrs.get("format") != FORMAT:
+        raise CacheError(f"{name} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+    if f.attrs.get("format") != fk.format:
         f.close()
-        raise CacheError(f"{path} is not a featcache cache (no format={FORMAT!r} attribute)")
+        raise CacheError(f"{name} is not a {fk.noun} (no format={fk.format!r} attribute)")
     version = int(f.attrs.get("format_version", -1))
-    if version > FORMAT_VERSION:
+    if version > fk.version:
         f.close()
-        raise CacheError(f"{path} has format version {version}, newer than this featcache reads ({FORMAT_VERSION}): upgrade featcache")
+        raise CacheError(f"{name} has format version {version}, newer than this featcache reads ({fk.version}): upgrade featcache")
     return f
+
+
+def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
+    """Open a featcache feature cache, refusing other files with a clear message."""
+    return open_featcache(path, "cache", mode)
 
 
 def window_offsets(f: h5py.File) -> tuple[int, int]:

@@ -1,10 +1,18 @@
-"""Reading a cache: the cached images of a split (identities, cameras, view rows) and a summary of the file."""
+"""Reading a cache: ``CacheReader`` (the one way stages read a cache file), the cached images of a split
+(identities, cameras, view rows) and a summary of the file.
+
+Stages never name the file's HDF5 paths: they ask a ``CacheReader`` for tables by name (``table('pid')``), for
+stored arrays by backbone and output (``read``, every row checked against its checksum and refused when it holds
+NaN or inf), and for the cache's identity. docs/cache-format.md documents the layout for plain h5py users.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +24,125 @@ from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache,
 from featcache.datasets import SPLITS
 
 logger = logging.getLogger(__name__)
+
+TABLES = ("path", "pid", "camid", "split", "status", "reason", "width", "height", "sha1", "n_views", "view_start")
+ANNOTATIONS = "synthetic"  # the one group of annotations a cache may carry (synthetic caches: the known route)
+
+
+class CacheReader:
+    """An open feature cache, for reading: identity, per-image tables, view parameters and stored arrays.
+
+    Use as a context manager (``with CacheReader(path) as c: ...``); ``cache_identity(path)`` reads the
+    identity alone."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.f = open_cache(self.path)
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+    @cached_property
+    def identity(self) -> CacheIdentity:
+        return read_identity(self.f, self.path)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.f.attrs["format_version"])
+
+    @property
+    def tokens(self) -> str:
+        return str(self.f.attrs["tokens"])
+
+    @property
+    def backbones(self) -> list[str]:
+        """The backbones whose outputs the cache stores, in file order."""
+        return list(self.f["backbones"])
+
+    def outputs(self, backbone: str) -> list[str]:
+        """The stored outputs of ``backbone`` (pooled, tokens, attn_XX, ...)."""
+        self._need(backbone)
+        return list(self.f["backbones"][backbone])
+
+    def output_info(self, backbone: str, output: str) -> dict[str, Any]:
+        """Shape, dtype and row kind ('view' or 'image') of one stored output."""
+        ds = self.f["backbones"][backbone][output]
+        return {"shape": tuple(ds.shape), "dtype": np.dtype(ds.dtype), "rows": str(ds.attrs["rows"]), "doc": str(ds.attrs["doc"])}
+
+    def _need(self, backbone: str) -> None:
+        if backbone not in self.f["backbones"]:
+            raise CacheError(f"{self.path} has no backbone {backbone!r}; it holds: {', '.join(self.f['backbones'])}")
+
+    def table(self, name: str) -> np.ndarray:
+        """A per-image table (``TABLES``): one entry per row of the cache's image list (paths as str)."""
+        if name not in TABLES:
+            raise KeyError(f"{name!r}: the image tables are {', '.join(TABLES)}")
+        ds = self.f["images"][name]
+        return ds.asstr()[...] if name == "path" else ds[...]
+
+    def view_params(self) -> np.ndarray:
+        """(rows, 10) int16: each view row's dx, dy, flip, erase (x, y, w, h) and erase fill (featcache.preprocess.PARAMS)."""
+        v = self.f["views"]
+        cols = [v["dx"][...][:, None], v["dy"][...][:, None], v["flip"][...][:, None]]
+        if "erase" in v:  # format 3: random erasing
+            cols += [v["erase"][...], v["erase_fill"][...]]
+        else:
+            cols += [np.zeros((len(cols[0]), 4), np.int16), np.zeros((len(cols[0]), 3), np.int16)]
+        return np.concatenate([c.astype(np.int16) for c in cols], 1)
+
+    def read(self, backbone: str, output: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending or not) of one stored output, each checked against its checksum; rows that
+        hold NaN or inf are refused with the images named."""
+        self._need(backbone)
+        if output not in self.f["backbones"][backbone]:
+            raise CacheError(f"{self.path}: backbone {backbone} stores no {output!r} (it stores {', '.join(self.f['backbones'][backbone])})")
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        if (order == np.arange(len(rows))).all():
+            return read_checked(self.f, backbone, output, rows)
+        out = read_checked(self.f, backbone, output, rows[order])
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        return out[inv]
+
+    def annotation(self, name: str) -> tuple[dict[str, Any], np.ndarray] | None:
+        """An annotation array written with ``CacheWriter.annotate`` (attributes, values), or None."""
+        key = f"{ANNOTATIONS}/{name}"
+        if key not in self.f:
+            return None
+        return dict(self.f[ANNOTATIONS].attrs), self.f[key][...]
+
+    def shard_info(self) -> dict[str, Any] | None:
+        """A distributed extraction's layout (world, batch size), or None for a one-process cache."""
+        return json.loads(self.f.attrs["shards"]) if "shards" in self.f.attrs else None
+
+
+def cache_identity(path: str | Path) -> CacheIdentity:
+    """The identity of the cache at ``path`` (what it was built from), checked."""
+    with CacheReader(path) as c:
+        return c.identity
+
+
+def known_route(cache: CacheReader, rows: np.ndarray, experts: list[str]) -> np.ndarray | None:
+    """The known reliable expert of each view row, as an index into ``experts`` (synthetic caches only; else None)."""
+    ann = cache.annotation("route")
+    if ann is None:
+        return None
+    attrs, route = ann
+    names = json.loads(attrs["experts"])
+    idx = route[rows]
+    known = idx >= 0
+    out = np.full(len(rows), -1, dtype=np.int64)
+    for i, name in enumerate(names):
+        if name in experts:
+            out[known & (idx == i)] = experts.index(name)
+    return out
 
 
 @dataclass
@@ -34,14 +161,13 @@ class CacheSplit:
 
     @classmethod
     def load(cls, cache: Path, split: str) -> "CacheSplit":
-        with open_cache(cache) as f:
-            g = f["images"]
-            keep = (g["split"][...] == SPLITS.index(split)) & (g["status"][...] == DONE)
+        with CacheReader(cache) as c:
+            keep = (c.table("split") == SPLITS.index(split)) & (c.table("status") == DONE)
             idx = np.flatnonzero(keep)
-            check_images(f, idx)
+            check_images(c.f, idx)
             out = cls(
-                Path(cache), split, idx, g["pid"][...][idx], g["camid"][...][idx], g["path"].asstr()[...][idx],
-                g["view_start"][...][idx], g["n_views"][...][idx], read_identity(f, cache),
+                Path(cache), split, idx, c.table("pid")[idx], c.table("camid")[idx], c.table("path")[idx],
+                c.table("view_start")[idx], c.table("n_views")[idx], c.identity,
             )
         if idx.size == 0:
             raise CacheError(f"{cache} holds no cached {split} images")
@@ -70,10 +196,8 @@ class CacheSplit:
         rows = self.rows(view)
         if subset is not None:
             rows = rows[subset]
-        with open_cache(self.cache) as f:
-            if backbone not in f["backbones"]:
-                raise CacheError(f"{self.cache} has no backbone {backbone!r}; it holds: {', '.join(f['backbones'])}")
-            return read_checked(f, backbone, array, rows)
+        with CacheReader(self.cache) as c:
+            return c.read(backbone, array, rows)
 
 
 def status_counts(path: str | Path) -> dict[str, dict[str, int]]:

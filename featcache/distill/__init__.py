@@ -2,6 +2,6 @@
 
 Modules: ``config`` (the options), ``students`` (architectures and the head),
 ``losses`` (Eq. 10-12, 16), ``data`` (teacher targets, maps and view pixels),
-``pixelcache`` (decoded images in HDF5), ``train`` (the loop), ``runner``,
+``train`` (the loop), ``runner``,
 ``features`` (the ``student:`` model kind), ``profile`` and ``export`` (ONNX).
 """

@@ -4,7 +4,7 @@ Every training step picks one cached view of each image and rebuilds its
 pixels from the stored parameters (crop, flip, erasing), so the student's
 input and the teacher's targets belong to the same pixels. Pixels come from
 the image files (``featcache.cache.pixels.ViewPixels``, decoding each time)
-or from a pixel cache (``featcache.distill.pixelcache``), in DataLoader
+or from a pixel cache (``featcache.cache.pixelcache``), in DataLoader
 workers; targets come from the gate run's ``teacher_targets.h5``; the
 teacher's attention maps from the cache's ``attn_*`` arrays.
 """
@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.cache import CacheIdentity, open_cache, read_checked
+from featcache.cache import CacheIdentity, CacheReader
 from featcache.cache.pixels import ViewPixels
-from featcache.cache.store import read_identity
-from featcache.distill.pixelcache import PixelReader
+from featcache.cache.pixelcache import PixelReader
 from featcache.errors import InputError
-from featcache.gate.targets import TARGETS, TeacherTargets
+from featcache.cache.targets import TARGETS, TeacherTargets
 from featcache.preprocess import view_of
 from featcache.progress import progress
 from featcache.training.rundir import RunDir, state_digest
@@ -62,9 +61,9 @@ class Teacher:
 def load_teacher(gate: Path, cache: Path) -> Teacher:
     """The targets of gate run ``gate``, refused when unfinished, missing, or made from another cache."""
     rd, _, meta, weights = RunDir.open(Path(gate), "train-gate")
-    with open_cache(cache) as f:
-        ident = read_identity(f, cache)
-        view_start_all = f["images/view_start"][...]
+    with CacheReader(cache) as c:
+        ident = c.identity
+        view_start_all = c.table("view_start")
     if meta["cache_identity"] != ident.digest():
         raise InputError(f"--gate {gate} was trained on another cache (identity {meta['cache_identity']}, {cache} is {ident.digest()})")
     path = Path(gate) / TARGETS
@@ -85,9 +84,9 @@ def attention_names(cache: Path, experts: list[str], required: bool = True) -> d
     """Each expert's four cached attention maps, shallowest first (paired with the student's stages 1-4);
     None when some expert lacks them and they are not ``required``."""
     out = {}
-    with open_cache(cache) as f:
+    with CacheReader(cache) as c:
         for e in experts:
-            names = sorted(k for k in f["backbones"][e] if k.startswith("attn_"))
+            names = sorted(k for k in c.outputs(e) if k.startswith("attn_"))
             if len(names) != 4:
                 if not required:
                     return None
@@ -99,14 +98,9 @@ def attention_names(cache: Path, experts: list[str], required: bool = True) -> d
 
 def read_teacher_maps(cache: Path, rows: np.ndarray, names: dict[str, list[str]]) -> list[list[torch.Tensor]]:
     """``maps[stage][expert]``: (N, H, W) float tensors of the cache's view rows ``rows`` (checksummed)."""
-    order = np.argsort(rows, kind="stable")
-    inv = np.empty_like(order)
-    inv[order] = np.arange(len(order))
     experts = list(names)
-    per_expert = []
-    with open_cache(cache) as f:
-        for e in experts:
-            per_expert.append([torch.from_numpy(read_checked(f, e, n, rows[order])[inv].astype(np.float32)) for n in names[e]])
+    with CacheReader(cache) as c:
+        per_expert = [[torch.from_numpy(c.read(e, n, rows).astype(np.float32)) for n in names[e]] for e in experts]
     return [[per_expert[k][j] for k in range(len(experts))] for j in range(4)]
 
 

@@ -238,11 +238,10 @@ def _backbone(preset: Path, dev: torch.device, fallback: tuple[int, int] | None)
 
 def _cache_image_size(cache: Path, fallback: tuple[int, int] | None) -> tuple[tuple[int, int], str]:
     """The teacher's input size: its cache's preprocessing, else the size given, else 256x256."""
-    from featcache.cache import open_cache, read_identity
+    from featcache.cache import cache_identity
 
     try:
-        with open_cache(cache) as f:
-            size = read_identity(f, cache).preprocessing.get("image_size")
+        size = cache_identity(cache).preprocessing.get("image_size")
         if size and len(size) == 2:
             if fallback is not None and tuple(fallback) != tuple(size):
                 logger.warning("the teacher's cache %s is at %dx%d: profiling at that size, not the %dx%d given", cache, *size, *fallback)

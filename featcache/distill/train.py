@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from featcache.distill.config import LOSSES, DistillConfig
 from featcache.distill.data import Teacher, ViewDataset, attention_names, check_image_files, load_teacher, read_teacher_maps
 from featcache.distill.losses import attention_loss, feature_loss, kd_loss, relation_loss
-from featcache.distill.pixelcache import build_pixel_cache
+from featcache.cache.pixelcache import build_pixel_cache
 from featcache.distill.students import Student, StudentOutputs, build_student, normalize
 from featcache.errors import InputError
 from featcache.evaluation.heldout import evaluate_split

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheSplit, open_cache, read_identity, status_counts
+from featcache.cache import CacheError, CacheSplit, cache_identity, status_counts
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import FeatureContext, parse_model
@@ -106,16 +106,14 @@ class Evaluation:
 
 def _check_compatible(source: Path, target: CacheSplit) -> None:
     """Cross-domain: the target cache must be made like the source (training) cache, or features do not transfer."""
-    with open_cache(source) as f:
-        src = read_identity(f, source)
+    src = cache_identity(source)
     diffs = src.transfer_differences(target.identity)
     if diffs:
         raise InputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
 
 
 def _cache_summary(path: Path) -> dict[str, Any]:
-    with open_cache(path) as f:
-        ident = read_identity(f, path)
+    ident = cache_identity(path)
     return {"dataset": ident.dataset, "items": ident.items, "identity": ident.digest()}
 
 

@@ -18,11 +18,10 @@ import torch
 from featcache.backbones import build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
 from featcache.cache.store import restore_static
-from featcache.cache import PENDING, CacheError, BatchResult, CacheWriter, check_identity, create_cache, make_identity, open_cache, summary
+from featcache.cache import PENDING, BatchResult, CacheError, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
 from featcache.cache.shards import (
-    Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_info, shard_path, shard_status, write_master,
+    Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,
 )
-from featcache.errors import InputError
 from featcache.extract.distributed import Group, Ranks, rank_device, ranks_from_env
 from featcache.config import save_resolved
 from featcache.errors import RunError
@@ -109,8 +108,8 @@ def _prepare_single(job: _Job) -> None:
             if "busy" in str(exc) or "cannot be resumed" in str(exc):
                 raise
             raise CacheError(f"{exc}; use --overwrite to replace it, or choose another --out") from None
-        with open_cache(out) as f:
-            info = shard_info(f)
+        with CacheReader(out) as c:
+            info = c.shard_info()
         if info is not None:
             raise CacheError(f"{out} was extracted by {info['world']} ranks: resume it with torchrun --nproc-per-node "
                              f"{info['world']} (across all nodes) and --batch-size {info['batch_size']}, or use --overwrite, or another --out")
@@ -202,8 +201,8 @@ def _extract_shard(job: _Job, window: Window, final: Path) -> ExtractResult:
     else:
         create_cache(part, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, window)
     result = _extract_into(job, part, window)
-    with open_cache(part) as f:
-        pending = int((f["images/status"][...] == PENDING).sum())
+    with CacheReader(part) as c:
+        pending = int((c.table("status") == PENDING).sum())
     if pending:
         raise RunError(f"{part}: {pending} images still pending after the run")
     os.replace(part, final)  # published: a shard under its final name is complete
@@ -215,8 +214,8 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
     """Extract every pending image of ``out`` (a whole cache, or a shard's window of it)."""
     cfg, listing, device = job.cfg, job.listing, job.device
     n_items = len(listing.items)
-    with open_cache(out) as f:
-        status = f["images/status"][...]
+    with CacheReader(out) as c:
+        status = c.table("status")
     pending = np.zeros(n_items, dtype=bool)
     lo = window.images[0] if window else 0
     hi = min(n_items, lo + len(status))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheIdentity, CacheSplit, open_cache, read_checked, status_counts
+from featcache.cache import CacheError, CacheIdentity, CacheReader, CacheSplit, known_route, status_counts
 from featcache.errors import InputError
 from featcache.training.validation import val_identities, val_queries
 
@@ -73,16 +72,16 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
     weights = [ident.weights(e) for e in experts]
     held = np.isin(split.pids, val_identities(split.pids, val_ids))
     val = None
-    with open_cache(cache) as f:
+    with CacheReader(cache) as c:
         if held.any():
             vrows = split.view_start[held]
-            val = ValData([read_checked(f, e, "pooled", vrows).astype(np.float32) for e in experts], split.pids[held],
-                          split.camids[held], val_queries(split.pids[held], split.camids[held]), read_route(f, vrows, experts),
+            val = ValData([c.read(e, "pooled", vrows).astype(np.float32) for e in experts], split.pids[held],
+                          split.camids[held], val_queries(split.pids[held], split.camids[held]), known_route(c, vrows, experts),
                           split.images[held])
             split = split.subset(~held)
         rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
-        feats = [read_checked(f, e, "pooled", rows).astype(np.float32) for e in experts]
-        route = read_route(f, rows, experts)
+        feats = [c.read(e, "pooled", rows).astype(np.float32) for e in experts]
+        route = known_route(c, rows, experts)
     local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
     pids, labels = np.unique(split.pids, return_inverse=True)
     logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),
@@ -92,17 +91,3 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
                     int(val.query.sum()))
     return TrainData(experts, families, weights, feats, local_start, split.n_views.astype(np.int64), labels.astype(np.int64),
                      pids, split.camids, split.images, ident, route, val)
-
-
-def read_route(f, rows: np.ndarray, experts: list[str]) -> np.ndarray | None:
-    """The known reliable expert of each row, as an index into ``experts`` (synthetic caches only; else None)."""
-    if "synthetic/route" not in f:
-        return None
-    names = json.loads(f["synthetic"].attrs["experts"])
-    idx = f["synthetic/route"][...][rows]
-    known = idx >= 0
-    out = np.full(len(rows), -1, dtype=np.int64)
-    for i, name in enumerate(names):
-        if name in experts:
-            out[known & (idx == i)] = experts.index(name)
-    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheSplit, open_cache, read_checked
+from featcache.cache import CacheReader, CacheSplit, known_route
 from featcache.errors import InputError
 from featcache.evaluation.features import FeatureContext, FeatureSource, register_kind
 from featcache.evaluation.search import l2_normalize
@@ -33,7 +33,6 @@ class GateFeatures:
     def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
         import torch
 
-        from featcache.gate.data import read_route
         from featcache.gate.model import DIM
         from featcache.runtime import resolve_device
 
@@ -51,13 +50,13 @@ class GateFeatures:
         per_row = 4 * (sum(meta["dims"]) + 4 * DIM * len(meta["experts"]) + 2 * DIM)
         block = ctx.rows_per_block(per_row)
         out = np.zeros((len(split), DIM), dtype=np.float32)
-        with open_cache(split.cache) as f, torch.inference_mode():
+        with CacheReader(split.cache) as c, torch.inference_mode():
             for v in views:
                 rows = split.rows(v)
                 for s in range(0, len(rows), block):
-                    xs = [torch.from_numpy(read_checked(f, e, "pooled", rows[s: s + block]).astype(np.float32)).to(device)
+                    xs = [torch.from_numpy(c.read(e, "pooled", rows[s: s + block]).astype(np.float32)).to(device)
                           for e in meta["experts"]]
-                    route = read_route(f, rows[s: s + block], meta["experts"]) if oracle else None
+                    route = known_route(c, rows[s: s + block], meta["experts"]) if oracle else None
                     if oracle and (route is None or (route < 0).any()):
                         raise InputError(f"{self.run} routes by known experts (moe-oracle), which {split.cache} does not record")
                     rt = torch.from_numpy(route).to(device) if route is not None else None

@@ -32,10 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 def default_experts(cache: Path) -> tuple[str, ...]:
-    from featcache.cache import open_cache
+    from featcache.cache import CacheReader
 
-    with open_cache(cache) as f:
-        return tuple(sorted(f["backbones"]))
+    with CacheReader(cache) as c:
+        return tuple(sorted(c.backbones))
 
 
 def single_expert_index(fusion: str, families: list[str]) -> int | None:

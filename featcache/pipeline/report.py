@@ -83,11 +83,9 @@ def write_report(plan) -> Path:
 def standin_backbones_of(plan) -> list[str]:
     """The cached backbones that are stand-ins, whether the pipeline trained them or the extract section named weights."""
     from featcache.backbones.presets import PresetError, available_presets, get_preset
-    from featcache.cache import open_cache
-    from featcache.cache.store import read_identity
+    from featcache.cache import cache_identity
 
-    with open_cache(plan.cache) as f:
-        names = list(read_identity(f, plan.cache).backbones)
+    names = list(cache_identity(plan.cache).backbones)
     known = set(available_presets())  # caches written by tests and benchmarks may name simulated backbones
     try:
         return [n for n in names if n in known and get_preset(n).standin]

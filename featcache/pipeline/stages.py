@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from featcache.cache import open_cache
-from featcache.cache.store import items_digest, read_identity
+from featcache.cache import cache_identity
+from featcache.cache.store import items_digest
 from featcache.datasets import load_listing
 from featcache.distill.data import file_digest
 from featcache.fileio import atomic_write
@@ -195,8 +195,7 @@ def _extract(plan: Plan) -> Stage:
 
 
 def _cache_id(plan: Plan) -> str:
-    with open_cache(plan.cache) as f:
-        return read_identity(f, plan.cache).digest()
+    return cache_identity(plan.cache).digest()
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -227,7 +226,7 @@ def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
 
     def build() -> tuple[Any, dict]:
         cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
-        from featcache.gate.targets import TARGETS_VERSION  # a gate whose targets predate this version trains again
+        from featcache.cache.fileformat import TARGETS_VERSION  # a gate whose targets predate this version trains again
 
         return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}, "cache": _cache_id(plan),
                      "targets_version": TARGETS_VERSION}
@@ -314,8 +313,7 @@ def _profile(plan: Plan) -> Stage:
         return [m for m in out if m and not m.startswith("concat:")]
 
     def image_size() -> tuple[int, int]:
-        with open_cache(plan.cache) as f:
-            return tuple(read_identity(f, plan.cache).preprocessing["image_size"])
+        return tuple(cache_identity(plan.cache).preprocessing["image_size"])
 
     def key() -> dict:
         from featcache.runtime import resolve_device

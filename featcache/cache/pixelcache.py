@@ -24,42 +24,31 @@ import h5py
 import numpy as np
 
 from featcache import __version__
-from featcache.cache import open_cache
 from featcache.cache.checksum import row_crcs
+from featcache.cache.fileformat import DONE, PIXELS_FORMAT, PIXELS_VERSION, open_featcache
 from featcache.cache.lock import WriterLock
 from featcache.cache.pixels import ViewPixels
-from featcache.cache.store import DONE, read_identity
+from featcache.cache.reader import CacheReader
 from featcache.errors import InputError
 from featcache.progress import progress
 
 logger = logging.getLogger(__name__)
 
-PIXELS_FORMAT = "featcache-pixel-cache"
-PIXELS_VERSION = 1
 WRITE_BATCH = 64
 
 
 def _source(cache: Path) -> tuple[str, tuple[int, int], str, np.ndarray, np.ndarray, np.ndarray]:
     """What the pixel cache must match: the cache's identity digest, input size, root, paths, SHA-1s, statuses."""
-    with open_cache(cache) as f:
-        ident = read_identity(f, cache)
-        g = f["images"]
+    with CacheReader(cache) as c:
+        ident = c.identity
         return (ident.digest(), tuple(ident.preprocessing["image_size"]), ident.dataset_root,
-                g["path"].asstr()[...], g["sha1"][...], g["status"][...])
+                c.table("path"), c.table("sha1"), c.table("status"))
 
 
 def check_pixel_cache(path: Path, cache: Path) -> None:
     """Refuse a pixel cache made for another cache, other images or another size (one line naming what differs)."""
     digest, size, _, _, sha1, _ = _source(cache)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"--pixel-cache {path}: not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
-    with f:
-        if f.attrs.get("format") != PIXELS_FORMAT:
-            raise InputError(f"--pixel-cache {path}: not a featcache pixel cache (no format={PIXELS_FORMAT!r})")
-        if int(f.attrs.get("format_version", 0)) > PIXELS_VERSION:
-            raise InputError(f"--pixel-cache {path}: version {f.attrs['format_version']}, newer than this featcache reads ({PIXELS_VERSION})")
+    with open_featcache(path, "pixels", label="--pixel-cache") as f:
         have = tuple(int(v) for v in f.attrs["image_size"])
         if have != size:
             raise InputError(f"--pixel-cache {path} holds {have[0]}x{have[1]} images, but {cache} was extracted at "
@@ -83,11 +72,11 @@ def build_pixel_cache(path: Path, cache: Path, root: Path | None = None) -> dict
             check_pixel_cache(path, cache)
         else:
             _create(path, digest, size, paths, sha1)
-        with h5py.File(path, "r") as f:
+        with open_featcache(path, "pixels", label="--pixel-cache") as f:
             todo = np.flatnonzero((status == DONE) & ~f["done"][...])
         if not len(todo):  # complete: nothing to write (and readers in this process may keep it open)
             return {"path": str(path), "decoded": 0, "images": int((status == DONE).sum()), "seconds": 0.0}
-        with h5py.File(path, "r+") as f:
+        with open_featcache(path, "pixels", "r+", label="--pixel-cache") as f:
             t0 = time.perf_counter()
             bar = progress(total=len(todo), desc=f"pixel cache {path.name}", unit="img")
             for s in range(0, len(todo), WRITE_BATCH):
@@ -140,7 +129,7 @@ class PixelReader:
 
     def _open(self) -> None:
         """Open once per process; the small tables stay in memory (an HDF5 lookup costs ~100 us, a row read ~10 us)."""
-        self._f = h5py.File(self.path, "r")
+        self._f = open_featcache(self.path, "pixels", label="--pixel-cache")
         self._image = self._f["image"]
         self._done, self._crc = self._f["done"][...], self._f["crc"][...]
 
