@@ -227,7 +227,7 @@ def _datasets() -> list[str]:
 
 
 def _extract_options(f: Callable) -> Callable:
-    from featcache.extract.config import TOKEN_MODES, ExtractConfig as C
+    from featcache.extract.config import MAPPERS, TOKEN_MODES, ExtractConfig as C
 
     return stack(f, [
         opt(C, "dataset", type=LazyChoice(_datasets), help="Dataset layout."),
@@ -236,7 +236,7 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "out", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write or resume."),
         opt(C, "views", type=int, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2)."),
         opt(C, "batch_size", type=int, help="Images per batch (keep it fixed across a resume for bit-equal results)."),
-        opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU, up to 8 on CUDA).  [default: auto]"),
+        opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU; on CUDA, this rank's share of the cores less one).  [default: auto]"),
         opt(C, "device", type=click.Choice(DEVICES), help="Where the backbones run."),
         opt(C, "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir)."),
         opt(C, "random_init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results)."),
@@ -246,6 +246,10 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "image_size", help="Input size N or HxW (256x128 is usual for persons).", fmt=lambda v: f"{v[0]}x{v[1]}"),
         opt(C, "aug_seed", type=int, help="Seed of the stored training augmentations."),
         opt(C, "skip_bad_names", is_flag=True, help="Record files that break the naming rule as failed instead of stopping."),
+        opt(C, "float32", multiple=True, metavar="OUTPUT", help="Store this output as float32 (tokens are float16 by default): "
+            "OUTPUT or PRESET:OUTPUT, globs allowed; repeat for several. Decided when the cache is created; a resumed cache keeps its dtypes."),
+        opt(C, "mapper", type=click.Choice(MAPPERS), help="overlapped: checked and cast on the device, copied beside the next batch; "
+            "plain: the reference path (forward, float32 to the host, cast by NumPy), for checks and benchmarks."),
         set_option(C),
     ])
 
@@ -377,7 +381,7 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "kd_temperature", type=float, help="Temperature T of L_KD (Eq. 16)."),
         opt(C, "kd_space", type=click.Choice(list(KD_SPACES)), help="retrieval: L_feat and L_rel on the L2-normalised retrieval "
             "features (scale-free); literal: Eq. 10 and 12 on the teacher's raw F_t."),
-        opt(C, "workers", help="Decoding processes: a number or auto (0 on CPU, up to 8 on CUDA).  [default: auto]"),
+        opt(C, "workers", help="Decoding processes: a number or auto (0 on CPU; on CUDA, this rank's share of the cores less one).  [default: auto]"),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         set_option(C),
     ])

@@ -86,9 +86,9 @@ def record_mapper_inputs(monkeypatch) -> list:
     seen: list = []
     real = mapper.Mapper.__call__
 
-    def spy(self, views):
+    def spy(self, views, first_view):
         seen.append(views.clone())
-        return real(self, views)
+        return real(self, views, first_view)
 
     monkeypatch.setattr(mapper.Mapper, "__call__", spy)
     return seen

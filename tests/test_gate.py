@@ -98,6 +98,11 @@ def test_teacher_targets_reader(fcache, tmp_path):
     with pytest.raises(InputError, match="made from another cache"):
         TeacherTargets.load(res.targets, cache_identity="0" * 40)
     with h5py.File(res.targets, "r+") as f:
+        f["logits"][7, 2] = np.inf
+        image7 = int(f["image"][7])
+    with pytest.raises(InputError, match=f"1 row\\(s\\) of logits hold NaN or inf \\(cache image rows {image7}\\)"):
+        TeacherTargets.load(res.targets)
+    with h5py.File(res.targets, "r+") as f:
         f.attrs["format_version"] = 99
     with pytest.raises(InputError, match="version 99, newer"):
         TeacherTargets.load(res.targets)

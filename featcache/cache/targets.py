@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from featcache import __version__
+from featcache.cache.checksum import nonfinite_rows
 from featcache.cache.fileformat import TARGETS_FORMAT, TARGETS_VERSION, open_featcache
 from featcache.errors import InputError
 from featcache.fileio import atomic_write
@@ -109,6 +110,12 @@ class TeacherTargets:
             if cache_identity is not None and f.attrs["cache_identity"] != cache_identity:
                 raise InputError(f"{path} was made from another cache (identity {f.attrs['cache_identity']}, this cache {cache_identity})")
             arrays = {k: f[k][...] for k in ("image", "view", "label", "label_pids", "feature", "logits", "gates")}
+            for name in ("feature", "logits", "gates", "retrieval"):
+                bad = nonfinite_rows(f[name][...]) if name in f else np.zeros(0, np.int64)
+                if bad.size:
+                    raise InputError(f"{path}: {bad.size} row(s) of {name} hold NaN or inf (cache image rows "
+                                     f"{', '.join(str(int(i)) for i in arrays['image'][bad][:5])}{' ...' if bad.size > 5 else ''}); "
+                                     "featcache refuses to distil from them: train the gate again")
             digest = f.attrs.get("weights_digest")
             val = ValTargets(**{k: f["val"][k][...] for k in ("image", "pid", "camid", "query", "retrieval")}) if "val" in f else None
             return cls(path, json.loads(f.attrs["experts"]), str(f.attrs["cache_identity"]), str(f.attrs["run"]), **arrays,

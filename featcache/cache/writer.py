@@ -31,7 +31,8 @@ class BatchResult:
     sha1: np.ndarray
     params: np.ndarray             # (rows, 10) featcache.preprocess.PARAMS
     first_view_index: np.ndarray   # row of view 0 of each ok image within the batch
-    outputs: dict[str, dict[str, np.ndarray]]
+    outputs: dict[str, dict[str, np.ndarray]]  # stored arrays only: a row per view row, or per ok image for
+    #                                            arrays with one row per image (tokens of view 0)
 
 
 class CacheWriter:
@@ -76,7 +77,7 @@ class CacheWriter:
                     if oname not in bg:
                         continue
                     if bg[oname].attrs["rows"] == "image":
-                        self._put_checked(bg[oname], f"backbones/{bname}/{oname}", ok_idx, arr[batch.first_view_index])
+                        self._put_checked(bg[oname], f"backbones/{bname}/{oname}", ok_idx, arr)
                     else:
                         self._put_checked(bg[oname], f"backbones/{bname}/{oname}", rows, arr)
             for name, arr in (("width", batch.widths), ("height", batch.heights), ("sha1", batch.sha1)):

@@ -12,6 +12,13 @@ from featcache.preprocess import parse_size
 from featcache.runtime import check_device_name
 
 TOKEN_MODES = ("view0", "all", "none")
+MAPPERS = ("overlapped", "plain")
+
+
+def parse_names(value) -> tuple[str, ...]:
+    """Repeated or comma-separated names as a tuple."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
 
 
 def parse_weights(value) -> dict[str, str]:
@@ -60,6 +67,8 @@ class ExtractConfig(StageConfig):
     aug_seed: int = 0
     random_init: bool = False
     skip_bad_names: bool = False
+    float32: tuple[str, ...] = parser(parse_names, default=())  # outputs stored as float32 (OUTPUT or PRESET:OUTPUT, globs)
+    mapper: str = "overlapped"           # plain: the reference path (benchmarks and checks)
 
     def __post_init__(self) -> None:
         get_reader(self.dataset)
@@ -79,5 +88,7 @@ class ExtractConfig(StageConfig):
         if self.tokens not in TOKEN_MODES:
             raise ConfigError(f"--tokens {self.tokens!r}: expected one of {', '.join(TOKEN_MODES)}")
         check_device_name(self.device)
+        if self.mapper not in MAPPERS:
+            raise ConfigError(f"--mapper {self.mapper!r}: expected one of {', '.join(MAPPERS)}")
         if self.repair and self.overwrite:
             raise ConfigError("--repair and --overwrite exclude each other (--overwrite starts the cache anew)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -42,8 +43,8 @@ def die_with_parent(worker_id: int) -> None:
 @dataclass(frozen=True)
 class Decoded:
     index: int
-    views: np.ndarray | None   # (V, H, W, 3) uint8
-    params: np.ndarray | None  # (V, 10) int16: featcache.preprocess.PARAMS
+    views: np.ndarray | None   # (V, H, W, 3) uint8; None once ``collate`` has stacked them (and for failures)
+    params: np.ndarray | None  # (V, 10) int16: featcache.preprocess.PARAMS; None: the file failed
     width: int = 0
     height: int = 0
     sha1: str = ""
@@ -81,17 +82,48 @@ class ImageReader(torch.utils.data.Dataset):
         return Decoded(index, views, params, img.width, img.height, hashlib.sha1(data).hexdigest(), exif_rotated=rotated)
 
 
-def collate(records: list[Decoded]) -> list[Decoded]:
-    """Keep records as they are; the runner stacks the views of the images that decoded."""
-    return records
+@dataclass
+class DecodedBatch:
+    """One batch as the loader delivers it: the records (without their pixels) and every decoded view stacked
+    once, in the worker, into one (rows, H, W, 3) uint8 tensor that the loader's pin-memory thread pins on CUDA
+    (``pin_memory``), so the copy to the device can run without waiting."""
+
+    records: list[Decoded]
+    views: torch.Tensor
+
+    @property
+    def ok(self) -> list[Decoded]:
+        """The records that decoded, in row order."""
+        return [r for r in self.records if r.params is not None]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.array([len(r.params) for r in self.ok], dtype=np.int64)
+
+    @property
+    def first_view(self) -> np.ndarray:
+        """The row of view 0 of each decoded image within the batch."""
+        c = self.counts
+        return (np.cumsum(c) - c).astype(np.int64)
+
+    def pin_memory(self) -> "DecodedBatch":
+        return DecodedBatch(self.records, self.views.pin_memory())
+
+    def nchw(self) -> torch.Tensor:
+        """(rows, 3, H, W) uint8, a view of the same memory."""
+        return self.views.permute(0, 3, 1, 2)
+
+
+def collate(records: list[Decoded]) -> DecodedBatch:
+    """Stack the decoded images' views once and keep the records without their pixels."""
+    arrays = [r.views for r in records if r.views is not None]
+    views = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty((0, 0, 0, 3), dtype=torch.uint8)
+    return DecodedBatch([dataclasses.replace(r, views=None) for r in records], views)
 
 
 def stack_views(records: Sequence[Decoded]) -> torch.Tensor:
     """(rows, 3, H, W) uint8 tensor of every view of every decoded record, in order."""
-    arrays = [r.views for r in records if r.views is not None]
-    if not arrays:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2)
+    return collate(list(records)).nchw()
 
 
 class BlockSampler(torch.utils.data.Sampler):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import os
 import signal
@@ -15,23 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.backbones import build_backbone
+from featcache.backbones import OutputSpec, build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
 from featcache.cache.store import restore_static
-from featcache.cache import PENDING, BatchResult, CacheError, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
+from featcache.cache import PENDING, CacheError, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
 from featcache.cache.shards import (
     Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,
 )
 from featcache.extract.distributed import Group, Ranks, rank_device, ranks_from_env
 from featcache.config import save_resolved
-from featcache.errors import RunError
+from featcache.errors import ConfigError, RunError
 from featcache.datasets import load_listing
 from featcache.extract.config import ExtractConfig
-from featcache.extract.mapper import Mapper
+from featcache.extract.mapper import Stored, make_mapper, stored_layout
 from featcache.cache.lock import WriterLock
-from featcache.extract.reader import BlockSampler, die_with_parent, ImageReader, collate, stack_views
-from featcache.extract.writer import BackgroundWriter
-from featcache.preprocess import AUG_PAD, ERASE_AREA, ERASE_ASPECT, ERASE_FILL, ERASE_P, PARAMS
+from featcache.extract.reader import BlockSampler, DecodedBatch, die_with_parent, ImageReader, collate
+from featcache.extract.writer import BackgroundWriter, MappedBatch, settle
+from featcache.preprocess import AUG_PAD, ERASE_AREA, ERASE_ASPECT, ERASE_FILL, ERASE_P
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers
 
@@ -45,6 +47,9 @@ class ExtractResult:
     processed: int
     seconds: float
     summary: dict[str, Any]
+    bytes_out: int = 0       # stored outputs copied off the device, counted at the copy calls
+    check_bytes: int = 0     # value-check codes copied off the device
+    stored_bytes: int = 0    # what the cache's arrays hold for the images processed (decoded ones)
 
     @property
     def images_per_second(self) -> float:
@@ -58,7 +63,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     logger.info("dataset: %s", listing.summary())
     device = rank_device(resolve_device(cfg.device), ranks)
     backbones = {n: build_backbone(n, cfg.image_size, cfg.weights.get(n), cfg.random_init) for n in cfg.backbones}
-    specs = {n: b.output_specs() for n, b in backbones.items()}
+    specs = with_float32({n: b.output_specs() for n, b in backbones.items()}, cfg.float32)
     n_views = {"train": cfg.views, "query": min(cfg.views, 2), "gallery": min(cfg.views, 2)}
     preprocessing = {
         "image_size": list(cfg.image_size),
@@ -80,6 +85,21 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         _prepare_single(job)
         save_resolved(cfg.out.with_name(cfg.out.name + ".config.yaml"), cfg)
         return _extract_into(job, cfg.out, None)
+
+
+def with_float32(specs: dict[str, dict[str, OutputSpec]], names: tuple[str, ...]) -> dict[str, dict[str, OutputSpec]]:
+    """The outputs ``--float32`` names (OUTPUT or PRESET:OUTPUT, globs) stored as float32 instead of their default."""
+    out = {b: dict(outs) for b, outs in specs.items()}
+    for name in names:
+        preset, _, output = name.rpartition(":")
+        hits = [(b, o) for b, outs in specs.items() for o in outs
+                if fnmatch.fnmatchcase(o, output) and (not preset or fnmatch.fnmatchcase(b, preset))]
+        if not hits:
+            have = sorted({f"{b}:{o}" for b, outs in specs.items() for o in outs})
+            raise ConfigError(f"--float32 {name}: no backbone output matches (outputs: {', '.join(have)})")
+        for b, o in hits:
+            out[b][o] = dataclasses.replace(specs[b][o], dtype="float32")
+    return out
 
 
 @dataclass
@@ -216,6 +236,8 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
     n_items = len(listing.items)
     with CacheReader(out) as c:
         status = c.table("status")
+        stored = stored_layout({b: {o: c.output_info(b, o) for o in c.outputs(b)} for b in c.backbones})
+    _check_dtypes(cfg, out, job.specs, stored)
     pending = np.zeros(n_items, dtype=bool)
     lo = window.images[0] if window else 0
     hi = min(n_items, lo + len(status))
@@ -225,7 +247,7 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
     todo = sum(len(b) for b in sampler.blocks)
     mine = hi - lo
     logger.info("%d of %d images to extract (%d already done)", todo, mine, mine - int(pending.sum()))
-    n_views, backbones, specs = job.n_views, job.backbones, job.specs
+    n_views, backbones = job.n_views, job.backbones
     reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
     loader = torch.utils.data.DataLoader(
         reader, batch_sampler=sampler, num_workers=workers, collate_fn=collate, worker_init_fn=die_with_parent,
@@ -233,24 +255,35 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
     )
     batches = iter(loader)  # fork the decoding workers before the cache is opened for writing,
     # so that no worker inherits its file lock (a killed run must leave the file free to resume)
-    mapper = Mapper(backbones, specs, device)
-    bg = BackgroundWriter(CacheWriter(out))
+    mapper = make_mapper(cfg.mapper, backbones, stored, device)
+    paths = [it.path for it in listing.items]
+    bg = BackgroundWriter(CacheWriter(out), settle=lambda b: settle(b, out, paths))
     start = time.perf_counter()
-    done = exif = 0
+    done = exif = stored_bytes = 0
     try:
         with progress(total=todo, unit="img", desc="extract") as bar:
-            for records in batches:
-                bg.submit(_map_batch(records, mapper))
-                done += len(records)
-                exif += sum(r.exif_rotated for r in records)
-                bar.update(len(records))
+            t_read = time.perf_counter()
+            for batch in batches:
+                t_map = time.perf_counter()
+                mapped = _map_batch(batch, mapper)
+                mapped.read_ms, mapped.map_ms = (t_map - t_read) * 1e3, (time.perf_counter() - t_map) * 1e3
+                bg.submit(mapped)
+                done += len(batch.records)
+                stored_bytes += _stored_bytes(stored, batch.counts)
+                exif += sum(r.exif_rotated for r in batch.records)
+                bar.update(len(batch.records))
+                t_read = time.perf_counter()
     finally:
         bg.close()  # on an interrupt too: the queued batches are written
     if exif:
         logger.warning("%d image(s) carry an EXIF orientation tag; featcache ignores it and uses the stored pixel order, "
                        "as the datasets' official evaluation code does", exif)
     seconds = time.perf_counter() - start
-    result = ExtractResult(out, done, seconds, summary(out))
+    result = ExtractResult(out, done, seconds, summary(out), mapper.bytes_out, mapper.check_bytes, stored_bytes)
+    if done:
+        logger.info("left the device: %.1f KiB an image of outputs (the cache stores %.1f KiB an image) and %.0f bytes an "
+                    "image of value checks (%s path)", mapper.bytes_out / done / 1024, stored_bytes / done / 1024,
+                    mapper.check_bytes / done, cfg.mapper)
     if window is None:
         _log_summary(result)
     return result
@@ -286,23 +319,30 @@ def _repair(out: Path, listing, n_views: dict[str, int], window: Window | None) 
         logger.info("--repair: every row of %s matches its checksum", out)
 
 
-def _map_batch(records, mapper: Mapper) -> BatchResult:
-    ok = [r for r in records if r.views is not None]
-    outputs = mapper(stack_views(ok)) if ok else {}
-    counts = np.array([len(r.views) for r in ok], dtype=np.int64)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if ok else np.zeros(0, np.int64)
-    return BatchResult(
-        images=[r.index for r in records],
-        failed_mask=np.array([r.views is None for r in records]),
-        reasons=[r.error for r in records],
-        ok_images=[r.index for r in ok],
-        widths=np.array([r.width for r in ok], dtype=np.int32),
-        heights=np.array([r.height for r in ok], dtype=np.int32),
-        sha1=np.array([r.sha1.encode() for r in ok], dtype="S40"),
-        params=np.concatenate([r.params for r in ok]) if ok else np.zeros((0, len(PARAMS)), np.int16),
-        first_view_index=first,
-        outputs=outputs,
-    )
+def _map_batch(batch: DecodedBatch, mapper) -> MappedBatch:
+    """Run the backbones on a decoded batch; the result may still be on its way to the host (see the writer)."""
+    if not batch.ok:
+        return MappedBatch(batch.records, None)
+    return MappedBatch(batch.records, mapper(batch.nchw(), batch.first_view))
+
+
+def _stored_bytes(stored: dict[str, dict[str, Stored]], counts: np.ndarray) -> int:
+    """Bytes the cache's arrays hold for images with ``counts`` views each."""
+    total = 0
+    for outs in stored.values():
+        for s in outs.values():
+            row = int(np.prod(s.tail, dtype=np.int64)) * s.dtype.itemsize
+            total += row * (len(counts) if s.per == "image" else int(counts.sum()))
+    return total
+
+
+def _check_dtypes(cfg: ExtractConfig, out: Path, specs: dict[str, dict], stored: dict[str, dict[str, Stored]]) -> None:
+    """A resumed cache keeps the dtypes it was created with; say so when the options ask for others."""
+    differ = [f"{b}:{o} {s.dtype} (asked {np.dtype(specs[b][o].dtype)})" for b, outs in stored.items() for o, s in outs.items()
+              if b in specs and o in specs[b] and np.dtype(specs[b][o].dtype) != s.dtype]
+    if differ:
+        logger.warning("%s keeps the dtypes it was created with: %s; --float32 applies to new caches "
+                       "(--overwrite to start anew)", out, ", ".join(differ))
 
 
 def _log_summary(res: ExtractResult) -> None:
