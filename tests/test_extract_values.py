@@ -164,6 +164,20 @@ def test_readers_and_verify_refuse_rows_holding_nan(market_cache, tmp_path):
     assert res.exit_code == 1 and name in res.output and "NaN or inf" in res.output
     with h5py.File(copy, "r") as f:
         assert f["images/status"][q] == DONE != FAILED
+    # train-gate reads the training rows through the same reader
+    from featcache.gate.config import GateConfig
+    from featcache.gate.runner import run_train_gate
+
+    with h5py.File(copy, "r+") as f:
+        t = int(np.flatnonzero(f["images/split"][...] == 0)[2])
+        row, tname = int(f["images/view_start"][t]) + 1, f["images/path"].asstr()[t]
+        ds = f["backbones/align-tiny/pooled"]
+        v = ds[row]
+        v[0] = np.inf
+        ds[row] = v
+        f["checksums/backbones/align-tiny/pooled"][row] = zlib.crc32(np.ascontiguousarray(v).tobytes())
+    with pytest.raises(CacheError, match=f"align-tiny/pooled hold NaN or inf \\(images {tname}\\)"):
+        run_train_gate(GateConfig(cache=copy, out=tmp_path / "gate", epochs=1, batch_size=8, device="cpu"))
 
 
 def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
@@ -180,3 +194,18 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
     assert "library model" in table and "combined rate" in table
     assert table.count("PASS (equal)") == 2 and "| equal | plain path |  | PASS |" in table
     assert "FAIL" not in table
+
+
+def test_a_resumed_cache_keeps_the_dtypes_it_was_created_with(market_root, tmp_path, caplog):
+    out = tmp_path / "c.h5"
+    run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",), float32=("clip-tiny:tok*",)))
+    with h5py.File(out, "r+") as f:
+        assert f["backbones/clip-tiny/tokens"].dtype == np.float32 and f["backbones/clip-tiny/cls_attn"].dtype == np.float16
+        want = f["backbones/clip-tiny/tokens"][...]
+        f["images/status"][:8] = PENDING  # the first block to do again
+    with caplog.at_level("WARNING"):
+        res = run_extract(extract_cfg(market_root, out, backbones=("clip-tiny",)))  # no --float32 this time
+    assert res.processed == 8 and "keeps the dtypes it was created with: clip-tiny:tokens float32 (asked float16)" in caplog.text
+    with h5py.File(out, "r") as f:
+        assert f["backbones/clip-tiny/tokens"].dtype == np.float32
+        assert np.array_equal(f["backbones/clip-tiny/tokens"][...], want)

@@ -167,19 +167,6 @@ def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> Verify
     return rep
 
 
-def stamp_all(f: h5py.File, chunk_bytes: int = 64 * 2**20) -> None:
-    """Compute every checksum from the stored rows, for writers that fill a cache outside ``CacheWriter``
-    (the synthetic feature caches of tests and benchmarks). Never use it to 'fix' a damaged cache."""
-    g = f["images"]
-    f[f"{GROUP}/images"][...] = image_crcs({k: g[k][...] for k in IMAGE_FIELDS}, g["path"].asstr()[...])
-    f[f"{GROUP}/views"][...] = _views(f)
-    for bname, bg in f["backbones"].items():
-        for aname, ds in bg.items():
-            row_bytes = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
-            for a, b in _chunks(ds.shape[0], max(1, chunk_bytes // row_bytes)):
-                f[f"{GROUP}/backbones/{bname}/{aname}"][a:b] = row_crcs(ds[a:b])
-
-
 def verify_cache(path, progress=None) -> VerifyReport:
     """``featcache verify``: every stored row of ``path`` against its checksum."""
     with open_cache(path) as f:
