@@ -36,7 +36,9 @@ def _pending_share(out: Path, total: int) -> float:
                 with h5py.File(p, "r") as f:
                     done += int((f["images/status"][...] != PENDING).sum())
             return 1.0 - min(done, total) / total
-        except FileNotFoundError:
+        except OSError:  # h5py says "can't retrieve stat info" (no errno) when the file was renamed meanwhile
+            if all(p.exists() for p in files):
+                raise
             continue
     raise AssertionError(f"{out}: shards kept changing names")
 
