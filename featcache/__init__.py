@@ -1,3 +1,22 @@
-"""featcache: re-identification with cached foundation-model features (MoE-KD)."""
+"""featcache: re-identification with cached foundation-model features (MoE-KD).
+
+The public Python API (docs/api.md), imported lazily so that the command line starts fast:
+
+- ``featcache.evaluate``: exact mAP, CMC and mINP of any features or distance matrix under the protocol;
+- ``featcache.open_cache``: a feature cache for reading (``CacheReader``);
+- ``featcache.read_teacher_targets``: a gate run's teacher targets (``TeacherTargets``);
+- ``featcache.FeatcacheError``: the base of every error featcache raises on purpose.
+"""
+
+from featcache.errors import FeatcacheError
 
 __version__ = "0.1.0"
+__all__ = ["FeatcacheError", "evaluate", "open_cache", "read_teacher_targets", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("evaluate", "open_cache", "read_teacher_targets"):
+        from featcache import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'featcache' has no attribute {name!r}")

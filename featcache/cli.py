@@ -449,15 +449,19 @@ def export(model: str, onnx_out: Path, opset: int, atol: float | None) -> None:
 
 # ---------------------------------------------------------------------------------------------- run, demo
 @main.command("run")
-@click.argument("pipeline_file", metavar="PIPELINE.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key of a section, e.g. --set distill.epochs=10 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (overrides pipeline.out).")
 def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
-    """Run a pipeline: synth, pretrain-standins, extract, train-gate, distill, eval, profile, report; unchanged stages are skipped."""
-    from featcache.pipeline.config import load_pipeline
+    """Run a pipeline: synth, pretrain-standins, extract, train-gate, distill, eval, profile, report; unchanged stages are skipped.
+
+    PIPELINE is a YAML file, or the name of a bundled one: demo, market1501, veri776, ablation-veri776, cross-domain."""
+    from featcache.pipeline.config import load_pipeline, resolve_pipeline
     from featcache.pipeline.cross import is_cross, load_cross, run_cross
     from featcache.pipeline.runner import execute
     from featcache.pipeline.stages import build_stages
+
+    pipeline_file = resolve_pipeline(pipeline_file)
 
     if is_cross(pipeline_file):  # two pipelines, then each one's models on the other's data (Table 6)
         if sets:
@@ -477,16 +481,17 @@ def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder  [default: outputs/demo].")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key of pipelines/demo.yaml.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key of the demo pipeline (featcache/pipelines/demo.yaml).")
 @click.pass_context
 def demo(ctx: click.Context, out: Path | None, sets: tuple[str, ...]) -> None:
-    """The whole method in miniature: a synthetic dataset, two stand-in experts pre-trained here, every stage, and a report (pipelines/demo.yaml)."""
+    """The whole method in miniature: a synthetic dataset, two stand-in experts pre-trained here, every stage, and a report (the bundled pipeline `demo`)."""
     from featcache.errors import InputError
 
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
-    if not path.is_file():
-        raise InputError(f"{path} not found: `featcache demo` runs the demo pipeline of a featcache checkout "
-                         "(git clone, then pip install -e .); `featcache run PIPELINE.yaml` runs any other")
+    from featcache.pipeline.config import bundled_pipelines
+
+    path = bundled_pipelines().get("demo")
+    if path is None:
+        raise InputError("the bundled demo pipeline is missing from this installation of featcache (reinstall it)")
     ctx.invoke(run_, pipeline_file=path, sets=sets, out=out)
 
 

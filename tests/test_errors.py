@@ -95,7 +95,7 @@ CASES = [
     ("yaml-info-key", ["--config", "{tmp}/info.yaml", "info", "{cache}"], 2, "[info]: unknown key 'bogus'"),
     ("synth-set", ["synth", "{tmp}/s", "--set", "cams_per_id=5,1"], 2, "cams_per_id 5,1: expected two numbers"),
     ("fusion-family", ["train-gate", "--cache", "{one}", "--out", "{tmp}/r9", "--fusion", "align"], 2, "needs an expert of the align family"),
-    ("run-missing", ["run", "{tmp}/nope.yaml"], 2, "nope.yaml: cannot read the pipeline file"),
+    ("run-missing", ["run", "{tmp}/nope.yaml"], 2, "nope.yaml does not exist (or name a bundled pipeline: ablation-veri776, cross-domain, demo"),
     ("distill-student", DISTILL + ["--student", "resnet19"], 2, "'resnet19' is not one of 'resnet18', 'resnet50'"),
     ("distill-losses", DISTILL + ["--losses", "id,kl"], 2, "--losses id,kl: unknown term(s) kl"),
     ("distill-lambda", DISTILL + ["--lambda-kd", "-1"], 2, "--lambda-kd -1.0: expected 0 or more"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -167,3 +168,43 @@ def test_cross_domain_runs_both_pipelines_then_trades_datasets(tmp_path):
         assert float(cells[6]) == pytest.approx(float(cells[2]) - float(cells[5]), abs=0.011)
     res = r.invoke(main, ["run", str(tmp_path / "x.yaml")])
     assert res.exit_code == 0 and "0 stage(s) ran" in res.output, res.output
+
+
+def test_bundled_pipelines_are_found_by_name(tmp_path, monkeypatch):
+    from featcache.pipeline.config import bundled_pipelines, resolve_pipeline
+
+    monkeypatch.chdir(tmp_path)  # away from the checkout: names resolve to the package's own files
+    bundled = bundled_pipelines()
+    assert {"demo", "market1501", "veri776", "cross-domain", "ablation-veri776"} <= set(bundled)
+    assert resolve_pipeline("market1501") == resolve_pipeline("market1501.yaml") == resolve_pipeline("pipelines/market1501.yaml")
+    (tmp_path / "market1501.yaml").write_text("pipeline: {}\n")
+    assert resolve_pipeline("market1501.yaml") == Path("market1501.yaml")  # a file of that name wins
+    res = CliRunner().invoke(main, ["run", "nope"])
+    assert res.exit_code == 2 and "pipeline file nope does not exist (or name a bundled pipeline: " in res.output
+
+
+@pytest.mark.slow  # about a minute: builds featcache into a fresh virtual environment, then a small demo from there
+def test_a_normal_install_runs_the_demo_outside_the_checkout(tmp_path):
+    """``pip install .`` (not editable) ships the bundled pipelines: ``featcache demo`` runs from any folder.
+    The fresh environment borrows this one's dependencies (PYTHONPATH) but not its editable featcache."""
+    import site
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    deps = os.pathsep.join(site.getsitepackages())
+    env = {**os.environ, "PYTHONPATH": deps, "PIP_NO_INDEX": "1"}
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(repo)],
+                         env=env, capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stdout[-2000:] + pip.stderr[-2000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import featcache.pipelines as p; print(p.__file__)"],
+                           env=env, cwd=work, capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where and str(repo) not in where
+    res = subprocess.run([str(venv / "bin" / "featcache"), "demo", "--out", "demo", *SMALL], env=env, cwd=work,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (work / "demo" / "report" / "index.html").is_file()

@@ -111,6 +111,12 @@ class CacheReader:
         inv[order] = np.arange(len(order))
         return out[inv]
 
+    def split(self, name: str) -> "CacheSplit":
+        """The cached images of split ``name`` (train, query or gallery): labels, names, and ``read``."""
+        if name not in SPLITS:
+            raise CacheError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
+        return CacheSplit.load(self.path, name)
+
     def annotation(self, name: str) -> tuple[dict[str, Any], np.ndarray] | None:
         """An annotation array written with ``CacheWriter.annotate`` (attributes, values), or None."""
         key = f"{ANNOTATIONS}/{name}"
@@ -191,12 +197,17 @@ class CacheSplit:
             raise CacheError(f"{self.cache}: some {self.split} images have no view {view} (extracted with --views 1?)")
         return self.view_start + view
 
-    def read(self, backbone: str, array: str, view: int, subset: slice | None = None) -> np.ndarray:
-        """Rows of ``backbones/<backbone>/<array>`` for view ``view`` of each image of the split (or of ``subset``)."""
-        rows = self.rows(view)
-        if subset is not None:
-            rows = rows[subset]
+    def read(self, backbone: str, array: str, view: int = 0, subset: slice | None = None) -> np.ndarray:
+        """Rows of ``backbones/<backbone>/<array>`` for view ``view`` of each image of the split (or of ``subset``):
+        pooled features, attention maps, or tokens (kept for view 0 only under ``--tokens view0``)."""
         with CacheReader(self.cache) as c:
+            c._need(backbone)
+            per_image = array in c.outputs(backbone) and c.output_info(backbone, array)["rows"] == "image"
+            if per_image and view != 0:
+                raise CacheError(f"{self.cache}: {backbone} {array} is kept for view 0 only (extracted with --tokens view0)")
+            rows = self.images if per_image else self.rows(view)
+            if subset is not None:
+                rows = rows[subset]
             return c.read(backbone, array, rows)
 
 

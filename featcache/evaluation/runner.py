@@ -201,8 +201,10 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
              budget: int = DEFAULT_BUDGET,
              rerank: tuple[int, int, float] | None = None,
              approx: ApproxSpec | None = None) -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
-    """Metrics of features (rows L2-normalised) under the protocol; returns (metrics, per-query (AP, first rank), backend).
-    With ``approx``, the metrics of approximate search's top-k lists (featcache.evaluation.approx), labelled so."""
+    """Metrics of features ranked by their inner product, which is the protocol's cosine similarity only when
+    every row has unit length (featcache's feature sources L2-normalise them; ``featcache.evaluate``, the public
+    function, normalises whatever it is given). Returns (metrics, per-query (AP, first rank), backend). With
+    ``approx``, the metrics of approximate search's top-k lists (featcache.evaluation.approx), labelled so."""
     acc = Accumulator(tuple(sorted(set(ranks))), ap_form)
     per_query: dict[int, tuple[float, int]] = {}
     if approx is not None:

@@ -116,6 +116,28 @@ class Pipeline:
         return out
 
 
+BUNDLED = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def bundled_pipelines() -> dict[str, Path]:
+    """The pipelines featcache ships, by name (``demo``, ``market1501``, ...)."""
+    return {p.stem: p for p in sorted(BUNDLED.glob("*.yaml"))}
+
+
+def resolve_pipeline(arg: str | Path) -> Path:
+    """A pipeline file: the path given when it exists, else a bundled pipeline of that name (``market1501`` or
+    ``market1501.yaml``); otherwise one line listing the bundled ones."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    bundled = bundled_pipelines()
+    if len(path.parts) <= 1 or str(path.parent) == "pipelines":
+        if name in bundled:
+            return bundled[name]
+    raise ConfigError(f"pipeline file {arg} does not exist (or name a bundled pipeline: {', '.join(bundled)})")
+
+
 def load_pipeline(path: Path, sets: tuple[str, ...] = (), out: Path | None = None, check_paths: bool = True) -> Pipeline:
     """Read, override (``--set section.key=value``, ``--out``) and check a pipeline file; ``check_paths``: also
     that the dataset root exists (off to validate a shipped pipeline on a machine without the dataset)."""

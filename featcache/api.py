@@ -1,0 +1,127 @@
+"""featcache's public Python API: the few names a researcher imports from ``featcache`` (docs/api.md).
+
+- ``evaluate``: mAP, CMC and mINP of any model's features (or of a distance matrix) under the
+  Market-1501 / VeRi-776 protocol, exact, in blocks within a memory budget.
+- ``open_cache``: a feature cache for reading (``CacheReader``: pooled features, tokens and attention maps
+  of a split, every row checked).
+- ``read_teacher_targets``: a gate run's teacher targets (``TeacherTargets``).
+
+These names, and the classes they return, are public and kept stable; everything else in the package may
+change between versions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache.errors import InputError
+
+ArrayLike = Any  # a NumPy array, a torch tensor, or a (nested) list
+
+
+def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, on any device
+        x = x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: expected an array, a tensor or a list ({exc})") from None
+
+
+def _matrix(x: ArrayLike, name: str) -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.ndim != 2 or a.dtype.kind not in "fiub":
+        raise InputError(f"{name}: expected a 2-D array of numbers, got shape {a.shape} of {a.dtype}")
+    a = a.astype(np.float32 if a.dtype.kind != "f" or a.itemsize <= 4 else np.float64, copy=False)
+    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+    if bad.size:
+        raise InputError(f"{name}: {bad.size} row(s) hold NaN or inf (rows {', '.join(map(str, bad[:5]))}"
+                         f"{' ...' if bad.size > 5 else ''})")
+    return a
+
+
+def _labels(x: ArrayLike, n: int, name: str) -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.ndim > 1 and a.size != max(a.shape):
+        raise InputError(f"{name}: expected a 1-D sequence of labels, got shape {a.shape}")
+    a = a.reshape(-1)
+    if a.dtype.kind not in "iubf" or (a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a)))):
+        raise InputError(f"{name}: expected integer labels (integers, or floats with integer values), got {a.dtype}")
+    if len(a) != n:
+        raise InputError(f"{name}: {len(a)} labels for {n} rows")
+    return a.astype(np.int64)
+
+
+def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLike, g_pids: ArrayLike,
+             q_camids: ArrayLike, g_camids: ArrayLike, *, distmat: ArrayLike | None = None,
+             ranks: Sequence[int] = (1, 5, 10, 20), ap: str = "plain", device: str = "auto",
+             budget_mb: int = 256) -> dict[str, Any]:
+    """Exact re-ID metrics under the Market-1501 / VeRi-776 protocol.
+
+    Pass features ``query`` (Q, D) and ``gallery`` (G, D), or ``distmat`` (Q, G) with ``query`` and ``gallery``
+    None; then identities and cameras, in torchreid's order (``q_pids, g_pids, q_camids, g_camids``).
+
+    - Features are ranked by cosine similarity: featcache L2-normalises every row itself, so unnormalised
+      features give the same metrics as normalised ones.
+    - A distance matrix is ranked smallest first (Euclidean distances, say).
+    - Ties are broken by gallery order (as a stable sort would).
+    - The protocol ignores each query's junk: gallery images of its identity seen by its own camera.
+    - A query with no valid match is skipped and counted in ``queries_skipped``.
+    - Inputs may be NumPy arrays, torch tensors (any device) or lists. Labels may be of any integer type, or
+      floats holding integers.
+
+    ``ap``: ``plain`` (torchreid, fast-reid) or ``trapezoid`` (the official MATLAB kits). ``device``: where
+    features are searched (``auto``, ``cpu`` or ``cuda``). Returns ``{"mAP", "mINP", "cmc": {"1": ...},
+    "queries_evaluated", "queries_skipped"}``, fractions in [0, 1].
+    """
+    from featcache.evaluation.metrics import AP_FORMS, Accumulator
+    from featcache.evaluation.ranking import GalleryIndex, block_ranks
+    from featcache.evaluation.runner import evaluate as evaluate_features
+    from featcache.evaluation.search import l2_normalize
+
+    if ap not in AP_FORMS:
+        raise InputError(f"ap={ap!r}: expected one of {', '.join(AP_FORMS)}")
+    ranks = tuple(sorted({int(k) for k in ranks}))
+    if not ranks or ranks[0] < 1:
+        raise InputError(f"ranks={ranks}: expected positive CMC ranks")
+    if distmat is not None:
+        if query is not None or gallery is not None:
+            raise InputError("evaluate: pass features (query, gallery) or distmat, not both")
+        d = _matrix(distmat, "distmat")
+        nq, ng = d.shape
+    else:
+        if query is None or gallery is None:
+            raise InputError("evaluate: pass query and gallery features, or distmat=")
+        qf, gf = _matrix(query, "query"), _matrix(gallery, "gallery")
+        if qf.shape[1] != gf.shape[1]:
+            raise InputError(f"query has {qf.shape[1]}-d features and gallery {gf.shape[1]}-d: they must match")
+        nq, ng = len(qf), len(gf)
+    qp, gp = _labels(q_pids, nq, "q_pids"), _labels(g_pids, ng, "g_pids")
+    qc, gc = _labels(q_camids, nq, "q_camids"), _labels(g_camids, ng, "g_camids")
+    budget = int(budget_mb) * 2**20
+    if distmat is None:
+        qf, gf = l2_normalize(qf), l2_normalize(gf)  # the protocol's cosine; a zero row stays zero
+        return evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget)[0]
+    acc = Accumulator(ranks, ap)
+    index = GalleryIndex.build(qp, qc, gp, gc)
+    block = max(1, budget // max(1, ng * 24))
+    for s in range(0, nq, block):
+        acc.add_block(s, *block_ranks(-d[s: s + block], s, index))
+    return acc.result()
+
+
+def open_cache(path: str | Path):
+    """A feature cache for reading (``featcache.cache.CacheReader``); use it as a context manager."""
+    from featcache.cache.reader import CacheReader
+
+    return CacheReader(path)
+
+
+def read_teacher_targets(path: str | Path, cache_identity: str | None = None):
+    """A gate run's teacher targets (``RUN/teacher_targets.h5``) in memory (``featcache.cache.targets.TeacherTargets``)."""
+    from featcache.cache.targets import TeacherTargets
+
+    return TeacherTargets.load(Path(path), cache_identity)

@@ -1,0 +1,107 @@
+"""The public Python API: docs/api.md's examples run and print what the page shows; ``evaluate`` equals a
+reference implementation of torchreid's algorithm on every kind of input it accepts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import featcache
+from featcache.errors import FeatcacheError
+from reference_reid import evaluate_reference
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def doc_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block, in order."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(\w+)\n(.*?)```", text, re.S)]
+
+
+def same_output(got: str, want: str) -> bool:
+    """Equal text, with decimal numbers compared to 1e-3 (CPUs round the last digit differently)."""
+    if NUMBER.sub("#", got.strip()) != NUMBER.sub("#", want.strip()):
+        return False
+    return all(abs(float(a) - float(b)) <= 1e-3 for a, b in zip(NUMBER.findall(got), NUMBER.findall(want)))
+
+
+def test_the_api_page_runs_and_prints_what_it_shows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    blocks = doc_blocks(DOC.read_text())
+    assert [lang for lang, _ in blocks].count("python") >= 6
+    namespace: dict = {}
+    last = ""
+    for i, (lang, code) in enumerate(blocks):
+        if lang == "bash":
+            for line in code.strip().splitlines():
+                res = subprocess.run(line, shell=True, env=env, capture_output=True, text=True)
+                assert res.returncode == 0, f"{line}\n{res.stdout[-1500:]}{res.stderr[-1500:]}"
+        elif lang == "python":
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, f"docs/api.md block {i}", "exec"), namespace)
+            last = out.getvalue()
+        elif lang == "text":
+            assert same_output(last, code), f"docs/api.md block {i} shows:\n{code}\nthe code printed:\n{last}"
+
+
+@pytest.fixture
+def labelled():
+    rng = np.random.default_rng(3)
+    qf, gf = rng.normal(size=(40, 16)).astype(np.float32), rng.normal(size=(300, 16)).astype(np.float32)
+    qp, gp = rng.integers(0, 30, 40), rng.integers(0, 30, 300)
+    qc, gc = rng.integers(0, 3, 40), rng.integers(0, 3, 300)
+    return qf, gf, qp, gp, qc, gc
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _close(a: dict, b: dict) -> None:
+    assert abs(a["mAP"] - b["mAP"]) < 1e-6 and abs(a["mINP"] - b["mINP"]) < 1e-6
+    assert all(abs(a["cmc"][k] - b["cmc"][k]) < 1e-6 for k in b["cmc"])
+    assert a["queries_skipped"] == b["queries_skipped"]
+
+
+def test_evaluate_equals_the_reference_on_unnormalised_features_lists_tensors_and_distances(labelled):
+    qf, gf, qp, gp, qc, gc = labelled
+    ref = evaluate_reference(_unit(qf), _unit(gf), qp, qc, gp, gc)
+    scale = np.random.default_rng(0).uniform(0.1, 10.0, (len(gf), 1)).astype(np.float32)
+    _close(featcache.evaluate(qf, gf * scale, qp, gp, qc, gc), ref)  # rescaled rows: the same ranking
+    _close(featcache.evaluate(qf.tolist(), gf.tolist(), qp.tolist(), gp.tolist(), qc.tolist(), gc.tolist()), ref)
+    _close(featcache.evaluate(torch.from_numpy(qf), torch.from_numpy(gf), torch.from_numpy(qp).int(), gp.astype(np.uint16),
+                              qc.astype(np.float64), torch.from_numpy(gc).float()), ref)
+    dist = np.sqrt(((qf[:, None] - gf[None]) ** 2).sum(-1)).astype(np.float32)
+    ref_d = evaluate_reference(qf, gf, qp, qc, gp, gc, scores=-dist)
+    _close(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist), ref_d)
+    _close(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=torch.from_numpy(dist)), ref_d)
+    assert abs(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist)["mAP"] - ref["mAP"]) > 1e-4  # not the cosine
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp[:-1], qc, gc), "g_pids: 299 labels for 300 rows"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp + 0.5, gp, qc, gc), "q_pids: expected integer labels"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g[:, :8], qp, gp, qc, gc), "query has 16-d features and gallery 8-d"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(np.where(np.arange(40)[:, None] == 7, np.nan, q), g, qp, gp, qc, gc),
+     "query: 1 row\\(s\\) hold NaN or inf \\(rows 7\\)"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, distmat=q @ g.T), "not both"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, ap="area"), "ap='area': expected one of"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, [[1, 2]] * 20, gp, qc, gc), "q_pids: expected a 1-D sequence"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, ["a"] * 40, gp, qc, gc), "q_pids: expected integer labels"),
+])
+def test_unsupported_input_is_one_clear_error(labelled, call, message):
+    with pytest.raises(FeatcacheError, match=message) as err:
+        call(*labelled)
+    assert "\n" not in str(err.value)
