@@ -123,3 +123,14 @@ def test_only_the_cache_package_touches_hdf5():
             if bad:
                 offenders.append(f"{path.relative_to(PKG.parent)}: {', '.join(bad)}")
     assert not offenders, "outside featcache.cache: " + "; ".join(offenders)
+
+
+def test_the_readme_front_page_stays_short_and_keeps_its_two_commands():
+    """Issue 24: a front page a newcomer reads in five minutes; the set-up commands CI and users rely on."""
+    readme = (PKG.parent / "README.md").read_text()
+    assert len(readme.splitlines()) < 150
+    for marker in ("<!-- main-command -->", "<!-- test-command -->"):
+        assert marker in readme
+    assert ".venv/bin/featcache demo" in readme and '.venv/bin/python -m pytest -q -m "not slow"' in readme
+    for page in ("docs/README.md", "LICENSE", "CITATION.cff"):
+        assert (PKG.parent / page).is_file(), page

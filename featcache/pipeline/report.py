@@ -49,11 +49,11 @@ def write_report(plan) -> Path:
                   "families, pre-trained here by `featcache pretrain-standins` on a synthetic set of other people, each "
                   "seeing it its own way (docs/demo.md). The numbers show the method's mechanics on synthetic data; they "
                   "are not results of MoE-KD. The real thing needs the CLIP ViT-B/16 and ALIGN weights, the dataset and a "
-                  "GPU: `featcache run pipelines/market1501.yaml` (see the README).", ""]
+                  "GPU: `featcache run market1501` (see the README).", ""]
     if random:
         lines += [f"> **{', '.join(random)} have random weights.** These numbers measure the pipeline, not the method: "
                   "they are not results of MoE-KD. For the real thing, supply the weights and the dataset and run "
-                  "`featcache run pipelines/market1501.yaml` (see the README).", ""]
+                  "`featcache run market1501` (see the README).", ""]
     first = next(iter(reports.values()))[0]
     lines += [f"Dataset {first['protocol']['dataset']} ({first['protocol']['rule']}); {first['query_size']} queries, "
               f"{first['gallery_size']} gallery images; seeds {', '.join(map(str, s.seeds))} (mean ± std over seeds where "
