@@ -408,42 +408,55 @@ def distill(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -
                    f"overlap {a['top_k_overlap']:.4f}, rank correlation {a['rank_correlation']:.4f}")
 
 
-@main.command()
-@click.option("--model", "models", multiple=True, required=True, help="student:RUN_DIR or gate:RUN_DIR (the whole teacher); repeat to compare.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the models run.")
-@click.option("--image-size", default=None, help="Input HxW when the run's cache is gone (default: the size the run was trained at).")
-@click.option("--batch", "batches", default="1,64", show_default=True, help="Batch sizes to time, comma-separated.")
-@click.option("--repeats", type=int, default=10, show_default=True, help="Timed runs per batch size (the median is reported).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def profile(models: tuple[str, ...], device: str, image_size: str | None, batches: str, repeats: int, as_json: bool) -> None:
-    """Parameters, FLOPs per image, latency, images/s and peak memory of a student or the whole teacher."""
-    from featcache.distill.profile import format_profile, profile_models
-    from featcache.preprocess import parse_size
+def _profile_options(f: Callable) -> Callable:
+    from featcache.distill.config import ProfileConfig as C
 
-    try:
-        size = parse_size(image_size) if image_size else None
-        sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError as exc:
-        raise ConfigError(f"--image-size/--batch: {exc}") from None
-    if repeats < 1 or not sizes or min(sizes) < 1:
-        raise ConfigError("--repeats and --batch sizes must be at least 1")
-    rows = profile_models(models, device=device, image_size=size, batch_sizes=sizes, repeats=repeats)
+    return stack(f, [
+        opt(C, "models", "--model", multiple=True, help="student:RUN_DIR or gate:RUN_DIR (the whole teacher); repeat to compare."),
+        opt(C, "device", type=click.Choice(DEVICES), help="Where the models run."),
+        opt(C, "image_size", help="Input HxW when the run's cache is gone (default: the size the run was trained at)."),
+        opt(C, "batch", help="Batch sizes to time, comma-separated.", fmt=lambda v: ",".join(map(str, v))),
+        opt(C, "repeats", type=int, help="Timed runs per batch size (the median is reported)."),
+        set_option(C),
+    ])
+
+
+@main.command()
+@_profile_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def profile(ctx: click.Context, sets: tuple[str, ...], as_json: bool, **params) -> None:
+    """Parameters, FLOPs per image, latency, images/s and peak memory of a student or the whole teacher."""
+    from featcache.distill.config import ProfileConfig
+    from featcache.distill.profile import format_profile, profile_models
+
+    cfg = resolve(ctx, ProfileConfig, params, sets)
+    rows = profile_models(cfg.models, device=cfg.device, image_size=cfg.image_size, batch_sizes=cfg.batch, repeats=cfg.repeats)
     click.echo(json.dumps(rows, indent=2) if as_json else format_profile(rows))
 
 
+def _export_options(f: Callable) -> Callable:
+    from featcache.distill.config import ExportConfig as C
+
+    return stack(f, [
+        click.argument("model"),
+        opt(C, "onnx", type=click.Path(dir_okay=False, path_type=Path), help="The ONNX file to write."),
+        opt(C, "atol", type=float, help="Tolerance of the ONNX Runtime check, in units of the embedding's largest value."),
+        opt(C, "opset", type=int, help="ONNX opset (torch's dynamo exporter writes 18 and up; lower ones use the TorchScript exporter)."),
+        set_option(C),
+    ])
+
+
 @main.command()
-@click.argument("model")
-@click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The ONNX file to write.")
-@click.option("--atol", type=float, default=None, help="Tolerance of the ONNX Runtime check, in units of the embedding's largest value  [default: 1e-3].")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (torch's dynamo exporter writes 18 and up; lower ones use the TorchScript exporter).")
-def export(model: str, onnx_out: Path, opset: int, atol: float | None) -> None:
+@_export_options
+@click.pass_context
+def export(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     """Export student:RUN_DIR to ONNX (dynamic batch), checked against PyTorch with ONNX Runtime at batch 1 and 3."""
+    from featcache.distill.config import ExportConfig
     from featcache.distill.export import export_onnx
 
-    kind, sep, ref = model.partition(":")
-    if kind != "student" or not ref:
-        raise ConfigError(f"MODEL {model!r}: expected student:RUN_DIR (only students are exported)")
-    res = export_onnx(Path(ref), onnx_out, opset=opset, **({"atol": atol} if atol is not None else {}))
+    cfg = resolve(ctx, ExportConfig, params, sets)
+    res = export_onnx(cfg.run, cfg.onnx, opset=cfg.opset, atol=cfg.atol)
     click.echo(f"{res['path']}: checked with ONNX Runtime against PyTorch: " + json.dumps({k: v for k, v in res.items() if k != 'path'}))
 
 

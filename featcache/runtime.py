@@ -38,3 +38,13 @@ def resolve_workers(workers: int | None, device) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, cores // local - 1)
+
+
+def parse_workers(value) -> int | None:
+    """``auto`` (or None) -> None; otherwise a count of decoding processes."""
+    if value is None or str(value).lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r}: expected a number of processes or auto") from None

@@ -71,13 +71,65 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+BASE = {"errors", "registry", "config", "runtime", "progress", "fileio", "faults", "preprocess", "__version__"}
+DATA = {"datasets", "cache", "backbones"}
+STAGES = {"extract", "evaluation", "training", "gate", "distill", "standins", "pipeline"}
+# What each unit may import, as docs/architecture.md states it; a new unit must be placed here to pass.
+ALLOWED = {
+    **{b: BASE for b in BASE},
+    "datasets": BASE,
+    "cache": BASE | {"datasets"},
+    "backbones": BASE | {"cache"},           # cache.spec only: checked below
+    "extract": BASE | DATA,
+    "evaluation": BASE | DATA,               # no training stage by name: they register their kinds
+    "training": BASE,
+    "gate": BASE | DATA | {"training", "evaluation"},
+    "distill": BASE | DATA | {"training", "evaluation", "gate"},  # gate in profile only: checked below
+    "standins": BASE | {"backbones", "training", "synth_render"},
+    "pipeline": BASE | DATA | STAGES | {"synth", "synth_render", "synth_cache"},
+    "cli": BASE | DATA | STAGES | {"synth", "synth_render", "synth_cache", "api"},
+    "__main__": {"cli"},
+    "featcache": {"api", "errors"},
+    "api": BASE | {"cache", "evaluation"},
+    "synth_render": set(),
+    "synth": BASE | {"synth_render"},
+    "synth_cache": BASE | {"cache", "datasets"},
+    "pipelines": set(),                      # data: the bundled pipeline files
+}
+
+
 def test_layers():
-    """Evaluation knows no stage by name; the cache and training layers know no stage; only the CLI wires them."""
+    """Every unit imports only what docs/architecture.md allows it; only the CLI wires the stages."""
     graph = import_graph()
-    assert not graph["evaluation"] & {"gate", "training", "extract", "cli"}
-    assert not graph["cache"] & {"gate", "training", "extract", "evaluation", "backbones", "cli"}
-    assert not graph["training"] & {"gate", "extract", "evaluation", "cli"}
-    assert "gate" in graph["cli"]
+    unplaced = sorted(set(graph) - set(ALLOWED))
+    assert not unplaced, f"place {unplaced} in ALLOWED (and in docs/architecture.md)"
+    wrong = {u: sorted(deps - ALLOWED[u]) for u, deps in graph.items() if deps - ALLOWED[u]}
+    assert not wrong, f"imports against docs/architecture.md: {wrong}"
+    assert "gate" in graph["cli"] and not any("cli" in deps for u, deps in graph.items() if u not in ("__main__",))
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every featcache module a file imports (function-level imports too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("featcache")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featcache"):
+            out.add(node.module)
+    return out
+
+
+def test_the_narrow_imports_the_doc_states():
+    """backbones reads only cache.spec of the cache; of gate, distill reads only in profile; nothing but the CLI
+    imports pipeline."""
+    for path in (PKG / "backbones").rglob("*.py"):
+        assert {m for m in imports_of(path) if m.startswith("featcache.cache")} <= {"featcache.cache.spec"}, path
+    for path in (PKG / "distill").glob("*.py"):
+        if path.stem != "profile":
+            assert not {m for m in imports_of(path) if m.startswith("featcache.gate")}, path
+    for path in PKG.rglob("*.py"):
+        if path.parent.name != "pipeline" and path.name != "cli.py":
+            assert not {m for m in imports_of(path) if m.startswith("featcache.pipeline")}, path
 
 
 def module_graph(package: str) -> dict[str, set[str]]:

@@ -105,7 +105,8 @@ CASES = [
     ("export-kind", ["export", "gate:{tmp}/featgate", "--onnx", "{tmp}/x.onnx"], 2, "expected student:RUN_DIR"),
     ("export-not-run", ["export", "student:{tmp}", "--onnx", "{tmp}/x.onnx"], 1, "is not a distill run directory"),
     ("profile-kind", ["profile", "--model", "concat:a,b"], 2, "concat"),
-    ("profile-batch", ["profile", "--model", "student:{tmp}", "--batch", "1,x"], 2, "--image-size/--batch"),
+    ("profile-batch", ["profile", "--model", "student:{tmp}", "--batch", "1,x"], 2, "batch: expected an integer, got 'x'"),
+    ("profile-repeats", ["profile", "--model", "student:{tmp}", "--repeats", "0"], 2, "--repeats 0, --batch 1,64: expected positive numbers"),
     ("eval-agree", ["eval", "--cache", "{cache}", "--model", "backbone:clip-tiny", "--agree-with", "nope:x"], 2, "unknown --model kind 'nope'"),
     ("typo-command", ["exract"], 2, "no command 'exract' (did you mean 'extract'"),
 ]

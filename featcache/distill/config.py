@@ -7,8 +7,8 @@ from pathlib import Path
 
 from featcache.config import StageConfig, parser
 from featcache.errors import ConfigError
-from featcache.extract.config import parse_workers
-from featcache.runtime import check_device_name
+from featcache.preprocess import parse_size
+from featcache.runtime import check_device_name, parse_workers
 from featcache.training.options import check_training
 
 #: the loss terms of Eq. 13: the task terms (ID, triplet) and the four KD terms
@@ -68,7 +68,7 @@ class DistillConfig(StageConfig):
     kd_space: str = "retrieval"          # retrieval: L_feat and L_rel between the L2-normalised retrieval features (the
                                          # student's BN output, the teacher's ranked feature): scale-free, so a lambda
                                          # means the same for every teacher; literal: Eq. 10 and 12 on the raw F_t
-    workers: int | None = parser(parse_workers, default=None)  # None: auto (0 on CPU, up to 8 on CUDA)
+    workers: int | None = parser(parse_workers, default=None)  # None: auto (featcache.runtime.resolve_workers)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "losses", parse_losses(self.losses))  # also when built directly from a string
@@ -107,3 +107,55 @@ class DistillConfig(StageConfig):
             return 0.0
         return {"id": 1.0, "tri": self.beta, "kd": self.lambda_kd, "feat": self.feat_weight,
                 "att": self.lambda_att, "rel": self.lambda_rel}[term]
+
+
+#: the ONNX Runtime check's tolerance: max |onnx - torch| / max |torch|
+ATOL = 1e-3
+MODEL_KINDS_PROFILED = ("student", "gate")
+
+
+@dataclass(frozen=True)
+class ProfileConfig(StageConfig):
+    """``featcache profile``: parameters, FLOPs, latency, images/s and peak memory of students or whole teachers.
+    The pipeline's profile stage builds the same config from its ``profile`` settings."""
+
+    command = "profile"
+
+    models: tuple[str, ...]
+    device: str = "auto"
+    image_size: tuple[int, int] | None = parser(lambda v: None if v in (None, "") else parse_size(v), default=None)
+    batch: tuple[int, ...] = (1, 64)
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        if not self.models:
+            raise ConfigError("--model: give at least one student:RUN_DIR or gate:RUN_DIR")
+        bad = [m for m in self.models if m.partition(":")[0] not in MODEL_KINDS_PROFILED or not m.partition(":")[2]]
+        if bad:
+            raise ConfigError(f"--model {bad[0]!r}: expected student:RUN_DIR or gate:RUN_DIR (the whole teacher)")
+        if self.repeats < 1 or not self.batch or min(self.batch) < 1:
+            raise ConfigError(f"--repeats {self.repeats}, --batch {','.join(map(str, self.batch))}: expected positive numbers")
+
+
+@dataclass(frozen=True)
+class ExportConfig(StageConfig):
+    """``featcache export``: a student to ONNX (dynamic batch), checked against PyTorch with ONNX Runtime."""
+
+    command = "export"
+
+    model: str
+    onnx: Path
+    opset: int = 18
+    atol: float = ATOL
+
+    def __post_init__(self) -> None:
+        kind, _, ref = self.model.partition(":")
+        if kind != "student" or not ref:
+            raise ConfigError(f"MODEL {self.model!r}: expected student:RUN_DIR (only students are exported)")
+        if self.atol <= 0:
+            raise ConfigError(f"--atol {self.atol}: expected a positive tolerance")
+
+    @property
+    def run(self) -> Path:
+        return Path(self.model.partition(":")[2])

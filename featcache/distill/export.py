@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.distill.config import ATOL  # max |onnx - torch| / max |torch|
 from featcache.errors import ConfigError, InputError, RunError
 
 logger = logging.getLogger(__name__)
 
-ATOL = 1e-3          # max |onnx - torch| / max |torch|
 MIN_COSINE = 0.99999  # least per-image cosine similarity
 CHECK_BATCHES = (1, 3)
 EXAMPLE_BATCH = 2     # the traced batch: neither of the checked ones, so a batch size baked in would show

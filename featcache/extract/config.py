@@ -9,7 +9,7 @@ from featcache.config import StageConfig, parser
 from featcache.datasets.layouts import get_reader
 from featcache.errors import ConfigError
 from featcache.preprocess import parse_size
-from featcache.runtime import check_device_name
+from featcache.runtime import check_device_name, parse_workers
 
 TOKEN_MODES = ("view0", "all", "none")
 MAPPERS = ("overlapped", "plain")
@@ -33,16 +33,6 @@ def parse_weights(value) -> dict[str, str]:
             raise ValueError(f"{item!r}: expected PRESET=PATH")
         out[name] = path
     return out
-
-
-def parse_workers(value) -> int | None:
-    """``auto`` (or None) -> None; otherwise a count of decoding processes."""
-    if value is None or str(value).lower() == "auto":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{value!r}: expected a number of processes or auto") from None
 
 
 @dataclass(frozen=True)

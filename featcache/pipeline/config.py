@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from featcache.config import StageConfig, parse_set, read_sections
-from featcache.distill.config import DistillConfig
+from featcache.distill.config import DistillConfig, ProfileConfig
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.runner import EvalConfig
 from featcache.extract.config import ExtractConfig
 from featcache.gate.config import GateConfig
 from featcache.registry import nearest
+from featcache.runtime import check_device_name
 from featcache.standins.config import StandinConfig
 from featcache.synth import SynthConfig
 
@@ -45,8 +46,9 @@ class PipelineConfig(StageConfig):
     students: dict[str, dict] = dataclasses.field(default_factory=dict)
     labels: dict[str, str] = dataclasses.field(default_factory=dict)  # report labels of fusions (and experts) by name
     profile: bool = True                    # parameters, FLOPs and latency of the teacher and the student
-    profile_batch: tuple[int, ...] = (1, 64)
-    profile_repeats: int = 5
+    profile_batch: tuple[int, ...] = ProfileConfig.batch      # the defaults of `featcache profile`
+    profile_repeats: int = ProfileConfig.repeats
+    profile_device: str = ProfileConfig.device
     ranked_lists: bool = True               # ranked-list grids of the teacher and the student in the report
 
     def __post_init__(self) -> None:
@@ -64,6 +66,11 @@ class PipelineConfig(StageConfig):
                 raise ConfigError(f"pipeline.students.{name}.teacher {teacher!r} must be one of pipeline.fusions {list(self.fusions)}")
         if not self.profile_batch or min(self.profile_batch) < 1 or self.profile_repeats < 1:
             raise ConfigError("pipeline.profile_batch and profile_repeats: expected positive numbers")
+        check_device_name(self.profile_device)
+
+    def profile_config(self, models: list[str], image_size: tuple[int, int]) -> ProfileConfig:
+        """The profile stage's config: `featcache profile`'s, with this pipeline's batch, repeats and device."""
+        return ProfileConfig(tuple(models), self.profile_device, image_size, tuple(self.profile_batch), self.profile_repeats)
 
 
 #: the stage sections and their configs, in the order they run

@@ -315,19 +315,20 @@ def _profile(plan: Plan) -> Stage:
     def image_size() -> tuple[int, int]:
         return tuple(cache_identity(plan.cache).preprocessing["image_size"])
 
+    def config():
+        return s.profile_config(specs(), image_size())
+
     def key() -> dict:
         from featcache.runtime import resolve_device
 
-        device = plan.pipeline.stage_config("eval", **{"cache": plan.cache, "model": "backbone:x"}).device
-        machine = resolve_device(device)  # auto on a GPU machine is another measurement than auto on a CPU one
-        name = torch_device_name(machine)
-        return {"models": {m: _model_digest(m) for m in specs()}, "batch": list(s.profile_batch), "repeats": s.profile_repeats,
-                "device": name, "image_size": list(image_size())}
+        cfg = config()
+        machine = resolve_device(cfg.device)  # auto on a GPU machine is another measurement than auto on a CPU one
+        return {"models": {m: _model_digest(m) for m in cfg.models}, "batch": list(cfg.batch), "repeats": cfg.repeats,
+                "device": torch_device_name(machine), "image_size": list(cfg.image_size)}
 
     def run() -> None:
-        device = plan.pipeline.stage_config("eval", cache=plan.cache, model="backbone:x").device
-        rows = profile_models(specs(), device, image_size=image_size(), batch_sizes=tuple(s.profile_batch),
-                              repeats=s.profile_repeats)
+        cfg = config()
+        rows = profile_models(cfg.models, cfg.device, image_size=cfg.image_size, batch_sizes=cfg.batch, repeats=cfg.repeats)
         atomic_write(plan.profile, lambda p: p.write_text(json.dumps(rows, indent=1, default=str)))
 
     return Stage("profile", key, lambda: [plan.profile], run)
