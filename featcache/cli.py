@@ -20,8 +20,8 @@ import click
 from click.core import ParameterSource
 
 from featcache import __version__
-from featcache.config import StageConfig, load_yaml, option_name, parse_set
-from featcache.errors import ConfigError, FeatcacheError, one_line
+from featcache.config import StageConfig, load_yaml, option_name, parse_set, read_sections
+from featcache.errors import ConfigError, FeatcacheError, InputError, one_line
 from featcache.registry import nearest
 from featcache.runtime import DEVICES
 
@@ -109,9 +109,23 @@ def set_option(cls: type[StageConfig]) -> Callable:
                         help=f"Set any config field, e.g. --set lr=1e-3 (repeatable). Fields: {keys}.")
 
 
-def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], sets: tuple[str, ...] = ()) -> Any:
-    """The stage config from the --config section, then --set, then options given on the command line."""
+def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], sets: tuple[str, ...] = (),
+            resume: bool = False) -> Any:
+    """The stage config from the --config section, then --set, then options given on the command line. With
+    ``resume``, the run's own saved config (``--out RUN_DIR``'s config.yaml) comes first, so a run resumes with
+    ``--resume --out RUN_DIR`` alone."""
     layers: list[tuple[str, dict[str, Any]]] = []
+    if resume:
+        out = params.get("out") or parse_set(sets).get("out")
+        if out is None:
+            raise ConfigError("--resume: give --out RUN_DIR, the run to continue (its options are read from RUN_DIR/config.yaml)")
+        saved = Path(out) / "config.yaml"
+        if not saved.is_file():
+            raise InputError(f"--resume: {out} holds no run to continue (no config.yaml); drop --resume to start one there")
+        section = read_sections(saved, str(saved), "the run's config", "command names to mappings of options").get(cls.command)
+        if section is None:
+            raise InputError(f"--resume: {saved} is not a {cls.command} run's config")
+        layers.append((str(saved), {**getattr(cls, "legacy", {}), **section}))
     if ctx.default_map:
         layers.append((f"--config {ctx.find_root().params.get('config')} [{cls.command}]", dict(ctx.default_map)))
     overrides = parse_set(sets)
@@ -339,7 +353,7 @@ def _gate_options(f: Callable) -> Callable:
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
         opt(C, "device", type=click.Choice(DEVICES), help="Where training runs."),
         opt(C, "label_smoothing", type=float, help="Label smoothing of the ID loss."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the options it was started with (give only --out; options given too must agree, except where files are and the device)."),
         set_option(C),
     ])
 
@@ -352,7 +366,7 @@ def train_gate(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate
 
-    cfg = resolve(ctx, GateConfig, params, sets)
+    cfg = resolve(ctx, GateConfig, params, sets, resume)
     res = run_train_gate(cfg, resume)
     click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
 
@@ -382,7 +396,7 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "kd_space", type=click.Choice(list(KD_SPACES)), help="retrieval: L_feat and L_rel on the L2-normalised retrieval "
             "features (scale-free); literal: Eq. 10 and 12 on the teacher's raw F_t."),
         opt(C, "workers", help="Decoding processes: a number or auto (0 on CPU; on CUDA, this rank's share of the cores less one).  [default: auto]"),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the options it was started with (give only --out; options given too must agree, except where files are and the device)."),
         set_option(C),
     ])
 
@@ -395,7 +409,7 @@ def distill(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params) -
     from featcache.distill.config import DistillConfig
     from featcache.distill.runner import run_distill
 
-    cfg = resolve(ctx, DistillConfig, params, sets)
+    cfg = resolve(ctx, DistillConfig, params, sets, resume)
     res = run_distill(cfg, resume)
     last = res.last
     click.echo(f"{res.run}: {cfg.student} after epoch {last.get('epoch')}: loss {float(last.get('loss', 'nan')):.4f}, "

@@ -261,3 +261,27 @@ def test_cache_without_training_split(market_root, tmp_path):
     run_extract(extract_cfg(root, tmp_path / "c.h5", dataset="csv", backbones=("clip-tiny", "align-tiny")))
     with pytest.raises(Exception, match="no cached training images"):
         run_train_gate(cfg(tmp_path / "c.h5", tmp_path / "r", experts=("clip-tiny", "align-tiny")))
+
+
+def test_resume_from_the_command_line_needs_only_the_run_directory(fcache, tmp_path, monkeypatch):
+    """`train-gate --resume --out RUN` takes every other option from RUN/config.yaml; options given must agree."""
+    from click.testing import CliRunner
+
+    from conftest import interrupt_after_epoch
+    from featcache.cli import main
+
+    run = tmp_path / "cut"
+    args = ["train-gate", "--cache", str(fcache), "--out", str(run), "--epochs", "3", "--device", "cpu", "--set", "lr=0.001"]
+    undo = interrupt_after_epoch(monkeypatch, 1)
+    CliRunner().invoke(main, args)
+    undo()
+    assert not (run / "model.safetensors").exists()
+    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run), "--epochs", "4"])
+    assert res.exit_code == 1 and "--resume with another config (epochs: 3 -> 4)" in res.output
+    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert (run / "model.safetensors").exists() and len((run / "log.csv").read_text().splitlines()) == 4
+    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(tmp_path / "none")])
+    assert res.exit_code == 1 and "holds no run to continue" in res.output
+    res = CliRunner().invoke(main, ["train-gate", "--resume"])
+    assert res.exit_code == 2 and "--resume: give --out RUN_DIR" in res.output

@@ -105,9 +105,9 @@ def write_master(cache: Path, listing: Listing, identity: CacheIdentity, n_views
         raise
 
 
-def check_master(cache: Path, identity: CacheIdentity, windows: list[Window]) -> None:
+def check_master(cache: Path, identity: CacheIdentity, windows: list[Window], digests=None) -> None:
     """Refuse to resume a master made for other data or another split into ranks, saying how to go on."""
-    check_identity(cache, identity)
+    check_identity(cache, identity, digests)
     with open_cache(cache) as f:
         info = shard_info(f)
     if info is None:

@@ -84,9 +84,36 @@ def items_digest(listing: Listing) -> str:
     return h.hexdigest()
 
 
-def make_identity(listing: Listing, preprocessing: dict[str, Any], backbones: dict[str, dict[str, Any]]) -> CacheIdentity:
-    """Everything that must match for a cache to be resumed or reused."""
-    ident = CacheIdentity(listing.name, str(listing.root), items_digest(listing), preprocessing, backbones)
+def file_digests(listing: Listing) -> np.ndarray:
+    """SHA-1 (hex, S40) of every listed file's bytes, in listing order; a file that cannot be read gets its
+    reason instead (extraction records it as failed). What the cache's identity says the data *is*."""
+    from featcache.progress import progress
+
+    out = np.empty(len(listing.items), dtype="S40")
+    with progress(total=len(listing.items), desc="identify", unit="file", leave=False) as bar:
+        for i, it in enumerate(listing.items):
+            try:
+                out[i] = hashlib.sha1((listing.root / it.path).read_bytes()).hexdigest().encode()
+            except OSError as exc:
+                out[i] = f"unreadable:{exc.errno}".encode()
+            bar.update(1)
+    return out
+
+
+def content_digest(listing: Listing, digests: np.ndarray) -> str:
+    """Digest of (path, SHA-1 of the bytes) of every listed file."""
+    h = hashlib.sha1()
+    for it, d in zip(listing.items, digests):
+        h.update(it.path.encode() + b"\t" + bytes(d) + b"\n")
+    return h.hexdigest()
+
+
+def make_identity(listing: Listing, preprocessing: dict[str, Any], backbones: dict[str, dict[str, Any]],
+                  digests: np.ndarray | None = None) -> CacheIdentity:
+    """Everything that must match for a cache to be resumed or reused; with ``digests`` (``file_digests``), the
+    data is identified by content, wherever it lies."""
+    content = content_digest(listing, digests) if digests is not None else ""
+    ident = CacheIdentity(listing.name, str(listing.root), items_digest(listing), preprocessing, backbones, content)
     return CacheIdentity.from_json(ident.to_json(), "identity")  # JSON-normalised, as it is read back
 
 
@@ -94,16 +121,39 @@ def read_identity(f: h5py.File, source: str | Path) -> CacheIdentity:
     return CacheIdentity.from_json(f.attrs.get("identity", ""), str(source))
 
 
-def check_identity(path: Path, wanted: CacheIdentity) -> None:
-    """Refuse to resume a cache made from other data, preprocessing, backbones or weights."""
+def changed_files(f: h5py.File, digests: np.ndarray) -> list[str]:
+    """The cached images whose file's bytes differ now from those extracted (by the SHA-1 the cache stores)."""
+    g = f["images"]
+    status, sha1 = g["status"][...], g["sha1"][...]
+    n = min(len(digests), len(status))
+    bad = np.flatnonzero((status[:n] == DONE) & (sha1[:n] != digests[:n]))
+    return list(g["path"].asstr()[...][bad])
+
+
+def check_identity(path: Path, wanted: CacheIdentity, digests: np.ndarray | None = None) -> None:
+    """Refuse to resume a cache made from other data, preprocessing, backbones or weights (naming the files whose
+    contents changed when ``digests`` are given); a cache whose data was moved is pointed at its new place."""
     with open_cache(path) as f:
         have = read_identity(f, path)
-    diffs = have.resume_differences(wanted)
+        diffs = have.resume_differences(wanted)
+        changed = changed_files(f, digests) if digests is not None and any("contents" in d for d in diffs) and "window" not in f.attrs else []
+    if changed:
+        diffs = [d if "contents" not in d else f"image contents: {len(changed)} file(s) changed since they were extracted "
+                 f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''})" for d in diffs]
     if diffs:
         raise CacheError(
             f"{path} was built differently and cannot be resumed: " + "; ".join(diffs)
             + ". Use --overwrite to replace it, or another --out."
         )
+    if have.dataset_root != wanted.dataset_root:  # same data, by content, found elsewhere now
+        relocate(path, have.moved_to(wanted.dataset_root))
+
+
+def relocate(path: Path, identity: CacheIdentity) -> None:
+    """Record where the cache's data lies now (its identity's ``dataset_root``), for the stages that read images."""
+    logger.info("%s: its dataset now lies at %s (same contents); the cache points there", path, identity.dataset_root)
+    with open_cache(path, "r+") as f:
+        f.attrs["identity"] = identity.to_json()
 
 
 def create_cache(

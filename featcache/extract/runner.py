@@ -19,7 +19,7 @@ import torch
 
 from featcache.backbones import OutputSpec, build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
-from featcache.cache.store import restore_static
+from featcache.cache.store import file_digests, restore_static
 from featcache.cache import PENDING, CacheError, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
 from featcache.cache.shards import (
     Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,
@@ -74,11 +74,15 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
                     "erase_fill": list(ERASE_FILL)},
         "tokens": cfg.tokens,
     }
+    t0 = time.perf_counter()
+    digests = file_digests(listing)  # the data is identified by content: a moved dataset resumes its cache
+    logger.info("identified %d files by content in %.1f s", len(digests), time.perf_counter() - t0)
     identity = make_identity(
         listing, preprocessing,
         {n: {"family": b.family, "weights": b.weights_id, "preset": b.preset.to_dict()} for n, b in backbones.items()},
+        digests,
     )
-    job = _Job(cfg, listing, device, backbones, specs, n_views, identity)
+    job = _Job(cfg, listing, device, backbones, specs, n_views, identity, digests)
     if ranks.distributed:
         return _extract_sharded(job, ranks)
     with WriterLock(cfg.out), _sigterm_as_interrupt():  # one writer, from the existence check to the end
@@ -113,6 +117,7 @@ class _Job:
     specs: dict
     n_views: dict[str, int]
     identity: Any
+    digests: Any = None        # SHA-1 of every listed file (store.file_digests)
 
 
 def _prepare_single(job: _Job) -> None:
@@ -123,7 +128,7 @@ def _prepare_single(job: _Job) -> None:
         _remove_cache(out)
     if out.exists():
         try:
-            check_identity(out, job.identity)
+            check_identity(out, job.identity, job.digests)
         except CacheError as exc:
             if "busy" in str(exc) or "cannot be resumed" in str(exc):
                 raise
@@ -193,7 +198,7 @@ def _prepare_master(job: _Job, windows: list[Window]) -> None:
         logger.warning("--overwrite: replacing %s and its shards", out)
         _remove_cache(out)
     if out.exists():
-        check_master(out, job.identity, windows)
+        check_master(out, job.identity, windows, job.digests)
         logger.info("resuming %s (%d ranks)", out, len(windows))
         if cfg.repair:  # the master's own tables (labels, row layout); each rank repairs its shard
             restore_static(out, job.listing, job.n_views)

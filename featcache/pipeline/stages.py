@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from featcache.cache import cache_identity
-from featcache.cache.store import items_digest
+from featcache.cache.store import content_digest, file_digests, items_digest
 from featcache.datasets import load_listing
 from featcache.distill.data import file_digest
 from featcache.fileio import atomic_write
@@ -172,10 +172,13 @@ def _extract(plan: Plan) -> Stage:
 
     def key() -> dict:
         base = plan.pipeline.stage_config("extract", **_extract_managed(plan))
-        listing = items_digest(load_listing(base.dataset, base.root, strict=not base.skip_bad_names))
+        files = load_listing(base.dataset, base.root, strict=not base.skip_bad_names)
+        # the data by what it is (names, labels and the files' bytes), not where it lies: a moved dataset keeps
+        # its cache (featcache.cache.identity)
+        listing = {"items": items_digest(files), "contents": content_digest(files, file_digests(files))}
         # what the cache's content depends on; not how it is computed (batch size, workers, device) or what to do
         # with an existing file (overwrite, repair: `featcache extract` does those)
-        content = {k: v for k, v in base.to_dict(absolute=True).items() if k not in EXTRACT_HOW}
+        content = {k: v for k, v in base.to_dict(absolute=True).items() if k not in EXTRACT_HOW and k != "root"}
         content["weights"] = {k: [v, weights_identity(v)] for k, v in base.weights.items()}
         plan.cache_key = digest(portable({"content": content, "listing": listing}, plan.out))[:8]
         state["cfg"] = base.replace(out=plan.out / f"cache-{plan.cache_key}.h5")
