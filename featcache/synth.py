@@ -97,6 +97,10 @@ def _queries(shots: list[_Shot], test: set[int]) -> set[int]:
     return out
 
 
+#: the resolved config of a synthetic dataset, in its folder (no dataset reader lists it: they read images)
+CONFIG_NAME = "featcache-synth.yaml"
+
+
 def generate(cfg: SynthConfig) -> dict[str, int]:
     """Write the dataset under ``cfg.out``; return the number of files per folder."""
     rng = np.random.default_rng(cfg.seed)
@@ -105,7 +109,7 @@ def generate(cfg: SynthConfig) -> dict[str, int]:
     train, test, shots = _plan(cfg, rng)
     write = _write_market if cfg.layout == "market1501" else _write_veri
     counts = write(cfg, rng, scenes, set(train), set(test), shots)
-    save_resolved(Path(cfg.out).with_name(Path(cfg.out).name + ".config.yaml"), cfg)
+    save_resolved(Path(cfg.out) / CONFIG_NAME, cfg)  # inside the dataset it describes, not beside it
     return counts
 
 

@@ -17,7 +17,7 @@ from featcache.synth import SynthConfig, generate
 
 
 def test_market_layout(market_root):
-    assert sorted(p.name for p in market_root.iterdir()) == ["bounding_box_test", "bounding_box_train", "query"]
+    assert sorted(p.name for p in market_root.iterdir()) == ["bounding_box_test", "bounding_box_train", "featcache-synth.yaml", "query"]
     for f in market_root.rglob("*.jpg"):
         assert MARKET_RE.match(f.name), f.name
         with Image.open(f) as im:
@@ -61,7 +61,7 @@ def test_veri_layout_and_index_files(tmp_path):
 def _digest(root: Path) -> str:
     h = hashlib.sha1()
     for f in sorted(root.rglob("*")):
-        if f.is_file():
+        if f.is_file() and f.name != "featcache-synth.yaml":  # the config names the folder it was written to
             h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()
 
@@ -97,3 +97,15 @@ def test_camera_conditions_night_is_monochrome_and_blur_is_soft(tmp_path):
         SynthConfig(root, "market1501", ids=6, cams=3, night_cams=(7,))
     with pytest.raises(ConfigError, match="cameras \\[2\\] are in both night_cams and blur_cams"):
         SynthConfig(root, "market1501", ids=6, cams=3, night_cams=(2,), blur_cams=(2,))
+
+
+def test_synth_writes_its_config_inside_the_dataset_and_nothing_beside_it(tmp_path):
+    from featcache.datasets import load_listing
+    from featcache.synth import CONFIG_NAME, SynthConfig, generate
+
+    generate(SynthConfig(tmp_path / "m", "market1501", ids=4, cams=2, seed=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (tmp_path / "m" / CONFIG_NAME).is_file()
+    assert all(it.path.endswith(".jpg") for it in load_listing("market1501", tmp_path / "m").items)
+    generate(SynthConfig(tmp_path / "v", "veri776", ids=4, cams=2, seed=0))
+    assert (tmp_path / "v" / CONFIG_NAME).is_file() and len(load_listing("veri776", tmp_path / "v").items) > 0

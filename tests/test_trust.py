@@ -40,7 +40,7 @@ def test_a_cache_that_cannot_fit_fails_at_once_naming_sizes(market_root, tmp_pat
     monkeypatch.setattr(store.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(RunError, match=r"cannot create .*c\.h5: it needs 0\.\d+ GiB and 0\.00 GiB are free"):
         run_extract(extract_cfg(market_root, tmp_path / "c.h5", backbones=("clip-tiny",)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5.lock"]  # no cache, no .creating left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, no .creating, no lock file left behind
 
 
 def test_reservation_failure_leaves_nothing_and_a_rerun_works(market_root, market_cache, tmp_path, monkeypatch):
@@ -327,3 +327,28 @@ def test_sigterm_stops_cleanly_with_queued_batches_written(market_root, market_c
     assert sum(s["splits"].values()) >= 16 and s["pending"] > 0  # the batches finished before the signal stay
     assert finish(start(argv, log)) == [0]
     assert_same_cache(market_cache, out)
+
+
+# ---------------------------------------------------------------------------------------------- first-hour messages
+def test_messages_for_a_folder_a_finished_read_only_cache_and_a_read_only_output_folder(market_cache, market_root, tmp_path, monkeypatch):
+    res = _cli("info", market_cache.parent)
+    assert res.exit_code == 1 and f"cache {market_cache.parent} is a folder, not a featcache cache file; it holds market.h5" in res.output
+    assert not list(market_cache.parent.glob("*.lock"))  # a finished run leaves no lock file beside its cache
+    copy = tmp_path / "done.h5"
+    shutil.copy(market_cache, copy)
+    import featcache.extract.runner as runner
+
+    def no_writer(*a, **k):
+        raise AssertionError("a finished cache must not be opened for writing")
+
+    monkeypatch.setattr(runner, "CacheWriter", no_writer)  # a finished (maybe read-only) cache is only read
+    assert run_extract(extract_cfg(market_root, copy)).processed == 0
+    import featcache.cache.lock as lock
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(lock.os, "open", denied)
+    res = _cli("extract", "--dataset", "market1501", "--root", market_root, "--backbone", "clip-tiny", "--out", tmp_path / "ro" / "c.h5",
+               "--image-size", "64x32")
+    assert res.exit_code == 1 and f"cannot write in {tmp_path / 'ro'} (permission denied), where c.h5 goes" in res.output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = ""
     fk = KINDS[kind]
     path = Path(path)
     name = f"{label} {path}" if label else str(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.h5"))
+        raise CacheError(f"{label or fk.short} {path} is a folder, not a {fk.noun} file"
+                         + (f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""))
     if not path.is_file():
         raise CacheError(f"{label or fk.short} {path} does not exist")
     try:
@@ -71,6 +76,9 @@ def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = ""
             who = held_by(path)
             raise CacheError(f"{path} is busy: another process has it open ({f'featcache extract, {who}' if who else 'not a featcache writer'}); "
                              "try again when it has finished") from None
+        if mode != "r" and not os.access(path, os.W_OK):
+            raise CacheError(f"{name} is read-only (permission denied): featcache reads it as it is (info, eval, training), "
+                             "but writing into it (resuming, repairing) needs it writable") from None
         raise CacheError(f"{name} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
     if f.attrs.get("format") != fk.format:
         f.close()

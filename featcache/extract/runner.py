@@ -252,6 +252,11 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
     todo = sum(len(b) for b in sampler.blocks)
     mine = hi - lo
     logger.info("%d of %d images to extract (%d already done)", todo, mine, mine - int(pending.sum()))
+    if todo == 0:  # nothing to write: the cache is read, never opened for writing (it may be read-only)
+        result = ExtractResult(out, 0, 0.0, summary(out))
+        if window is None:
+            _log_summary(result)
+        return result
     n_views, backbones = job.n_views, job.backbones
     reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
     loader = torch.utils.data.DataLoader(
