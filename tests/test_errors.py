@@ -100,7 +100,7 @@ CASES = [
     ("distill-losses", DISTILL + ["--losses", "id,kl"], 2, "--losses id,kl: unknown term(s) kl"),
     ("distill-lambda", DISTILL + ["--lambda-kd", "-1"], 2, "--lambda-kd -1.0: expected 0 or more"),
     ("distill-gate-unfinished", ["distill", "--cache", "{feat}", "--gate", "{tmp}/unfinished", "--out", "{tmp}/d1"], 1, "unfinished run"),
-    ("distill-gate-other-cache", ["distill", "--cache", "{cache}", "--gate", "{tmp}/featgate", "--out", "{tmp}/d2"], 1, "was trained on another cache"),
+    ("distill-gate-other-cache", ["distill", "--cache", "{cache}", "--gate", "{tmp}/featgate", "--out", "{tmp}/d2"], 1, "or train a gate on"),
     ("distill-not-gate", ["distill", "--cache", "{cache}", "--gate", "{tmp}", "--out", "{tmp}/d3"], 1, "is not a train-gate run directory"),
     ("export-kind", ["export", "gate:{tmp}/featgate", "--onnx", "{tmp}/x.onnx"], 2, "expected student:RUN_DIR"),
     ("export-not-run", ["export", "student:{tmp}", "--onnx", "{tmp}/x.onnx"], 1, "is not a distill run directory"),

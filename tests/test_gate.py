@@ -285,3 +285,19 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(fcache, tmp_p
     assert res.exit_code == 1 and "holds no run to continue" in res.output
     res = CliRunner().invoke(main, ["train-gate", "--resume"])
     assert res.exit_code == 2 and "--resume: give --out RUN_DIR" in res.output
+
+
+def test_a_teacher_evaluated_on_another_cache_is_recorded_and_warned_about(fcache, tmp_path, caplog):
+    """Same expert weights, other data (say a teacher trained on Market-1501 evaluated with --cache VeRi): it runs,
+    the JSON records the cache the model was trained on, and a warning says how cross-domain evaluation goes."""
+    run = run_train_gate(cfg(fcache, tmp_path / "g", epochs=1)).run
+    same = run_eval(EvalConfig(fcache, f"gate:{run}")).report
+    assert same["model"]["trained_on"]["identity"] == same["cache"]["identity"] and "warnings" not in same
+    other = write_feature_cache(tmp_path / "other.h5", ids=20, per_id=6, cams=4, views=3)  # same synthetic weights
+    with caplog.at_level("WARNING"):
+        rep = run_eval(EvalConfig(other, f"gate:{run}")).report
+    assert rep["model"]["trained_on"]["cache"] == str(fcache)
+    assert "was trained on the cache" in rep["warnings"][0] and "--gallery-cache" in rep["warnings"][0]
+    assert "was trained on the cache" in caplog.text
+    cross = run_eval(EvalConfig(fcache, f"gate:{run}", gallery_cache=other)).report  # the cross-domain way: no warning
+    assert "warnings" not in cross

@@ -65,7 +65,10 @@ def load_teacher(gate: Path, cache: Path) -> Teacher:
         ident = c.identity
         view_start_all = c.table("view_start")
     if meta["cache_identity"] != ident.digest():
-        raise InputError(f"--gate {gate} was trained on another cache (identity {meta['cache_identity']}, {cache} is {ident.digest()})")
+        theirs = rd.read_config().get("cache", "another cache")
+        raise InputError(f"--gate {gate} was trained on the cache {theirs}, not on --cache {cache} (their identities differ: "
+                         f"{meta['cache_identity'][:12]} against {ident.digest()[:12]}): distill with --cache {theirs}, "
+                         f"or train a gate on {cache} first")
     path = Path(gate) / TARGETS
     targets = TeacherTargets.load(path, ident.digest())
     if targets.experts != list(meta["experts"]) or targets.label_pids.tolist() != list(meta["pids"]):

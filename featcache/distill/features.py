@@ -80,8 +80,10 @@ class StudentFeatures:
     def describe(self) -> dict:
         from featcache.training.rundir import RunDir
 
-        return {"kind": "student", "run": str(self.run), "arch": RunDir(self.run, "distill").read_config().get("student"),
-                "feature": "the student's 2048-d BN feature, computed from the images"}
+        rd = RunDir(self.run, "distill")
+        return {"kind": "student", "run": str(self.run), "arch": rd.read_config().get("student"),
+                "feature": "the student's 2048-d BN feature, computed from the images",
+                "trained_on": {"cache": rd.read_config().get("cache"), "identity": rd.meta().get("cache_identity")}}
 
 
 @register_kind("student", "RUN_DIR (a distill run: the student, run over the images)")

@@ -170,6 +170,13 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "tie_break": "equal scores: earlier gallery entry (cache order) ranks first",
         "timings": {"features_s": t_feat, "search_and_metrics_s": t_search, "total_s": time.perf_counter() - t0},
     }
+    trained = report["model"].get("trained_on")
+    if trained and trained.get("identity") and trained["identity"] != report["cache"]["identity"]:
+        note = (f"{cfg.model} was trained on the cache {trained.get('cache')} (identity {str(trained['identity'])[:12]}), not on "
+                f"--cache {cfg.cache} (identity {report['cache']['identity'][:12]}): in-domain numbers need the cache it was "
+                "trained on; evaluating on another dataset is --cache TRAINING_CACHE --gallery-cache OTHER")
+        logger.warning(note)
+        report["warnings"] = [note]
     ev = Evaluation(report, q, g, qf, gf, per_query)
     report["config"] = cfg.to_dict(absolute=True)
     if cfg.save_features:
@@ -285,6 +292,7 @@ def format_table(report: dict[str, Any]) -> str:
     if not part["complete"]:
         parts = [f"{k} {split} {n}" for k in ("pending", "failed") for split, n in part[k].items() if n]
         lines.append(f"note: computed on the cached images only; not cached: {', '.join(parts)}")
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     if report["random_init_backbones"]:
         lines.append(f"note: {', '.join(report['random_init_backbones'])} (read by this model) have random weights: "
                      "these numbers test the pipeline and are not results of the method")

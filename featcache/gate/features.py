@@ -70,7 +70,11 @@ class GateFeatures:
         return list(RunDir(self.run, "train-gate").meta()["experts"])
 
     def describe(self) -> dict:
-        return {"kind": "gate", "run": str(self.run), "feature": "BN-neck feature of the fused experts"}
+        from featcache.training.rundir import RunDir
+
+        rd = RunDir(self.run, "train-gate")
+        return {"kind": "gate", "run": str(self.run), "feature": "BN-neck feature of the fused experts",
+                "trained_on": {"cache": rd.read_config().get("cache"), "identity": rd.meta().get("cache_identity")}}
 
 
 @register_kind("gate", "RUN_DIR (a train-gate run: the teacher's BN-neck feature)")
