@@ -23,7 +23,6 @@ from featcache import __version__
 from featcache.config import StageConfig, load_yaml, option_name, parse_set, read_sections
 from featcache.errors import ConfigError, FeatcacheError, InputError, one_line
 from featcache.registry import nearest
-from featcache.runtime import DEVICES
 
 import featcache.distill.features  # noqa: F401,E402  (registers the student: model kind)
 import featcache.gate.features  # noqa: F401,E402  (registers the gate: model kind)
@@ -66,6 +65,24 @@ class FeatcacheGroup(click.Group):
             ctx.exit(1)
 
 
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda or cuda:N, the same for every command (checked by featcache.runtime)."""
+
+    name = "auto|cpu|cuda|cuda:N"
+
+    def convert(self, value, param, ctx):
+        from featcache.runtime import check_device_name
+
+        try:
+            check_device_name(str(value), f"--{param.name}" if param else "--device")
+        except ConfigError as exc:
+            self.fail(str(exc).split(": ", 1)[-1], param, ctx)
+        return str(value)
+
+
+DEVICE = DeviceType()
+
+
 class LazyChoice(click.Choice):
     """A choice whose names come from a registry, looked up only when needed (keeps torch out of start-up)."""
 
@@ -104,9 +121,26 @@ def stack(f: Callable, decorators: list[Callable]) -> Callable:
 
 
 def set_option(cls: type[StageConfig]) -> Callable:
-    keys = ", ".join(cls.keys())
+    """``--set KEY=VALUE`` for any field of ``cls``; its example is one of this command's own fields."""
+    keys = cls.keys()
+    defaults = cls.defaults()
+    example = next((k for k in ("lr", "epochs", "batch_size", "budget_mb", "views", "repeats", "opset", "ids") if k in defaults), None)
+    example = example or next(iter(defaults), keys[0])
+    value = defaults.get(example, "VALUE")
+    shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
     return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help=f"Set any config field, e.g. --set lr=1e-3 (repeatable). Fields: {keys}.")
+                        help=f"Set any config field, e.g. --set {example}={shown} (repeatable; a key may also be "
+                             f"spelled as its option, e.g. batch-size). Fields: {', '.join(keys)}.")
+
+
+def _set_aliases(ctx: click.Context, cls: type[StageConfig]) -> dict[str, str]:
+    """Option spellings -> field names for this command (``--lambda`` -> ``lambda_``, ``--json`` -> ``json_out``)."""
+    out: dict[str, str] = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name in cls.keys():
+            for o in p.opts:
+                out[o.lstrip("-").replace("-", "_")] = p.name
+    return out
 
 
 def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], sets: tuple[str, ...] = (),
@@ -128,7 +162,8 @@ def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], 
         layers.append((str(saved), {**getattr(cls, "legacy", {}), **section}))
     if ctx.default_map:
         layers.append((f"--config {ctx.find_root().params.get('config')} [{cls.command}]", dict(ctx.default_map)))
-    overrides = parse_set(sets)
+    aliases = _set_aliases(ctx, cls)
+    overrides = {aliases.get(k, k) if k not in cls.keys() else k: v for k, v in parse_set(sets).items()}
     given = {k: v for k, v in params.items()
              if k in cls.keys() and ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     both = sorted(set(overrides) & set(given))
@@ -209,7 +244,7 @@ def _standin_options(f: Callable) -> Callable:
             help="Where trained stand-ins are kept  [default: $FEATCACHE_HOME/standins, else ~/.cache/featcache/standins]."),
         opt(C, "epochs", type=int, help="Pre-training epochs  [default: each preset's own]"),
         opt(C, "seed", type=int, help="Seed of the pre-training set and of training."),
-        opt(C, "device", help="auto, cpu, cuda or cuda:N."),
+        opt(C, "device", type=DEVICE, help="Where pre-training runs."),
         opt(C, "force", is_flag=True, help="Train again even where weights with the same key exist."),
         set_option(C),
     ])
@@ -251,7 +286,7 @@ def _extract_options(f: Callable) -> Callable:
         opt(C, "views", type=int, help="Views per training image: 0 clean, 1 flip, 2+ seeded augmentations (query/gallery: at most 2)."),
         opt(C, "batch_size", type=int, help="Images per batch (keep it fixed across a resume for bit-equal results)."),
         opt(C, "workers", help="Decoding processes: a number (0 decodes in the main process) or auto (0 on CPU; on CUDA, this rank's share of the cores less one).  [default: auto]"),
-        opt(C, "device", type=click.Choice(DEVICES), help="Where the backbones run."),
+        opt(C, "device", type=DEVICE, help="Where the backbones run."),
         opt(C, "weights", multiple=True, metavar="PRESET=PATH", help="Local weights for a preset (open_clip checkpoint file or dir; ALIGN save_pretrained dir)."),
         opt(C, "random_init", is_flag=True, help="Allow random weights for full-size presets (benchmarks only; never results)."),
         opt(C, "overwrite", is_flag=True, help="Replace an existing cache instead of resuming it."),
@@ -307,7 +342,7 @@ def _eval_options(f: Callable) -> Callable:
         opt(C, "json_out", "--json", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (and the resolved config beside it)."),
         opt(C, "plots", type=click.Path(file_okay=False, path_type=Path), help="Write a CMC curve and ranked-list grids here."),
         opt(C, "save_features", type=click.Path(dir_okay=False, path_type=Path), help="Write the evaluated features and labels (.npz)."),
-        opt(C, "device", type=click.Choice(DEVICES), help="Where models and search run."),
+        opt(C, "device", type=DEVICE, help="Where models and search run."),
         opt(C, "budget_mb", type=int, help="Memory (MiB) for one block of scores or model activations."),
         opt(C, "plot_queries", type=int, help="Queries per ranked-list grid."),
         opt(C, "seed", type=int, help="Seed of the random sample of plotted queries."),
@@ -350,8 +385,10 @@ def _gate_options(f: Callable) -> Callable:
         opt(C, "fusion", type=LazyChoice(_fusions), help="How experts are combined."),
         opt(C, "gate_recipe", type=click.Choice(list(RECIPES)), help="How a gate is trained: paper (Eq. 7-9 exactly) or routed (docs/train-gate.md); each remedy can be set with --set."),
         opt(C, "epochs", type=int, help="Training epochs."),
+        opt(C, "batch_size", type=int, help="Images per batch: P identities x K images each (K: --instances)."),
+        opt(C, "instances", type=int, help="K, the images of each identity in a batch."),
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
-        opt(C, "device", type=click.Choice(DEVICES), help="Where training runs."),
+        opt(C, "device", type=DEVICE, help="Where training runs."),
         opt(C, "label_smoothing", type=float, help="Label smoothing of the ID loss."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the options it was started with (give only --out; options given too must agree, except where files are and the device)."),
         set_option(C),
@@ -383,8 +420,10 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "student", type=click.Choice(list(STUDENT_NAMES)), help="Student architecture (torchvision)."),
         opt(C, "student_init", help="imagenet (torchvision's weights, from TORCH_HOME), random (tests, demo) or a weights file."),
         opt(C, "epochs", type=int, help="Training epochs."),
+        opt(C, "batch_size", type=int, help="Images per batch: P identities x K images each (K: --instances)."),
+        opt(C, "instances", type=int, help="K, the images of each identity in a batch."),
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
-        opt(C, "device", type=click.Choice(DEVICES), help="Where training runs (bf16 autocast on CUDA)."),
+        opt(C, "device", type=DEVICE, help="Where training runs (bf16 autocast on CUDA)."),
         opt(C, "pixel_cache", type=click.Path(dir_okay=False, path_type=Path), help="HDF5 of decoded, letterboxed images: built (or resumed) on first use, so no epoch decodes a JPEG."),
         opt(C, "losses", help="Terms of L_total (switch KD terms off for the ablation)."),
         opt(C, "views", type=click.Choice(list(VIEW_MODES)), help="cached: a random cached view per step; view0: the clean view only."),
@@ -427,7 +466,7 @@ def _profile_options(f: Callable) -> Callable:
 
     return stack(f, [
         opt(C, "models", "--model", multiple=True, help="student:RUN_DIR or gate:RUN_DIR (the whole teacher); repeat to compare."),
-        opt(C, "device", type=click.Choice(DEVICES), help="Where the models run."),
+        opt(C, "device", type=DEVICE, help="Where the models run."),
         opt(C, "image_size", help="Input HxW when the run's cache is gone (default: the size the run was trained at)."),
         opt(C, "batch", help="Batch sizes to time, comma-separated.", fmt=lambda v: ",".join(map(str, v))),
         opt(C, "repeats", type=int, help="Timed runs per batch size (the median is reported)."),

@@ -6,12 +6,14 @@ import os
 
 from featcache.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
 
 
 def check_device_name(name: str, option: str = "--device") -> None:
-    if name not in DEVICES:
-        raise ConfigError(f"{option} {name!r}: expected one of {', '.join(DEVICES)}")
+    """auto, cpu, cuda, or cuda:N (every stage accepts the same names)."""
+    index = name[5:] if isinstance(name, str) and name.startswith("cuda:") else None
+    if name not in DEVICES and not (index is not None and index.isdigit()):
+        raise ConfigError(f"{option} {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def resolve_device(name: str, option: str = "--device"):
@@ -21,9 +23,13 @@ def resolve_device(name: str, option: str = "--device"):
     check_device_name(name, option)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option} cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{option} {name}: torch sees no CUDA device on this machine (use --device cpu or auto)")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_workers(workers: int | None, device) -> int:

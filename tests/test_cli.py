@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 from click.testing import CliRunner
@@ -160,3 +161,43 @@ def test_extract_gate_distill_eval_export_profile_through_the_command_line(marke
     rows = json.loads(ok("profile", "--model", f"gate:{gate}", "--batch", "1,2", "--repeats", "1", "--json"))
     assert len(rows) == 1 and rows[0]["flops_per_image"] > 0 and rows[0]["kind"] == "gate"
     assert "student" in ok("profile", "--model", f"student:{student}", "--batch", "1", "--repeats", "1")
+
+
+def test_set_takes_option_spellings_help_examples_fit_the_command_and_every_command_takes_cuda_n(tmp_path):
+    from featcache.cli import main
+
+    r = CliRunner()
+    for cmd in ("extract", "eval", "train-gate", "distill", "profile", "export", "synth", "pretrain-standins"):
+        text = r.invoke(main, [cmd, "--help"]).output
+        example = re.search(r"--set\s+([a-z_]+)=", text)
+        assert example, cmd
+        fields = re.search(r"Fields:\s+(.*?)\.\s", text.replace("\n", " "), re.S).group(1).replace(" ", "").split(",")
+        assert example.group(1) in fields, (cmd, example.group(1))  # never lr= for a command without lr
+    # --set lambda=... is --lambda's field (lambda_); --set json=... is --json's (json_out): taken, so the missing
+    # cache is what stops the run, while a key that is no field's is refused first
+    res = r.invoke(main, ["eval", "--cache", str(tmp_path / "none.h5"), "--model", "backbone:x", "--set", "lambda=0.5",
+                          "--set", "json=r.json"])
+    assert res.exit_code == 1 and "does not exist" in res.output, res.output
+    res = r.invoke(main, ["eval", "--cache", str(tmp_path / "none.h5"), "--model", "backbone:x", "--set", "lambda_x=0.5"])
+    assert res.exit_code == 2 and "lambda_x" in res.output
+    for cmd in (["eval", "--cache", "x.h5", "--model", "backbone:x"], ["train-gate", "--cache", "x.h5", "--out", "r"],
+                ["profile", "--model", "student:r"], ["extract", "--dataset", "market1501", "--root", ".", "--backbone", "clip-tiny", "--out", "x.h5"]):
+        bad = r.invoke(main, [*cmd, "--device", "cuda:x"])
+        assert bad.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in bad.output, cmd
+        good = r.invoke(main, [*cmd, "--device", "cuda:1"])
+        assert "expected auto, cpu, cuda or cuda:N" not in good.output, cmd
+
+
+def test_train_gate_has_batch_size_and_says_a_batch_is_p_by_k(tmp_path):
+    from featcache.cli import main
+    from featcache.synth_cache import write_feature_cache
+
+    cache = write_feature_cache(tmp_path / "f.h5", ids=6, per_id=4, cams=2)
+    r = CliRunner()
+    res = r.invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "g"), "--batch-size", "30"])
+    assert res.exit_code == 2 and "--batch-size 30: a batch is P identities x K images each (K = --instances 4)" in res.output
+    res = r.invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "g"), "--batch-size", "64"])
+    assert res.exit_code == 1 and "fewer than P = 16" in res.output and "lower --batch-size to at most 24" in res.output
+    res = r.invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "g"), "--batch-size", "12",
+                          "--instances", "2", "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output

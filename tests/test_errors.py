@@ -88,7 +88,7 @@ CASES = [
     ("set-unknown", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r4", "--set", "learning_rate=1"], 2, "unknown key 'learning_rate'"),
     ("set-type", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r5", "--set", "lr=fast"], 2, "lr: expected a number, got 'fast'"),
     ("set-twice", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r6", "--epochs", "2", "--set", "epochs=3"], 2, "--epochs given twice"),
-    ("batch-size", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r7", "--set", "batch_size=30"], 2, "batch_size 30"),
+    ("batch-size", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/r7", "--set", "batch_size=30"], 2, "--batch-size 30: a batch is P identities x K images"),
     ("yaml-key", ["--config", "{tmp}/bad.yaml", "train-gate", "--cache", "{feat}", "--out", "{tmp}/r8"], 2, "unknown key 'epoch' for train-gate (did you mean 'epochs'"),
     ("yaml-section", ["--config", "{tmp}/badsection.yaml", "info", "{cache}"], 2, "unknown section 'train_gate' (did you mean 'train-gate'"),
     ("run-exists", ["train-gate", "--cache", "{feat}", "--out", "{tmp}/unfinished", "--fusion", "average"], 1, "pass --resume"),

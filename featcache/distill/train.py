@@ -153,7 +153,8 @@ def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     p = cfg.batch_size // cfg.instances
     if teacher.n_classes < p:
         raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "
-                         f"{p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
+                         f"{p} x {cfg.instances} batches (a batch is P identities x K images, K = --instances): lower --batch-size to at most "
+                         f"{teacher.n_classes * cfg.instances}, or --instances")
     if cfg.kd_space == "retrieval" and teacher.targets.retrieval is None and set(cfg.losses) & {"feat", "rel"}:
         raise InputError(f"{teacher.targets.path} predates the teacher's retrieval feature (teacher-targets version 1): "
                          "train the gate again, or compare raw features with --kd-space literal")

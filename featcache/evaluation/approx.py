@@ -89,9 +89,9 @@ class ApproxIndex:
                 sample = gallery[np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))]
             index.train(np.ascontiguousarray(sample, dtype=np.float32))
         self.backend = "faiss-cpu"
-        if spec.kind != "hnsw" and device in ("auto", "cuda") and faiss.get_num_gpus() > 0:
+        if spec.kind != "hnsw" and (device in ("auto", "cuda") or device.startswith("cuda:")) and faiss.get_num_gpus() > 0:
             self._res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+            index = faiss.index_cpu_to_gpu(self._res, int(device[5:]) if device.startswith("cuda:") else 0, index)
             self.backend = "faiss-gpu"
         index.add(np.ascontiguousarray(gallery, dtype=np.float32))
         if spec.kind == "hnsw":

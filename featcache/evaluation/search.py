@@ -40,15 +40,22 @@ class Scorer:
         import torch
 
         self.gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-        want_gpu = device in ("auto", "cuda")
-        if device == "cuda" and faiss.get_num_gpus() == 0 and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: neither faiss nor torch sees a GPU on this machine (use --device cpu or auto)")
-        if want_gpu and faiss.get_num_gpus() > 0:
+        want_gpu = device in ("auto", "cuda") or device.startswith("cuda:")
+        if device.startswith("cuda") and faiss.get_num_gpus() == 0 and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: neither faiss nor torch sees a GPU on this machine (use --device cpu or auto)")
+        if device.startswith("cuda:"):  # one GPU of several: torch on that one
+            from featcache.runtime import resolve_device
+
+            self.backend = "torch-cuda"
+            self._dev = resolve_device(device)
+            self._g = torch.from_numpy(self.gallery).to(self._dev)
+        elif want_gpu and faiss.get_num_gpus() > 0:
             self.backend = "faiss-gpu"
             self._res = faiss.StandardGpuResources()
         elif want_gpu and torch.cuda.is_available():
             self.backend = "torch-cuda"
-            self._g = torch.from_numpy(self.gallery).cuda()
+            self._dev = torch.device("cuda")
+            self._g = torch.from_numpy(self.gallery).to(self._dev)
         else:
             self.backend = "faiss-cpu"
         logger.info("search backend: %s (gallery %d x %d)", self.backend, *self.gallery.shape)
@@ -62,7 +69,7 @@ class Scorer:
         if self.backend == "torch-cuda":
             import torch
 
-            return (torch.from_numpy(q).cuda() @ self._g.T).cpu().numpy()
+            return (torch.from_numpy(q).to(self._dev) @ self._g.T).cpu().numpy()
         return faiss.pairwise_distances(q, self.gallery, metric=faiss.METRIC_INNER_PRODUCT)
 
 

@@ -64,7 +64,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     p = cfg.batch_size // cfg.instances
     if len(data.pids) < p:
         raise InputError(f"{cfg.cache}: {len(data.pids)} training identities, fewer than P = {p} needed for "
-                         f"P x K = {p} x {cfg.instances} batches (lower batch_size with --set batch_size=...)")
+                         f"P x K = {p} x {cfg.instances} batches (a batch is P identities x K images, K = --instances): lower --batch-size to at most "
+                         f"{len(data.pids) * cfg.instances}, or --instances")
     device = resolve_device(cfg.device)  # configuration errors before the run directory exists
     single_expert_index(cfg.fusion, data.families)
     if cfg.fusion == "moe-oracle" and (data.route is None or (data.route < 0).any()):

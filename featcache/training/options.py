@@ -10,8 +10,10 @@ def check_training(epochs: int, batch_size: int, instances: int, lr: float, lr_m
     if epochs < 1:
         raise ConfigError(f"--epochs {epochs}: expected at least 1")
     if instances < 2:
-        raise ConfigError(f"instances {instances}: expected at least 2 images per identity (the triplet loss needs positives)")
+        raise ConfigError(f"--instances {instances}: expected at least 2 images per identity (the triplet loss needs positives)")
     if batch_size < 2 * instances or batch_size % instances:
-        raise ConfigError(f"batch_size {batch_size}: expected a multiple of instances ({instances}) covering at least 2 identities")
+        raise ConfigError(f"--batch-size {batch_size}: a batch is P identities x K images each (K = --instances {instances}), "
+                          f"so expected a multiple of {instances} that covers at least 2 identities ({2 * instances}, "
+                          f"{3 * instances}, ...)")
     if lr <= 0 or lr_min < 0 or lr_min > lr:
         raise ConfigError(f"lr {lr}, lr_min {lr_min}: expected 0 <= lr_min <= lr and lr > 0")
