@@ -624,11 +624,12 @@ def verify(cache: Path) -> None:
 
 @main.command()
 def backbones() -> None:
-    """List the backbone presets."""
-    from featcache.backbones.presets import available_presets, get_preset
+    """List the backbone presets: built-in ones, and your own from $FEATCACHE_PRESETS folders (docs/extract.md)."""
+    from featcache.backbones.presets import PRESET_DIR, get_preset, preset_files
 
-    for name in available_presets():
+    for name, path in preset_files().items():
         p = get_preset(name)
         src = "random init" if p.random_init else "stand-in: featcache pretrain-standins" if p.standin else \
             f"{p.model}" + (f" ({p.pretrained})" if p.pretrained else "")
-        click.echo(f"{name:14s} {p.family:9s} {src:34s} {p.description}")
+        own = "" if path.parent == PRESET_DIR else f"  [{path}]"
+        click.echo(f"{name:14s} {p.family:9s} {src:34s} {p.description}{own}")

@@ -140,3 +140,32 @@ def test_missing_weights_fail_before_any_download_or_model_build(name, monkeypat
     monkeypatch.setattr("open_clip.model.CLIP.__init__", forbidden)
     with pytest.raises(WeightsNotFoundError, match=f"cannot be reached \\(Network is unreachable\\). Supply them with --weights {name}="):
         build_backbone(name, (64, 64))
+
+
+def test_your_own_preset_by_file_or_by_folder(market_root, tmp_path, monkeypatch):
+    """--backbone ./my-preset.json, or a folder of presets in $FEATCACHE_PRESETS (as open_clip's add_model_config)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache.backbones.presets import PRESET_DIR
+    from featcache.cli import main
+
+    data = json.loads((PRESET_DIR / "clip-tiny.json").read_text())
+    mine = tmp_path / "presets"
+    mine.mkdir()
+    (mine / "my-clip.json").write_text(json.dumps({**data, "name": "my-clip", "description": "my own tiny ViT"}))
+    r = CliRunner()
+    out = tmp_path / "c.h5"
+    res = r.invoke(main, ["extract", "--dataset", "market1501", "--root", str(market_root), "--backbone", str(mine / "my-clip.json"),
+                          "--out", str(out), "--image-size", "64x32", "--views", "1"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["eval", "--cache", str(out), "--model", "backbone:my-clip"])
+    assert res.exit_code == 0, res.output
+    saved = (tmp_path / "c.h5.config.yaml").read_text()
+    assert "my-clip" in saved and str(mine / "my-clip.json") in saved  # a rerun from the saved config finds the file
+    monkeypatch.setenv("FEATCACHE_PRESETS", str(mine))
+    assert "my-clip" in r.invoke(main, ["backbones"]).output and str(mine / "my-clip.json") in r.invoke(main, ["backbones"]).output
+    (mine / "clip-tiny.json").write_text(json.dumps(data))  # a built-in's name: refused
+    res = r.invoke(main, ["backbones"])
+    assert res.exit_code == 2 and "is a built-in preset's name" in res.output

@@ -14,6 +14,7 @@ stages (of 7) for ALIGN, whose outputs give the attention maps of Eq. 11.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -70,15 +71,81 @@ class Preset:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+#: folders of the user's own presets (``*.json``), separated as in PATH; searched after the built-in ones
+ENV_DIRS = "FEATCACHE_PRESETS"
+_added_dirs: list[Path] = []
+_added_files: dict[str, Path] = {}
+
+
+def add_preset_dir(path: str | Path) -> None:
+    """Make the ``*.json`` presets of a folder available by name (as open_clip's ``add_model_config``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PresetError(f"preset folder {path} does not exist")
+    _added_dirs.append(path)
+
+
+def add_preset_file(path: str | Path) -> str:
+    """Make one preset file available by its ``name`` (``--backbone ./my-preset.json``); returns the name."""
+    path = Path(path)
+    if not path.is_file():
+        raise PresetError(f"--backbone {path}: no such preset file")
+    data = _read(path)
+    name = str(data.get("name", ""))
+    if not name:
+        raise PresetError(f"{path}: a preset needs a 'name' (the name its cache arrays go under)")
+    builtin = PRESET_DIR / f"{name}.json"
+    if builtin.is_file():
+        raise PresetError(f"{path}: 'name' {name!r} is a built-in preset's; give your preset a name of its own")
+    Preset.from_dict(data, str(path))  # checked now, not at extraction
+    _added_files[name] = path.resolve()
+    return name
+
+
+def is_preset_file(value: str) -> bool:
+    """``--backbone`` names a preset file (a path ending in .json) rather than a preset."""
+    return str(value).endswith(".json")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PresetError(f"{path}: not a readable JSON preset ({exc})") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"{path}: a preset is a JSON object")
+    return data
+
+
+def preset_files() -> dict[str, Path]:
+    """Every preset by name: built-in, then the ``FEATCACHE_PRESETS`` folders, the added folders and files. A user
+    preset may not reuse a built-in's name (a cache records presets by name)."""
+    out = {p.stem: p for p in sorted(PRESET_DIR.glob("*.json"))}
+    dirs = [Path(d) for d in os.environ.get(ENV_DIRS, "").split(os.pathsep) if d] + _added_dirs
+    for d in dirs:
+        if not d.is_dir():
+            raise PresetError(f"{ENV_DIRS}: preset folder {d} does not exist")
+        for p in sorted(d.glob("*.json")):
+            if p.stem in out and out[p.stem].parent == PRESET_DIR:
+                raise PresetError(f"{p}: {p.stem!r} is a built-in preset's name; give your preset a name of its own")
+            out.setdefault(p.stem, p)
+    for name, p in _added_files.items():
+        out.setdefault(name, p)
+    return out
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return sorted(preset_files())
 
 
 def get_preset(name: str) -> Preset:
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise PresetError(f"unknown backbone preset {name!r}{nearest(name, available_presets())}; available: {', '.join(available_presets())}")
-    data = json.loads(path.read_text())
+    if is_preset_file(name):
+        name = add_preset_file(name)
+    path = preset_files().get(name)
+    if path is None:
+        raise PresetError(f"unknown backbone preset {name!r}{nearest(name, available_presets())}; available: {', '.join(available_presets())} "
+                          f"(your own: --backbone PATH.json, or a folder of them in ${ENV_DIRS})")
+    data = _read(path)
     if data.get("name") != name:
         raise PresetError(f"{path}: 'name' is {data.get('name')!r}, expected {name!r} (the file name)")
     return Preset.from_dict(data, str(path))

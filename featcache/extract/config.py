@@ -59,9 +59,11 @@ class ExtractConfig(StageConfig):
     skip_bad_names: bool = False
     float32: tuple[str, ...] = parser(parse_names, default=())  # outputs stored as float32 (OUTPUT or PRESET:OUTPUT, globs)
     mapper: str = "overlapped"           # plain: the reference path (benchmarks and checks)
+    preset_files: tuple[str, ...] = ()   # the user's preset files given as --backbone PATH.json (kept so a rerun finds them)
 
     def __post_init__(self) -> None:
         get_reader(self.dataset)
+        self._take_preset_files()
         if not self.backbones:
             raise ConfigError("--backbone: give at least one backbone preset (see `featcache backbones`)")
         if len(set(self.backbones)) != len(self.backbones):
@@ -82,3 +84,16 @@ class ExtractConfig(StageConfig):
             raise ConfigError(f"--mapper {self.mapper!r}: expected one of {', '.join(MAPPERS)}")
         if self.repair and self.overwrite:
             raise ConfigError("--repair and --overwrite exclude each other (--overwrite starts the cache anew)")
+
+    def _take_preset_files(self) -> None:
+        """``--backbone ./my-preset.json``: the file joins ``preset_files`` and the backbone is known by its name
+        from here on (cache groups, --weights keys, eval's backbone:NAME)."""
+        from featcache.backbones.presets import PresetError, add_preset_file, is_preset_file
+
+        files = list(self.preset_files) + [str(Path(b).resolve()) for b in self.backbones if is_preset_file(b)]
+        try:
+            names = {f: add_preset_file(f) for f in files}
+        except PresetError as exc:
+            raise ConfigError(str(exc)) from None
+        object.__setattr__(self, "preset_files", tuple(dict.fromkeys(files)))
+        object.__setattr__(self, "backbones", tuple(names[str(Path(b).resolve())] if is_preset_file(b) else b for b in self.backbones))
