@@ -154,12 +154,11 @@ def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], 
         if out is None:
             raise ConfigError("--resume: give --out RUN_DIR, the run to continue (its options are read from RUN_DIR/config.yaml)")
         saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise InputError(f"--resume: {out} holds no run to continue (no config.yaml); drop --resume to start one there")
-        section = read_sections(saved, str(saved), "the run's config", "command names to mappings of options").get(cls.command)
-        if section is None:
-            raise InputError(f"--resume: {saved} is not a {cls.command} run's config")
-        layers.append((str(saved), {**getattr(cls, "legacy", {}), **section}))
+        if saved.is_file():  # else nothing to continue yet: --resume starts the run, from the options given
+            section = read_sections(saved, str(saved), "the run's config", "command names to mappings of options").get(cls.command)
+            if section is None:
+                raise InputError(f"--resume: {saved} is not a {cls.command} run's config")
+            layers.append((str(saved), {**getattr(cls, "legacy", {}), **section}))
     if ctx.default_map:
         layers.append((f"--config {ctx.find_root().params.get('config')} [{cls.command}]", dict(ctx.default_map)))
     aliases = _set_aliases(ctx, cls)

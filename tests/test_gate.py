@@ -281,8 +281,8 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(fcache, tmp_p
     res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run)])
     assert res.exit_code == 0, res.output
     assert (run / "model.safetensors").exists() and len((run / "log.csv").read_text().splitlines()) == 4
-    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(tmp_path / "none")])
-    assert res.exit_code == 1 and "holds no run to continue" in res.output
+    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(tmp_path / "none")])  # nothing to continue:
+    assert res.exit_code == 2 and "missing --cache" in res.output                               # a new run needs its options
     res = CliRunner().invoke(main, ["train-gate", "--resume"])
     assert res.exit_code == 2 and "--resume: give --out RUN_DIR" in res.output
 
