@@ -3,9 +3,9 @@
 Market-1501 size by default: 3,368 queries x 15,913 gallery images x 2048-d, features drawn as in
 ``eval_speed.py`` and unnormalised. Each side gets what its users pass: featcache the raw features (it
 L2-normalises them itself); torchreid the cosine distance matrix of the normalised features, which it
-argsorts whole. Prints each side's time (featcache's includes its product; torchreid's does not include the
-distance matrix, which is computed once beforehand and timed separately), the speed-ups and the largest
-metric difference.
+argsorts whole (NumPy's default sort, as torchreid does). Prints each side's time (featcache's includes its
+product; torchreid's does not include the distance matrix, computed once beforehand and timed apart), the
+speed-ups and the largest metric difference.
 
 torchreid's Cython path (``rank_cy.pyx`` in deep-person-reid, MIT) is not on PyPI in built form. Build it
 outside this repository and pass its folder:
@@ -14,8 +14,9 @@ outside this repository and pass its folder:
     pip install cython && cd deep-person-reid/torchreid/metrics/rank_cylib && python setup.py build_ext --inplace
     python benchmarks/eval_api.py --torchreid-cython deep-person-reid/torchreid/metrics/rank_cylib
 
-It sorts with NumPy's default (not stable) argsort and accumulates in float32, so its metrics differ from
-the exact ones in the sixth decimal or so; the Python path uses a stable sort, featcache's tie rule.
+Both torchreid paths sort with NumPy's default (not stable) argsort, so with tied scores their order can
+differ from featcache's rule (the earlier gallery entry first); the Cython path also sums in float32. The
+features here have no exact ties after normalisation, so the metrics agree to float rounding.
 """
 
 from __future__ import annotations
@@ -30,9 +31,33 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_speed import _diff, market_like, reference_eval  # noqa: E402
+from eval_speed import _diff, market_like  # noqa: E402
 
 import featcache  # noqa: E402
+
+
+def torchreid_python(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20) -> dict:
+    """torchreid's ``eval_market1501`` Python path (torchreid/metrics/rank.py, MIT), on a distance matrix."""
+    indices = np.argsort(distmat, axis=1)
+    matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
+    all_cmc, all_AP, num_valid_q = [], [], 0.0
+    for q_idx in range(distmat.shape[0]):
+        order = indices[q_idx]
+        remove = (g_pids[order] == q_pids[q_idx]) & (g_camids[order] == q_camids[q_idx])
+        raw_cmc = matches[q_idx][np.invert(remove)]
+        if not np.any(raw_cmc):
+            continue
+        cmc = raw_cmc.cumsum()
+        cmc[cmc > 1] = 1
+        all_cmc.append(cmc[:max_rank])
+        num_valid_q += 1.0
+        num_rel = raw_cmc.sum()
+        tmp_cmc = raw_cmc.cumsum()
+        tmp_cmc = [x / (i + 1.0) for i, x in enumerate(tmp_cmc)]
+        tmp_cmc = np.asarray(tmp_cmc) * raw_cmc
+        all_AP.append(tmp_cmc.sum() / num_rel)
+    all_cmc = np.asarray(all_cmc).astype(np.float32).sum(0) / num_valid_q
+    return {"mAP": float(np.mean(all_AP)), "mINP": float("nan"), "cmc": {str(k): float(all_cmc[k - 1]) for k in (1, 5, 10, 20)}}
 
 
 def main() -> None:
@@ -54,7 +79,7 @@ def main() -> None:
     distmat = (1.0 - qn @ gn.T).astype(np.float32)
     t_dist = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = reference_eval(qn, gn, qp, qc, gp, gc)  # torchreid's eval_market1501 loop, stable sort, fast-reid's mINP
+    ref = torchreid_python(distmat, qp, gp, qc, gc)
     t_py = time.perf_counter() - t0
     print(f"device: CPU ({platform.machine()}, {os.cpu_count()} cores)")
     print(f"features: {args.queries} queries x {args.gallery} gallery x {args.dim}-d, unnormalised")

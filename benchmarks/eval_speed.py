@@ -108,7 +108,9 @@ def bare_product(qf: np.ndarray, gf: np.ndarray) -> float:
 
 
 def _diff(a, b) -> float:
-    return max([abs(a["mAP"] - b["mAP"]), abs(a["mINP"] - b["mINP"])] + [abs(a["cmc"][k] - b["cmc"][k]) for k in b["cmc"]])
+    """The largest difference of mAP, mINP (where both have it) and CMC."""
+    pairs = [(a["mAP"], b["mAP"]), (a["mINP"], b["mINP"])] + [(a["cmc"][k], b["cmc"][k]) for k in b["cmc"]]
+    return max(abs(x - y) for x, y in pairs if x == x and y == y)
 
 
 def main() -> None:

@@ -8,7 +8,12 @@ The public Python API (docs/api.md), imported lazily so that the command line st
 - ``featcache.FeatcacheError``: the base of every error featcache raises on purpose.
 """
 
+from typing import TYPE_CHECKING
+
 from featcache.errors import FeatcacheError
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time they load lazily (below)
+    from featcache.api import evaluate, open_cache, read_teacher_targets  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["FeatcacheError", "evaluate", "open_cache", "read_teacher_targets", "__version__"]

@@ -13,21 +13,29 @@ change between versions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from featcache.errors import InputError
+from featcache.runtime import check_device_name
+
+if TYPE_CHECKING:
+    from featcache.cache.reader import CacheReader
+    from featcache.cache.targets import TeacherTargets
 
 ArrayLike = Any  # a NumPy array, a torch tensor, or a (nested) list
 
 
 def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, on any device
-        x = x.detach().cpu().numpy()
     try:
+        if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, on any device, of any dtype (bf16 too)
+            x = x.detach().cpu()
+            if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+                x = x.float()
+            x = x.numpy()
         return np.asarray(x)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise InputError(f"{name}: expected an array, a tensor or a list ({exc})") from None
 
 
@@ -84,13 +92,14 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
 
     if ap not in AP_FORMS:
         raise InputError(f"ap={ap!r}: expected one of {', '.join(AP_FORMS)}")
+    check_device_name(str(device), "device")
     ranks = tuple(sorted({int(k) for k in ranks}))
     if not ranks or ranks[0] < 1:
         raise InputError(f"ranks={ranks}: expected positive CMC ranks")
     if distmat is not None:
         if query is not None or gallery is not None:
             raise InputError("evaluate: pass features (query, gallery) or distmat, not both")
-        d = _matrix(distmat, "distmat")
+        d = _matrix(distmat, "distmat").astype(np.float32, copy=False)  # ranked as float32, as features are
         nq, ng = d.shape
     else:
         if query is None or gallery is None:
@@ -113,14 +122,14 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     return acc.result()
 
 
-def open_cache(path: str | Path):
+def open_cache(path: str | Path) -> "CacheReader":
     """A feature cache for reading (``featcache.cache.CacheReader``); use it as a context manager."""
     from featcache.cache.reader import CacheReader
 
     return CacheReader(path)
 
 
-def read_teacher_targets(path: str | Path, cache_identity: str | None = None):
+def read_teacher_targets(path: str | Path, cache_identity: str | None = None) -> "TeacherTargets":
     """A gate run's teacher targets (``RUN/teacher_targets.h5``) in memory (``featcache.cache.targets.TeacherTargets``)."""
     from featcache.cache.targets import TeacherTargets
 

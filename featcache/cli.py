@@ -68,7 +68,10 @@ class FeatcacheGroup(click.Group):
 class DeviceType(click.ParamType):
     """auto, cpu, cuda or cuda:N, the same for every command (checked by featcache.runtime)."""
 
-    name = "auto|cpu|cuda|cuda:N"
+    name = "device"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[auto|cpu|cuda|cuda:N]"
 
     def convert(self, value, param, ctx):
         from featcache.runtime import check_device_name
@@ -123,14 +126,14 @@ def stack(f: Callable, decorators: list[Callable]) -> Callable:
 def set_option(cls: type[StageConfig]) -> Callable:
     """``--set KEY=VALUE`` for any field of ``cls``; its example is one of this command's own fields."""
     keys = cls.keys()
-    defaults = cls.defaults()
+    defaults = {k: v for k, v in cls.defaults().items() if v not in (None, (), {})}
     example = next((k for k in ("lr", "epochs", "batch_size", "budget_mb", "views", "repeats", "opset", "ids") if k in defaults), None)
     example = example or next(iter(defaults), keys[0])
     value = defaults.get(example, "VALUE")
     shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
     return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help=f"Set any config field, e.g. --set {example}={shown} (repeatable; a key may also be "
-                             f"spelled as its option, e.g. batch-size). Fields: {', '.join(keys)}.")
+                        help=f"Set any config field, e.g. --set {example}={shown} (repeatable; on the command line a key "
+                             f"may also be spelled as its option). Fields: {', '.join(keys)}.")
 
 
 def _set_aliases(ctx: click.Context, cls: type[StageConfig]) -> dict[str, str]:

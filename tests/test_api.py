@@ -87,6 +87,12 @@ def test_evaluate_equals_the_reference_on_unnormalised_features_lists_tensors_an
     ref_d = evaluate_reference(qf, gf, qp, qc, gp, gc, scores=-dist)
     _close(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist), ref_d)
     _close(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=torch.from_numpy(dist)), ref_d)
+    _close(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist.astype(np.float64)), ref_d)  # ranked as float32
+    tied = np.round(dist.astype(np.float64), 1)  # many ties: the earlier gallery entry ranks first, as a stable sort
+    _close(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=tied), evaluate_reference(qf, gf, qp, qc, gp, gc, scores=-tied.astype(np.float32)))
+    _close(featcache.evaluate(torch.from_numpy(qf).bfloat16(), torch.from_numpy(gf).bfloat16(), qp, gp, qc, gc),
+           evaluate_reference(_unit(torch.from_numpy(qf).bfloat16().float().numpy()), _unit(torch.from_numpy(gf).bfloat16().float().numpy()),
+                              qp, qc, gp, gc))
     assert abs(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist)["mAP"] - ref["mAP"]) > 1e-4  # not the cosine
 
 
@@ -100,6 +106,7 @@ def test_evaluate_equals_the_reference_on_unnormalised_features_lists_tensors_an
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, ap="area"), "ap='area': expected one of"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, [[1, 2]] * 20, gp, qc, gc), "q_pids: expected a 1-D sequence"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, ["a"] * 40, gp, qc, gc), "q_pids: expected integer labels"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, device="gpu"), "device 'gpu': expected auto, cpu, cuda or cuda:N"),
 ])
 def test_unsupported_input_is_one_clear_error(labelled, call, message):
     with pytest.raises(FeatcacheError, match=message) as err:

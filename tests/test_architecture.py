@@ -1,4 +1,5 @@
-"""The package structure docs/architecture.md describes: no import cycle between featcache's packages."""
+"""The package structure docs/architecture.md describes: no import cycle between featcache's packages, every
+unit importing only what the doc allows it, and the narrower rules it marks (tested)."""
 
 from __future__ import annotations
 

@@ -204,8 +204,8 @@ def test_teacher_inputs_are_checked(market_cache, gate_run, tmp_path):
     shutil.copytree(gate_run, other)
     meta = (other / "run.json").read_text()
     (other / "run.json").write_text(meta.replace(t.identity.digest(), "0" * 16))
-    with pytest.raises(InputError, match=f"was trained on the cache .*, not on --cache {market_cache} \\(their identities differ: "
-                                          f"000000000000 against .*\\): distill with --cache .*, or train a gate on {market_cache} first"):
+    with pytest.raises(InputError, match=f"was trained on {market_cache} as it was then; the cache has changed since "
+                                          "\\(identity 000000000000 then, .* now\\): train the gate again on it"):
         load_teacher(other, market_cache)
 
 

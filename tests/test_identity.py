@@ -48,3 +48,37 @@ def test_the_same_names_with_other_contents_are_refused(market_root, tmp_path):
     img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / name)
     with pytest.raises(CacheError, match=f"image contents: 1 file\\(s\\) changed since they were extracted \\({name}\\)"):
         run_extract(extract_cfg(root, out, backbones=("clip-tiny",)))
+
+
+def test_a_pipeline_keeps_its_cache_when_the_dataset_moves(market_root, tmp_path):
+    """The pipeline keys its cache by the data's content: after a move the extraction is skipped, the cache is
+    pointed at the new place, and stages that read images (the report's ranked lists) find them there."""
+    import yaml
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    root = tmp_path / "first" / "market"
+    shutil.copytree(market_root, root)
+
+    def write(root: Path, seeds: list[int]) -> Path:
+        p = tmp_path / "p.yaml"
+        p.write_text(yaml.safe_dump({
+            "pipeline": {"out": str(tmp_path / "out"), "seeds": seeds, "fusions": ["concat"], "teacher": "concat",
+                         "distill": False, "profile": False, "experts_alone": False},
+            "extract": {"dataset": "market1501", "root": str(root), "backbones": ["clip-tiny", "align-tiny"],
+                        "image_size": "64x32", "views": 2, "batch_size": 16},
+            "train-gate": {"epochs": 1, "batch_size": 8, "instances": 2},
+            "eval": {"plot_queries": 2}}))
+        return p
+
+    res = CliRunner().invoke(main, ["run", str(write(root, [42]))])
+    assert res.exit_code == 0, res.output
+    cache = next((tmp_path / "out").glob("cache-*.h5"))
+    moved = tmp_path / "second" / "market"
+    moved.parent.mkdir()
+    shutil.move(str(root), str(moved))
+    res = CliRunner().invoke(main, ["run", str(write(moved, [42, 7]))])
+    assert res.exit_code == 0, res.output
+    assert [c.name for c in (tmp_path / "out").glob("cache-*.h5")] == [cache.name]  # the same cache, not extracted again
+    assert cache_identity(cache).dataset_root == str(moved)

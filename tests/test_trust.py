@@ -332,7 +332,8 @@ def test_sigterm_stops_cleanly_with_queued_batches_written(market_root, market_c
 # ---------------------------------------------------------------------------------------------- first-hour messages
 def test_messages_for_a_folder_a_finished_read_only_cache_and_a_read_only_output_folder(market_cache, market_root, tmp_path, monkeypatch):
     res = _cli("info", market_cache.parent)
-    assert res.exit_code == 1 and f"cache {market_cache.parent} is a folder, not a featcache cache file; it holds market.h5" in res.output
+    assert res.exit_code == 1 and f"cache {market_cache.parent} is a folder, not a featcache cache file: give one of the files it " \
+        f"holds (market.h5), e.g. {market_cache}" in res.output
     assert not list(market_cache.parent.glob("*.lock"))  # a finished run leaves no lock file beside its cache
     copy = tmp_path / "done.h5"
     shutil.copy(market_cache, copy)

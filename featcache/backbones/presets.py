@@ -97,6 +97,10 @@ def add_preset_file(path: str | Path) -> str:
     builtin = PRESET_DIR / f"{name}.json"
     if builtin.is_file():
         raise PresetError(f"{path}: 'name' {name!r} is a built-in preset's; give your preset a name of its own")
+    _added_files.pop(name, None)
+    other = preset_files().get(name)
+    if other is not None and other.resolve() != path.resolve():
+        raise PresetError(f"{path}: 'name' {name!r} is also the preset {other}; give your preset a name of its own")
     Preset.from_dict(data, str(path))  # checked now, not at extraction
     _added_files[name] = path.resolve()
     return name

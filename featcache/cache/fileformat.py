@@ -59,8 +59,9 @@ def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = ""
     name = f"{label} {path}" if label else str(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.h5"))
-        raise CacheError(f"{label or fk.short} {path} is a folder, not a {fk.noun} file"
-                         + (f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""))
+        raise CacheError(f"{label or fk.short} {path} is a folder, not a {fk.noun} file: "
+                         + (f"give one of the files it holds ({', '.join(found[:5])}{' ...' if len(found) > 5 else ''}), "
+                            f"e.g. {path / found[0]}" if found else "give the path of a .h5 file"))
     if not path.is_file():
         raise CacheError(f"{label or fk.short} {path} does not exist")
     try:

@@ -149,6 +149,17 @@ def check_identity(path: Path, wanted: CacheIdentity, digests: np.ndarray | None
         relocate(path, have.moved_to(wanted.dataset_root))
 
 
+def follow_moved_data(path: Path, root: str | Path) -> bool:
+    """When the cache at ``path`` identifies its data by content and it now lies at ``root`` (a pipeline that skips
+    an unchanged extraction after the dataset moved), point the cache there; True if it was moved."""
+    with open_cache(path) as f:
+        have = read_identity(f, path)
+    if not have.content or have.dataset_root == str(root):
+        return False
+    relocate(path, have.moved_to(str(root)))
+    return True
+
+
 def relocate(path: Path, identity: CacheIdentity) -> None:
     """Record where the cache's data lies now (its identity's ``dataset_root``), for the stages that read images."""
     logger.info("%s: its dataset now lies at %s (same contents); the cache points there", path, identity.dataset_root)

@@ -66,6 +66,9 @@ def load_teacher(gate: Path, cache: Path) -> Teacher:
         view_start_all = c.table("view_start")
     if meta["cache_identity"] != ident.digest():
         theirs = rd.read_config().get("cache", "another cache")
+        if Path(str(theirs)).resolve() == Path(cache).resolve():
+            raise InputError(f"--gate {gate} was trained on {cache} as it was then; the cache has changed since (identity "
+                             f"{meta['cache_identity'][:12]} then, {ident.digest()[:12]} now): train the gate again on it")
         raise InputError(f"--gate {gate} was trained on the cache {theirs}, not on --cache {cache} (their identities differ: "
                          f"{meta['cache_identity'][:12]} against {ident.digest()[:12]}): distill with --cache {theirs}, "
                          f"or train a gate on {cache} first")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from featcache.cache import cache_identity
-from featcache.cache.store import content_digest, file_digests, items_digest
+from featcache.cache.store import content_digest, file_digests, follow_moved_data, items_digest
 from featcache.datasets import load_listing
 from featcache.distill.data import file_digest
 from featcache.fileio import atomic_write
@@ -183,6 +183,8 @@ def _extract(plan: Plan) -> Stage:
         plan.cache_key = digest(portable({"content": content, "listing": listing}, plan.out))[:8]
         state["cfg"] = base.replace(out=plan.out / f"cache-{plan.cache_key}.h5")
         plan.cache = state["cfg"].out
+        if plan.cache.is_file():  # the same data found elsewhere: the skipped stage's cache points at its new place
+            follow_moved_data(plan.cache, files.root)
         return {"content": content, "listing": listing}
 
     def run() -> None:
