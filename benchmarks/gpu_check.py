@@ -21,6 +21,14 @@ Sections (issue 23; later issues add theirs):
 - ``equal``: on a small set, the overlapped path's cache equals the plain path's (forward, cast, copy),
   array for array.
 
+Evaluation (issue 25):
+
+- ``eval``: exact evaluation at Market-1501 size (3,368 x 15,913 x 2048-d) against the bare product, defined
+  as the on-device product of the same query blocks against the resident gallery, synchronised, TF32 off
+  (target <= 1.3x); 10,000 queries x 1,000,000 gallery x 512-d exact (target under 3 s), with the GPU memory it
+  took beside the gallery plus ``--budget-mb``; and the metrics of the GPU path equal to the CPU path on
+  integer-valued features (as ``eval_speed.py`` draws them) at a size the CPU computes within the check.
+
 Random weights throughout (``--random-init``): speed and equality only, never results.
 """
 
@@ -49,7 +57,7 @@ from featcache.extract.runner import run_extract  # noqa: E402
 from featcache.runtime import resolve_workers  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
 
-SECTIONS = ("models", "pipeline", "decode", "equal")
+SECTIONS = ("models", "pipeline", "decode", "equal", "eval")
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,12 @@ def verdict(ratio: float, target: float, s: Setup) -> str:
     return f"{'PASS' if ratio >= target else 'FAIL'} (>= {target})"
 
 
+def at_most(value: float, limit: float, s: Setup, unit: str = "") -> str:
+    if s.device.type != "cuda":
+        return f"<= {limit}{unit} (CPU mode: not judged)"
+    return f"{'PASS' if value <= limit else 'FAIL'} (<= {limit}{unit})"
+
+
 def differing(a: Path, b: Path) -> list[str]:
     """Arrays that differ between two caches (attributes such as creation time aside)."""
     out = []
@@ -293,6 +307,68 @@ def section_decode(s: Setup, table: Table, rates: dict, tmp: Path) -> None:
               f"{gpu:,.0f}" if gpu else "no CUDA", f"{cpu:,.0f}", f"{gpu / cpu:.2f}" if gpu else "", "")
 
 
+def section_eval(s: Setup, table: Table) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_speed import market_like
+
+    from featcache.evaluation.runner import evaluate
+    from featcache.evaluation.search import DEFAULT_BUDGET, block_size
+
+    dev = s.device
+    sizes = (3368, 15913, 2048) if dev.type == "cuda" else (200, 1500, 64)
+    qf, gf, qp, qc, gp, gc = market_like(*sizes)
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    qn, gn = norm(qf).astype(np.float32), norm(gf).astype(np.float32)
+    device = "cuda" if dev.type == "cuda" else "cpu"
+    ranking = "device"  # on CPU too: the check of the device path's code
+
+    def bare() -> float:
+        g = torch.from_numpy(gn).to(dev)
+        block = block_size(len(gn), DEFAULT_BUDGET)
+        sync(dev)
+        t0 = time.perf_counter()
+        for a in range(0, len(qn), block):
+            g.new_tensor(qn[a: a + block]) @ g.T
+        sync(dev)
+        return time.perf_counter() - t0
+
+    def ours() -> tuple[float, dict]:
+        sync(dev)
+        t0 = time.perf_counter()
+        res = evaluate(qn, gn, qp, qc, gp, gc, device=device, ranking=ranking)[0]
+        sync(dev)
+        return time.perf_counter() - t0, res
+
+    bare(), ours()  # warm-up
+    t_bare = min(bare() for _ in range(3))
+    t_ours, res = min((ours() for _ in range(3)), key=lambda r: r[0])
+    table.add(f"eval {sizes[0]:,} x {sizes[1]:,} x {sizes[2]}-d: evaluation / bare product on the device, s",
+              f"{t_ours:.3f}", f"{t_bare:.3f}", f"{t_ours / t_bare:.2f}", at_most(t_ours / t_bare, 1.3, s, "x"))
+    # the GPU path's metrics against the CPU path's, integer-valued features: every score exact on both
+    small = market_like(*((1000, 8000, 256) if dev.type == "cuda" else (100, 800, 32)), seed=1)
+    cpu = evaluate(*small, device="cpu", ranking="sort")[0]
+    gpu = evaluate(*small, device=device, ranking=ranking)[0]
+    same = cpu == gpu
+    table.add(f"eval metrics, {device} device path = CPU path (integer-valued features)", "equal" if same else f"{gpu}",
+              "CPU path", "", "PASS" if same else "FAIL")
+    if dev.type == "cuda":
+        rng = np.random.default_rng(0)
+        big_q = rng.standard_normal((10_000, 512), dtype=np.float32)
+        big_g = rng.standard_normal((1_000_000, 512), dtype=np.float32)
+        bq, bg = rng.integers(0, 50_000, 10_000), rng.integers(0, 50_000, 1_000_000)
+        bqc, bgc = rng.integers(0, 6, 10_000), rng.integers(0, 6, 1_000_000)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        evaluate(norm(big_q).astype(np.float32), norm(big_g).astype(np.float32), bq, bqc, bg, bgc, device="cuda", ranking=ranking)
+        torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        gallery = big_g.nbytes / 2**30
+        table.add("eval 10,000 x 1,000,000 x 512-d exact, s (GPU memory: peak, gallery + budget)", f"{t:.2f} ({peak:.2f} GiB)",
+                  f"3 s ({gallery + DEFAULT_BUDGET / 2**30:.2f} GiB)", f"{t / 3:.2f}", at_most(t, 3.0, s, " s"))
+
+
 def section_equal(s: Setup, table: Table, tmp: Path) -> None:
     root = tmp / "small"
     generate(SynthConfig(root, "market1501", ids=s.equal_ids, cams=3, seed=1))
@@ -340,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_decode(s, table, rates, Path(tmp))
             elif name == "equal":
                 section_equal(s, table, Path(tmp))
+            elif name == "eval":
+                section_eval(s, table)
             print(f"(section {name}: {time.perf_counter() - ts:.0f} s)", flush=True)
     table.notes.append(f"whole run {time.perf_counter() - t0:.0f} s")
     args.out.write_text(table.markdown(header))

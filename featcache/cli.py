@@ -472,6 +472,7 @@ def _profile_options(f: Callable) -> Callable:
         opt(C, "image_size", help="Input HxW when the run's cache is gone (default: the size the run was trained at)."),
         opt(C, "batch", help="Batch sizes to time, comma-separated.", fmt=lambda v: ",".join(map(str, v))),
         opt(C, "repeats", type=int, help="Timed runs per batch size (the median is reported)."),
+        opt(C, "precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="fp32, or bf16/fp16 autocast (deployment precision on a GPU); compare models at the same one."),
         set_option(C),
     ])
 
@@ -486,7 +487,8 @@ def profile(ctx: click.Context, sets: tuple[str, ...], as_json: bool, **params) 
     from featcache.distill.profile import format_profile, profile_models
 
     cfg = resolve(ctx, ProfileConfig, params, sets)
-    rows = profile_models(cfg.models, device=cfg.device, image_size=cfg.image_size, batch_sizes=cfg.batch, repeats=cfg.repeats)
+    rows = profile_models(cfg.models, device=cfg.device, image_size=cfg.image_size, batch_sizes=cfg.batch, repeats=cfg.repeats,
+                          precision=cfg.precision)
     click.echo(json.dumps(rows, indent=2) if as_json else format_profile(rows))
 
 

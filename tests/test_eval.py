@@ -300,3 +300,29 @@ def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_pa
     assert "APPROXIMATE search (IVF" in format_table(report) and "mAP is AP@20" in format_table(report)
     with pytest.raises(ConfigError, match="--approx-k 10 is shorter than the largest of --ranks \(20\)"):
         EvalConfig(Path("c.h5"), "backbone:x", search="approx", approx_k=10)
+
+
+def test_ranks_counted_on_the_device_equal_the_sorted_ranks_ties_and_junk_included():
+    """device_ranking (the GPU path) run on CPU torch: the same ranks as ranking.block_ranks and the same metrics."""
+    import torch
+
+    from featcache.evaluation.device_ranking import device_block_ranks
+    from featcache.evaluation.ranking import GalleryIndex, block_ranks
+    from featcache.evaluation.runner import evaluate
+
+    rng = np.random.default_rng(11)
+    nq, ng = 60, 900
+    qf = rng.integers(-2, 3, size=(nq, 8)).astype(np.float32)  # small integers: exact scores, many ties
+    gf = rng.integers(-2, 3, size=(ng, 8)).astype(np.float32)
+    qp, gp = rng.integers(0, 40, nq), rng.integers(0, 40, ng)
+    qc, gc = rng.integers(0, 3, nq), rng.integers(0, 3, ng)  # junk: same identity and camera
+    index = GalleryIndex.build(qp, qc, gp, gc)
+    scores = qf @ gf.T
+    assert len(np.unique(scores)) < scores.size / 100  # ties everywhere
+    want = block_ranks(scores, 0, index)
+    for budget in (2**30, 64 * 1024):  # one chunk, and many small ones
+        got = device_block_ranks(torch.from_numpy(scores), 0, index, budget)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    a, pa, _ = evaluate(qf, gf, qp, qc, gp, gc, device="cpu", ranking="sort", budget=64 * 1024)
+    b, pb, backend = evaluate(qf, gf, qp, qc, gp, gc, device="cpu", ranking="device", budget=64 * 1024)
+    assert a == b and pa == pb and "ranks on the device" in backend

@@ -169,6 +169,11 @@ def test_profile_of_a_student(runs):
     assert set(row["peak_memory_mib"]) == {1, 4} and min(row["peak_memory_mib"].values()) > 10 and "RSS" in row["peak_memory_kind"] and row["device"].startswith("cpu")
     table = format_profile([row])
     assert f"student:{run}" in table and "ms@b4" in table and "img/s@b4" in table and "not MACs" in table
+    assert row["precision"] == "fp32"
+    bf16 = profile_model(f"student:{run}", "cpu", batch_sizes=(1,), repeats=1, precision="bf16")  # deployment precision
+    assert bf16["precision"] == "bf16" and "bf16 autocast" in bf16["timing"] and bf16["latency_ms"][1] > 0
+    with pytest.raises(ConfigError, match="--precision fp8: expected one of fp32, bf16, fp16"):
+        profile_model(f"student:{run}", "cpu", precision="fp8")
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,7 @@ class DistillConfig(StageConfig):
                 "att": self.lambda_att, "rel": self.lambda_rel}[term]
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 #: the ONNX Runtime check's tolerance: max |onnx - torch| / max |torch|
 ATOL = 1e-3
 MODEL_KINDS_PROFILED = ("student", "gate")
@@ -126,9 +127,12 @@ class ProfileConfig(StageConfig):
     image_size: tuple[int, int] | None = parser(lambda v: None if v in (None, "") else parse_size(v), default=None)
     batch: tuple[int, ...] = (1, 64)
     repeats: int = 5
+    precision: str = "fp32"              # fp32, or bf16 / fp16 autocast (how a model is deployed on a GPU)
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if not self.models:
             raise ConfigError("--model: give at least one student:RUN_DIR or gate:RUN_DIR")
         bad = [m for m in self.models if m.partition(":")[0] not in MODEL_KINDS_PROFILED or not m.partition(":")[2]]

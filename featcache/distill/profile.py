@@ -48,8 +48,11 @@ FLOPS_NOTE = ("FLOPs (2 per multiply-accumulate, not MACs) per image, FlopCounte
               "convolutions, matrix products and attention; elementwise, normalisation and pooling not counted")
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] | None = None,
-                  batch_sizes: tuple[int, ...] = (1, 64), repeats: int = 10) -> dict:
+                  batch_sizes: tuple[int, ...] = (1, 64), repeats: int = 10, precision: str = "fp32") -> dict:
     """Parameters, FLOPs, latency, throughput and peak memory of ``student:RUN`` or ``gate:RUN``.
 
     ``image_size`` (H, W) is a fallback: a student runs at its run's size, the teacher at its cache's;
@@ -63,6 +66,8 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
         raise ConfigError(f"batch sizes {list(sizes)}: expected one or more positive integers")
     if repeats < 1:
         raise ConfigError(f"repeats {repeats}: expected at least 1")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise ConfigError(f"--image-size {image_size}: expected H and W, both positive")
     dev = resolve_device(device)
@@ -79,7 +84,7 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
     row["parameters_used"] = row["parameters"] - info["parameters_parts"].get("classifier", 0)
     latency, memory = {}, {}
     for b in sizes:
-        latency[b], memory[b] = _time(model, make_input(b), dev, repeats)
+        latency[b], memory[b] = _time(model, make_input(b), dev, repeats, PRECISIONS[precision])
     cpu = dev.type == "cpu"
     row.update({
         "latency_ms": latency, "images_per_s": {b: 1000.0 * b / ms for b, ms in latency.items()},
@@ -88,7 +93,9 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
                              else "torch.cuda.max_memory_allocated per batch size, weights included"),
         "device": _device_name(dev), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "batch_sizes": list(sizes), "repeats": repeats, "pid": os.getpid(),
-        "timing": f"median of {repeats} timed runs after {WARMUP} warm-up runs, torch.inference_mode",
+        "timing": f"median of {repeats} timed runs after {WARMUP} warm-up runs, torch.inference_mode"
+                  + ("" if precision == "fp32" else f", {precision} autocast"),
+        "precision": precision,
         "image_size": [h, w],
     })
     logger.info("profiled %s: %.2f M parameters, %.3f GFLOPs/image, %s", spec, row["parameters"] / 1e6,
@@ -276,12 +283,17 @@ def _flops(fn: Callable, x) -> int:
     return int(counter.get_total_flops())
 
 
-def _time(model: nn.Module, x: torch.Tensor, dev: torch.device, repeats: int) -> tuple[float, float]:
-    """(median latency in ms, peak memory in MiB) of ``repeats`` runs on the batch ``x``."""
+def _time(model: nn.Module, x: torch.Tensor, dev: torch.device, repeats: int,
+          dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(median latency in ms, peak memory in MiB) of ``repeats`` runs on the batch ``x``; with ``dtype``, under
+    autocast to it (how a model is deployed on a GPU: bf16 or fp16)."""
+    import contextlib
+
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     times = []
-    with torch.inference_mode():
+    cast = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), cast:
         for _ in range(WARMUP):
             model(x)
         sync()

@@ -207,11 +207,15 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
              ranks: tuple[int, ...] = EvalConfig.ranks, ap_form: str = EvalConfig.ap, device: str = EvalConfig.device,
              budget: int = DEFAULT_BUDGET,
              rerank: tuple[int, int, float] | None = None,
-             approx: ApproxSpec | None = None) -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
+             approx: ApproxSpec | None = None, ranking: str = "auto") -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
     """Metrics of features ranked by their inner product, which is the protocol's cosine similarity only when
     every row has unit length (featcache's feature sources L2-normalise them; ``featcache.evaluate``, the public
     function, normalises whatever it is given). Returns (metrics, per-query (AP, first rank), backend). With
-    ``approx``, the metrics of approximate search's top-k lists (featcache.evaluation.approx), labelled so."""
+    ``approx``, the metrics of approximate search's top-k lists (featcache.evaluation.approx), labelled so.
+
+    ``ranking``: ``device`` counts each positive's rank where the scores are (``device_ranking``: on the GPU
+    with the torch-cuda backend, so only ranks leave it); ``sort`` ranks on the CPU (``ranking``); ``auto``
+    picks ``device`` for torch-cuda, ``sort`` otherwise. Both give the same ranks."""
     acc = Accumulator(tuple(sorted(set(ranks))), ap_form)
     per_query: dict[int, tuple[float, int]] = {}
     if approx is not None:
@@ -221,13 +225,21 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
         backend = "rerank"
     else:
         scorer = Scorer(gf, device)
-        blocks = score_blocks(qf, scorer, block_size(len(gf), budget))
-        backend = scorer.backend
+        on_device = ranking == "device" or (ranking == "auto" and scorer.backend == "torch-cuda")
+        block = block_size(len(gf), budget)
+        blocks = ((s, scorer.device_scores(qf[s: s + block])) for s in range(0, len(qf), block)) if on_device \
+            else score_blocks(qf, scorer, block)
+        backend = scorer.backend + (" (ranks on the device)" if on_device else "")
     index = GalleryIndex.build(q_pids, q_cams, g_pids, g_cams)
     with progress(total=len(qf), desc="eval", unit="query", leave=False) as bar:
         for start, scores in blocks:
             n = len(acc.aps)
-            acc.add_block(start, *block_ranks(scores, start, index))
+            if isinstance(scores, np.ndarray):
+                acc.add_block(start, *block_ranks(scores, start, index))
+            else:
+                from featcache.evaluation.device_ranking import device_block_ranks
+
+                acc.add_block(start, *device_block_ranks(scores, start, index, budget))
             per_query.update(zip(acc.evaluated[n:], zip(acc.aps[n:], acc.first[n:])))
             bar.update(len(scores))
     return acc.result(), per_query, backend

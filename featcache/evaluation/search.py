@@ -67,10 +67,17 @@ class Scorer:
         if self.backend == "faiss-gpu":
             return faiss.pairwise_distance_gpu(self._res, q, self.gallery, metric=faiss.METRIC_INNER_PRODUCT)
         if self.backend == "torch-cuda":
-            import torch
-
-            return (torch.from_numpy(q).to(self._dev) @ self._g.T).cpu().numpy()
+            return self.device_scores(q).cpu().numpy()
         return faiss.pairwise_distances(q, self.gallery, metric=faiss.METRIC_INNER_PRODUCT)
+
+    def device_scores(self, q: np.ndarray):
+        """(len(q), G) similarities as a torch tensor where they were computed (the GPU for torch-cuda), so that
+        ranking can run there too; on the other backends, the CPU scores as a tensor."""
+        import torch
+
+        if self.backend == "torch-cuda":
+            return torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(self._dev) @ self._g.T
+        return torch.from_numpy(self.scores(q))
 
 
 def block_size(n_gallery: int, budget: int = DEFAULT_BUDGET) -> int:

@@ -49,6 +49,7 @@ class PipelineConfig(StageConfig):
     profile_batch: tuple[int, ...] = ProfileConfig.batch      # the defaults of `featcache profile`
     profile_repeats: int = ProfileConfig.repeats
     profile_device: str = ProfileConfig.device
+    profile_precision: str = ProfileConfig.precision  # the teacher and the student at the same precision
     ranked_lists: bool = True               # ranked-list grids of the teacher and the student in the report
 
     def __post_init__(self) -> None:
@@ -70,7 +71,8 @@ class PipelineConfig(StageConfig):
 
     def profile_config(self, models: list[str], image_size: tuple[int, int]) -> ProfileConfig:
         """The profile stage's config: `featcache profile`'s, with this pipeline's batch, repeats and device."""
-        return ProfileConfig(tuple(models), self.profile_device, image_size, tuple(self.profile_batch), self.profile_repeats)
+        return ProfileConfig(tuple(models), self.profile_device, image_size, tuple(self.profile_batch), self.profile_repeats,
+                             self.profile_precision)
 
 
 #: the stage sections and their configs, in the order they run

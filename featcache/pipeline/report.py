@@ -191,7 +191,7 @@ def _table(plan, reports: dict, profile: dict) -> list[str]:
     if profile:
         p = next(iter(profile.values()))
         out += ["", f"Parameters at inference, FLOPs per image (2 per multiply-accumulate) and latency from `featcache profile` "
-                    f"on {p['device']}, {p['image_size'][0]}x{p['image_size'][1]}. A fusion's row counts the backbones it runs, its "
+                    f"on {p['device']}, {p['image_size'][0]}x{p['image_size'][1]}, at {p.get('precision', 'fp32')} (every row alike). A fusion's row counts the backbones it runs, its "
                     "adapters and its fusion (the teacher's: both backbones and the gate); backbones with random weights "
                     "(timing only). The raw concatenation costs its two backbones' rows together."]
     return out

@@ -328,12 +328,16 @@ def _profile(plan: Plan) -> Stage:
 
         cfg = config()
         machine = resolve_device(cfg.device)  # auto on a GPU machine is another measurement than auto on a CPU one
-        return {"models": {m: _model_digest(m) for m in cfg.models}, "batch": list(cfg.batch), "repeats": cfg.repeats,
-                "device": torch_device_name(machine), "image_size": list(cfg.image_size)}
+        key = {"models": {m: _model_digest(m) for m in cfg.models}, "batch": list(cfg.batch), "repeats": cfg.repeats,
+               "device": torch_device_name(machine), "image_size": list(cfg.image_size)}
+        if cfg.precision != "fp32":  # keys of fp32 profiles stay as they were
+            key["precision"] = cfg.precision
+        return key
 
     def run() -> None:
         cfg = config()
-        rows = profile_models(cfg.models, cfg.device, image_size=cfg.image_size, batch_sizes=cfg.batch, repeats=cfg.repeats)
+        rows = profile_models(cfg.models, cfg.device, image_size=cfg.image_size, batch_sizes=cfg.batch, repeats=cfg.repeats,
+                              precision=cfg.precision)
         atomic_write(plan.profile, lambda p: p.write_text(json.dumps(rows, indent=1, default=str)))
 
     return Stage("profile", key, lambda: [plan.profile], run)
