@@ -403,3 +403,23 @@ def test_distillation_lowers_each_kd_term_and_agrees_more_with_the_teacher_than_
     _, task_after, task_agree = result["task"]
     assert after["kd"] < task_after["kd"] and after["feat"] < task_after["feat"] and after["rel"] < task_after["rel"]
     assert agree > task_agree + 0.05, (agree, task_agree)
+
+
+def test_replay_on_the_device_equals_replay_on_the_cpu_exactly():
+    """distill.replay (the student's GPU input path) against preprocess.view_of, on CPU torch: pad, crop, flip and
+    erasing are integer operations, so every byte must agree, for every kind of stored view."""
+    import torch
+
+    from featcache.distill.replay import replay_views
+    from featcache.preprocess import view_of, view_params
+
+    rng = np.random.default_rng(0)
+    h, w = 48, 24
+    base = rng.integers(0, 256, size=(40, h, w, 3), dtype=np.uint8)
+    params = np.concatenate([view_params(8, 3, i, (h, w)) for i in range(5)])  # clean, flip, crops, flips, erasing
+    assert (params[:, 5] > 0).any() and (params[:, 2] == 1).any() and (params[:, 0] != 10).any()
+    want = np.stack([view_of(b, p) for b, p in zip(base, params)]).transpose(0, 3, 1, 2)
+    got = replay_views(torch.from_numpy(base), torch.from_numpy(params)).numpy()
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    three = replay_views(torch.from_numpy(base), torch.from_numpy(params[:, :3])).numpy()  # dx, dy, flip only
+    assert np.array_equal(three, np.stack([view_of(b, p[:3]) for b, p in zip(base, params)]).transpose(0, 3, 1, 2))
