@@ -467,7 +467,7 @@ def _profile_options(f: Callable) -> Callable:
     from featcache.distill.config import ProfileConfig as C
 
     return stack(f, [
-        opt(C, "models", "--model", multiple=True, help="student:RUN_DIR or gate:RUN_DIR (the whole teacher); repeat to compare."),
+        opt(C, "models", "--model", multiple=True, help="student:RUN_DIR, gate:RUN_DIR (the whole teacher) or backbone:PRESET; repeat to compare."),
         opt(C, "device", type=DEVICE, help="Where the models run."),
         opt(C, "image_size", help="Input HxW when the run's cache is gone (default: the size the run was trained at)."),
         opt(C, "batch", help="Batch sizes to time, comma-separated.", fmt=lambda v: ",".join(map(str, v))),

@@ -208,3 +208,14 @@ def test_a_normal_install_runs_the_demo_outside_the_checkout(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert (work / "demo" / "report" / "index.html").is_file()
+
+
+def test_the_profile_stage_config_takes_every_row_a_pipeline_profiles():
+    """The demo profiles its experts alone (backbone:PRESET), fusions (gate:) and students: all are valid profile
+    models, with the pipeline's batch, repeats, device and precision (a demo run once stopped here)."""
+    from featcache.pipeline.config import PipelineConfig
+
+    s = PipelineConfig(profile_precision="bf16", profile_device="cpu")
+    cfg = s.profile_config(["backbone:clip-mini", "gate:runs/g", "student:runs/s"], (64, 32))
+    assert cfg.models == ("backbone:clip-mini", "gate:runs/g", "student:runs/s") and cfg.precision == "bf16"
+    assert cfg.device == "cpu" and cfg.batch == s.profile_batch and cfg.image_size == (64, 32)

@@ -112,7 +112,7 @@ class DistillConfig(StageConfig):
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: the ONNX Runtime check's tolerance: max |onnx - torch| / max |torch|
 ATOL = 1e-3
-MODEL_KINDS_PROFILED = ("student", "gate")
+MODEL_KINDS_PROFILED = ("student", "gate", "backbone")
 
 
 @dataclass(frozen=True)
@@ -134,10 +134,10 @@ class ProfileConfig(StageConfig):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if not self.models:
-            raise ConfigError("--model: give at least one student:RUN_DIR or gate:RUN_DIR")
+            raise ConfigError("--model: give at least one student:RUN_DIR, gate:RUN_DIR or backbone:PRESET")
         bad = [m for m in self.models if m.partition(":")[0] not in MODEL_KINDS_PROFILED or not m.partition(":")[2]]
         if bad:
-            raise ConfigError(f"--model {bad[0]!r}: expected student:RUN_DIR or gate:RUN_DIR (the whole teacher)")
+            raise ConfigError(f"--model {bad[0]!r}: expected student:RUN_DIR, gate:RUN_DIR (the whole teacher) or backbone:PRESET")
         if self.repeats < 1 or not self.batch or min(self.batch) < 1:
             raise ConfigError(f"--repeats {self.repeats}, --batch {','.join(map(str, self.batch))}: expected positive numbers")
 
