@@ -437,6 +437,8 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "kd_space", type=click.Choice(list(KD_SPACES)), help="retrieval: L_feat and L_rel on the L2-normalised retrieval "
             "features (scale-free); literal: Eq. 10 and 12 on the teacher's raw F_t."),
         opt(C, "workers", help="Decoding processes: a number or auto (0 on CPU; on CUDA, this rank's share of the cores less one).  [default: auto]"),
+        opt(C, "input_path", type=click.Choice(["auto", "workers", "device"]), help="Where views are replayed: workers, or device "
+            "(the pixel cache's images resident on the training device); auto: device on CUDA with --pixel-cache."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the options it was started with (give only --out; options given too must agree, except where files are and the device)."),
         set_option(C),
     ])

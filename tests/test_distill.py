@@ -423,3 +423,17 @@ def test_replay_on_the_device_equals_replay_on_the_cpu_exactly():
     assert got.dtype == np.uint8 and np.array_equal(got, want)
     three = replay_views(torch.from_numpy(base), torch.from_numpy(params[:, :3])).numpy()  # dx, dy, flip only
     assert np.array_equal(three, np.stack([view_of(b, p[:3]) for b, p in zip(base, params)]).transpose(0, 3, 1, 2))
+
+
+def test_views_replayed_on_the_device_train_the_same_student_as_the_workers(market_cache, gate_run, tmp_path):
+    """--input-path device (the pixel cache's images resident on the device, views replayed there) feeds the
+    student the same pixels as the DataLoader path: same seed and steps, the same weights (run on CPU torch)."""
+    from featcache.distill.runner import run_distill
+    from featcache.errors import ConfigError
+
+    px = tmp_path / "px.h5"
+    a = run_distill(dcfg(market_cache, gate_run, tmp_path / "workers", epochs=1, pixel_cache=px, input_path="workers"))
+    b = run_distill(dcfg(market_cache, gate_run, tmp_path / "device", epochs=1, pixel_cache=px, input_path="device"))
+    assert (a.run / "model.safetensors").read_bytes() == (b.run / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="--input-path device replays views from the pixel cache"):
+        dcfg(market_cache, gate_run, tmp_path / "x", input_path="device")

@@ -16,6 +16,7 @@ LOSSES = ("id", "tri", "kd", "feat", "att", "rel")
 #: the students (the registry lives with the models, in featcache.distill.students; kept here torch-free)
 STUDENT_NAMES = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 VIEW_MODES = ("cached", "view0")
+INPUT_PATHS = ("auto", "workers", "device")
 #: where L_feat and L_rel compare student and teacher (``kd_space``; docs/distill.md)
 KD_SPACES = ("retrieval", "literal")
 #: lambda_feat where none is given: literal, the paper's 0.3 (on a sum over 2048 raw dimensions); retrieval, 30,
@@ -69,8 +70,15 @@ class DistillConfig(StageConfig):
                                          # student's BN output, the teacher's ranked feature): scale-free, so a lambda
                                          # means the same for every teacher; literal: Eq. 10 and 12 on the raw F_t
     workers: int | None = parser(parse_workers, default=None)  # None: auto (featcache.runtime.resolve_workers)
+    # where views are replayed: workers (DataLoader processes), device (the pixel cache's images resident on the
+    # training device, views replayed there by distill.replay), auto (device on CUDA with a pixel cache)
+    input_path: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.input_path not in INPUT_PATHS:
+            raise ConfigError(f"--input-path {self.input_path!r}: expected one of {', '.join(INPUT_PATHS)}")
+        if self.input_path == "device" and self.pixel_cache is None:
+            raise ConfigError("--input-path device replays views from the pixel cache's images: give --pixel-cache PIXELS.h5")
         object.__setattr__(self, "losses", parse_losses(self.losses))  # also when built directly from a string
         check_device_name(self.device)
         if self.student not in STUDENT_NAMES:

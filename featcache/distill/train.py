@@ -147,6 +147,30 @@ def run_meta(cfg: DistillConfig, teacher: Teacher) -> dict:
             "experts": teacher.experts, "teacher": teacher.digests}
 
 
+class ResidentViews:
+    """The training images' letterboxed pixels (from the pixel cache) and every view's parameters, resident on the
+    training device; a batch of (image, view) keys is replayed there (``distill.replay``), with no DataLoader,
+    no decoding and no per-step file reads. The pixels equal the workers' path byte for byte."""
+
+    def __init__(self, dataset: ViewDataset, images: np.ndarray, device: torch.device) -> None:
+        from featcache.distill.replay import replay_views
+
+        self.replay = replay_views
+        images = np.asarray(images, dtype=np.int64)
+        self.slot = {int(img): k for k, img in enumerate(images)}
+        base = np.stack([dataset.pixels.base(int(img)) for img in progress(images, desc="pixels to the device", unit="img", leave=False)])
+        self.base = torch.from_numpy(base).to(device)
+        self.params = torch.from_numpy(dataset.views.params).to(device)
+        self.view_start = dataset.views.view_start
+        self.device = device
+        logger.info("training images resident on %s: %d images, %.1f MiB", device, len(images), base.nbytes / 2**20)
+
+    def batch(self, keys: list[tuple[int, int]]) -> torch.Tensor:
+        idx = torch.tensor([self.slot[i] for i, _ in keys], device=self.device)
+        rows = torch.tensor([int(self.view_start[i]) + v for i, v in keys], device=self.device)
+        return self.replay(self.base[idx], self.params[rows])
+
+
 def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     """The teacher's targets and the dataset of views, each checked (teacher, P x K, dataset root)."""
     teacher = load_teacher(cfg.gate, cfg.cache)
@@ -196,13 +220,16 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
     total = per_epoch * cfg.epochs
     workers = resolve_workers(cfg.workers, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    on_device = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
+    resident = ResidentViews(dataset, teacher.images, device) if on_device else None
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         batches = pk_batches(teacher.labels, p, cfg.instances, rng)
         views = [rng.integers(0, teacher.n_views[b]) if cfg.views == "cached" else np.zeros(len(b), np.int64) for b in batches]
         keys = [[(int(teacher.images[i]), int(v)) for i, v in zip(b, vv)] for b, vv in zip(batches, views)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda")
+        loader = (resident.batch(k) for k in keys) if resident is not None else \
+            torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda")
         sums = dict.fromkeys(("loss", *LOSSES, "acc"), 0.0)
         logged = {"loss", "acc"}
         bar = progress(zip(batches, views, loader), total=len(batches), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
