@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import subprocess
-import sys
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,8 @@ import pytest
 import torch
 
 import featcache
+from click.testing import CliRunner
+from featcache.cli import main
 from featcache.errors import FeatcacheError
 from reference_reid import evaluate_reference
 
@@ -37,7 +37,6 @@ def same_output(got: str, want: str) -> bool:
 
 def test_the_api_page_runs_and_prints_what_it_shows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     blocks = doc_blocks(DOC.read_text())
     assert [lang for lang, _ in blocks].count("python") >= 6
     namespace: dict = {}
@@ -45,8 +44,10 @@ def test_the_api_page_runs_and_prints_what_it_shows(tmp_path, monkeypatch):
     for i, (lang, code) in enumerate(blocks):
         if lang == "bash":
             for line in code.strip().splitlines():
-                res = subprocess.run(line, shell=True, env=env, capture_output=True, text=True)
-                assert res.returncode == 0, f"{line}\n{res.stdout[-1500:]}{res.stderr[-1500:]}"
+                argv = shlex.split(line)
+                assert argv[0] == "featcache", line  # the page's shell lines are featcache commands: run them in-process
+                res = CliRunner().invoke(main, argv[1:])
+                assert res.exit_code == 0, f"{line}\n{res.output[-1500:]}"
         elif lang == "python":
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
