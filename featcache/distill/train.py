@@ -150,7 +150,7 @@ def run_meta(cfg: DistillConfig, teacher: Teacher) -> dict:
 class ResidentViews:
     """The training images' letterboxed pixels (from the pixel cache) and every view's parameters, resident on the
     training device; a batch of (image, view) keys is replayed there (``distill.replay``), with no DataLoader,
-    no decoding and no per-step file reads. The pixels equal the workers' path byte for byte."""
+    no decoding and no per-step image reads. The pixels equal the workers' path byte for byte."""
 
     def __init__(self, dataset: ViewDataset, images: np.ndarray, device: torch.device) -> None:
         from featcache.distill.replay import replay_views
