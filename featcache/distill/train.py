@@ -70,6 +70,39 @@ def teacher_batch(teacher: Teacher, imgs: np.ndarray, views: np.ndarray, cache: 
     return TeacherBatch(dev(teacher.labels[imgs]), f_t, dev(t.logits[rows]), dev(t.gates[rows]), t_maps)
 
 
+class ResidentTeacher:
+    """The teacher's side of every training view resident on the training device: targets (labels, the KD feature,
+    logits, gates) and the experts' attention maps, read from the cache once, so a step gathers its batch there
+    with no HDF5 read. Equal to ``teacher_batch``'s values (the same arrays, indexed alike)."""
+
+    def __init__(self, teacher: Teacher, cache: Path, maps: dict[str, list[str]] | None, device: torch.device,
+                 kd_space: str) -> None:
+        t = teacher.targets
+        self.teacher, self.device = teacher, device
+        feature = t.retrieval if kd_space == "retrieval" else t.feature
+        self.f_t = torch.from_numpy(feature).to(device) if feature is not None else None
+        self.z_t, self.gates = torch.from_numpy(t.logits).to(device), torch.from_numpy(t.gates).to(device)
+        self.labels = torch.from_numpy(teacher.labels).to(device)
+        self.maps = None
+        if maps is not None:
+            rows = np.concatenate([s + np.arange(n) for s, n in zip(teacher.view_start, teacher.n_views)])
+            self.pos = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+            self.pos[rows] = np.arange(len(rows))
+            self.maps = [[m.to(device) for m in stage] for stage in read_teacher_maps(cache, rows, maps)]
+            mib = sum(m.numel() * m.element_size() for stage in self.maps for m in stage) / 2**20
+            logger.info("teacher targets and attention maps resident on %s (%.1f MiB of maps)", device, mib)
+
+    def batch(self, imgs: np.ndarray, views: np.ndarray) -> TeacherBatch:
+        rows = torch.from_numpy(self.teacher.targets.rows(self.teacher.images[imgs], views)).to(self.device)
+        t_maps = None
+        if self.maps is not None:
+            at = torch.from_numpy(self.pos[self.teacher.view_start[imgs] + views]).to(self.device)
+            t_maps = [[m[at] for m in stage] for stage in self.maps]
+        i = torch.from_numpy(np.asarray(imgs, dtype=np.int64)).to(self.device)
+        return TeacherBatch(self.labels[i], self.f_t[rows] if self.f_t is not None else None, self.z_t[rows],
+                            self.gates[rows], t_maps)
+
+
 def loss_terms(out: StudentOutputs, b: TeacherBatch, cfg: DistillConfig) -> dict[str, Callable[[], torch.Tensor]]:
     """Each term of L_total, computed on demand (so a switched-off term can run without gradient).
 
@@ -150,7 +183,8 @@ def run_meta(cfg: DistillConfig, teacher: Teacher) -> dict:
 class ResidentViews:
     """The training images' letterboxed pixels (from the pixel cache) and every view's parameters, resident on the
     training device; a batch of (image, view) keys is replayed there (``distill.replay``), with no DataLoader,
-    no decoding and no per-step image reads. The pixels equal the workers' path byte for byte."""
+    no decoding and no per-step image reads (``ResidentTeacher`` does the same for the teacher's side). The pixels
+    equal the workers' path byte for byte."""
 
     def __init__(self, dataset: ViewDataset, images: np.ndarray, device: torch.device) -> None:
         from featcache.distill.replay import replay_views
@@ -222,6 +256,7 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     on_device = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
     resident = ResidentViews(dataset, teacher.images, device) if on_device else None
+    resident_teacher = ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space) if on_device else None
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -235,7 +270,8 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
         bar = progress(zip(batches, views, loader), total=len(batches), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         for i, (imgs, vv, pixels) in enumerate(bar):
             set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
-            b = teacher_batch(teacher, imgs, vv, cfg.cache, maps, device, cfg.kd_space)
+            b = resident_teacher.batch(imgs, vv) if resident_teacher is not None else \
+                teacher_batch(teacher, imgs, vv, cfg.cache, maps, device, cfg.kd_space)
             with autocast:
                 out = model.outputs(normalize(pixels.to(device, non_blocking=True)))
             terms = loss_terms(out, b, cfg)
