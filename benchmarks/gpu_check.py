@@ -1,6 +1,6 @@
 """Every GPU figure of featcache from one run, each with both sides of its comparison and their ratio.
 
-    benchmarks/gpu_check                      # on a GPU machine: about 5 minutes, table to gpu_check.md
+    benchmarks/gpu_check                      # on a GPU machine: several minutes (untimed there yet), table to gpu_check.md
     benchmarks/gpu_check --section models     # one section alone (repeatable)
     benchmarks/gpu_check --cpu                # tiny presets and sizes on CPU: checks the script, not the speed
 
@@ -28,6 +28,11 @@ Evaluation (issue 25):
   (target <= 1.3x); 10,000 queries x 1,000,000 gallery x 512-d exact (target under 3 s), with the GPU memory it
   took beside the gallery plus ``--budget-mb``; and the metrics of the GPU path equal to the CPU path on
   integer-valued features (as ``eval_speed.py`` draws them) at a size the CPU computes within the check.
+
+- ``distill``: the student (ResNet-18, 256x256, all six losses, random init) trained from a cache of at least
+  10,000 distinct training images with the device input path (pixels, view replay, teacher targets and maps
+  resident on the GPU, bf16 autocast): images/s of its second epoch (steady state), against the rate of the
+  device-resident input path alone (replaying the same batches); target 3,000 images/s, or that rate if lower.
 
 Random weights throughout (``--random-init``): speed and equality only, never results.
 """
@@ -57,7 +62,7 @@ from featcache.extract.runner import run_extract  # noqa: E402
 from featcache.runtime import resolve_workers  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
 
-SECTIONS = ("models", "pipeline", "decode", "equal", "eval")
+SECTIONS = ("models", "pipeline", "decode", "equal", "eval", "distill")
 
 
 @dataclass(frozen=True)
@@ -369,6 +374,56 @@ def section_eval(s: Setup, table: Table) -> None:
                   f"3 s ({gallery + DEFAULT_BUDGET / 2**30:.2f} GiB)", f"{t / 3:.2f}", at_most(t, 3.0, s, " s"))
 
 
+def section_distill(s: Setup, table: Table, tmp: Path) -> None:
+    import csv
+
+    from featcache.cache.pixelcache import build_pixel_cache
+    from featcache.distill.config import DistillConfig
+    from featcache.distill.runner import run_distill
+    from featcache.distill.train import ResidentViews, load_inputs, with_pixel_cache
+    from featcache.gate.config import GateConfig
+    from featcache.gate.runner import run_train_gate
+    from featcache.training.sampling import pk_batches
+
+    gpu = s.device.type == "cuda"
+    ids, size, batch = (2400, (256, 256), 128) if gpu else (12, (64, 32), 16)
+    root, cache = tmp / "distill-data", tmp / "distill.h5"
+    t0 = time.perf_counter()
+    generate(SynthConfig(root, "market1501", ids=ids, cams=6, seed=2))
+    run_extract(ExtractConfig(dataset="market1501", root=root, backbones=("clip-tiny", "align-tiny"), out=cache, views=2,
+                              batch_size=128 if gpu else 16, device=s.device.type, image_size=size, tokens="none"))
+    gate = run_train_gate(GateConfig(cache=cache, out=tmp / "distill-gate", epochs=1, batch_size=batch, device=s.device.type)).run
+    pixels = tmp / "distill-pixels.h5"
+    build_pixel_cache(pixels, cache)
+    setup_s = time.perf_counter() - t0
+    cfg = DistillConfig(cache=cache, gate=gate, out=tmp / "distill-run", student="resnet18", student_init="random", epochs=2,
+                        batch_size=batch, device=s.device.type, pixel_cache=pixels, input_path="device")
+    res = run_distill(cfg)
+    with open(res.run / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    rate = float(rows[-1]["images_per_s"])
+    teacher, dataset = load_inputs(cfg)
+    views = ResidentViews(with_pixel_cache(cfg, dataset), teacher.images, s.device)
+    rng = np.random.default_rng(0)
+    keys = [[(int(teacher.images[i]), int(rng.integers(0, teacher.n_views[i]))) for i in b]
+            for b in pk_batches(teacher.labels, batch // 4, 4, rng)]
+    views.batch(keys[0])
+    sync(s.device)
+    t0 = time.perf_counter()
+    for k in keys:
+        views.batch(k)
+    sync(s.device)
+    input_rate = sum(map(len, keys)) / (time.perf_counter() - t0)
+    n_images = len(teacher.images)
+    target = min(3000.0, input_rate)
+    table.add(f"distill ResNet-18 {size[0]}x{size[1]}, six losses, batch {batch}, device input path: epoch 2 / "
+              f"{'3,000 images/s' if target == 3000.0 else 'the input path alone'}, images/s ({n_images:,} training images)",
+              f"{rate:,.0f}", f"{target:,.0f}", f"{rate / target:.2f}", verdict(rate / target, 1.0, s))
+    table.notes.append(f"distill: the device-resident input path alone replays {input_rate:,.0f} images/s; setup (synth, "
+                       f"extract, gate, pixel cache) {setup_s:.0f} s" + ("" if n_images >= 10_000 or not gpu else
+                                                                        f"; FEWER than 10,000 training images ({n_images})"))
+
+
 def section_equal(s: Setup, table: Table, tmp: Path) -> None:
     root = tmp / "small"
     generate(SynthConfig(root, "market1501", ids=s.equal_ids, cams=3, seed=1))
@@ -418,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_equal(s, table, Path(tmp))
             elif name == "eval":
                 section_eval(s, table)
+            elif name == "distill":
+                section_distill(s, table, Path(tmp))
             print(f"(section {name}: {time.perf_counter() - ts:.0f} s)", flush=True)
     table.notes.append(f"whole run {time.perf_counter() - t0:.0f} s")
     args.out.write_text(table.markdown(header))

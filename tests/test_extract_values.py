@@ -194,7 +194,8 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    assert module.main(["--cpu", "--out", str(tmp_path / "t.md")]) == 0
+    sections = [a for name in module.SECTIONS if name != "distill" for a in ("--section", name)]  # distill: the slow test
+    assert module.main(["--cpu", "--out", str(tmp_path / "t.md"), *sections]) == 0
     table = (tmp_path / "t.md").read_text()
     assert "library model" in table and "combined rate" in table
     assert table.count("PASS (equal)") == 2 and "| equal | plain path |  | PASS |" in table
@@ -215,3 +216,18 @@ def test_a_resumed_cache_keeps_the_dtypes_it_was_created_with(market_root, tmp_p
     with h5py.File(out, "r") as f:
         assert f["backbones/clip-tiny/tokens"].dtype == np.float32
         assert np.array_equal(f["backbones/clip-tiny/tokens"][...], want)
+
+
+@pytest.mark.slow  # about 10 s: a cache, a gate and a student trained for two epochs, then the input path alone
+def test_gpu_check_distill_section_runs_in_its_cpu_mode(tmp_path):
+    import importlib.util
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", repo / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    assert module.main(["--cpu", "--section", "distill", "--out", str(tmp_path / "d.md")]) == 0
+    table = (tmp_path / "d.md").read_text()
+    assert "distill ResNet-18" in table and "six losses" in table and "FAIL" not in table
