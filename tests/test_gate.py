@@ -213,10 +213,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fcache, tmp_path, mon
         return real(*a, **k) * (float("nan") if calls["n"] > 12 else 1.0)
 
     monkeypatch.setattr(train_mod, "batch_hard_triplet", poisoned)
-    with pytest.raises(RunError, match="loss became nan.*last good checkpoint"):
+    with pytest.raises(RunError, match="loss became nan.*last good checkpoint") as now:
         run_train_gate(cfg(fcache, tmp_path / "nan", epochs=5))
     last = int((tmp_path / "nan" / "ckpt" / "last").read_text())
     assert last >= 1 and (tmp_path / "nan" / "ckpt" / f"weights-{last:04d}.safetensors").is_file()
+    # the GPU's way: checked at the epoch's end, without a wait per step; the same batch named, the same checkpoint kept
+    calls["n"] = 0
+    monkeypatch.setattr(train_mod, "DEFER_NAN_CHECK", True)
+    with pytest.raises(RunError, match="loss became nan.*last good checkpoint") as deferred:
+        run_train_gate(cfg(fcache, tmp_path / "nan-deferred", epochs=5))
+    assert str(deferred.value).replace("nan-deferred", "nan") == str(now.value)
+    assert int((tmp_path / "nan-deferred" / "ckpt" / "last").read_text()) == last
 
 
 def test_bad_input(fcache, tmp_path, market_cache):

@@ -30,6 +30,10 @@ from featcache.training.schedule import cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
 
+#: check the loss for NaN at the end of each epoch instead of each step (no per-step wait for the GPU); None: on
+#: every device but the CPU. Either way the run stops naming the first bad batch, before that epoch's checkpoint.
+DEFER_NAN_CHECK: bool | None = None
+
 
 def default_experts(cache: Path) -> tuple[str, ...]:
     from featcache.cache import CacheReader
@@ -98,7 +102,10 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
                 model.fusion.freeze(not gate_learns)
         if routing.tau_anneal and hasattr(model.fusion, "tau_train"):  # 1.0 -> 0.5 over the run
             model.fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
-        sums = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "balance": 0.0, "expert": 0.0, "acc": 0.0}
+        # running sums stay on the device (float64, as Python floats would add them): no host round trip per step
+        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "id", "triplet", "balance", "expert", "acc")}
+        bad = torch.full((), -1, dtype=torch.int64, device=device)       # the first batch whose loss was not finite
+        bad_value = torch.zeros((), dtype=torch.float32, device=device)
         batches = pk_batches(data.labels, p, cfg.instances, rng)
         for i, imgs in enumerate(progress(batches, desc=f"train-gate epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)):
             set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
@@ -122,15 +129,22 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
                 if (target != NO_TARGET).any():  # a batch with no target at all would give a NaN mean
                     l_exp = l_exp + routing.route_by_loss * F.cross_entropy(fo.gate_logits, target, ignore_index=NO_TARGET)
             loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
-            rd.check_finite(loss, epoch, i)
+            if not (DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"):
+                rd.check_finite(loss, epoch, i)  # on CPU a check costs nothing: stop at once
+            else:  # on a GPU, remember the first bad batch without waiting for it; the epoch's end stops the run
+                first = (bad < 0) & ~torch.isfinite(loss.detach())
+                bad = torch.where(first, torch.full_like(bad, i), bad)
+                bad_value = torch.where(first, loss.detach().float(), bad_value)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for key, v in (("loss", loss), ("id", l_id), ("triplet", l_tri), ("balance", fo.aux_loss), ("expert", l_exp)):
-                sums[key] += float(v.detach())
-            sums["acc"] += float((logits.argmax(1) == y).float().mean())
+                sums[key] += v.detach().double()
+            sums["acc"] += (logits.argmax(1) == y).float().mean().double()
+        if int(bad) >= 0:  # raised before this epoch's checkpoint: the last good one stays
+            rd.check_finite(bad_value, epoch, int(bad))
         n = max(1, len(batches))
-        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
+        row = {"epoch": epoch + 1, **{k: float(v) / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0, **routing_row(model, data)}
         state = training_state(opt, rng)
         rd.checkpoint(epoch + 1, model.state_dict(), state, row)
