@@ -29,6 +29,8 @@ Evaluation (issue 25):
   took beside the gallery plus ``--budget-mb``; and the metrics of the GPU path equal to the CPU path on
   integer-valued features (as ``eval_speed.py`` draws them) at a size the CPU computes within the check.
 
+- ``gate``: a Market-size train-gate epoch (12,767 training images, 4 cached views, CLIP's and ALIGN-B7's
+  widths, batch 32, about 400 steps) after a first, warm-up epoch, CUDA start-up excluded (target under 1 s).
 - ``distill``: the student (ResNet-18, 256x256, all six losses, random init) trained from a cache of at least
   10,000 distinct training images with the device input path (pixels, view replay, teacher targets and maps
   resident on the GPU, bf16 autocast): images/s of its second epoch (steady state), against the rate of the
@@ -62,7 +64,7 @@ from featcache.extract.runner import run_extract  # noqa: E402
 from featcache.runtime import resolve_workers  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
 
-SECTIONS = ("models", "pipeline", "decode", "equal", "eval", "distill")
+SECTIONS = ("models", "pipeline", "decode", "equal", "eval", "gate", "distill")
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,26 @@ def section_eval(s: Setup, table: Table) -> None:
                   f"3 s ({gallery + DEFAULT_BUDGET / 2**30:.2f} GiB)", f"{t / 3:.2f}", at_most(t, 3.0, s, " s"))
 
 
+def section_gate(s: Setup, table: Table, tmp: Path) -> None:
+    import csv
+
+    from featcache.gate.config import GateConfig
+    from featcache.gate.train import train
+    from featcache.synth_cache import write_feature_cache
+
+    gpu = s.device.type == "cuda"
+    ids, per_id = (751, 17) if gpu else (40, 6)
+    cache = write_feature_cache(tmp / "gate-cache.h5", ids=ids, per_id=per_id, cams=6, views=4)
+    train(GateConfig(cache, tmp / "gate-run", ("clip-sim", "align-sim"), "moe-top1", epochs=2, seed=42, batch_size=32,
+                     device=s.device.type))
+    with open(tmp / "gate-run" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    first, second = float(rows[0]["seconds"]), float(rows[1]["seconds"])
+    table.add(f"train-gate epoch after warm-up ({ids} identities x {per_id} images, 4 views, batch 32), s",
+              f"{second:.2f}", "1 s", f"{second:.2f}", at_most(second, 1.0, s, " s"))
+    table.notes.append(f"train-gate: first epoch (warm-up, the routed recipe's averaging phase) {first:.2f} s")
+
+
 def section_distill(s: Setup, table: Table, tmp: Path) -> None:
     import csv
 
@@ -473,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_equal(s, table, Path(tmp))
             elif name == "eval":
                 section_eval(s, table)
+            elif name == "gate":
+                section_gate(s, table, Path(tmp))
             elif name == "distill":
                 section_distill(s, table, Path(tmp))
             print(f"(section {name}: {time.perf_counter() - ts:.0f} s)", flush=True)

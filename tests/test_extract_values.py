@@ -200,6 +200,7 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
     assert "library model" in table and "combined rate" in table
     assert table.count("PASS (equal)") == 2 and "| equal | plain path |  | PASS |" in table
     assert "| equal | CPU path |  | PASS |" in table  # eval: the device ranking path equals the CPU one
+    assert "train-gate epoch after warm-up" in table
     assert "FAIL" not in table
 
 
