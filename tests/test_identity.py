@@ -50,6 +50,7 @@ def test_the_same_names_with_other_contents_are_refused(market_root, tmp_path):
         run_extract(extract_cfg(root, out, backbones=("clip-tiny",)))
 
 
+@pytest.mark.slow  # about 8 s: a pipeline run twice (extraction, gate, eval, report); extract's own move test runs by default
 def test_a_pipeline_keeps_its_cache_when_the_dataset_moves(market_root, tmp_path):
     """The pipeline keys its cache by the data's content: after a move the extraction is skipped, the cache is
     pointed at the new place, and stages that read images (the report's ranked lists) find them there."""
