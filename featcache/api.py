@@ -43,12 +43,11 @@ def _matrix(x: ArrayLike, name: str) -> np.ndarray:
     a = _to_numpy(x, name)
     if a.ndim != 2 or a.dtype.kind not in "fiub":
         raise InputError(f"{name}: expected a 2-D array of numbers, got shape {a.shape} of {a.dtype}")
-    a = a.astype(np.float32 if a.dtype.kind != "f" or a.itemsize <= 4 else np.float64, copy=False)
     bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
     if bad.size:
         raise InputError(f"{name}: {bad.size} row(s) hold NaN or inf (rows {', '.join(map(str, bad[:5]))}"
                          f"{' ...' if bad.size > 5 else ''})")
-    return a
+    return a.astype(np.float32, copy=False)  # features and distances are ranked as float32
 
 
 def _labels(x: ArrayLike, n: int, name: str) -> np.ndarray:
@@ -99,7 +98,7 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     if distmat is not None:
         if query is not None or gallery is not None:
             raise InputError("evaluate: pass features (query, gallery) or distmat, not both")
-        d = _matrix(distmat, "distmat").astype(np.float32, copy=False)  # ranked as float32, as features are
+        d = _matrix(distmat, "distmat")
         nq, ng = d.shape
     else:
         if query is None or gallery is None:

@@ -141,20 +141,27 @@ def test_an_overflow_in_a_later_batch_keeps_the_batches_before(market_root, tmp_
     assert verify_cache(tmp_path / "c.h5").bad == {}
 
 
+def _poison(cache: Path, backbone: str, split: int, nth: int, view: int, value: float) -> tuple[int, int, str]:
+    """Put ``value`` into a pooled row (view ``view`` of the ``nth`` image of ``split``) and re-stamp its checksum,
+    as a writer that stored it would have: (image, row, file name)."""
+    with h5py.File(cache, "r+") as f:
+        image = int(np.flatnonzero(f["images/split"][...] == split)[nth])
+        row, name = int(f["images/view_start"][image]) + view, f["images/path"].asstr()[image]
+        ds = f[f"backbones/{backbone}/pooled"]
+        v = ds[row]
+        v[0] = value
+        ds[row] = v
+        f[f"checksums/backbones/{backbone}/pooled"][row] = zlib.crc32(np.ascontiguousarray(v).tobytes())
+    return image, row, name
+
+
 def test_readers_and_verify_refuse_rows_holding_nan(market_cache, tmp_path):
     """A cache whose rows hold NaN under matching checksums (written so by an older featcache) passes nothing."""
     import shutil
 
     copy = tmp_path / "nan.h5"
     shutil.copy(market_cache, copy)
-    with h5py.File(copy, "r+") as f:
-        q = int(np.flatnonzero(f["images/split"][...] == 1)[0])
-        row, name = int(f["images/view_start"][q]), f["images/path"].asstr()[q]
-        ds = f["backbones/clip-tiny/pooled"]
-        v = ds[row]
-        v[3] = np.nan
-        ds[row] = v
-        f["checksums/backbones/clip-tiny/pooled"][row] = zlib.crc32(np.ascontiguousarray(v).tobytes())
+    q, row, name = _poison(copy, "clip-tiny", split=1, nth=0, view=0, value=np.nan)
     with pytest.raises(CacheError, match=f"hold NaN or inf \\(images {name}\\)"):
         CacheSplit.load(copy, "query").read("clip-tiny", "pooled", 0)
     r = CliRunner()
@@ -168,14 +175,7 @@ def test_readers_and_verify_refuse_rows_holding_nan(market_cache, tmp_path):
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate
 
-    with h5py.File(copy, "r+") as f:
-        t = int(np.flatnonzero(f["images/split"][...] == 0)[2])
-        row, tname = int(f["images/view_start"][t]) + 1, f["images/path"].asstr()[t]
-        ds = f["backbones/align-tiny/pooled"]
-        v = ds[row]
-        v[0] = np.inf
-        ds[row] = v
-        f["checksums/backbones/align-tiny/pooled"][row] = zlib.crc32(np.ascontiguousarray(v).tobytes())
+    _, _, tname = _poison(copy, "align-tiny", split=0, nth=2, view=1, value=np.inf)
     with pytest.raises(CacheError, match=f"align-tiny/pooled hold NaN or inf \\(images {tname}\\)"):
         run_train_gate(GateConfig(cache=copy, out=tmp_path / "gate", epochs=1, batch_size=8, device="cpu"))
 

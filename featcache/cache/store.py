@@ -362,27 +362,28 @@ def read_checked(f: h5py.File, backbone: str, array: str, rows: np.ndarray) -> n
     if sums is not None and rows.size:
         bad = np.flatnonzero(checksum.row_crcs(out) != sums[...][rows])  # 4 bytes a row: one read, then index
         if bad.size:
-            per_image = f["backbones"][backbone][array].attrs["rows"] == "image"
-            images = rows[bad] if per_image else f["views/image"][...][rows[bad]]
-            names = f["images/path"].asstr()[...][np.unique(images)]
             raise CacheError(
                 f"{f.filename}: {bad.size} row(s) of backbones/{backbone}/{array} fail their checksum "
-                f"(images {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): the file was damaged after it was written; "
+                f"(images {_image_names(f, backbone, array, rows[bad])}): the file was damaged after it was written; "
                 f"`featcache verify {f.filename}` lists every damaged image and `featcache extract ... --repair` redoes them"
             )
     bad = checksum.nonfinite_rows(out)
     if bad.size:
-        per_image = f["backbones"][backbone][array].attrs["rows"] == "image"
-        images = rows[bad] if per_image else f["views/image"][...][rows[bad]]
-        names = f["images/path"].asstr()[...][np.unique(images)]
         raise CacheError(
             f"{f.filename}: {bad.size} row(s) of backbones/{backbone}/{array} hold NaN or inf "
-            f"(images {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}); featcache refuses to use them. "
+            f"(images {_image_names(f, backbone, array, rows[bad])}); featcache refuses to use them. "
             f"`featcache verify {f.filename}` lists them and `featcache extract ... --repair` extracts them again "
             "(an image whose backbone output is again non-finite is then recorded as failed)"
         )
     return out
 
+
+def _image_names(f: h5py.File, backbone: str, array: str, rows: np.ndarray) -> str:
+    """The files owning rows ``rows`` of a stored array (per view row or per image), the first five named."""
+    per_image = f["backbones"][backbone][array].attrs["rows"] == "image"
+    images = rows if per_image else f["views/image"][...][rows]
+    names = f["images/path"].asstr()[...][np.unique(images)]
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

@@ -74,10 +74,13 @@ def stored_layout(arrays: dict[str, dict[str, dict]]) -> dict[str, dict[str, Sto
 def stored_from_specs(specs: dict[str, dict], tokens: str) -> dict[str, dict[str, Stored]]:
     """What a cache created from backbone ``specs`` with ``--tokens`` would store (for benchmarks without a cache;
     extraction reads it from its cache)."""
-    out: dict[str, dict[str, Stored]] = {}
-    for b, outs in specs.items():
-        out[b] = {o: Stored(np.dtype(s.dtype), ("image" if tokens == "view0" else "view") if s.token else "view", tuple(s.shape))
-                  for o, s in outs.items() if not (s.token and tokens == "none")}
+    from featcache.cache.store import run_arrays  # the one rule for which arrays a cache holds, per view or image
+
+    out: dict[str, dict[str, Stored]] = {b: {} for b in specs}
+    for arr in run_arrays(specs, tokens):
+        if arr.name.startswith("backbones/"):
+            _, b, o = arr.name.split("/")
+            out[b][o] = Stored(np.dtype(arr.dtype), arr.per, tuple(arr.tail))
     return out
 
 

@@ -121,11 +121,6 @@ def collate(records: list[Decoded]) -> DecodedBatch:
     return DecodedBatch([dataclasses.replace(r, views=None) for r in records], views)
 
 
-def stack_views(records: Sequence[Decoded]) -> torch.Tensor:
-    """(rows, 3, H, W) uint8 tensor of every view of every decoded record, in order."""
-    return collate(list(records)).nchw()
-
-
 class BlockSampler(torch.utils.data.Sampler):
     """Fixed blocks of ``batch_size`` consecutive image indices, skipping blocks already finished.
 

@@ -56,8 +56,9 @@ class ExtractResult:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_extract(cfg: ExtractConfig) -> ExtractResult:
-    """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached."""
+def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None) -> ExtractResult:
+    """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached. ``digests``: the
+    listed files' ``store.file_digests`` when the caller has just computed them (the pipeline's key has)."""
     ranks = ranks_from_env()
     listing = load_listing(cfg.dataset, cfg.root, strict=not cfg.skip_bad_names)
     logger.info("dataset: %s", listing.summary())
@@ -74,9 +75,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
                     "erase_fill": list(ERASE_FILL)},
         "tokens": cfg.tokens,
     }
-    t0 = time.perf_counter()
-    digests = file_digests(listing)  # the data is identified by content: a moved dataset resumes its cache
-    logger.info("identified %d files by content in %.1f s", len(digests), time.perf_counter() - t0)
+    if digests is None or len(digests) != len(listing.items):
+        t0 = time.perf_counter()
+        digests = file_digests(listing)  # the data is identified by content: a moved dataset resumes its cache
+        logger.info("identified %d files by content in %.1f s", len(digests), time.perf_counter() - t0)
     identity = make_identity(
         listing, preprocessing,
         {n: {"family": b.family, "weights": b.weights_id, "preset": b.preset.to_dict()} for n, b in backbones.items()},

@@ -175,7 +175,8 @@ def _extract(plan: Plan) -> Stage:
         files = load_listing(base.dataset, base.root, strict=not base.skip_bad_names)
         # the data by what it is (names, labels and the files' bytes), not where it lies: a moved dataset keeps
         # its cache (featcache.cache.identity)
-        listing = {"items": items_digest(files), "contents": content_digest(files, file_digests(files))}
+        state["digests"] = file_digests(files)  # hashed once: the extraction, if it runs, reuses them
+        listing = {"items": items_digest(files), "contents": content_digest(files, state["digests"])}
         # what the cache's content depends on; not how it is computed (batch size, workers, device) or what to do
         # with an existing file (overwrite, repair: `featcache extract` does those)
         content = {k: v for k, v in base.to_dict(absolute=True).items() if k not in EXTRACT_HOW and k != "root"}
@@ -188,7 +189,7 @@ def _extract(plan: Plan) -> Stage:
         return {"content": content, "listing": listing}
 
     def run() -> None:
-        run_extract(state["cfg"])
+        run_extract(state["cfg"], state["digests"])
 
     def outputs() -> list[Path]:
         from featcache.cache.shards import shard_status
