@@ -413,6 +413,7 @@ def train_gate(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params
 # ---------------------------------------------------------------------------------------------- distill
 def _distill_options(f: Callable) -> Callable:
     from featcache.distill.config import KD_SPACES, STUDENT_NAMES, VIEW_MODES, DistillConfig as C
+    from featcache.training.options import TRAIN_PRECISIONS
 
     return stack(f, [
         opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache the teacher was trained on."),
@@ -425,7 +426,9 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "batch_size", type=int, help="Images per batch: P identities x K images each (K: --instances)."),
         opt(C, "instances", type=int, help="K, the images of each identity in a batch."),
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
-        opt(C, "device", type=DEVICE, help="Where training runs (bf16 autocast on CUDA)."),
+        opt(C, "device", type=DEVICE, help="Where training runs."),
+        opt(C, "precision", type=click.Choice(list(TRAIN_PRECISIONS)), help="auto: bf16 autocast and channels_last on CUDA, "
+            "float32 on the CPU; fp32; bf16 (autocast; losses in float32 either way)."),
         opt(C, "pixel_cache", type=click.Path(dir_okay=False, path_type=Path), help="HDF5 of decoded, letterboxed images: built (or resumed) on first use, so no epoch decodes a JPEG."),
         opt(C, "losses", help="Terms of L_total (switch KD terms off for the ablation)."),
         opt(C, "views", type=click.Choice(list(VIEW_MODES)), help="cached: a random cached view per step; view0: the clean view only."),

@@ -333,7 +333,7 @@ def test_lambda_feat_default_follows_the_kd_space_and_old_runs_resume_as_they_tr
     out = tmp_path / "old"
     run_distill(dcfg(market_cache, gate_run, out, epochs=1, kd_space="literal", lambda_feat=0.3))
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    for k in ("kd_space", "kd_temperature"):  # as a run of 2026-11 saved it
+    for k in ("kd_space", "kd_temperature", "precision"):  # as a run of 2026-11 saved it
         saved["distill"].pop(k)
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(InputError, match="kd_space: 'literal' -> 'retrieval'"):
@@ -437,3 +437,45 @@ def test_views_replayed_on_the_device_train_the_same_student_as_the_workers(mark
     assert (a.run / "model.safetensors").read_bytes() == (b.run / "model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="--input-path device replays views from the pixel cache"):
         dcfg(market_cache, gate_run, tmp_path / "x", input_path="device")
+
+
+def test_bf16_and_channels_last_train_the_same_student_within_rounding(market_cache, gate_run, tmp_path, monkeypatch):
+    """What CUDA's auto precision does (bf16 autocast, the student and its images channels_last), run on CPU torch:
+    the model is put in the layout and autocast reaches the convolutions, the saved weights are contiguous and
+    within a few Adam steps of float32's (a permuted or transposed weight would be far off), the losses finite."""
+    from featcache.distill import train as train_mod
+    from featcache.distill.runner import run_distill
+    from featcache.training.precision import Precision
+
+    seen = {}
+    real_resolve = Precision.resolve
+
+    def cuda_like(requested, device, convolutional=False):
+        p = real_resolve(requested, device, convolutional)
+        seen["precision"] = Precision(p.dtype, convolutional, p.device_type)
+        return seen["precision"]
+
+    monkeypatch.setattr(Precision, "resolve", staticmethod(cuda_like))
+    real_outputs = train_mod.Student.outputs
+
+    def spy(self, x):
+        seen.setdefault("layout", x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] == 3)
+        seen.setdefault("conv", next(self.parameters()).is_contiguous(memory_format=torch.channels_last))
+        out = real_outputs(self, x)
+        seen.setdefault("dtype", out.maps[0].dtype)
+        return out
+
+    monkeypatch.setattr(train_mod.Student, "outputs", spy)
+    fp32 = run_distill(dcfg(market_cache, gate_run, tmp_path / "fp32", epochs=1, precision="fp32"))
+    assert seen.pop("dtype") == torch.float32 and seen.pop("layout") and seen.pop("conv")
+    bf16 = run_distill(dcfg(market_cache, gate_run, tmp_path / "bf16", epochs=1, precision="bf16"))
+    assert seen["precision"].name == "bf16" and seen["layout"] and seen["conv"] and seen["dtype"] == torch.bfloat16
+    a, b = load_file(fp32.run / "model.safetensors"), load_file(bf16.run / "model.safetensors")
+    steps, lr = 2, 3e-4  # Adam moves a weight by at most about lr a step, whatever the gradient's rounding
+    assert all(b[k].is_contiguous() for k in b)
+    weights = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]  # BN's statistics are
+    assert len(weights) > 40 and max(float((a[k] - b[k]).abs().max()) for k in weights) <= 2 * steps * lr + 1e-6  # not Adam's
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 did run
+    assert np.isfinite(float(bf16.last["loss"]))
+    with pytest.raises(ConfigError, match="--precision 'fp16': expected one of auto, fp32, bf16"):
+        dcfg(market_cache, gate_run, tmp_path / "x", precision="fp16")

@@ -219,7 +219,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fcache, tmp_path, mon
     assert last >= 1 and (tmp_path / "nan" / "ckpt" / f"weights-{last:04d}.safetensors").is_file()
     # the GPU's way: checked at the epoch's end, without a wait per step; the same batch named, the same checkpoint kept
     calls["n"] = 0
-    monkeypatch.setattr(train_mod, "DEFER_NAN_CHECK", True)
+    from featcache.training import loop
+
+    monkeypatch.setattr(loop, "DEFER_NAN_CHECK", True)
     with pytest.raises(RunError, match="loss became nan.*last good checkpoint") as deferred:
         run_train_gate(cfg(fcache, tmp_path / "nan-deferred", epochs=5))
     assert str(deferred.value).replace("nan-deferred", "nan") == str(now.value)

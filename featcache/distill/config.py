@@ -9,7 +9,7 @@ from featcache.config import StageConfig, parser
 from featcache.errors import ConfigError
 from featcache.preprocess import parse_size
 from featcache.runtime import check_device_name, parse_workers
-from featcache.training.options import check_training
+from featcache.training.options import TRAIN_PRECISIONS, check_training
 
 #: the loss terms of Eq. 13: the task terms (ID, triplet) and the four KD terms
 LOSSES = ("id", "tri", "kd", "feat", "att", "rel")
@@ -73,8 +73,12 @@ class DistillConfig(StageConfig):
     # where views are replayed: workers (DataLoader processes), device (the pixel cache's images resident on the
     # training device, views replayed there by distill.replay), auto (device on CUDA with a pixel cache)
     input_path: str = "auto"
+    precision: str = "auto"              # auto: bf16 autocast and channels_last on CUDA, float32 on the CPU; fp32; bf16
 
     def __post_init__(self) -> None:
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: expected one of {', '.join(TRAIN_PRECISIONS)} (no fp16: "
+                              "it needs loss scaling, and bf16 keeps float32's range)")
         if self.input_path not in INPUT_PATHS:
             raise ConfigError(f"--input-path {self.input_path!r}: expected one of {', '.join(INPUT_PATHS)}")
         if self.input_path == "device" and self.pixel_cache is None:
@@ -107,7 +111,7 @@ class DistillConfig(StageConfig):
         return self.lambda_feat if self.lambda_feat is not None else LAMBDA_FEAT[self.kd_space]
 
     #: keys that configs saved before they existed lack, with the value those runs trained with (resume reads them)
-    legacy = {"kd_space": "literal", "kd_temperature": 4.0}
+    legacy = {"kd_space": "literal", "kd_temperature": 4.0, "precision": "auto"}
 
     def weight(self, term: str) -> float:
         """The weight of a term in L_total (0 when switched off with --losses)."""

@@ -17,7 +17,8 @@ from featcache.preprocess import AUG_PAD
 
 def replay_views(base: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 letterboxed images and (N, 10) view parameters (``preprocess.PARAMS``, or N x 3: dx, dy,
-    flip) -> (N, 3, H, W) uint8 views, on ``base``'s device."""
+    flip) -> (N, 3, H, W) uint8 views, on ``base``'s device, in channels_last strides (the layout they are built in;
+    ``.contiguous()`` gives the default one)."""
     if base.dim() != 4 or base.shape[-1] != 3 or base.dtype != torch.uint8:
         raise ValueError(f"base: expected (N, H, W, 3) uint8, got {tuple(base.shape)} {base.dtype}")
     n, h, w, _ = base.shape
@@ -35,4 +36,4 @@ def replay_views(base: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         inside = (ew > 0) & (eh > 0) & (y >= ey) & (y < ey + eh) & (x >= ex) & (x < ex + ew)   # (N, H, W)
         fill = p[:, 7:10].to(torch.uint8)[:, None, None, :]
         out = torch.where(inside[..., None], fill, out)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)

@@ -22,6 +22,8 @@ a featcache student's weights.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from dataclasses import dataclass
@@ -132,10 +134,17 @@ class Student(nn.Module):
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> ImageNet-normalised float."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images_uint8.device).view(1, 3, 1, 1)
+    """uint8 NCHW -> ImageNet-normalised float (in the input's memory format)."""
+    mean, std = _imagenet_stats(images_uint8.device)
     return (images_uint8.float() / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std as (1, 3, 1, 1) tensors on ``device``, made once: a copy from host lists each step would
+    make the host wait for the GPU each step."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 def _torchvision(name: str) -> nn.Module:

@@ -10,13 +10,11 @@ training core's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,9 +33,10 @@ from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
-from featcache.training.rundir import RunDir, training_state
+from featcache.training.loop import Epoch, Loop, Schedule, Step
+from featcache.training.precision import Precision
+from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
-from featcache.training.schedule import cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +91,22 @@ class ResidentTeacher:
             mib = sum(m.numel() * m.element_size() for stage in self.maps for m in stage) / 2**20
             logger.info("teacher targets and attention maps resident on %s (%.1f MiB of maps)", device, mib)
 
-    def batch(self, imgs: np.ndarray, views: np.ndarray) -> TeacherBatch:
-        rows = torch.from_numpy(self.teacher.targets.rows(self.teacher.images[imgs], views)).to(self.device)
-        t_maps = None
-        if self.maps is not None:
-            at = torch.from_numpy(self.pos[self.teacher.view_start[imgs] + views]).to(self.device)
-            t_maps = [[m[at] for m in stage] for stage in self.maps]
-        i = torch.from_numpy(np.asarray(imgs, dtype=np.int64)).to(self.device)
-        return TeacherBatch(self.labels[i], self.f_t[rows] if self.f_t is not None else None, self.z_t[rows],
-                            self.gates[rows], t_maps)
+    def epoch(self, batches: list[np.ndarray], views: list[np.ndarray]) -> Iterator[TeacherBatch]:
+        """The teacher's side of each batch (training-image indices and their cached views), gathered on the
+        device from indices copied there once for the epoch."""
+        if not batches:
+            return
+        imgs, vv = np.concatenate(batches), np.concatenate(views)
+        rows = torch.from_numpy(self.teacher.targets.rows(self.teacher.images[imgs], vv)).to(self.device)
+        img_t = torch.from_numpy(np.asarray(imgs, dtype=np.int64)).to(self.device)
+        at = torch.from_numpy(self.pos[self.teacher.view_start[imgs] + vv]).to(self.device) if self.maps is not None else None
+        start = 0
+        for b in batches:
+            a, start = start, start + len(b)
+            r = rows[a:start]
+            t_maps = [[m[at[a:start]] for m in stage] for stage in self.maps] if self.maps is not None else None
+            yield TeacherBatch(self.labels[img_t[a:start]], self.f_t[r] if self.f_t is not None else None, self.z_t[r],
+                               self.gates[r], t_maps)
 
 
 def loss_terms(out: StudentOutputs, b: TeacherBatch, cfg: DistillConfig) -> dict[str, Callable[[], torch.Tensor]]:
@@ -199,10 +205,16 @@ class ResidentViews:
         self.device = device
         logger.info("training images resident on %s: %d images, %.1f MiB", device, len(images), base.nbytes / 2**20)
 
-    def batch(self, keys: list[tuple[int, int]]) -> torch.Tensor:
-        idx = torch.tensor([self.slot[i] for i, _ in keys], device=self.device)
-        rows = torch.tensor([int(self.view_start[i]) + v for i, v in keys], device=self.device)
-        return self.replay(self.base[idx], self.params[rows])
+    def epoch(self, keys: list[list[tuple[int, int]]]) -> Iterator[torch.Tensor]:
+        """Each batch of (image, view) keys replayed on the device, in order; the epoch's indices are copied there
+        once (a copy per step would wait for the device each time)."""
+        flat = [k for batch in keys for k in batch]
+        idx = torch.tensor([self.slot[i] for i, _ in flat], device=self.device)
+        rows = torch.tensor([int(self.view_start[i]) + v for i, v in flat], device=self.device)
+        start = 0
+        for batch in keys:
+            a, start = start, start + len(batch)
+            yield self.replay(self.base[idx[a:start]], self.params[rows[a:start]])
 
 
 def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
@@ -236,8 +248,63 @@ def prepare(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     return teacher, with_pixel_cache(cfg, dataset)
 
 
+class DistillStage:
+    """Distillation's side of the shared loop: PK batches of (image, cached view) keys, their pixels (from the
+    workers' DataLoader, or replayed on the device from resident pixels), the teacher's side of the batch, and
+    every term of L_total (a term switched off with ``--losses`` is computed without gradient and logged)."""
+
+    columns = ("loss", *LOSSES, "acc")
+
+    def __init__(self, cfg: DistillConfig, model: Student, teacher: Teacher, dataset: ViewDataset,
+                 maps: dict[str, list[str]] | None, device: torch.device, precision: Precision) -> None:
+        self.cfg, self.model, self.teacher, self.dataset, self.maps = cfg, model, teacher, dataset, maps
+        self.device, self.precision = device, precision
+        self.p = cfg.batch_size // cfg.instances
+        self.workers = resolve_workers(cfg.workers, device)
+        on_device = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
+        self.resident = ResidentViews(dataset, teacher.images, device) if on_device else None
+        self.resident_teacher = ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space) if on_device else None
+
+    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
+        cfg, teacher = self.cfg, self.teacher
+        batches = pk_batches(teacher.labels, self.p, cfg.instances, rng)
+        views = [rng.integers(0, teacher.n_views[b]) if cfg.views == "cached" else np.zeros(len(b), np.int64) for b in batches]
+        keys = [[(int(teacher.images[i]), int(v)) for i, v in zip(b, vv)] for b, vv in zip(batches, views)]
+        if self.resident is not None:  # the epoch's indices go to the device once; a step gathers and replays there
+            pixels = self.resident.epoch(keys)
+            targets = self.resident_teacher.epoch(batches, views)
+            return Epoch(zip(batches, views, pixels, targets), len(batches), sum(map(len, batches)))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        return Epoch(zip(batches, views, loader, [None] * len(batches)), len(batches), sum(map(len, batches)))
+
+    def step(self, batch) -> Step:
+        imgs, vv, pixels, b = batch
+        cfg = self.cfg
+        if b is None:
+            b = teacher_batch(self.teacher, imgs, vv, cfg.cache, self.maps, self.device, cfg.kd_space)
+        with self.precision.autocast():
+            out = self.model.outputs(self.precision.images(normalize(pixels.to(self.device, non_blocking=True))))
+        values = {}
+        loss = b.z_t.new_zeros(())
+        for name, fn in loss_terms(out, b, cfg).items():
+            w = cfg.weight(name)
+            if w:
+                values[name] = fn()
+                loss = loss + w * values[name]
+            else:  # switched off: logged, not trained
+                with torch.no_grad():
+                    values[name] = fn()
+        values["acc"] = (out.logits.argmax(1) == b.y).float().mean()
+        return Step(loss, values)
+
+    def end_epoch(self, epoch: int) -> dict:
+        return {}
+
+
 def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, dict | None]:
     device = resolve_device(cfg.device)
+    precision = Precision.resolve(cfg.precision, device, convolutional=True)
     RunDir.refuse_existing(cfg.out, resume)  # before the slow checks and builds below
     teacher, dataset = load_inputs(cfg)
     maps = attention_names(cfg.cache, teacher.experts, required="att" in cfg.losses)
@@ -248,61 +315,10 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
     rng = np.random.default_rng(cfg.seed)
     model = student.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = ckpt.restore(model, opt, rng) if ckpt else 0
-    p = cfg.batch_size // cfg.instances
-    per_epoch = steps_per_epoch(teacher.labels, p, cfg.instances)
-    total = per_epoch * cfg.epochs
-    workers = resolve_workers(cfg.workers, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    on_device = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
-    resident = ResidentViews(dataset, teacher.images, device) if on_device else None
-    resident_teacher = ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space) if on_device else None
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        batches = pk_batches(teacher.labels, p, cfg.instances, rng)
-        views = [rng.integers(0, teacher.n_views[b]) if cfg.views == "cached" else np.zeros(len(b), np.int64) for b in batches]
-        keys = [[(int(teacher.images[i]), int(v)) for i, v in zip(b, vv)] for b, vv in zip(batches, views)]
-        loader = (resident.batch(k) for k in keys) if resident is not None else \
-            torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda")
-        sums = dict.fromkeys(("loss", *LOSSES, "acc"), 0.0)
-        logged = {"loss", "acc"}
-        bar = progress(zip(batches, views, loader), total=len(batches), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for i, (imgs, vv, pixels) in enumerate(bar):
-            set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
-            b = resident_teacher.batch(imgs, vv) if resident_teacher is not None else \
-                teacher_batch(teacher, imgs, vv, cfg.cache, maps, device, cfg.kd_space)
-            with autocast:
-                out = model.outputs(normalize(pixels.to(device, non_blocking=True)))
-            terms = loss_terms(out, b, cfg)
-            values = {}
-            loss = b.z_t.new_zeros(())
-            for name, fn in terms.items():
-                w = cfg.weight(name)
-                if w:
-                    values[name] = fn()
-                    loss = loss + w * values[name]
-                else:  # switched off: logged, not trained
-                    with torch.no_grad():
-                        values[name] = fn()
-            rd.check_finite(loss, epoch, i)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums["loss"] += float(loss.detach())
-            for name, v in values.items():
-                sums[name] += float(v.detach())
-            logged.update(values)
-            sums["acc"] += float((out.logits.argmax(1) == b.y).float().mean())
-        n = max(1, len(batches))
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, **{k: (v / n if k in logged else "") for k, v in sums.items()},
-               "lr": opt.param_groups[0]["lr"], "seconds": seconds, "images_per_s": sum(map(len, batches)) / max(seconds, 1e-9)}
-        state = training_state(opt, rng)
-        rd.checkpoint(epoch + 1, model.state_dict(), state, row)
-        terms_text = ", ".join(f"{k} {row[k]:.4f}" for k in LOSSES if row[k] != "")
-        logger.info("epoch %d: loss %.4f (%s) acc %.3f, %.1f img/s", epoch + 1, row["loss"], terms_text, row["acc"],
-                    row["images_per_s"])
+    schedule = Schedule(cfg.epochs, steps_per_epoch(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances), cfg.lr, cfg.lr_min)
+    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, precision=precision, desc="distill")
+    logger.info("training on %s: %s, %s", device, precision.name, "channels_last" if precision.channels_last else "default layout")
+    loop.fit(DistillStage(cfg, model, teacher, dataset, maps, device, precision))
     model.eval()
     val = validate(model, teacher, dataset, device)
     if val is not None:

@@ -1,14 +1,13 @@
 """Training loop: PK batches of cached views, ID + triplet (+ load balancing), Adam with cosine decay.
 
-The run directory, checkpoints, resume and the NaN stop are the shared
-training core's (``featcache.training``); this module holds what is the
-gate's own: its config, its model and its step.
+The loop, run directory, checkpoints, resume and the NaN stop are the
+shared training core's (``featcache.training``); this module holds what is
+the gate's own: its config, its model, its batches and its step.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,13 @@ from featcache.gate.data import TrainData, load_train
 from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated, agreement_loss
 from featcache.gate.route_targets import NO_TARGET, retrieval_targets
 from featcache.gate.outputs import routing_row
-from featcache.progress import progress
 from featcache.runtime import resolve_device
+from featcache.training.loop import Epoch, Loop, Schedule, Step
 from featcache.training.losses import batch_hard_triplet, id_loss
-from featcache.training.rundir import RunDir, training_state
+from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
-from featcache.training.schedule import cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
-
-#: check the loss for NaN at the end of each epoch instead of each step (no per-step wait for the GPU); None: on
-#: every device but the CPU. Either way the run stops naming the first bad batch, before that epoch's checkpoint.
-DEFER_NAN_CHECK: bool | None = None
-
 
 def default_experts(cache: Path) -> tuple[str, ...]:
     from featcache.cache import CacheReader
@@ -78,80 +71,88 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(data, list(cfg.experts)), resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    routing = cfg.routing()
-    model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), routing).to(device)
+    model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), cfg.routing()).to(device)
     # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    start_epoch = ckpt.restore(model, opt, rng) if ckpt else 0
-    total = steps_per_epoch(data.labels, p, cfg.instances) * cfg.epochs
-    per_epoch = total // cfg.epochs
-    feats = [torch.from_numpy(f).to(device) for f in data.feats]
-    labels_t = torch.from_numpy(data.labels).to(device)
-    route_t = torch.from_numpy(data.route).to(device) if data.route is not None and cfg.fusion == "moe-oracle" else None
-    route_targets = None
-    if routing.route_by_loss and routing.route_target == "retrieval" and isinstance(model.fusion, Gated):
-        route_targets = torch.from_numpy(retrieval_targets(data)).to(device)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        gate_learns = True
-        if hasattr(model.fusion, "averaging"):
-            model.fusion.averaging = epoch < routing.warmup * cfg.epochs
-            gate_learns = not (routing.gate_freeze and not model.fusion.averaging)
-            if routing.gate_freeze:
-                model.fusion.freeze(not gate_learns)
-        if routing.tau_anneal and hasattr(model.fusion, "tau_train"):  # 1.0 -> 0.5 over the run
-            model.fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
-        # running sums stay on the device (float64, as Python floats would add them): no host round trip per step
-        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "id", "triplet", "balance", "expert", "acc")}
-        bad = torch.full((), -1, dtype=torch.int64, device=device)       # the first batch whose loss was not finite
-        bad_value = torch.zeros((), dtype=torch.float32, device=device)
-        batches = pk_batches(data.labels, p, cfg.instances, rng)
-        for i, imgs in enumerate(progress(batches, desc=f"train-gate epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)):
-            set_lr(opt, cosine_lr(cfg.lr, cfg.lr_min, epoch * per_epoch + i, total))
-            views = rng.integers(0, data.n_views[imgs])  # the cached views are the augmentation
-            rows = torch.from_numpy(data.row_start[imgs] + views).to(device)
-            y = labels_t[torch.from_numpy(imgs).to(device)]
-            fo, _, logits = model([f[rows] for f in feats], route_t[rows] if route_t is not None else None)
-            l_id = id_loss(logits, y, cfg.label_smoothing)
-            l_tri = batch_hard_triplet(fo.feature, y, cfg.margin)
-            l_exp = logits.new_zeros(())
-            if routing.expert_loss:  # each expert's adapted feature must stand alone, so the gate has real choices
-                l_exp = routing.expert_loss * torch.stack([batch_hard_triplet(e, y, cfg.margin) for e in fo.experts]).mean()
-            if routing.agreement:  # one space for every expert's feature, so routed images compare
-                l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
-            l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
-            if routing.route_by_loss and fo.gate_logits is not None and gate_learns:  # the gate learns which expert explains each image best
-                if route_targets is not None:
-                    target = route_targets[torch.from_numpy(imgs).to(device)]
-                else:
-                    target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
-                if (target != NO_TARGET).any():  # a batch with no target at all would give a NaN mean
-                    l_exp = l_exp + routing.route_by_loss * F.cross_entropy(fo.gate_logits, target, ignore_index=NO_TARGET)
-            loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
-            if not (DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"):
-                rd.check_finite(loss, epoch, i)  # on CPU a check costs nothing: stop at once
-            else:  # on a GPU, remember the first bad batch without waiting for it; the epoch's end stops the run
-                first = (bad < 0) & ~torch.isfinite(loss.detach())
-                bad = torch.where(first, torch.full_like(bad, i), bad)
-                bad_value = torch.where(first, loss.detach().float(), bad_value)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for key, v in (("loss", loss), ("id", l_id), ("triplet", l_tri), ("balance", fo.aux_loss), ("expert", l_exp)):
-                sums[key] += v.detach().double()
-            sums["acc"] += (logits.argmax(1) == y).float().mean().double()
-        if int(bad) >= 0:  # raised before this epoch's checkpoint: the last good one stays
-            rd.check_finite(bad_value, epoch, int(bad))
-        n = max(1, len(batches))
-        row = {"epoch": epoch + 1, **{k: float(v) / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - t0, **routing_row(model, data)}
-        state = training_state(opt, rng)
-        rd.checkpoint(epoch + 1, model.state_dict(), state, row)
-        logger.info("epoch %d: loss %.4f (id %.4f, triplet %.4f) acc %.3f", epoch + 1, row["loss"], row["id"], row["triplet"], row["acc"])
-    model.eval()
+    schedule = Schedule(cfg.epochs, steps_per_epoch(data.labels, p, cfg.instances), cfg.lr, cfg.lr_min)
+    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, desc="train-gate")
+    loop.fit(GateStage(cfg, model, data, device))
     return model, data, rd
 
+
+class GateStage:
+    """The gate's side of the shared loop: PK batches of cached views (a random cached view of each image is the
+    augmentation), the routing schedule of each epoch, and the step's ID, triplet, balancing and expert losses.
+    Everything a step reads is on the device: the cached features, and the epoch's indices, copied there once."""
+
+    columns = ("loss", "id", "triplet", "balance", "expert", "acc")
+
+    def __init__(self, cfg: GateConfig, model: GateModel, data: TrainData, device: torch.device) -> None:
+        self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.routing = cfg.routing()
+        self.p = cfg.batch_size // cfg.instances
+        self.feats = [torch.from_numpy(f).to(device) for f in data.feats]
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.route = torch.from_numpy(data.route).to(device) if data.route is not None and cfg.fusion == "moe-oracle" else None
+        self.route_targets = None
+        if self.routing.route_by_loss and self.routing.route_target == "retrieval" and isinstance(model.fusion, Gated):
+            self.route_targets = torch.from_numpy(retrieval_targets(data)).to(device)
+        self.gate_learns = True
+
+    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
+        cfg, routing, fusion = self.cfg, self.routing, self.model.fusion
+        self.gate_learns = True
+        if hasattr(fusion, "averaging"):
+            fusion.averaging = epoch < routing.warmup * cfg.epochs
+            self.gate_learns = not (routing.gate_freeze and not fusion.averaging)
+            if routing.gate_freeze:
+                fusion.freeze(not self.gate_learns)
+        if routing.tau_anneal and hasattr(fusion, "tau_train"):  # 1.0 -> 0.5 over the run
+            fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
+        batches = pk_batches(self.data.labels, self.p, cfg.instances, rng)
+        views = [rng.integers(0, self.data.n_views[b]) for b in batches]  # the cached views are the augmentation
+        if not batches:
+            return Epoch([], 0, 0)
+        imgs = np.concatenate(batches)
+        rows = self.data.row_start[imgs] + np.concatenate(views)
+        # one copy of the epoch's indices to the device (a copy per step would wait for the device each time)
+        imgs_t, rows_t = torch.from_numpy(imgs).to(self.device), torch.from_numpy(rows).to(self.device)
+        ends = np.cumsum([len(b) for b in batches])
+        spans = [(int(e - len(b)), int(e)) for b, e in zip(batches, ends)]
+        return Epoch(((imgs_t[a:b], rows_t[a:b]) for a, b in spans), len(batches), len(imgs))
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Step:
+        imgs, rows = batch
+        cfg, routing, model = self.cfg, self.routing, self.model
+        y = self.labels[imgs]
+        fo, _, logits = model([f[rows] for f in self.feats], self.route[rows] if self.route is not None else None)
+        l_id = id_loss(logits, y, cfg.label_smoothing)
+        l_tri = batch_hard_triplet(fo.feature, y, cfg.margin)
+        l_exp = logits.new_zeros(())
+        if routing.expert_loss:  # each expert's adapted feature must stand alone, so the gate has real choices
+            l_exp = routing.expert_loss * torch.stack([batch_hard_triplet(e, y, cfg.margin) for e in fo.experts]).mean()
+        if routing.agreement:  # one space for every expert's feature, so routed images compare
+            l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
+        l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
+        if routing.route_by_loss and fo.gate_logits is not None and self.gate_learns:  # the gate learns which expert explains each image best
+            if self.route_targets is not None:
+                target = self.route_targets[imgs]
+            else:
+                target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
+            l_exp = l_exp + routing.route_by_loss * route_loss(fo.gate_logits, target)
+        loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
+        acc = (logits.argmax(1) == y).float().mean()
+        return Step(loss, {"id": l_id, "triplet": l_tri, "balance": fo.aux_loss, "expert": l_exp, "acc": acc})
+
+    def end_epoch(self, epoch: int) -> dict:
+        return routing_row(self.model, self.data)
+
+
+def route_loss(gate_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the gate against each image's best expert, over the images that have one; 0 when none in
+    the batch has (a plain mean would be 0/0). Chosen on the device: no wait for it to say whether any has one."""
+    ce = F.cross_entropy(gate_logits, target, ignore_index=NO_TARGET)  # NaN when every target is NO_TARGET
+    return torch.where((target != NO_TARGET).any(), ce, ce.new_zeros(()))  # its gradient is 0 then, not NaN
 
 
 def alignment_losses(model: GateModel, experts: list[torch.Tensor], y: torch.Tensor, routing: Routing, margin: float) -> torch.Tensor:

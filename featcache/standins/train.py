@@ -11,7 +11,6 @@ state dict in safetensors; a transformers ``save_pretrained`` directory), so tha
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,11 @@ from torch import nn
 
 from featcache.backbones.base import Backbone, family_builder
 from featcache.backbones.presets import get_preset
-from featcache.progress import progress
 from featcache.standins.config import StandinConfig
 from featcache.standins.views import VIEWS
+from featcache.training.loop import Epoch, Loop, Schedule, Step
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.sampling import pk_batches, steps_per_epoch
-from featcache.training.schedule import cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -39,40 +37,53 @@ def train_standin(name: str, cfg: StandinConfig, images: np.ndarray, labels: np.
     backbone = family_builder(preset.family)(preset, cfg.image_size, None, True).to(device)
     backbone.train().requires_grad_(True)
     dim = backbone.output_specs()["pooled"].shape[0]
-    backbone.train()
-    neck = nn.BatchNorm1d(dim).to(device)
-    head = nn.Linear(dim, int(labels.max()) + 1, bias=False).to(device)
-    params = [*backbone.parameters(), *neck.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    model = ReidHead(backbone, dim, int(labels.max()) + 1).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     p = cfg.batch_size // cfg.instances
-    per_epoch = steps_per_epoch(labels, p, cfg.instances)
-    total = per_epoch * epochs
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W), shared
-    y_all = torch.from_numpy(labels)
-    log: list[dict] = []
-    for epoch in range(epochs):
-        t0, sums, n = time.perf_counter(), {"id": 0.0, "triplet": 0.0, "acc": 0.0}, 0
-        for i, idx in enumerate(progress(pk_batches(labels, p, cfg.instances, rng), leave=False, unit="batch",
-                                         desc=f"pretrain-standins {name} epoch {epoch + 1}/{epochs}")):
-            set_lr(opt, cosine_lr(lr, cfg.lr_min, epoch * per_epoch + i, total))
-            x = view(pixels[torch.from_numpy(idx)].float() / 255.0, g).to(device)
-            y = y_all[torch.from_numpy(idx)].to(device)
-            f = backbone((x - backbone.mean) / backbone.std)["pooled"]
-            logits = head(neck(f))
-            l_id, l_tri = id_loss(logits, y, 0.1), batch_hard_triplet(f, y, 0.3)
-            opt.zero_grad(set_to_none=True)
-            (l_id + l_tri).backward()
-            opt.step()
-            sums["id"] += float(l_id.detach())
-            sums["triplet"] += float(l_tri.detach())
-            sums["acc"] += float((logits.argmax(1) == y).float().mean())
-            n += 1
-        row = {"epoch": epoch + 1, **{k: v / max(1, n) for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
-        log.append(row)
-        logger.info("%s epoch %d: id %.3f triplet %.3f acc %.3f (%.0f s)", name, epoch + 1, row["id"], row["triplet"], row["acc"], row["seconds"])
+    schedule = Schedule(epochs, steps_per_epoch(labels, p, cfg.instances), lr, cfg.lr_min)
+    stage = StandinStage(model, view, images, labels, p, cfg.instances, cfg.seed, device)
+    log = Loop(model, opt, schedule, rng, device, desc=f"pretrain-standins {name}").fit(stage)
     return backbone.eval().requires_grad_(False), log
+
+
+class ReidHead(nn.Module):
+    """A stand-in's backbone with the BN neck and ID classifier it is trained through (only the backbone is kept)."""
+
+    def __init__(self, backbone: Backbone, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, nn.BatchNorm1d(dim), nn.Linear(dim, n_classes, bias=False)
+
+
+class StandinStage:
+    """Pre-training's side of the shared loop: PK batches of the rendered set, seen through the preset's view, and
+    the ID (label-smoothed) and batch-hard triplet losses."""
+
+    columns = ("loss", "id", "triplet", "acc")
+
+    def __init__(self, model: ReidHead, view, images: np.ndarray, labels: np.ndarray, p: int, k: int, seed: int,
+                 device: torch.device) -> None:
+        self.model, self.view, self.p, self.k, self.device = model, view, p, k, device
+        self.labels = labels
+        self.pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W), shared
+        self.y = torch.from_numpy(labels)
+        self.g = torch.Generator().manual_seed(seed)  # the views' randomness, apart from the batch order's
+
+    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
+        batches = pk_batches(self.labels, self.p, self.k, rng)
+        return Epoch(batches, len(batches), sum(map(len, batches)))
+
+    def step(self, idx: np.ndarray) -> Step:
+        m = self.model
+        x = self.view(self.pixels[torch.from_numpy(idx)].float() / 255.0, self.g).to(self.device)
+        y = self.y[torch.from_numpy(idx)].to(self.device)
+        f = m.backbone((x - m.backbone.mean) / m.backbone.std)["pooled"]
+        logits = m.head(m.neck(f))
+        l_id, l_tri = id_loss(logits, y, 0.1), batch_hard_triplet(f, y, 0.3)
+        return Step(l_id + l_tri, {"id": l_id, "triplet": l_tri, "acc": (logits.argmax(1) == y).float().mean()})
+
+    def end_epoch(self, epoch: int) -> dict:
+        return {}
 
 
 def save_standin(backbone: Backbone, folder: Path) -> Path:

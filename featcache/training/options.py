@@ -17,3 +17,8 @@ def check_training(epochs: int, batch_size: int, instances: int, lr: float, lr_m
                           f"{3 * instances}, ...)")
     if lr <= 0 or lr_min < 0 or lr_min > lr:
         raise ConfigError(f"lr {lr}, lr_min {lr_min}: expected 0 <= lr_min <= lr and lr > 0")
+
+
+#: ``--precision`` of the trained stages: auto (bf16 autocast and channels_last on CUDA, float32 on the CPU),
+#: fp32, or bf16 (autocast). No fp16: it would need loss scaling, and bf16 trains as fast on the GPUs that have it.
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")

@@ -1,0 +1,158 @@
+"""The one training loop of every trained stage (train-gate, distill, pretrain-standins).
+
+A stage gives its model, optimizer and a ``Stage``: the batches of an epoch and
+the step that turns one batch into a loss and the scalars it logs. The loop
+owns the rest, the same for every stage: the cosine learning-rate schedule
+over all steps, the optimizer step, restoring a checkpoint (``--resume``),
+the NaN stop, the epoch's log row and checkpoint (``RunDir``), progress and
+logging, and the device side: the epoch's sums stay on the device (float64,
+as Python floats would add them) and, off the CPU, the loss is checked for
+NaN at the epoch's end instead of after each step, so a step never waits for
+the device. Either way the run stops naming the first bad batch, before that
+epoch's checkpoint, so the last good one stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generic, Iterable, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from featcache.errors import RunError
+from featcache.progress import progress
+from featcache.training.precision import Precision
+from featcache.training.rundir import Checkpoint, RunDir, training_state
+from featcache.training.schedule import cosine_lr, set_lr
+
+logger = logging.getLogger(__name__)
+
+#: check the loss for NaN at the end of each epoch instead of each step (no per-step wait for the device); None:
+#: on every device but the CPU, where a check costs nothing and the run stops at once
+DEFER_NAN_CHECK: bool | None = None
+
+B = TypeVar("B")
+
+
+@dataclass
+class Step:
+    """What one step gives the loop: the loss it minimises and the scalars the epoch's log averages (the loss is
+    logged as ``loss``; a column a stage never logs in an epoch is left empty in the log)."""
+
+    loss: torch.Tensor
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Epoch(Generic[B]):
+    """An epoch's plan: its batches (any iterable: a list, a DataLoader), how many, and how many images they hold."""
+
+    batches: Iterable[B]
+    steps: int
+    images: int
+
+
+class Stage(Protocol[B]):
+    """What a trained stage gives the loop."""
+
+    #: the averaged columns of the log, in order (``loss`` first)
+    columns: tuple[str, ...]
+
+    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch[B]:
+        """Set the model up for ``epoch`` (schedules of its own) and draw the epoch's batches from ``rng``."""
+
+    def step(self, batch: B) -> Step:
+        """The forward pass and losses of one batch (the loop does backward and the optimizer step)."""
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Extra columns for the epoch's log row (after the averaged ones, lr, seconds and images/s)."""
+
+
+@dataclass
+class Schedule:
+    """Epochs, steps per epoch and the cosine decay from ``lr`` to ``lr_min`` over all their steps."""
+
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    lr_min: float
+
+    def lr_at(self, epoch: int, i: int) -> float:
+        return cosine_lr(self.lr, self.lr_min, epoch * self.steps_per_epoch + i, self.steps_per_epoch * self.epochs)
+
+
+class Loop:
+    """Train ``model`` with ``opt`` through a stage's epochs; ``run`` (a run directory) gets the log and checkpoints,
+    ``checkpoint`` (from ``RunDir.start`` on ``--resume``) is restored first. Without a run directory the rows are
+    only returned (stand-ins keep them in their own metadata)."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, schedule: Schedule, rng: np.random.Generator,
+                 device: torch.device, *, run: RunDir | None = None, checkpoint: Checkpoint | None = None,
+                 precision: Precision | None = None, desc: str = "train") -> None:
+        self.model, self.opt, self.schedule, self.rng, self.device = model, opt, schedule, rng, device
+        self.run, self.desc = run, desc
+        self.precision = precision or Precision()
+        self.precision.prepare(model)
+        self.start = checkpoint.restore(model, opt, rng) if checkpoint else 0
+        defer = DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"
+        self.defer_nan_check = bool(defer)
+
+    def fit(self, stage: Stage) -> list[dict[str, Any]]:
+        """Run the epochs left; returns their log rows."""
+        rows = []
+        for epoch in range(self.start, self.schedule.epochs):
+            rows.append(self.epoch(stage, epoch))
+        self.model.eval()
+        return rows
+
+    def epoch(self, stage: Stage, epoch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.model.train()
+        plan = stage.begin_epoch(epoch, self.rng)
+        dev = self.device
+        sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in stage.columns}
+        seen: set[str] = set()
+        bad = torch.full((), -1, dtype=torch.int64, device=dev)  # the first batch whose loss was not finite
+        bad_value = torch.zeros((), dtype=torch.float32, device=dev)
+        bar = progress(plan.batches, total=plan.steps, desc=f"{self.desc} epoch {epoch + 1}/{self.schedule.epochs}",
+                       unit="batch", leave=False)
+        n = 0
+        for i, batch in enumerate(bar):
+            set_lr(self.opt, self.schedule.lr_at(epoch, i))
+            out = stage.step(batch)
+            loss = out.loss
+            if not self.defer_nan_check:
+                self._check(loss.detach(), epoch, i)
+            else:  # remember the first bad batch without waiting for the device; the epoch's end stops the run
+                first = (bad < 0) & ~torch.isfinite(loss.detach())
+                bad = torch.where(first, torch.full_like(bad, i), bad)
+                bad_value = torch.where(first, loss.detach().float(), bad_value)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            for key, v in (("loss", loss), *out.logged.items()):
+                sums[key] += v.detach().double()
+                seen.add(key)
+            n += 1
+        if int(bad) >= 0:  # raised before this epoch's checkpoint: the last good one stays
+            self._check(bad_value, epoch, int(bad))
+        means = {k: (float(v) / max(1, n) if k in seen else "") for k, v in sums.items()}  # waits for the device
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **means, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds,
+               "images_per_s": plan.images / max(seconds, 1e-9), **stage.end_epoch(epoch)}
+        if self.run is not None:
+            self.run.checkpoint(epoch + 1, self.model.state_dict(), training_state(self.opt, self.rng), row)
+        terms = ", ".join(f"{k} {row[k]:.4f}" for k in stage.columns if k not in ("loss", "acc") and row[k] != "")
+        acc = f" acc {row['acc']:.3f}" if row.get("acc", "") != "" else ""
+        logger.info("%s epoch %d: loss %.4f (%s)%s, %.1f img/s", self.desc, epoch + 1, row["loss"], terms, acc,
+                    row["images_per_s"])
+        return row
+
+    def _check(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        if self.run is not None:
+            self.run.check_finite(loss, epoch, batch)
+        elif not torch.isfinite(loss):
+            raise RunError(f"{self.desc}: loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped")

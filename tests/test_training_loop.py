@@ -1,0 +1,131 @@
+"""The shared training loop on a toy stage: schedule, log columns, resume, the NaN stop (immediate and deferred),
+precision choices, and the gate's route loss without a host round trip. The stages' own tests run it for real."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.config import StageConfig
+from featcache.errors import ConfigError, RunError
+from featcache.training import loop as loop_mod
+from featcache.training.loop import Epoch, Loop, Schedule, Step
+from featcache.training.precision import Precision
+from featcache.training.rundir import RunDir
+
+
+class Toy:
+    """A linear model on fixed random data; ``poison`` makes the loss of one (epoch, batch) NaN."""
+
+    columns = ("loss", "mse", "never")
+
+    def __init__(self, model: torch.nn.Module, poison: tuple[int, int] | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(24, 4, generator=g), torch.randn(24, 1, generator=g)
+        self.model, self.poison, self.epoch = model, poison, 0
+
+    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
+        self.epoch = epoch
+        order = rng.permutation(24)
+        batches = [order[i: i + 8] for i in range(0, 24, 8)]
+        return Epoch(list(enumerate(batches)), len(batches), 24)
+
+    def step(self, batch) -> Step:
+        i, idx = batch
+        mse = ((self.model(self.x[idx]) - self.y[idx]) ** 2).mean()
+        if self.poison == (self.epoch, i):
+            mse = mse * float("nan")
+        return Step(mse * 2, {"mse": mse})
+
+    def end_epoch(self, epoch: int) -> dict:
+        return {"extra": epoch * 10}
+
+
+@dataclass(frozen=True)
+class ToyConfig(StageConfig):
+    command = "toy"
+
+    seed: int = 0
+
+
+def fit(out: Path | None, epochs: int = 3, poison=None, resume: bool = False) -> tuple[torch.nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    rd = ckpt = None
+    if out is not None:
+        rd, ckpt = RunDir.start(out, ToyConfig(), {"toy": 1}, resume)
+    loop = Loop(model, opt, Schedule(epochs, 3, 0.1, 0.001), np.random.default_rng(0), torch.device("cpu"), run=rd,
+                checkpoint=ckpt, desc="toy")
+    return model, loop.fit(Toy(model, poison))
+
+
+def test_rows_schedule_and_columns(tmp_path):
+    _, rows = fit(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["extra"] for r in rows] == [0, 10, 20]
+    assert all(r["never"] == "" and r["loss"] == pytest.approx(2 * r["mse"]) and r["images_per_s"] > 0 for r in rows)
+    assert rows[-1]["lr"] == pytest.approx(Schedule(3, 3, 0.1, 0.001).lr_at(2, 2)) and rows[0]["lr"] < 0.1
+    assert rows[-1]["mse"] < rows[0]["mse"]  # it trains
+    with open(tmp_path / "run" / "log.csv") as fh:
+        logged = list(csv.DictReader(fh))
+    assert list(logged[0]) == ["epoch", "loss", "mse", "never", "lr", "seconds", "images_per_s", "extra"] and len(logged) == 3
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole, _ = fit(tmp_path / "whole")
+    real = RunDir.checkpoint
+
+    def stop(self, epoch, *a, **k):
+        real(self, epoch, *a, **k)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "checkpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "cut")
+    monkeypatch.setattr(RunDir, "checkpoint", real)
+    cut, rows = fit(tmp_path / "cut", resume=True)
+    assert [r["epoch"] for r in rows] == [3]
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), cut.state_dict().values()))
+
+
+def test_nan_stops_naming_the_batch_deferred_or_not(tmp_path, monkeypatch):
+    with pytest.raises(RunError, match=r"loss became nan at epoch 2, batch 3: stopped; the last good checkpoint \(after epoch 1\)") as now:
+        fit(tmp_path / "now", poison=(1, 2))
+    monkeypatch.setattr(loop_mod, "DEFER_NAN_CHECK", True)  # the GPU's way: no wait per step, checked at the epoch's end
+    with pytest.raises(RunError) as deferred:
+        fit(tmp_path / "deferred", poison=(1, 2))
+    assert str(deferred.value).replace("deferred", "now") == str(now.value)
+    assert (tmp_path / "deferred" / "ckpt" / "last").read_text().strip() == "1"
+    with pytest.raises(RunError, match=r"^toy: loss became nan at epoch 1, batch 2: stopped$"):  # no run directory
+        fit(None, poison=(0, 1))
+
+
+def test_precision_follows_the_device_and_refuses_what_it_cannot_train():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert Precision.resolve("auto", cpu, convolutional=True) == Precision(None, False, "cpu")
+    assert Precision.resolve("auto", cuda, convolutional=True) == Precision(torch.bfloat16, True, "cuda")
+    assert Precision.resolve("auto", cuda) == Precision(torch.bfloat16, False, "cuda")
+    assert Precision.resolve("fp32", cuda, convolutional=True) == Precision(None, True, "cuda")
+    assert Precision.resolve("bf16", cpu).name == "bf16"
+    with pytest.raises(ConfigError, match="--precision 'fp16': expected one of auto, fp32, bf16"):
+        Precision.resolve("fp16", cpu)
+
+
+def test_route_loss_needs_no_host_round_trip_and_is_zero_without_targets():
+    from featcache.gate.route_targets import NO_TARGET
+    from featcache.gate.train import route_loss
+
+    logits = torch.randn(6, 2, requires_grad=True)
+    some = torch.tensor([0, 1, NO_TARGET, 1, NO_TARGET, 0])
+    want = torch.nn.functional.cross_entropy(logits, some, ignore_index=NO_TARGET)
+    assert torch.equal(route_loss(logits, some), want)
+    none = torch.full((6,), NO_TARGET)
+    loss = route_loss(logits, none)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))  # not NaN
