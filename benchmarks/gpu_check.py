@@ -30,7 +30,9 @@ Evaluation (issue 25):
   integer-valued features (as ``eval_speed.py`` draws them) at a size the CPU computes within the check.
 
 - ``gate``: a Market-size train-gate epoch (12,767 training images, 4 cached views, CLIP's and ALIGN-B7's
-  widths, batch 32, about 400 steps) after a first, warm-up epoch, CUDA start-up excluded (target under 1 s).
+  widths, batch 32, about 400 steps) after a first, warm-up epoch, CUDA start-up excluded (target under 1 s);
+  beside it the step's time at batch 256: about the same time for 8x the images means launches dominate (the
+  case for CUDA graphs), about 8x that the arithmetic does.
 - ``distill``: the student (ResNet-18, 256x256, all six losses, random init) trained from a cache of at least
   10,000 distinct training images with the device input path (pixels, view replay, teacher targets and maps
   resident on the GPU, bf16 autocast): images/s of its second epoch (steady state), against the rate of the
@@ -418,16 +420,28 @@ def section_gate(s: Setup, table: Table, tmp: Path) -> None:
     gpu = s.device.type == "cuda"
     ids, per_id = (751, 17) if gpu else (40, 6)
     cache = write_feature_cache(tmp / "gate-cache.h5", ids=ids, per_id=per_id, cams=6, views=4)
-    with HostSyncs(s.device) as syncs:
-        train(GateConfig(cache, tmp / "gate-run", ("clip-sim", "align-sim"), "moe-top1", epochs=2, seed=42, batch_size=32,
+
+    def epochs(batch: int, out: str) -> tuple[float, float, int]:
+        train(GateConfig(cache, tmp / out, ("clip-sim", "align-sim"), "moe-top1", epochs=2, seed=42, batch_size=batch,
                          device=s.device.type))
-    with open(tmp / "gate-run" / "log.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    table.notes.append(syncs.note("train-gate, 2 epochs", 2 * (ids * per_id // 32)))
-    first, second = float(rows[0]["seconds"]), float(rows[1]["seconds"])
+        with open(tmp / out / "log.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        steps = round(float(rows[1]["images_per_s"]) * float(rows[1]["seconds"]) / batch)  # the epoch's PK batches
+        return float(rows[0]["seconds"]), float(rows[1]["seconds"]), steps
+
+    with HostSyncs(s.device) as syncs:
+        first, second, steps = epochs(32, "gate-run")
+    table.notes.append(syncs.note("train-gate, 2 epochs", 2 * steps))
     table.add(f"train-gate epoch after warm-up ({ids} identities x {per_id} images, 4 views, batch 32), s",
               f"{second:.2f}", "1 s", f"{second:.2f}", at_most(second, 1.0, s, " s"))
     table.notes.append(f"train-gate: first epoch (warm-up, the routed recipe's averaging phase) {first:.2f} s")
+    # are launches what an epoch waits for? Then a step 8x (CPU mode 4x) larger costs about the same: CUDA graphs'
+    # case (one launch a step). If it costs about 8x, the device's arithmetic is the limit and graphs would not help.
+    big = 256 if gpu else 128
+    _, second_big, steps_big = epochs(big, "gate-run-big")
+    per, per_big = second / steps, second_big / steps_big
+    table.notes.append(f"train-gate step after warm-up: {1000 * per:.2f} ms at batch 32, {1000 * per_big:.2f} ms at batch "
+                       f"{big} ({per_big / per:.1f}x the time for {big // 32}x the images; near 1x: launch-bound)")
 
 
 def section_distill(s: Setup, table: Table, tmp: Path) -> None:
