@@ -107,3 +107,38 @@ def interrupt_after_epoch(monkeypatch, epoch: int):
 
     monkeypatch.setattr(RunDir, "checkpoint", stop)
     return lambda: monkeypatch.setattr(RunDir, "checkpoint", real)
+
+
+#: what reads a tensor's value back to the host: on a GPU each makes the host wait for the device
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy")
+
+
+def count_host_reads(monkeypatch) -> dict:
+    """Count the reads of tensor values back to the host while the shared training loop runs its epochs
+    (``Loop.fit``: batches, steps, optimizer, log rows, checkpoints), with the loop set up as on a GPU (on CPU
+    torch every tensor is on the device); returns the live count ``{"n": ...}``."""
+    import torch
+
+    from featcache.training import loop
+
+    count, inside = {"n": 0}, {"on": False}
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, _real=real, **k):
+            if inside["on"]:
+                count["n"] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    real_fit = loop.Loop.fit
+
+    def fit(self, stage):
+        inside["on"] = True
+        try:
+            return real_fit(self, stage)
+        finally:
+            inside["on"] = False
+    monkeypatch.setattr(loop.Loop, "fit", fit)
+    monkeypatch.setattr(loop, "DEFER_NAN_CHECK", True)  # the GPU's ways: the NaN check at the epoch's end,
+    monkeypatch.setattr(loop, "FUSED_ADAM", True)       # Adam's step count on the device
+    return count

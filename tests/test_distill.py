@@ -439,6 +439,23 @@ def test_views_replayed_on_the_device_train_the_same_student_as_the_workers(mark
         dcfg(market_cache, gate_run, tmp_path / "x", input_path="device")
 
 
+def test_a_resident_epoch_reads_nothing_back_to_the_host_per_step(market_cache, gate_run, tmp_path, monkeypatch):
+    """The device input path on a GPU never waits for the device within an epoch: the reads of tensor values while
+    the loop runs are the same for twice the steps (log sums and the NaN check come at the epoch's end)."""
+    from conftest import count_host_reads
+    from featcache.distill.runner import run_distill
+
+    px = tmp_path / "px.h5"  # built by the first run, before its loop
+    reads = count_host_reads(monkeypatch)
+    seen = []
+    for batch in (8, 16):
+        before = reads["n"]
+        run_distill(dcfg(market_cache, gate_run, tmp_path / f"b{batch}", epochs=1, batch_size=batch, pixel_cache=px,
+                         input_path="device"))
+        seen.append(reads["n"] - before)
+    assert seen[0] == seen[1], seen
+
+
 def test_bf16_and_channels_last_train_the_same_student_within_rounding(market_cache, gate_run, tmp_path, monkeypatch):
     """What CUDA's auto precision does (bf16 autocast, the student and its images channels_last), run on CPU torch:
     the model is put in the layout and autocast reaches the convolutions, the saved weights are contiguous and

@@ -33,7 +33,7 @@ from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
-from featcache.training.loop import Epoch, Loop, Schedule, Step
+from featcache.training.loop import Epoch, Loop, Schedule, Step, adam
 from featcache.training.precision import Precision
 from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
@@ -314,7 +314,7 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = student.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(model.parameters(), cfg.lr, cfg.weight_decay, device)  # fused off the CPU
     schedule = Schedule(cfg.epochs, steps_per_epoch(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances), cfg.lr, cfg.lr_min)
     loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, precision=precision, desc="distill")
     logger.info("training on %s: %s, %s", device, precision.name, "channels_last" if precision.channels_last else "default layout")

@@ -1,4 +1,5 @@
-"""Training loop: PK batches of cached views, ID + triplet (+ load balancing), Adam with cosine decay.
+"""train-gate's training: PK batches of cached views, ID + triplet (+ load balancing and the routing recipe's
+expert losses), Adam with cosine decay.
 
 The loop, run directory, checkpoints, resume and the NaN stop are the
 shared training core's (``featcache.training``); this module holds what is
@@ -21,12 +22,13 @@ from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated, agreemen
 from featcache.gate.route_targets import NO_TARGET, retrieval_targets
 from featcache.gate.outputs import routing_row
 from featcache.runtime import resolve_device
-from featcache.training.loop import Epoch, Loop, Schedule, Step
+from featcache.training.loop import Epoch, Loop, Schedule, Step, adam
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
 
 logger = logging.getLogger(__name__)
+
 
 def default_experts(cache: Path) -> tuple[str, ...]:
     from featcache.cache import CacheReader
@@ -72,8 +74,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), cfg.routing()).to(device)
-    # fused Adam: one kernel for all parameters (the foreach default spends 5x longer on the step here)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # fused Adam on every device: one kernel for all parameters (the foreach default spends 5x longer on the step here)
+    opt = adam([q for q in model.parameters() if q.requires_grad], cfg.lr, cfg.weight_decay, device, fused=True)
     schedule = Schedule(cfg.epochs, steps_per_epoch(data.labels, p, cfg.instances), cfg.lr, cfg.lr_min)
     loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, desc="train-gate")
     loop.fit(GateStage(cfg, model, data, device))

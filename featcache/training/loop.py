@@ -34,7 +34,19 @@ logger = logging.getLogger(__name__)
 #: on every device but the CPU, where a check costs nothing and the run stops at once
 DEFER_NAN_CHECK: bool | None = None
 
+#: Adam as one fused kernel; None: on every device but the CPU. Off the CPU the default (foreach) Adam launches
+#: several kernels per parameter group; on the CPU the unfused default is what the distill runs of record used.
+FUSED_ADAM: bool | None = None
+
 B = TypeVar("B")
+
+
+def adam(params, lr: float, weight_decay: float, device: torch.device, fused: bool | None = None) -> torch.optim.Adam:
+    """The trained stages' optimizer: Adam, fused where ``fused`` (or ``FUSED_ADAM``, or the device) says so."""
+    if fused is None:
+        fused = FUSED_ADAM if FUSED_ADAM is not None else device.type != "cpu"
+    # unfused: torch's own default (no fused= at all), as the runs before this function were built
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 @dataclass
