@@ -427,8 +427,8 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "instances", type=int, help="K, the images of each identity in a batch."),
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
         opt(C, "device", type=DEVICE, help="Where training runs."),
-        opt(C, "precision", type=click.Choice(list(TRAIN_PRECISIONS)), help="auto: bf16 autocast and channels_last on CUDA, "
-            "float32 on the CPU; fp32; bf16 (autocast; losses in float32 either way)."),
+        opt(C, "precision", type=click.Choice(list(TRAIN_PRECISIONS)), help="auto: bf16 autocast on CUDA, float32 on the "
+            "CPU; fp32; bf16 (autocast). Losses in float32 either way; on CUDA the student is channels_last at any precision."),
         opt(C, "pixel_cache", type=click.Path(dir_okay=False, path_type=Path), help="HDF5 of decoded, letterboxed images: built (or resumed) on first use, so no epoch decodes a JPEG."),
         opt(C, "losses", help="Terms of L_total (switch KD terms off for the ablation)."),
         opt(C, "views", type=click.Choice(list(VIEW_MODES)), help="cached: a random cached view per step; view0: the clean view only."),

@@ -109,27 +109,34 @@ def interrupt_after_epoch(monkeypatch, epoch: int):
     return lambda: monkeypatch.setattr(RunDir, "checkpoint", real)
 
 
-#: what reads a tensor's value back to the host: on a GPU each makes the host wait for the device
-HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy")
+#: what reads a tensor's value back to the host, and what makes a tensor of host data (a copy to the GPU, which
+#: waits for it when the host memory is not pinned): on a GPU each makes the host wait for the device
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu")
+HOST_TENSORS = ("tensor", "as_tensor", "from_numpy")
 
 
 def count_host_reads(monkeypatch) -> dict:
-    """Count the reads of tensor values back to the host while the shared training loop runs its epochs
-    (``Loop.fit``: batches, steps, optimizer, log rows, checkpoints), with the loop set up as on a GPU (on CPU
-    torch every tensor is on the device); returns the live count ``{"n": ...}``."""
+    """Count the reads of tensor values back to the host and the tensors made of host data while the shared
+    training loop runs its epochs (``Loop.fit``: batches, steps, optimizer, log rows, checkpoints), with the loop
+    set up as on a GPU; returns the live count ``{"n": ...}``. On CPU torch every tensor is on the device, so a
+    read counts wherever it would wait on a GPU; what torch's C++ side does (a boolean mask's ``nonzero``) and a
+    ``.to(device)`` of a host tensor are not seen."""
     import torch
 
     from featcache.training import loop
 
     count, inside = {"n": 0}, {"on": False}
-    for name in HOST_READS:
-        real = getattr(torch.Tensor, name)
 
-        def read(self, *a, _real=real, **k):
+    def counted(real):
+        def call(*a, **k):
             if inside["on"]:
                 count["n"] += 1
-            return _real(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, read)
+            return real(*a, **k)
+        return call
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    for name in HOST_TENSORS:
+        monkeypatch.setattr(torch, name, counted(getattr(torch, name)))
     real_fit = loop.Loop.fit
 
     def fit(self, stage):
@@ -142,3 +149,11 @@ def count_host_reads(monkeypatch) -> dict:
     monkeypatch.setattr(loop, "DEFER_NAN_CHECK", True)  # the GPU's ways: the NaN check at the epoch's end,
     monkeypatch.setattr(loop, "FUSED_ADAM", True)       # Adam's step count on the device
     return count
+
+
+def logged_steps(run: Path, batch: int) -> list[int]:
+    """The steps of each epoch of a finished run, from its log (images / batch size)."""
+    import csv
+
+    with open(run / "log.csv") as fh:
+        return [round(float(r["images_per_s"]) * float(r["seconds"]) / batch) for r in csv.DictReader(fh)]

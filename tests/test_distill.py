@@ -442,18 +442,22 @@ def test_views_replayed_on_the_device_train_the_same_student_as_the_workers(mark
 def test_a_resident_epoch_reads_nothing_back_to_the_host_per_step(market_cache, gate_run, tmp_path, monkeypatch):
     """The device input path on a GPU never waits for the device within an epoch: the reads of tensor values while
     the loop runs are the same for twice the steps (log sums and the NaN check come at the epoch's end)."""
-    from conftest import count_host_reads
+    from conftest import count_host_reads, logged_steps
     from featcache.distill.runner import run_distill
 
+    from featcache.distill.students import normalize
+
     px = tmp_path / "px.h5"  # built by the first run, before its loop
+    normalize(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))  # its statistics are made once a process, before counting
     reads = count_host_reads(monkeypatch)
-    seen = []
+    seen, steps = [], []
     for batch in (8, 16):
         before = reads["n"]
-        run_distill(dcfg(market_cache, gate_run, tmp_path / f"b{batch}", epochs=1, batch_size=batch, pixel_cache=px,
-                         input_path="device"))
+        run = run_distill(dcfg(market_cache, gate_run, tmp_path / f"b{batch}", epochs=1, batch_size=batch, pixel_cache=px,
+                               input_path="device")).run
         seen.append(reads["n"] - before)
-    assert seen[0] == seen[1], seen
+        steps.append(sum(logged_steps(run, batch)))
+    assert steps[0] > steps[1] and seen[0] == seen[1], (steps, seen)
 
 
 def test_bf16_and_channels_last_train_the_same_student_within_rounding(market_cache, gate_run, tmp_path, monkeypatch):
@@ -488,7 +492,10 @@ def test_bf16_and_channels_last_train_the_same_student_within_rounding(market_ca
     bf16 = run_distill(dcfg(market_cache, gate_run, tmp_path / "bf16", epochs=1, precision="bf16"))
     assert seen["precision"].name == "bf16" and seen["layout"] and seen["conv"] and seen["dtype"] == torch.bfloat16
     a, b = load_file(fp32.run / "model.safetensors"), load_file(bf16.run / "model.safetensors")
-    steps, lr = 2, 3e-4  # Adam moves a weight by at most about lr a step, whatever the gradient's rounding
+    from conftest import logged_steps
+
+    steps, lr = sum(logged_steps(fp32.run, 16)), 3e-4  # Adam moves a weight by at most about lr a step, whatever the
+    assert steps == sum(logged_steps(bf16.run, 16)) >= 1  # gradient's rounding
     assert all(b[k].is_contiguous() for k in b)
     weights = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]  # BN's statistics are
     assert len(weights) > 40 and max(float((a[k] - b[k]).abs().max()) for k in weights) <= 2 * steps * lr + 1e-6  # not Adam's

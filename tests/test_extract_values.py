@@ -204,6 +204,10 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
     assert "| equal | plain path |  | PASS |" in table  # the overlapped path's cache = the plain path's
     assert "| equal | CPU path |  | PASS |" in table  # eval: the device ranking path equals the CPU one
     assert "train-gate epoch after warm-up" in table and "FAIL" not in table
+    import re
+
+    watched = re.search(r"train-gate, 2 epochs: host syncs not counted on CPU \((\d+) training steps watched\)", table)
+    assert watched and int(watched.group(1)) >= 2  # the sync counter wraps every step of the run (counts on a GPU)
 
 
 @pytest.mark.slow  # about 15 s: two extractions, the models alone, decoding, and a student trained for two epochs

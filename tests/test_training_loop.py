@@ -132,21 +132,53 @@ def test_route_loss_needs_no_host_round_trip_and_is_zero_without_targets():
 
 
 def test_a_gate_epoch_reads_nothing_back_to_the_host_per_step(tmp_path, monkeypatch):
-    """On a GPU a value read back (a loss printed, a condition on a tensor) makes the host wait each step. The
-    reads while the loop runs do not grow with the steps: the same for 6 steps an epoch as for 1 (log sums and the
-    NaN check at the epoch's end), with the routed recipe's route targets of both kinds."""
-    from conftest import count_host_reads
+    """On a GPU a value read back (a loss printed, a condition on a tensor) or a tensor made of host data makes the
+    host wait for the device. Their count while the loop runs does not grow with the steps: the same for 6 steps
+    an epoch as for 1 (log sums and the NaN check at the epoch's end), for route targets of both kinds and for
+    noisy gating with its load loss."""
+    from conftest import count_host_reads, logged_steps
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate
     from featcache.synth_cache import write_feature_cache
 
     cache = write_feature_cache(tmp_path / "cam.h5", ids=12, per_id=4, cams=4, views=2, kind="camera")
     reads = count_host_reads(monkeypatch)
-    seen = []
-    for target in ("loss", "retrieval"):
+    for name, kw in {"loss": {}, "retrieval": {"route_target": "retrieval"}, "noise": {"gate_noise": 1.0, "load": 0.1}}.items():
+        seen, steps = [], []
         for batch in (8, 32):  # 6 steps an epoch and 1
             before = reads["n"]
-            run_train_gate(GateConfig(cache, tmp_path / f"{target}-{batch}", epochs=2, batch_size=batch, instances=4 if batch > 8 else 2,
-                                      route_target=target))
+            run = run_train_gate(GateConfig(cache, tmp_path / f"{name}-{batch}", epochs=2, batch_size=batch,
+                                            instances=4 if batch > 8 else 2, **kw)).run
             seen.append(reads["n"] - before)
-    assert seen[0] == seen[1] and seen[2] == seen[3], seen
+            steps.append(sum(logged_steps(run, batch)))
+        assert steps[0] > steps[1] and seen[0] == seen[1], (name, steps, seen)
+
+
+def test_a_log_begun_with_other_columns_is_resumed_under_both_headers(tmp_path, monkeypatch):
+    """A run resumed by a featcache whose log rows have other columns (the shared loop added images/s): no value
+    lands under another column's name."""
+    real = RunDir.checkpoint
+
+    def stop(self, epoch, *a, **k):
+        real(self, epoch, *a, **k)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "checkpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "run")
+    monkeypatch.setattr(RunDir, "checkpoint", real)
+    log = tmp_path / "run" / "log.csv"
+    with open(log, newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    old = {k: v for k, v in row.items() if k not in ("images_per_s", "never")}  # as an older version wrote it
+    with open(log, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(old))
+        w.writeheader()
+        w.writerow(old)
+    fit(tmp_path / "run", resume=True)
+    with open(log, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and None not in rows[0]
+    assert rows[0]["images_per_s"] == "" and float(rows[1]["images_per_s"]) > 0 and rows[0]["extra"] == "0" and rows[2]["extra"] == "20"
+    assert set(list(rows[0])[-2:]) == {"images_per_s", "never"}  # the old header first, then the new columns

@@ -263,8 +263,10 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
         if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():  # one per cache: an edited extract makes its own
             px = cfg.pixel_cache
             cfg = cfg.replace(pixel_cache=plan.out / px.with_name(f"{px.stem}-{plan.cache_key}{px.suffix}"))
-        return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in ("out", "gate")},
-                     "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
+        # precision auto is how every student before the field trained: their keys stay as they were
+        config = {k: v for k, v in cfg.to_dict(absolute=True).items()
+                  if k not in ("out", "gate") and not (k == "precision" and v == "auto")}
+        return cfg, {"config": config, "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
 
     stage = f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}"
     return _trained(plan, stage, str(plan.out / "student" / f"{_safe(name)}-seed{seed}"), row, seed, "student", build,

@@ -5,7 +5,9 @@ the step that turns one batch into a loss and the scalars it logs. The loop
 owns the rest, the same for every stage: the cosine learning-rate schedule
 over all steps, the optimizer step, restoring a checkpoint (``--resume``),
 the NaN stop, the epoch's log row and checkpoint (``RunDir``), progress and
-logging, and the device side: the epoch's sums stay on the device (float64,
+logging, the precision (the model put in its memory format; a stage runs its
+forward under ``precision.autocast()`` and its losses in float32), and the
+device side: the epoch's sums stay on the device (float64,
 as Python floats would add them) and, off the CPU, the loss is checked for
 NaN at the epoch's end instead of after each step, so a step never waits for
 the device. Either way the run stops naming the first bad batch, before that
@@ -108,7 +110,7 @@ class Loop:
         self.run, self.desc = run, desc
         self.precision = precision or Precision()
         self.precision.prepare(model)
-        self.start = checkpoint.restore(model, opt, rng) if checkpoint else 0
+        self.start = checkpoint.restore(model, opt, rng, device) if checkpoint else 0
         defer = DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"
         self.defer_nan_check = bool(defer)
 
@@ -156,7 +158,7 @@ class Loop:
         row = {"epoch": epoch + 1, **means, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds,
                "images_per_s": plan.images / max(seconds, 1e-9), **stage.end_epoch(epoch)}
         if self.run is not None:
-            self.run.checkpoint(epoch + 1, self.model.state_dict(), training_state(self.opt, self.rng), row)
+            self.run.checkpoint(epoch + 1, self.model.state_dict(), training_state(self.opt, self.rng, self.device), row)
         logger.info("%s epoch %d: %s", self.desc, epoch + 1, epoch_summary(row, stage.columns))
         return row
 

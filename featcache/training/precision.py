@@ -1,10 +1,10 @@
 """How a trained stage computes on its device: autocast dtype and memory format (torch-free names in ``options``).
 
-``auto`` is what the hardware wants: on CUDA, bf16 autocast (float32's range, so no loss scaling) and
-channels_last for convolutional models (the layout tensor cores read without transposes); on the CPU, float32
-in the default layout, the reference every equality test compares against. Losses are computed in float32
-either way (the stages cast the model's outputs before their losses).
-"""
+``auto`` is what the hardware wants: bf16 autocast on CUDA (float32's range, so no loss scaling), float32 on
+the CPU, the reference every equality test compares against. The layout follows the device, whatever the
+precision: channels_last for convolutional models on CUDA (the layout tensor cores read without transposes),
+the default one on the CPU. Losses are computed in float32 either way (the stages cast the model's outputs
+before their losses)."""
 
 from __future__ import annotations
 

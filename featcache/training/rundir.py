@@ -49,11 +49,14 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     state: dict[str, Any]
 
-    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rng) -> int:
-        """Put the model, optimizer and RNGs (torch's and the numpy generator ``rng``) back; returns the epoch."""
+    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rng, device: torch.device | None = None) -> int:
+        """Put the model, optimizer and RNGs (torch's, the numpy generator ``rng`` and, training on a GPU, that
+        GPU's) back; returns the epoch."""
         model.load_state_dict(self.weights)
-        opt.load_state_dict(self.state["optimizer"])
+        opt.load_state_dict(self.state["optimizer"])  # the optimizer continues as it was saved (fused or not)
         torch.set_rng_state(self.state["torch_rng"])
+        if "cuda_rng" in self.state and device is not None and device.type == "cuda":  # dropout, gate noise
+            torch.cuda.set_rng_state(self.state["cuda_rng"], device)
         rng.bit_generator.state = self.state["numpy_rng"]
         return self.epoch
 
@@ -68,9 +71,13 @@ def state_digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def training_state(opt: torch.optim.Optimizer, rng) -> dict[str, Any]:
-    """What a checkpoint needs beyond the weights to continue exactly: optimizer and RNG states."""
-    return {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
+def training_state(opt: torch.optim.Optimizer, rng, device: torch.device | None = None) -> dict[str, Any]:
+    """What a checkpoint needs beyond the weights to continue exactly: optimizer and RNG states (the training
+    GPU's too: dropout and gate noise draw from it)."""
+    state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
+    if device is not None and device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 class RunDir:
@@ -128,17 +135,26 @@ class RunDir:
 
     # ------------------------------------------------------------------ during training
     def log_epoch(self, row: dict[str, Any]) -> None:
-        """Append the epoch's row by rewriting the log under a temporary name (a kill mid-append never tears it)."""
+        """Append the epoch's row by rewriting the log under a temporary name (a kill mid-append never tears it).
+        A log begun by another featcache version with other columns (a resumed run) is rewritten under the union
+        of both headers, its rows empty in the columns they lack, so no value lands under another's name."""
         log = self.path / LOG
         old = log.read_text() if log.exists() else ""
+        header = next(csv.reader([old.splitlines()[0]])) if old else []
+        rows: list[dict[str, Any]] | None = None
+        if old and header != list(row):
+            with log.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            header += [k for k in row if k not in header]
 
         def write(p: Path) -> None:
             with p.open("w", newline="") as fh:
-                fh.write(old)
-                w = csv.DictWriter(fh, fieldnames=list(row))
-                if not old:
+                if rows is None:
+                    fh.write(old)
+                w = csv.DictWriter(fh, fieldnames=header or list(row), restval="")
+                if rows is not None or not old:
                     w.writeheader()
-                w.writerow(row)
+                w.writerows([*(rows or []), row])
         atomic_write(log, write)
 
     def checkpoint(self, epoch: int, weights: dict[str, torch.Tensor], state: dict[str, Any], row: dict[str, Any]) -> None:

@@ -27,5 +27,6 @@ def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> 
 
 
 def steps_per_epoch(labels: np.ndarray, p: int, k: int) -> int:
-    """Batches in an epoch (the same for every seed: it depends only on the identity sizes)."""
+    """Batches in an epoch as the schedule counts them: seed 0's. Another seed's epoch can hold a batch or two
+    more or fewer (identities run out of groups in another order); the schedule stops at its end."""
     return len(pk_batches(labels, p, k, np.random.default_rng(0)))
