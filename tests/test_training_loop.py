@@ -77,18 +77,13 @@ def test_rows_schedule_and_columns(tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from conftest import interrupt_after_epoch
+
     whole, _ = fit(tmp_path / "whole")
-    real = RunDir.checkpoint
-
-    def stop(self, epoch, *a, **k):
-        real(self, epoch, *a, **k)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "checkpoint", stop)
+    undo = interrupt_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "cut")
-    monkeypatch.setattr(RunDir, "checkpoint", real)
+    undo()
     cut, rows = fit(tmp_path / "cut", resume=True)
     assert [r["epoch"] for r in rows] == [3]
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), cut.state_dict().values()))
@@ -157,17 +152,12 @@ def test_a_gate_epoch_reads_nothing_back_to_the_host_per_step(tmp_path, monkeypa
 def test_a_log_begun_with_other_columns_is_resumed_under_both_headers(tmp_path, monkeypatch):
     """A run resumed by a featcache whose log rows have other columns (the shared loop added images/s): no value
     lands under another column's name."""
-    real = RunDir.checkpoint
+    from conftest import interrupt_after_epoch
 
-    def stop(self, epoch, *a, **k):
-        real(self, epoch, *a, **k)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "checkpoint", stop)
+    undo = interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "run")
-    monkeypatch.setattr(RunDir, "checkpoint", real)
+    undo()
     log = tmp_path / "run" / "log.csv"
     with open(log, newline="") as fh:
         (row,) = list(csv.DictReader(fh))
