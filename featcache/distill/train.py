@@ -33,7 +33,7 @@ from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
-from featcache.training.loop import Epoch, Loop, Schedule, Step, adam
+from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.precision import Precision
 from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
@@ -94,19 +94,13 @@ class ResidentTeacher:
     def epoch(self, batches: list[np.ndarray], views: list[np.ndarray]) -> Iterator[TeacherBatch]:
         """The teacher's side of each batch (training-image indices and their cached views), gathered on the
         device from indices copied there once for the epoch."""
-        if not batches:
-            return
-        imgs, vv = np.concatenate(batches), np.concatenate(views)
-        rows = torch.from_numpy(self.teacher.targets.rows(self.teacher.images[imgs], vv)).to(self.device)
-        img_t = torch.from_numpy(np.asarray(imgs, dtype=np.int64)).to(self.device)
-        at = torch.from_numpy(self.pos[self.teacher.view_start[imgs] + vv]).to(self.device) if self.maps is not None else None
-        start = 0
-        for b in batches:
-            a, start = start, start + len(b)
-            r = rows[a:start]
-            t_maps = [[m[at[a:start]] for m in stage] for stage in self.maps] if self.maps is not None else None
-            yield TeacherBatch(self.labels[img_t[a:start]], self.f_t[r] if self.f_t is not None else None, self.z_t[r],
-                               self.gates[r], t_maps)
+        imgs, vv = np.concatenate(batches).astype(np.int64), np.concatenate(views)
+        indices = [self.teacher.targets.rows(self.teacher.images[imgs], vv), imgs]
+        if self.maps is not None:
+            indices.append(self.pos[self.teacher.view_start[imgs] + vv])
+        for r, i, *at in per_batch_on_device(self.device, [len(b) for b in batches], *indices):
+            t_maps = [[m[at[0]] for m in stage] for stage in self.maps] if self.maps is not None else None
+            yield TeacherBatch(self.labels[i], self.f_t[r] if self.f_t is not None else None, self.z_t[r], self.gates[r], t_maps)
 
 
 def loss_terms(out: StudentOutputs, b: TeacherBatch, cfg: DistillConfig) -> dict[str, Callable[[], torch.Tensor]]:
@@ -209,12 +203,10 @@ class ResidentViews:
         """Each batch of (image, view) keys replayed on the device, in order; the epoch's indices are copied there
         once (a copy per step would wait for the device each time)."""
         flat = [k for batch in keys for k in batch]
-        idx = torch.tensor([self.slot[i] for i, _ in flat], device=self.device)
-        rows = torch.tensor([int(self.view_start[i]) + v for i, v in flat], device=self.device)
-        start = 0
-        for batch in keys:
-            a, start = start, start + len(batch)
-            yield self.replay(self.base[idx[a:start]], self.params[rows[a:start]])
+        idx = np.array([self.slot[i] for i, _ in flat], dtype=np.int64)
+        rows = np.array([int(self.view_start[i]) + v for i, v in flat], dtype=np.int64)
+        for i, r in per_batch_on_device(self.device, [len(b) for b in keys], idx, rows):
+            yield self.replay(self.base[i], self.params[r])
 
 
 def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
@@ -270,13 +262,14 @@ class DistillStage:
         batches = pk_batches(teacher.labels, self.p, cfg.instances, rng)
         views = [rng.integers(0, teacher.n_views[b]) if cfg.views == "cached" else np.zeros(len(b), np.int64) for b in batches]
         keys = [[(int(teacher.images[i]), int(v)) for i, v in zip(b, vv)] for b, vv in zip(batches, views)]
+        images = sum(map(len, batches))
         if self.resident is not None:  # the epoch's indices go to the device once; a step gathers and replays there
             pixels = self.resident.epoch(keys)
             targets = self.resident_teacher.epoch(batches, views)
-            return Epoch(zip(batches, views, pixels, targets), len(batches), sum(map(len, batches)))
+            return Epoch(zip(batches, views, pixels, targets), len(batches), images)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")
-        return Epoch(zip(batches, views, loader, [None] * len(batches)), len(batches), sum(map(len, batches)))
+        return Epoch(zip(batches, views, loader, [None] * len(batches)), len(batches), images)
 
     def step(self, batch) -> Step:
         imgs, vv, pixels, b = batch

@@ -22,7 +22,7 @@ from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated, agreemen
 from featcache.gate.route_targets import NO_TARGET, retrieval_targets
 from featcache.gate.outputs import routing_row
 from featcache.runtime import resolve_device
-from featcache.training.loop import Epoch, Loop, Schedule, Step, adam
+from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
@@ -113,15 +113,9 @@ class GateStage:
             fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
         batches = pk_batches(self.data.labels, self.p, cfg.instances, rng)
         views = [rng.integers(0, self.data.n_views[b]) for b in batches]  # the cached views are the augmentation
-        if not batches:
-            return Epoch([], 0, 0)
         imgs = np.concatenate(batches)
         rows = self.data.row_start[imgs] + np.concatenate(views)
-        # one copy of the epoch's indices to the device (a copy per step would wait for the device each time)
-        imgs_t, rows_t = torch.from_numpy(imgs).to(self.device), torch.from_numpy(rows).to(self.device)
-        ends = np.cumsum([len(b) for b in batches])
-        spans = [(int(e - len(b)), int(e)) for b, e in zip(batches, ends)]
-        return Epoch(((imgs_t[a:b], rows_t[a:b]) for a, b in spans), len(batches), len(imgs))
+        return Epoch(per_batch_on_device(self.device, [len(b) for b in batches], imgs, rows), len(batches), len(imgs))
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Step:
         imgs, rows = batch

@@ -51,6 +51,13 @@ def adam(params, lr: float, weight_decay: float, device: torch.device, fused: bo
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
+def per_batch_on_device(device: torch.device, sizes: list[int], *arrays: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
+    """Index arrays of a whole epoch (its batches one after another) copied to the device once and cut into the
+    batches' ``sizes``: one tuple of views a batch. A copy a step would make the host wait for the device each step."""
+    on_device = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+    return list(zip(*(t.split(sizes) for t in on_device)))
+
+
 @dataclass
 class Step:
     """What one step gives the loop: the loss it minimises and the scalars the epoch's log averages (the loss is
@@ -111,8 +118,7 @@ class Loop:
         self.precision = precision or Precision()
         self.precision.prepare(model)
         self.start = checkpoint.restore(model, opt, rng, device) if checkpoint else 0
-        defer = DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"
-        self.defer_nan_check = bool(defer)
+        self.defer_nan_check = DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"
 
     def fit(self, stage: Stage) -> list[dict[str, Any]]:
         """Run the epochs left; returns their log rows."""
@@ -163,10 +169,13 @@ class Loop:
         return row
 
     def _check(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        if self.run is not None:
-            self.run.check_finite(loss, epoch, batch)
-        elif not torch.isfinite(loss):
-            raise RunError(f"{self.desc}: loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped")
+        """A NaN or infinite loss stops the run; with a run directory its last good checkpoint stays."""
+        if torch.isfinite(loss):
+            return
+        stop = f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped"
+        if self.run is None:
+            raise RunError(f"{self.desc}: {stop}")
+        raise RunError(f"{stop}; the last good checkpoint (after epoch {epoch}) is kept in {self.run.path}")
 
 
 def epoch_summary(row: dict[str, Any], columns: tuple[str, ...]) -> str:

@@ -32,7 +32,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from featcache.config import StageConfig, save_resolved
-from featcache.errors import InputError, RunError
+from featcache.errors import InputError
 from featcache.faults import fault_point
 from featcache.fileio import atomic_write
 
@@ -171,12 +171,6 @@ class RunDir:
         for old in ck.glob("*-*.*"):
             if not old.name.endswith(f"-{epoch:04d}{old.suffix}"):
                 old.unlink()
-
-    def check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        """A NaN or infinite loss stops the run; the last good checkpoint stays."""
-        if not torch.isfinite(loss):
-            raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped; "
-                           f"the last good checkpoint (after epoch {epoch}) is kept in {self.path}")
 
     def finish(self, weights: dict[str, torch.Tensor], note: str = "") -> Path:
         """Write the final weights: from now on the run counts as finished."""
