@@ -19,6 +19,33 @@ import pytest  # noqa: E402
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``heavy`` (several seconds each) run first, longest-known first in file order: with
+    ``-n 2`` the two workers then share the long tests at the start and finish together on the short ones,
+    instead of one worker drawing a 20 s campaign last while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: file order otherwise
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that kept logs (``kept_log``) names them in its report, where the failure is read."""
+    outcome = yield
+    rep = outcome.get_result()
+    logs = getattr(item, "kept_logs", [])
+    if rep.failed and logs:
+        rep.sections.append(("kept logs", "\n".join(f"{p} (kept with pytest's last 3 temporary folders)"
+                                                     for p in logs)))
+
+
+@pytest.fixture
+def kept_log(request, tmp_path) -> Path:
+    """A log file in the test's temporary folder that the failure report names: the SIGKILL campaigns write every
+    start, kill, check and resume there, with the children's own output, so no failure loses its message."""
+    path = tmp_path / "campaign.log"
+    request.node.kept_logs = [*getattr(request.node, "kept_logs", []), path]
+    return path
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test when the material is absent."""
     p = SHARED.joinpath(*parts)

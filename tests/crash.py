@@ -123,13 +123,15 @@ class Campaign:
 
     def run(self, timing: "Timing", remaining, check) -> int:
         """``remaining()``: the share of the work left (0..1), read from the files as a resumed run reads them;
-        ``check()``: the files' guarantees, asserted after every kill. Returns the kills that landed."""
+        ``check()``: the files' guarantees, asserted after every kill. Returns the kills that landed. Every start,
+        its planned moment, whether the kill landed and what the check found go to ``self.log`` between the
+        children's own output, so that a failure keeps its whole story."""
         import numpy as np
 
         rng = np.random.default_rng(self.seed)
         unit = timing.work / self.units  # seconds of one unit of work (a batch, an epoch)
-        if os.environ.get("CRASH_DEBUG"):
-            print(timing, flush=True)
+        note(self.log, f"campaign: {self.kills} kills of featcache {' '.join(self.argv)}; world {self.world}, "
+                       f"seed {self.seed}, {self.units} units; {timing}")
         hits = tries = 0
         while hits < self.kills and tries < 3 * self.kills:
             # While work is left, three moments in four fall in it: once the files show the run a seeded number
@@ -143,23 +145,40 @@ class Campaign:
             if in_work:
                 target = left - max(1, round(u * u * left * self.units / 4)) / self.units
                 ready, delay = (lambda target=target: remaining() <= target), v * unit
+                plan = f"in the work: {left:.3f} left; kill {delay:.3f} s after {max(target, 0):.3f} is left"
             else:  # within start-up, before the first unit of work (or within a run with nothing to do)
                 ready, delay = (lambda: True), u * (timing.startup if left > 0 else timing.noop)
+                plan = f"in start-up: {left:.3f} left; kill {delay:.3f} s after the start"
             victim = int(rng.integers(self.world + 1)) if self.world > 1 else 0  # world: every rank
+            note(self.log, f"start {tries + 1} (kill {hits + 1} of {self.kills}), {plan}, victim "
+                           f"{'every rank' if victim == self.world else f'rank {victim}'}")
             procs = start(self.argv, self.log, self.world)
             tries += 1
             landed = kill_when(procs, ready, delay, victim)
-            if os.environ.get("CRASH_DEBUG"):
-                print(f"{'work' if in_work else 'start'} left {left:.3f} after {time.monotonic() - t0:.3f} s landed {landed}", flush=True)
+            elapsed = round(time.monotonic() - t0, 3)
+            note(self.log, f"start {tries}: {'killed' if landed else 'ended before its kill'} after {elapsed} s "
+                           f"(exit codes {[p.exitcode for p in procs]}); {remaining():.3f} of the work left")
             if landed:
                 hits += 1
-                self.landed.append(round(time.monotonic() - t0, 3))
+                self.landed.append(elapsed)
                 self.in_work += in_work
-            check()
+            try:
+                check()
+            except AssertionError:
+                note(self.log, f"start {tries}: the files' check failed")
+                raise
+        note(self.log, f"final resume after {hits} kills ({self.in_work} while work was left) in {tries} starts")
         codes = finish(start(self.argv, self.log, self.world))
+        note(self.log, f"final resume: exit codes {codes}")
         if any(c != 0 for c in codes):
             raise AssertionError(f"the final resume failed (exit codes {codes}); log: {self.log.read_text()[-3000:]}")
         return hits
+
+
+def note(log: Path, line: str) -> None:
+    """One line of the harness's own between the children's output in ``log`` (appended, as they append)."""
+    with open(log, "a") as fh:
+        fh.write(f"=== {time.strftime('%H:%M:%S')} {line}\n")
 
 
 @dataclass
@@ -174,6 +193,7 @@ def timing(argv: list[str], log: Path, remaining, world: int = 1) -> Timing:
     """Time an uninterrupted run, watching ``remaining()`` (the share of work left) from outside, then the same
     command again, which finds nothing to do."""
     finish(start(["--help"], log))  # the forkserver is up and warm
+    note(log, f"timing: an uninterrupted run of featcache {' '.join(argv)}")
     t0 = time.monotonic()
     procs = start(argv, log, world)
     first = last = None
@@ -191,6 +211,7 @@ def timing(argv: list[str], log: Path, remaining, world: int = 1) -> Timing:
     first = end if first is None else first
     last = end if last is None else last
     t1 = time.monotonic()
+    note(log, "timing: the same command again, which finds nothing to do")
     if any(c != 0 for c in finish(start(argv, log, world))):
         raise AssertionError(f"the run that finds nothing to do failed; log: {log.read_text()[-3000:]}")
     return Timing(time.monotonic() - t1, first, max(0.05, last - first), max(0.01, end - last))

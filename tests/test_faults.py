@@ -55,16 +55,17 @@ def _check_cache_files(out: Path) -> None:
         assert not rep.bad, f"{p}: rows fail their checksums after a kill: {rep.paths}"
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("world", [1, 2])
-def test_extraction_survives_sigkill_at_20_random_moments(market_root, tmp_path, world):
+def test_extraction_survives_sigkill_at_20_random_moments(market_root, tmp_path, kept_log, world):
     from featcache.datasets import load_listing
 
     total = len(load_listing("market1501", market_root).items)
     whole = tmp_path / "whole.h5"  # the uninterrupted run, timed
     argv = _extract_argv(market_root, tmp_path / "c.h5")
-    full = timing(_extract_argv(market_root, whole), tmp_path / "log", lambda: _pending_share(whole, total), world)
+    full = timing(_extract_argv(market_root, whole), kept_log, lambda: _pending_share(whole, total), world)
     out = tmp_path / "c.h5"
-    camp = Campaign(argv, tmp_path / "log", world=world, units=35, seed=world)
+    camp = Campaign(argv, kept_log, world=world, units=35, seed=world)
     hits = camp.run(full, lambda: _pending_share(out, total), lambda: _check_cache_files(out))
     assert hits == 20, f"only {hits} kills landed in {3 * 20} starts (moments {camp.landed})"
     assert camp.in_work >= 5, f"only {camp.in_work} kills landed while work was left (moments {camp.landed})"
@@ -132,7 +133,8 @@ def _epochs_left(run: Path, epochs: int) -> float:
     return 1.0 - (int(last.read_text()) / epochs if last.is_file() else 0.0)
 
 
-def test_train_gate_survives_sigkill_at_20_random_moments(tmp_path):
+@pytest.mark.heavy
+def test_train_gate_survives_sigkill_at_20_random_moments(tmp_path, kept_log):
     from featcache.synth_cache import write_feature_cache
 
     cache = write_feature_cache(tmp_path / "feat.h5", ids=24, per_id=6, cams=4, views=3)
@@ -141,16 +143,17 @@ def test_train_gate_survives_sigkill_at_20_random_moments(tmp_path):
         return ["train-gate", "--cache", str(cache), "--out", str(out), "--experts", "clip-sim,align-sim",
                 "--epochs", "12", "--seed", "42", "--device", "cpu", "--resume"]
 
-    full = timing(argv(tmp_path / "whole"), tmp_path / "log", lambda: _epochs_left(tmp_path / "whole", 12))
+    full = timing(argv(tmp_path / "whole"), kept_log, lambda: _epochs_left(tmp_path / "whole", 12))
     run = tmp_path / "cut"
-    camp = Campaign(argv(run), tmp_path / "log", units=12, seed=3)
+    camp = Campaign(argv(run), kept_log, units=12, seed=3)
     hits = camp.run(full, lambda: _epochs_left(run, 12), lambda: _check_run_dir(run))
     assert hits == 20, f"only {hits} kills landed in {3 * 20} starts (moments {camp.landed})"
     assert camp.in_work >= 5, f"only {camp.in_work} kills landed while work was left (moments {camp.landed})"
     _assert_same_run(tmp_path / "whole", run)
 
 
-def test_distill_survives_sigkill_at_20_random_moments(market_cache, tmp_path):
+@pytest.mark.heavy
+def test_distill_survives_sigkill_at_20_random_moments(market_cache, tmp_path, kept_log):
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate
 
@@ -162,7 +165,7 @@ def test_distill_survives_sigkill_at_20_random_moments(market_cache, tmp_path):
                 "--student-init", "random", "--device", "cpu", "--workers", "0", "--pixel-cache", str(tmp_path / f"{out.name}-px.h5"),
                 "--set", "batch_size=16", "--resume"]
 
-    full = timing(argv(tmp_path / "whole"), tmp_path / "log", lambda: _epochs_left(tmp_path / "whole", 8))
+    full = timing(argv(tmp_path / "whole"), kept_log, lambda: _epochs_left(tmp_path / "whole", 8))
     run = tmp_path / "cut"
 
     def check() -> None:
@@ -172,7 +175,7 @@ def test_distill_survives_sigkill_at_20_random_moments(market_cache, tmp_path):
             with h5py.File(px, "r") as f:
                 f["done"][...]
 
-    camp = Campaign(argv(run), tmp_path / "log", units=8, seed=4)
+    camp = Campaign(argv(run), kept_log, units=8, seed=4)
     hits = camp.run(full, lambda: _epochs_left(run, 8), check)
     assert hits == 20, f"only {hits} kills landed in {3 * 20} starts (moments {camp.landed})"
     assert camp.in_work >= 5, f"only {camp.in_work} kills landed while work was left (moments {camp.landed})"
