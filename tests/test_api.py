@@ -35,6 +35,7 @@ def same_output(got: str, want: str) -> bool:
     return all(abs(float(a) - float(b)) <= 1e-3 for a, b in zip(NUMBER.findall(got), NUMBER.findall(want)))
 
 
+@pytest.mark.heavy
 def test_the_api_page_runs_and_prints_what_it_shows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = doc_blocks(DOC.read_text())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 import yaml
 from click.testing import CliRunner
 
@@ -132,6 +134,7 @@ def test_progress_lines_in_a_file():
     assert len(lines) == 1 and lines[0].startswith("work: 100%|") and "5/5" in lines[0] and "\r" not in buf.getvalue()
 
 
+@pytest.mark.heavy
 def test_extract_gate_distill_eval_export_profile_through_the_command_line(market_root, tmp_path):
     """The whole method on a synthetic Market-1501 with tiny presets, every stage through the command line."""
     import onnx

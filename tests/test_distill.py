@@ -210,6 +210,7 @@ def test_teacher_inputs_are_checked(market_cache, gate_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training
+@pytest.mark.heavy
 def test_losses_switch_terms_off_and_every_term_is_logged(market_cache, gate_run, tmp_path):
     import csv
 

@@ -27,6 +27,7 @@ def _argv(root: Path, out: Path, batch: int = 8) -> list[str]:
             "--out", str(out), "--views", "3", "--batch-size", str(batch), "--workers", "0", "--image-size", "64x32", "--device", "cpu"]
 
 
+@pytest.mark.heavy
 def test_torchrun_two_processes_equal_one_process_array_for_array(market_root, market_cache, tmp_path):
     out = tmp_path / "dist.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one-process cache was made: same kernels, same bits
@@ -45,6 +46,7 @@ def test_torchrun_two_processes_equal_one_process_array_for_array(market_root, m
     assert "shards: 2 (2 published)" in CliRunner().invoke(main, ["info", str(out)]).output
 
 
+@pytest.mark.heavy
 def test_a_dead_rank_is_redone_alone_and_other_world_sizes_are_refused(market_root, market_cache, tmp_path):
     from featcache.errors import InputError
     from featcache.extract.runner import run_extract

@@ -90,6 +90,7 @@ def test_veri776_rule_reproduces_the_official_good_and_junk_lists():
         assert list(np.flatnonzero(junk) + 1) == sorted(int(x) for x in jk[k].split()), name
 
 
+@pytest.mark.heavy
 def test_rerank_matches_the_dense_reference_and_raises_map():
     rng = np.random.default_rng(3)
     ids, per, d = 12, 6, 8

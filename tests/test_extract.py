@@ -103,6 +103,7 @@ def _extract_argv(root: Path, out: Path) -> list[str]:
             "--out", str(out), "--views", "3", "--batch-size", "8", "--workers", "1", "--image-size", "64x32"]
 
 
+@pytest.mark.heavy
 def test_kill_9_then_resume_equals_an_uninterrupted_run(market_root, market_cache, tmp_path):
     """SIGKILL at a fixed point (FEATCACHE_FAULT): after two whole batches, between the third batch's arrays and
     its status flags; the killed file opens and resumes to the same bytes (tests/test_faults.py kills at random

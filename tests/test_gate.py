@@ -162,6 +162,7 @@ def test_killed_after_logging_before_its_checkpoint_resumes_without_a_duplicate_
     assert (cut.run / "model.safetensors").read_bytes() == (full.run / "model.safetensors").read_bytes()
 
 
+@pytest.mark.heavy
 def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
     a = run_train_gate(cfg(fcache, tmp_path / "a", epochs=3))
     b = run_train_gate(cfg(fcache, tmp_path / "b", epochs=3))

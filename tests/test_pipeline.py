@@ -95,6 +95,7 @@ def test_a_bad_pipeline_fails_before_any_stage_runs(tmp_path, change, sets, erro
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.heavy
 def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path):
     r = CliRunner()
     out = tmp_path / "demo"

@@ -103,6 +103,7 @@ def test_export_passes_the_ort_check_and_matches_pytorch(runs, arch):
         assert cos.min() >= MIN_COSINE
 
 
+@pytest.mark.heavy
 def test_a_failing_check_names_the_batch_and_writes_nothing(runs, tmp_path, monkeypatch):
     run, _, _ = exported(runs, "resnet18")
     real = export_mod._run_onnx

@@ -123,6 +123,7 @@ def camera_cache(tmp_path_factory) -> Path:
     return write_feature_cache(tmp_path_factory.mktemp("routing") / "cam.h5", ids=24, per_id=6, cams=4, views=3, kind="camera")
 
 
+@pytest.mark.heavy
 def test_default_recipe_routes_by_camera_and_the_paper_recipe_runs(camera_cache, tmp_path):
     routed = run_train_gate(GateConfig(camera_cache, tmp_path / "routed", epochs=15))
     assert fidelity(routed.run, camera_cache) >= 0.8

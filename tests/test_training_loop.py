@@ -126,6 +126,7 @@ def test_route_loss_needs_no_host_round_trip_and_is_zero_without_targets():
     assert float(loss.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))  # not NaN
 
 
+@pytest.mark.heavy
 def test_a_gate_epoch_reads_nothing_back_to_the_host_per_step(tmp_path, monkeypatch):
     """On a GPU a value read back (a loss printed, a condition on a tensor) or a tensor made of host data makes the
     host wait for the device. Their count while the loop runs does not grow with the steps: the same for 6 steps
