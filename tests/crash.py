@@ -81,17 +81,24 @@ def finish(procs: list, timeout: float = 300) -> list[int]:
     return [p.exitcode for p in procs]
 
 
-def kill_when(procs: list, ready, delay: float, victim: int) -> bool:
-    """SIGKILL rank ``victim`` (every rank when ``victim == len(procs)``) ``delay`` seconds after ``ready()``
-    first holds, unless the run ended first; the other ranks then get what torchrun sends them when one rank
-    dies: SIGTERM, then SIGKILL."""
+def kill_when(procs: list, ready, delay, victim: int, passed=lambda: False) -> tuple[bool, float | None]:
+    """SIGKILL rank ``victim`` (every rank when ``victim == len(procs)``) ``delay(s)`` seconds after ``ready()``
+    first holds, ``s`` seconds after the start (a number: that many seconds), or as soon as ``passed()`` says the moment aimed at is over (the next unit of work is done),
+    unless the run ended first; the other ranks then get what torchrun sends them when one rank dies: SIGTERM,
+    then SIGKILL. Returns whether the kill landed and when ``ready()`` first held (``time.monotonic``)."""
+    t_start = time.monotonic()
     while not ready():
         if not any(p.is_alive() for p in procs):
-            return False
+            return False, None
         time.sleep(0.01)
-    time.sleep(delay)
+    t_ready = time.monotonic()
+    wait = delay(t_ready - t_start) if callable(delay) else delay
+    while time.monotonic() < t_ready + wait and not passed():
+        if not any(p.is_alive() for p in procs):
+            return False, t_ready
+        time.sleep(0.01)
     if not any(p.is_alive() for p in procs):
-        return False
+        return False, t_ready
     victims = range(len(procs)) if victim == len(procs) else [victim]  # victim == ranks: all of them
     killed = any(procs[v].is_alive() for v in victims)
     for v in victims:
@@ -105,12 +112,19 @@ def kill_when(procs: list, ready, delay: float, victim: int) -> bool:
         if p.is_alive():
             os.kill(p.pid, signal.SIGKILL)
             p.join()
-    return killed
+    return killed, t_ready
 
 
 @dataclass
 class Campaign:
-    """Twenty seeded kills of a command, each followed by ``check``, then a run to the end."""
+    """Twenty seeded kills of a command, each followed by ``check``, then a run to the end.
+
+    Kill moments are placed by the run's progress, not by the clock of another run: the machine's speed
+    changes while a campaign runs (a parallel test starts or ends), and delays taken from the timing run alone
+    then overshoot. So a kill in the work is delayed by a fraction of a unit at the pace its own start showed
+    (the time it took to reach its target against the timing run's), a kill in start-up by a fraction of the
+    start-up at the pace last seen, and a kill aimed within a unit of work lands no later than that unit's end.
+    Each kill in the work then consumes the units it aims at and at most one more, whatever the speed."""
 
     argv: list[str]
     log: Path
@@ -120,6 +134,7 @@ class Campaign:
     seed: int = 0
     landed: list[float] = field(default_factory=list)
     in_work: int = 0  # kills that landed while work was left (the others hit start-up, checks or publication)
+    pace: float = 1.0  # observed durations over the timing run's (below 1: the machine is faster now)
 
     def run(self, timing: "Timing", remaining, check) -> int:
         """``remaining()``: the share of the work left (0..1), read from the files as a resumed run reads them;
@@ -129,7 +144,6 @@ class Campaign:
         import numpy as np
 
         rng = np.random.default_rng(self.seed)
-        unit = timing.work / self.units  # seconds of one unit of work (a batch, an epoch)
         note(self.log, f"campaign: {self.kills} kills of featcache {' '.join(self.argv)}; world {self.world}, "
                        f"seed {self.seed}, {self.units} units; {timing}")
         hits = tries = 0
@@ -141,23 +155,19 @@ class Campaign:
             # within a run that finds nothing (or little) to do: start-up, checks, creation, final outputs.
             left, u, v = remaining(), float(rng.uniform()), float(rng.uniform())
             in_work = left > 0 and tries % 4 != 3
-            t0 = time.monotonic()
-            if in_work:
-                target = left - max(1, round(u * u * left * self.units / 4)) / self.units
-                ready, delay = (lambda target=target: remaining() <= target), v * unit
-                plan = f"in the work: {left:.3f} left; kill {delay:.3f} s after {max(target, 0):.3f} is left"
-            else:  # within start-up, before the first unit of work (or within a run with nothing to do)
-                ready, delay = (lambda: True), u * (timing.startup if left > 0 else timing.noop)
-                plan = f"in start-up: {left:.3f} left; kill {delay:.3f} s after the start"
+            ready, delay, passed, expected, plan = self._moment(in_work, left, u, v, timing, remaining)
             victim = int(rng.integers(self.world + 1)) if self.world > 1 else 0  # world: every rank
             note(self.log, f"start {tries + 1} (kill {hits + 1} of {self.kills}), {plan}, victim "
                            f"{'every rank' if victim == self.world else f'rank {victim}'}")
+            t0 = time.monotonic()
             procs = start(self.argv, self.log, self.world)
             tries += 1
-            landed = kill_when(procs, ready, delay, victim)
+            landed, t_ready = kill_when(procs, ready, delay, victim, passed)
             elapsed = round(time.monotonic() - t0, 3)
+            self._observe_pace(expected, t_ready and t_ready - t0, landed, elapsed, timing, left)
             note(self.log, f"start {tries}: {'killed' if landed else 'ended before its kill'} after {elapsed} s "
-                           f"(exit codes {[p.exitcode for p in procs]}); {remaining():.3f} of the work left")
+                           f"(exit codes {[p.exitcode for p in procs]}); {remaining():.3f} of the work left; "
+                           f"pace {self.pace:.2f}")
             if landed:
                 hits += 1
                 self.landed.append(elapsed)
@@ -173,6 +183,36 @@ class Campaign:
         if any(c != 0 for c in codes):
             raise AssertionError(f"the final resume failed (exit codes {codes}); log: {self.log.read_text()[-3000:]}")
         return hits
+
+    def _moment(self, in_work: bool, left: float, u: float, v: float, timing: "Timing", remaining):
+        """Where one start's kill falls: ``ready()``, the ``delay`` after it, ``passed()`` (the moment aimed at is
+        over), the timing run's seconds until ``ready()`` held (None: start-up) and the plan in words."""
+        unit = timing.work / self.units  # seconds of one unit of work (a batch, an epoch) in the timing run
+        if not in_work:  # within start-up, before the first unit of work (or within a run with nothing to do)
+            delay = u * (timing.startup if left > 0 else timing.noop) * self.pace
+            passed = (lambda: remaining() < left - 1e-9) if left > 0 else (lambda: False)
+            return (lambda: True), delay, passed, None, f"in start-up: {left:.3f} left; kill {delay:.3f} s after the start"
+        steps = max(1, round(u * u * left * self.units / 4))
+        target = left - steps / self.units
+        expected = timing.startup + (steps - 1) * unit  # from the start until ready() holds, in the timing run
+        passed = (lambda: remaining() < target - 1e-9) if target > 0 else (lambda: False)
+        return ((lambda: remaining() <= target), (lambda s: v * unit * self._paced(s / expected)), passed, expected,
+                f"in the work: {left:.3f} left; kill {v:.2f} of a unit after {max(target, 0):.3f} is left")
+
+    def _observe_pace(self, expected: float | None, to_ready: float | None, landed: bool, elapsed: float,
+                      timing: "Timing", left: float) -> None:
+        """Update the pace from what this start showed: the time it took to reach its target against the timing
+        run's, or, for a run that ended on its own with nothing to do, its whole duration against the timing
+        run's no-op. Bounded to a factor of 4 either way: one odd start cannot throw the next moments far."""
+        if expected and to_ready:
+            self._paced(to_ready / expected)
+        elif not landed and left <= 0:
+            self._paced(elapsed / timing.noop)
+
+    def _paced(self, seen: float) -> float:
+        """Take ``seen`` as the pace now (bounded to a factor of 4 either way) and return it."""
+        self.pace = min(4.0, max(0.25, seen))
+        return self.pace
 
 
 def note(log: Path, line: str) -> None:
