@@ -185,6 +185,6 @@ def test_the_readme_front_page_stays_short_and_keeps_its_two_commands():
     assert len(readme.splitlines()) < 150
     for marker in ("<!-- main-command -->", "<!-- test-command -->"):
         assert marker in readme
-    assert ".venv/bin/featcache demo" in readme and '.venv/bin/python -m pytest -q -m "not slow"' in readme
+    assert ".venv/bin/featcache demo" in readme and '.venv/bin/python -m pytest -q -n 2 --maxschedchunk 1 -m "not slow"' in readme
     for page in ("docs/README.md", "LICENSE", "CITATION.cff"):
         assert (PKG.parent / page).is_file(), page

@@ -277,6 +277,7 @@ def test_block_ranking_equals_the_per_query_rule_with_ties_junk_and_tiny_blocks(
     assert (a["mAP"], a["mINP"]) == pytest.approx((b["mAP"], b["mINP"]), abs=1e-12)
 
 
+@pytest.mark.heavy
 def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_path):
     """ivf-flat visiting every list with k = the gallery returns every entry: its metrics are the exact ones;
     a short list gives AP@k, and the report and table say the numbers are approximate."""

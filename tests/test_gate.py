@@ -56,6 +56,7 @@ def test_gate_temperatures_sparsity_and_gradients():
 # the method's fusion and its plainest baseline in every run; the others with -m slow (about 1.4 s each)
 @pytest.mark.parametrize("fusion", [f if f in ("moe-top1", "concat") else pytest.param(f, marks=pytest.mark.slow)
                                     for f in fusion_names()])
+@pytest.mark.heavy
 def test_every_fusion_trains_and_beats_raw_concatenation(fcache, tmp_path, fusion):
     raw = run_eval(EvalConfig(fcache, "concat:clip-sim,align-sim")).report["mAP"]
     res = run_train_gate(cfg(fcache, tmp_path / fusion, fusion=fusion, epochs=8))

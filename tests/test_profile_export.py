@@ -120,6 +120,7 @@ def test_a_failing_check_names_the_batch_and_writes_nothing(runs, tmp_path, monk
     assert out.read_bytes() == b"an older file" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+@pytest.mark.heavy
 def test_check_catches_a_model_that_differs_from_the_file(runs):
     run, out, _ = exported(runs, "resnet18")
     model, _, _ = load_student(run, "cpu")
@@ -213,6 +214,7 @@ def test_profile_of_the_teacher(gate_run, tmp_path):
     assert table.count("gate:") >= 4 and "ms@b2" in table  # two rows and two notes
 
 
+@pytest.mark.heavy
 def test_bad_input(runs, tmp_path):
     run, _, _ = exported(runs, "resnet18")
     with pytest.raises(ConfigError, match="student:RUN_DIR, gate:RUN_DIR or backbone:PRESET"):
