@@ -114,3 +114,23 @@ def test_unsupported_input_is_one_clear_error(labelled, call, message):
     with pytest.raises(FeatcacheError, match=message) as err:
         call(*labelled)
     assert "\n" not in str(err.value)
+
+
+def test_a_view_outside_the_cache_is_refused_naming_split_view_and_range(market_cache):
+    """View -1 once read image i-1's last view (and a training image's row for image 0): no view wraps around."""
+    import featcache
+    from featcache.errors import FeatcacheError
+
+    with featcache.open_cache(market_cache) as c:
+        query = c.split("query")
+        last = query.read("clip-tiny", "pooled", view=1)  # query images keep two views: the image and its flip
+        for view, hint in ((-1, ""), (2, "")):  # no --views hint: evaluation splits keep two views at most
+            with pytest.raises(FeatcacheError, match=f"the query split holds 2 views per image, so views 0 to 1 can "
+                                                     f"be read, not view {view}{re.escape(hint)}$"):
+                query.read("clip-tiny", "pooled", view=view)
+        with pytest.raises(FeatcacheError, match="view 1.5 of the query split: expected an integer"):
+            query.read("clip-tiny", "pooled", view=1.5)
+        assert np.array_equal(query.read("clip-tiny", "pooled", view=np.int64(1)), last)
+        with pytest.raises(FeatcacheError, match="the train split holds 3 views per image, so views 0 to 2 can be read, "
+                                                 "not view 3; extract with --views 4 or more to read it$"):
+            c.split("train").read("clip-tiny", "pooled", view=3)

@@ -160,7 +160,7 @@ def test_bad_input(market_cache, market_root, tmp_path):
     run_extract(extract_cfg(market_root, other, backbones=("clip-tiny",), image_size=(32, 32), views=1))
     with pytest.raises(InputError, match="extracted differently: image_size"):
         run_eval(EvalConfig(market_cache, "backbone:clip-tiny", gallery_cache=other))
-    with pytest.raises(InputError, match="no view 1"):
+    with pytest.raises(InputError, match="the query split holds 1 view per image, so views 0 to 0 can be read, not view 1; extract with --views 2"):
         run_eval(EvalConfig(other, "backbone:clip-tiny", flip=True))
     # a cache whose gallery split is empty (a CSV with only training and query rows)
     root = tmp_path / "csv"

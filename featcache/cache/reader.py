@@ -192,9 +192,19 @@ class CacheSplit:
         return Path(self.identity.dataset_root)
 
     def rows(self, view: int) -> np.ndarray:
-        """The view row of view ``view`` of each image."""
-        if (self.n_views <= view).any():
-            raise CacheError(f"{self.cache}: some {self.split} images have no view {view} (extracted with --views 1?)")
+        """The view row of view ``view`` of each image; a view outside ``[0, n_views)`` is refused, never wrapped
+        (view -1 of image i would be image i-1's last view)."""
+        if isinstance(view, (bool, np.bool_)) or not isinstance(view, (int, np.integer)):
+            raise CacheError(f"{self.cache}: view {view!r} of the {self.split} split: expected an integer")
+        fewest = int(self.n_views.min()) if len(self.n_views) else 0
+        if not 0 <= view < fewest:
+            most = int(self.n_views.max()) if len(self.n_views) else 0
+            held = f"{fewest} view{'s' * (fewest != 1)}" + (f" (some up to {most})" if most != fewest else "")
+            most_held = None if self.split == "train" else 2  # evaluation splits keep the image and its flip at most
+            hint = f"; extract with --views {view + 1} or more to read it" \
+                if fewest <= view and (most_held is None or view < most_held) else ""
+            raise CacheError(f"{self.cache}: the {self.split} split holds {held} per image, so views 0 to {fewest - 1} "
+                             f"can be read, not view {view}{hint}")
         return self.view_start + view
 
     def read(self, backbone: str, array: str, view: int = 0, subset: slice | None = None) -> np.ndarray:
