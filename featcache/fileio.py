@@ -9,8 +9,25 @@ from typing import Callable
 from featcache.errors import RunError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``); elsewhere
+    set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place.
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place with the mode a plain
+    ``open`` would have given it (0666 less the umask): writers that go through a private temporary file of
+    their own (safetensors creates it 0600) would otherwise publish files colleagues cannot read.
 
     A failed write (disk full, a read-only folder) removes the temporary file, so nothing stops a rerun,
     and ends in one error naming the file.
@@ -19,6 +36,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

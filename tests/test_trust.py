@@ -353,3 +353,33 @@ def test_messages_for_a_folder_a_finished_read_only_cache_and_a_read_only_output
     res = _cli("extract", "--dataset", "market1501", "--root", market_root, "--backbone", "clip-tiny", "--out", tmp_path / "ro" / "c.h5",
                "--image-size", "64x32")
     assert res.exit_code == 1 and f"cannot write in {tmp_path / 'ro'} (permission denied), where c.h5 goes" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+@pytest.mark.heavy
+def test_every_file_a_training_run_and_an_evaluation_write_honours_the_umask(tmp_path):
+    """Weights were published 0600 (safetensors writes through a private temporary file), every other file 0644:
+    colleagues on shared storage could read a run's log but not its model. Umask 027, so a fixed 0644 fails too."""
+    import safetensors
+
+    from featcache.synth_cache import write_feature_cache
+
+    assert tuple(int(x) for x in safetensors.__version__.split(".")[:2]) >= (0, 4)  # the floor setup.cfg allows
+    umask = 0o027
+    cache = write_feature_cache(tmp_path / "f.h5", ids=8, per_id=4, cams=2, views=2)
+    old = os.umask(umask)
+    try:
+        run = tmp_path / "run"
+        res = _cli("train-gate", "--cache", cache, "--out", run, "--experts", "clip-sim,align-sim", "--epochs", "2",
+                   "--device", "cpu")
+        assert res.exit_code == 0, res.output
+        res = _cli("eval", "--cache", cache, "--model", f"gate:{run}", "--json", tmp_path / "ev" / "r.json",
+                   "--plots", tmp_path / "ev" / "plots", "--save-features", tmp_path / "ev" / "f.npz")
+        assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    files = [p for d in (run, tmp_path / "ev") for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.parent.name == "ckpt" for p in files)
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~umask}
+    assert not wrong, f"modes other than {oct(0o666 & ~umask)}: {wrong}"
