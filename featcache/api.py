@@ -65,7 +65,7 @@ def _labels(x: ArrayLike, n: int, name: str) -> np.ndarray:
 def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLike, g_pids: ArrayLike,
              q_camids: ArrayLike, g_camids: ArrayLike, *, distmat: ArrayLike | None = None,
              ranks: Sequence[int] = (1, 5, 10, 20), ap: str = "plain", device: str = "auto",
-             budget_mb: int = 256) -> dict[str, Any]:
+             budget_mb: int = 256, junk_pids: Sequence[int] = (-1,)) -> dict[str, Any]:
     """Exact re-ID metrics under the Market-1501 / VeRi-776 protocol.
 
     Pass features ``query`` (Q, D) and ``gallery`` (G, D), or ``distmat`` (Q, G) with ``query`` and ``gallery``
@@ -76,13 +76,17 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     - A distance matrix is ranked smallest first (Euclidean distances, say).
     - Ties are broken by gallery order (as a stable sort would).
     - The protocol ignores each query's junk: gallery images of its identity seen by its own camera.
+    - Gallery images whose identity is in ``junk_pids`` (default: -1, the official Market-1501 kit's junk
+      boxes) are ignored for every query, as if removed. ``junk_pids=()`` counts them as negatives, as
+      torchreid does on data its readers have not filtered. A query of such an identity is refused.
     - A query with no valid match is skipped and counted in ``queries_skipped``.
     - Inputs may be NumPy arrays, torch tensors (any device) or lists. Labels may be of any integer type, or
       floats holding integers.
 
     ``ap``: ``plain`` (torchreid, fast-reid) or ``trapezoid`` (the official MATLAB kits). ``device``: where
     features are searched (``auto``, ``cpu`` or ``cuda``). Returns ``{"mAP", "mINP", "cmc": {"1": ...},
-    "queries_evaluated", "queries_skipped"}``, fractions in [0, 1].
+    "queries_evaluated", "queries_skipped", "gallery_junk"}``, fractions in [0, 1] (``gallery_junk``: the
+    gallery rows ignored through ``junk_pids``).
     """
     from featcache.evaluation.metrics import AP_FORMS, Accumulator
     from featcache.evaluation.ranking import GalleryIndex, block_ranks
@@ -109,16 +113,38 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
         nq, ng = len(qf), len(gf)
     qp, gp = _labels(q_pids, nq, "q_pids"), _labels(g_pids, ng, "g_pids")
     qc, gc = _labels(q_camids, nq, "q_camids"), _labels(g_camids, ng, "g_camids")
+    keep = _gallery_kept(qp, gp, junk_pids)
+    gp, gc, ng = gp[keep], gc[keep], int(keep.sum())
     budget = int(budget_mb) * 2**20
     if distmat is None:
-        qf, gf = l2_normalize(qf), l2_normalize(gf)  # the protocol's cosine; a zero row stays zero
-        return evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget)[0]
+        qf, gf = l2_normalize(qf), l2_normalize(gf[keep])  # the protocol's cosine; a zero row stays zero
+        res = evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget)[0]
+        return {**res, "gallery_junk": int((~keep).sum())}
+    d = d[:, keep]
     acc = Accumulator(ranks, ap)
     index = GalleryIndex.build(qp, qc, gp, gc)
     block = max(1, budget // max(1, ng * 24))
     for s in range(0, nq, block):
         acc.add_block(s, *block_ranks(-d[s: s + block], s, index))
-    return acc.result()
+    return {**acc.result(), "gallery_junk": int((~keep).sum())}
+
+
+def _gallery_kept(qp: np.ndarray, gp: np.ndarray, junk_pids: Sequence[int]) -> np.ndarray:
+    """The gallery rows that take part in the ranking: those whose identity is not in ``junk_pids``; a query of
+    such an identity has no defined matches and is refused."""
+    try:
+        junk = np.asarray([int(p) for p in junk_pids], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise InputError(f"junk_pids={junk_pids!r}: expected a sequence of integer identities, e.g. (-1,)") from None
+    bad = np.flatnonzero(np.isin(qp, junk))
+    if bad.size:
+        raise InputError(f"q_pids: query row(s) {', '.join(map(str, bad[:5]))}{' ...' if bad.size > 5 else ''} have "
+                         f"identity {int(qp[bad[0]])}, which junk_pids={tuple(int(p) for p in junk)} marks as junk: "
+                         f"remove those queries")
+    keep = ~np.isin(gp, junk)
+    if not keep.any():
+        raise InputError(f"g_pids: every gallery row has an identity in junk_pids={tuple(int(p) for p in junk)}")
+    return keep
 
 
 def open_cache(path: str | Path) -> "CacheReader":

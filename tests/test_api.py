@@ -134,3 +134,25 @@ def test_a_view_outside_the_cache_is_refused_naming_split_view_and_range(market_
         with pytest.raises(FeatcacheError, match="the train split holds 3 views per image, so views 0 to 2 can be read, "
                                                  "not view 3; extract with --views 4 or more to read it$"):
             c.split("train").read("clip-tiny", "pooled", view=3)
+
+
+def test_gallery_identity_minus_one_is_junk_as_in_the_official_kit(labelled):
+    """The Market-1501 kit puts -1 boxes in every query's junk_index; counted as negatives they lowered mAP."""
+    qf, gf, qp, gp, qc, gc = labelled
+    qp = np.where(qp == 0, 1, qp)
+    gp = gp.copy()
+    gp[::7] = -1  # a seventh of the gallery: junk boxes
+    keep = gp != -1
+    dist = np.sqrt(((qf[:, None] - gf[None]) ** 2).sum(-1)).astype(np.float32)
+    for junked, removed in (
+        (featcache.evaluate(qf, gf, qp, gp, qc, gc), featcache.evaluate(qf, gf[keep], qp, gp[keep], qc, gc[keep])),
+        (featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist),
+         featcache.evaluate(None, None, qp, gp[keep], qc, gc[keep], distmat=dist[:, keep])),
+    ):
+        assert {k: v for k, v in junked.items() if k != "gallery_junk"} == {k: v for k, v in removed.items() if k != "gallery_junk"}
+        assert junked["gallery_junk"] == int((~keep).sum()) and removed["gallery_junk"] == 0
+    negatives = featcache.evaluate(qf, gf, qp, gp, qc, gc, junk_pids=())  # torchreid on unfiltered data
+    _close(negatives, evaluate_reference(_unit(qf), _unit(gf), qp, qc, gp, gc))
+    assert negatives["gallery_junk"] == 0 and negatives["mAP"] != featcache.evaluate(qf, gf, qp, gp, qc, gc)["mAP"]
+    with pytest.raises(FeatcacheError, match=r"^q_pids: query row\(s\) 3 have identity -1, which junk_pids=\(-1,\) marks"):
+        featcache.evaluate(qf, gf, np.where(np.arange(len(qp)) == 3, -1, qp), gp, qc, gc)
