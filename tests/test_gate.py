@@ -310,5 +310,11 @@ def test_a_teacher_evaluated_on_another_cache_is_recorded_and_warned_about(fcach
     assert rep["model"]["trained_on"]["cache"] == str(fcache)
     assert "was trained on the cache" in rep["warnings"][0] and "--gallery-cache" in rep["warnings"][0]
     assert "was trained on the cache" in caplog.text
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    out = CliRunner().invoke(main, ["eval", "--cache", str(other), "--model", f"gate:{run}"]).output
+    assert out.count("was trained on the cache") == 1  # once (it was printed twice: as a log line and in the table)
     cross = run_eval(EvalConfig(fcache, f"gate:{run}", gallery_cache=other)).report  # the cross-domain way: no warning
     assert "warnings" not in cross

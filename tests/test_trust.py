@@ -383,3 +383,41 @@ def test_every_file_a_training_run_and_an_evaluation_write_honours_the_umask(tmp
     wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
              if p.stat().st_mode & 0o777 != 0o666 & ~umask}
     assert not wrong, f"modes other than {oct(0o666 & ~umask)}: {wrong}"
+
+
+# ---------------------------------------------------------------------------------------------- unfinished caches
+@pytest.mark.heavy
+def test_training_on_an_unfinished_cache_is_refused_or_recorded_and_every_later_stage_says_so(market_root, market_cache, tmp_path):
+    """train-gate once trained on the cached part with one warning, distill said nothing, and eval of that gate after
+    the extraction finished reported a complete cache: nothing said the teacher had seen part of the data."""
+    part = tmp_path / "part.h5"
+    shutil.copy(market_cache, part)
+    with h5py.File(part, "r+") as f:
+        train = [int(j) for j in (f["images/split"][...] == 0).nonzero()[0]]
+        for i in train[-6:]:
+            f["images/status"][i] = 0  # as a killed extraction leaves them
+    gate, student = tmp_path / "gate", tmp_path / "student"
+    args = ["train-gate", "--cache", part, "--out", gate, "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+    res = _cli(*args)
+    assert res.exit_code == 1 and f"6 of {len(train)} training images are not cached yet" in res.output
+    assert "rerun the same featcache extract command to finish it, or pass --allow-partial" in res.output and not gate.exists()
+    assert _cli(*args, "--allow-partial").exit_code == 0
+    record = json.loads((gate / "run.json").read_text())["partial"]
+    assert record["images_used"] == len(train) - 6 and record["images_total"] == len(train) and len(record["images_digest"]) == 64
+    d_args = ["distill", "--cache", part, "--gate", gate, "--out", student, "--epochs", "1", "--student-init", "random",
+              "--device", "cpu", "--workers", "0", "--set", "batch_size=16"]
+    res = _cli(*d_args)
+    assert res.exit_code == 1 and "6 of" in res.output and "--allow-partial" in res.output
+    run_extract(extract_cfg(market_root, part))  # the extraction finished: the cache is whole, the gate is not
+    res = _cli(*d_args)
+    assert res.exit_code == 1 and f"--gate {gate} was trained on {len(train) - 6} of {len(train)} training images" in res.output
+    res = _cli(*d_args, "--allow-partial")
+    assert res.exit_code == 0, res.output
+    assert json.loads((student / "run.json").read_text())["partial"] == record
+    for model in (f"gate:{gate}", f"student:{student}"):
+        res = _cli("eval", "--cache", part, "--model", model, "--json", tmp_path / "r.json")
+        assert res.exit_code == 0 and res.output.count(f"was trained on {len(train) - 6} of {len(train)} training images") == 1
+        rep = json.loads((tmp_path / "r.json").read_text())
+        assert rep["trained_on_partial"] == record and rep["partial"]["complete"] is True
+    rep = json.loads(json.dumps(run_eval_report(market_cache)))
+    assert rep["trained_on_partial"] is None

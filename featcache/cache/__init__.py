@@ -5,7 +5,8 @@ checksums (``checksum``), shards (``shards``), the pixels a backbone saw (``pixe
 """
 
 from featcache.cache.identity import CacheIdentity
-from featcache.cache.reader import CacheReader, CacheSplit, cache_identity, known_route, status_counts, summary
+from featcache.cache.reader import (CacheReader, CacheSplit, cache_identity, known_route, partial_note, status_counts, summary,
+                                    training_coverage)
 from featcache.cache.writer import BatchResult, CacheWriter
 from featcache.cache.fileformat import open_featcache
 from featcache.cache.store import (
@@ -26,5 +27,5 @@ from featcache.cache.store import (
 __all__ = [
     "DONE", "FAILED", "FORMAT_VERSION", "PENDING", "BatchResult", "CacheError", "CacheIdentity", "CacheReader", "CacheSplit",
     "cache_identity", "known_route", "open_featcache",
-    "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "status_counts", "summary",
+    "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "status_counts", "summary", "training_coverage", "partial_note",
 ]

@@ -229,6 +229,34 @@ def status_counts(path: str | Path) -> dict[str, dict[str, int]]:
             for name, code in (("pending", PENDING), ("failed", FAILED))}
 
 
+def training_coverage(split: CacheSplit, allow_partial: bool, stage: str) -> dict[str, Any] | None:
+    """What a stage trains on when the cache's extraction has not finished: None when every training image is
+    cached; else refused unless ``allow_partial``, and then the record a run keeps in its ``run.json`` (images used,
+    of how many, and a digest of which), so that every later stage can say so."""
+    import hashlib
+
+    pending = status_counts(split.cache)["pending"]["train"]
+    if not pending:
+        return None
+    total = len(split) + pending
+    if not allow_partial:
+        raise CacheError(f"{split.cache}: {pending} of {total} training images are not cached yet (its extraction has not "
+                         f"finished): rerun the same featcache extract command to finish it, or pass --allow-partial to "
+                         f"{stage} on the {len(split)} cached ones (recorded in the run)")
+    logger.warning("%s: training on %d of %d training images (--allow-partial; the extraction has not finished): "
+                   "recorded in the run's run.json", split.cache, len(split), total)
+    digest = hashlib.sha256(np.sort(split.images).astype("<i8").tobytes()).hexdigest()
+    return {"images_used": int(len(split)), "images_total": int(total), "images_digest": digest}
+
+
+def partial_note(what: str, partial: dict[str, Any] | None) -> str | None:
+    """One line saying that ``what`` was trained on part of its cache's training images, or None."""
+    if not partial:
+        return None
+    return (f"{what} was trained on {partial['images_used']} of {partial['images_total']} training images (--allow-partial: "
+            f"its cache's extraction had not finished)")
+
+
 def summary(path: str | Path) -> dict[str, Any]:
     """What ``featcache info --json`` prints: counts per split, failures, arrays and sizes per backbone."""
     with open_cache(path) as f:

@@ -52,6 +52,7 @@ class Teacher:
     view_start: np.ndarray    # per image: its first row in the cache's views
     identity: CacheIdentity
     digests: dict[str, str]   # the gate's final weights and targets, so a resumed run reads the same teacher
+    partial: dict | None = None  # the gate trained on part of an unfinished cache (cache.training_coverage's record)
 
     @property
     def n_classes(self) -> int:
@@ -83,7 +84,24 @@ def load_teacher(gate: Path, cache: Path) -> Teacher:
     labels = targets.label[first]
     n_views = np.bincount(np.searchsorted(images, targets.image), minlength=len(images))
     digests = {"gate_weights": file_digest(Path(gate) / "model.safetensors"), "targets": file_digest(path)}
-    return Teacher(Path(gate), targets, list(meta["experts"]), images, labels, n_views, view_start_all[images], ident, digests)
+    return Teacher(Path(gate), targets, list(meta["experts"]), images, labels, n_views, view_start_all[images], ident, digests,
+                   meta.get("partial"))
+
+
+def check_coverage(teacher: Teacher, cache: Path, allow_partial: bool) -> dict | None:
+    """The training images a student learns from are its teacher's: refused when the gate, or the cache, covers only
+    part of them, unless ``allow_partial``; returns the record the student's run keeps (None: all of them)."""
+    from featcache.cache import CacheSplit, partial_note, training_coverage
+
+    in_cache = training_coverage(CacheSplit.load(cache, "train"), allow_partial, "distill")
+    if not teacher.partial:
+        return in_cache
+    note = partial_note(f"--gate {teacher.run}", teacher.partial)
+    if not allow_partial:
+        raise InputError(f"{note}: a student distilled from it learns from those images only. Train the gate again on "
+                         "the finished cache, or pass --allow-partial to distill from it (recorded in the run)")
+    logger.warning("%s: this student learns from those images only (recorded in its run.json)", note)
+    return teacher.partial
 
 
 def attention_names(cache: Path, experts: list[str], required: bool = True) -> dict[str, list[str]] | None:

@@ -83,7 +83,8 @@ class StudentFeatures:
         rd = RunDir(self.run, "distill")
         return {"kind": "student", "run": str(self.run), "arch": rd.read_config().get("student"),
                 "feature": "the student's 2048-d BN feature, computed from the images",
-                "trained_on": {"cache": rd.read_config().get("cache"), "identity": rd.meta().get("cache_identity")}}
+                "trained_on": {"cache": rd.read_config().get("cache"), "identity": rd.meta().get("cache_identity"),
+                               "partial": rd.meta().get("partial")}}
 
 
 @register_kind("student", "RUN_DIR (a distill run: the student, run over the images)")

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from featcache.distill.config import LOSSES, DistillConfig
-from featcache.distill.data import Teacher, ViewDataset, attention_names, check_image_files, load_teacher, read_teacher_maps
+from featcache.distill.data import (Teacher, ViewDataset, attention_names, check_coverage, check_image_files, load_teacher,
+                                    read_teacher_maps)
 from featcache.distill.losses import attention_loss, feature_loss, kd_loss, relation_loss
 from featcache.cache.pixelcache import build_pixel_cache
 from featcache.distill.students import Student, StudentOutputs, build_student, normalize
@@ -177,7 +178,8 @@ def run_meta(cfg: DistillConfig, teacher: Teacher) -> dict:
     """What the run was trained from: a resume must match it; ``student:`` and ``profile`` read it."""
     return {"cache_identity": teacher.identity.digest(), "n_classes": teacher.n_classes,
             "pids": teacher.targets.label_pids.tolist(), "image_size": list(teacher.identity.preprocessing["image_size"]),
-            "experts": teacher.experts, "teacher": teacher.digests}
+            "experts": teacher.experts, "teacher": teacher.digests,
+            **({"partial": teacher.partial} if teacher.partial else {})}  # absent for a whole cache: older runs resume
 
 
 class ResidentViews:
@@ -212,6 +214,7 @@ class ResidentViews:
 def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     """The teacher's targets and the dataset of views, each checked (teacher, P x K, dataset root)."""
     teacher = load_teacher(cfg.gate, cfg.cache)
+    teacher.partial = check_coverage(teacher, cfg.cache, cfg.allow_partial)
     p = cfg.batch_size // cfg.instances
     if teacher.n_classes < p:
         raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheSplit, cache_identity, status_counts
+from featcache.cache import CacheError, CacheSplit, cache_identity, partial_note, status_counts
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, InputError
 from featcache.evaluation.features import FeatureContext, parse_model
@@ -112,6 +112,24 @@ def _check_compatible(source: Path, target: CacheSplit) -> None:
         raise InputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
 
 
+def _note_training(report: dict, cfg: EvalConfig) -> None:
+    """What the evaluated model's run says about its training that the numbers depend on: another cache, or part of
+    its cache's training images (``trained_on_partial``, None for a whole cache). Each is listed in ``warnings``."""
+    trained = report["model"].get("trained_on") or {}
+    notes = []
+    if trained.get("identity") and trained["identity"] != report["cache"]["identity"]:
+        notes.append(f"{cfg.model} was trained on the cache {trained.get('cache')} (identity {str(trained['identity'])[:12]}), "
+                     f"not on --cache {cfg.cache} (identity {report['cache']['identity'][:12]}): in-domain numbers need the "
+                     "cache it was trained on; evaluating on another dataset is --cache TRAINING_CACHE --gallery-cache OTHER")
+    report["trained_on_partial"] = trained.get("partial")
+    if trained.get("partial"):
+        notes.append(partial_note(cfg.model, trained["partial"]))
+    for note in notes:
+        logger.warning(note)  # once: the table leaves it out (it was printed twice, as a log line and in the table)
+    if notes:
+        report["warnings"] = notes
+
+
 def _cache_summary(path: Path) -> dict[str, Any]:
     ident = cache_identity(path)
     return {"dataset": ident.dataset, "items": ident.items, "identity": ident.digest()}
@@ -170,13 +188,7 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "tie_break": "equal scores: earlier gallery entry (cache order) ranks first",
         "timings": {"features_s": t_feat, "search_and_metrics_s": t_search, "total_s": time.perf_counter() - t0},
     }
-    trained = report["model"].get("trained_on")
-    if trained and trained.get("identity") and trained["identity"] != report["cache"]["identity"]:
-        note = (f"{cfg.model} was trained on the cache {trained.get('cache')} (identity {str(trained['identity'])[:12]}), not on "
-                f"--cache {cfg.cache} (identity {report['cache']['identity'][:12]}): in-domain numbers need the cache it was "
-                "trained on; evaluating on another dataset is --cache TRAINING_CACHE --gallery-cache OTHER")
-        logger.warning(note)
-        report["warnings"] = [note]
+    _note_training(report, cfg)
     ev = Evaluation(report, q, g, qf, gf, per_query)
     report["config"] = cfg.to_dict(absolute=True)
     if cfg.save_features:
@@ -304,7 +316,6 @@ def format_table(report: dict[str, Any]) -> str:
     if not part["complete"]:
         parts = [f"{k} {split} {n}" for k in ("pending", "failed") for split, n in part[k].items() if n]
         lines.append(f"note: computed on the cached images only; not cached: {', '.join(parts)}")
-    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     if report["random_init_backbones"]:
         lines.append(f"note: {', '.join(report['random_init_backbones'])} (read by this model) have random weights: "
                      "these numbers test the pipeline and are not results of the method")

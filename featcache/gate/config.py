@@ -85,6 +85,7 @@ class GateConfig(StageConfig):
     margin: float = 0.3
     label_smoothing: float = 0.0
     val_ids: int = 0                     # training identities held out for validation (featcache.training.validation)
+    allow_partial: bool = False          # train on a cache whose extraction has not finished (recorded in run.json)
     gate_recipe: str = "routed"          # paper: Eq. 7-9 exactly; routed: the default (docs/train-gate.md)
     # each remedy; None takes the recipe's value (the saved config holds the values used)
     gate_input: str | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheIdentity, CacheReader, CacheSplit, known_route, status_counts
+from featcache.cache import CacheError, CacheIdentity, CacheReader, CacheSplit, known_route, training_coverage
 from featcache.errors import InputError
 from featcache.training.validation import val_identities, val_queries
 
@@ -30,6 +30,7 @@ class TrainData:
     identity: CacheIdentity
     route: np.ndarray | None = None  # per row: the expert known to be reliable (synthetic caches), for moe-oracle
     val: "ValData | None" = None     # the identities held out for validation (--set val_ids=N)
+    partial: dict | None = None      # trained on part of an unfinished cache (--allow-partial): cache.training_coverage
 
     @property
     def dims(self) -> list[int]:
@@ -52,8 +53,9 @@ class ValData:
     images: np.ndarray        # per image: its row in the cache's images/ (distillation embeds the same images)
 
 
-def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
-    """The training split's views, less the ``val_ids`` identities held out for validation (in ``val``)."""
+def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial: bool = False) -> TrainData:
+    """The training split's views, less the ``val_ids`` identities held out for validation (in ``val``); a cache whose
+    extraction has not finished is refused unless ``allow_partial`` (then ``partial`` records what was used)."""
     try:
         split = CacheSplit.load(cache, "train")
     except CacheError as exc:
@@ -61,10 +63,7 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
             raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
         raise
     ident = split.identity
-    pending = status_counts(cache)["pending"]["train"]
-    if pending:
-        logger.warning("%s: %d training images are still pending (extraction unfinished); training uses the %d cached ones",
-                       cache, pending, len(split))
+    partial = training_coverage(split, allow_partial, "train")
     missing = [e for e in experts if e not in ident.backbones]
     if missing:
         raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")
@@ -90,4 +89,4 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0) -> TrainData:
         logger.info("validation: %d identities held out (%d images, %d queries)", len(np.unique(val.pids)), len(val.pids),
                     int(val.query.sum()))
     return TrainData(experts, families, weights, feats, local_start, split.n_views.astype(np.int64), labels.astype(np.int64),
-                     pids, split.camids, split.images, ident, route, val)
+                     pids, split.camids, split.images, ident, route, val, partial)

@@ -74,7 +74,8 @@ class GateFeatures:
 
         rd = RunDir(self.run, "train-gate")
         return {"kind": "gate", "run": str(self.run), "feature": "BN-neck feature of the fused experts",
-                "trained_on": {"cache": rd.read_config().get("cache"), "identity": rd.meta().get("cache_identity")}}
+                "trained_on": {"cache": rd.read_config().get("cache"), "identity": rd.meta().get("cache_identity"),
+                               "partial": rd.meta().get("partial")}}
 
 
 @register_kind("gate", "RUN_DIR (a train-gate run: the teacher's BN-neck feature)")

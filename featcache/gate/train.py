@@ -54,12 +54,13 @@ def run_meta(data: TrainData, experts: list[str]) -> dict:
     """What the run was trained from: a resumed run must match it, evaluation checks the experts' weights."""
     return {"cache_identity": data.identity.digest(), "experts": experts, "families": data.families,
             "expert_weights": data.weights, "dims": data.dims, "n_classes": int(len(data.pids)), "pids": data.pids.tolist(),
-            **({"val_pids": np.unique(data.val.pids).tolist()} if data.val is not None else {})}
+            **({"val_pids": np.unique(data.val.pids).tolist()} if data.val is not None else {}),
+            **({"partial": data.partial} if data.partial else {})}  # absent for a whole cache: older runs resume
 
 
 def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, RunDir]:
     """Train the adapters and fusion from the cache; returns the model, the data it saw and its run directory."""
-    data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids)
+    data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids, cfg.allow_partial)
     p = cfg.batch_size // cfg.instances
     if len(data.pids) < p:
         raise InputError(f"{cfg.cache}: {len(data.pids)} training identities, fewer than P = {p} needed for "

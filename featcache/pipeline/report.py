@@ -54,6 +54,12 @@ def write_report(plan) -> Path:
         lines += [f"> **{', '.join(random)} have random weights.** These numbers measure the pipeline, not the method: "
                   "they are not results of MoE-KD. For the real thing, supply the weights and the dataset and run "
                   "`featcache run market1501` (see the README).", ""]
+    partial = [f"{row.label} (seed {seed}): {r['trained_on_partial']['images_used']} of "
+               f"{r['trained_on_partial']['images_total']}" for row in plan.rows
+               for seed, r in zip(sorted(row.json), reports[row.label]) if r.get("trained_on_partial")]
+    if partial:
+        lines += [f"> **Trained on part of the training images** (--allow-partial; the extraction had not finished): "
+                  f"{'; '.join(partial)}. These rows are not comparable with a run on the whole training split.", ""]
     first = next(iter(reports.values()))[0]
     lines += [f"Dataset {first['protocol']['dataset']} ({first['protocol']['rule']}); {first['query_size']} queries, "
               f"{first['gallery_size']} gallery images; seeds {', '.join(map(str, s.seeds))} (mean ± std over seeds where "
@@ -107,6 +113,7 @@ def summarise(plan, reports: dict) -> dict:
                             ("mINP", lambda r: r["mINP"])):
             entry[metric] = _stats([get(r) for r in reps])
         entry["search"] = sorted({(r.get("search") or {"mode": "exact"})["mode"] for r in reps})
+        entry["trained_on_partial"] = [r.get("trained_on_partial") for r in reps]  # per seed; None: the whole split
         agree = [r["agreement"] for r in reps if r.get("agreement")]
         if agree:  # test split, with the teacher
             entry["agreement"] = {k: _stats([a[k] for a in agree], AGREE_SCALE[k]) for k in AGREE_SCALE if all(k in a for a in agree)}

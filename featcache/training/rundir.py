@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG, META, LOG, FINAL, CKPT = "config.yaml", "run.json", "log.csv", "model.safetensors", "ckpt"
 #: config keys that may differ when a run is resumed (where the files are, where it runs)
-RESUME_FREE = ("cache", "out", "device", "root", "pixel_cache", "workers", "input_path")
+RESUME_FREE = ("cache", "out", "device", "root", "pixel_cache", "workers", "input_path", "allow_partial")
 
 
 @dataclass
