@@ -367,7 +367,12 @@ def eval_(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     from featcache.evaluation.runner import EvalConfig, format_table, run_eval
 
     cfg = resolve(ctx, EvalConfig, params, sets)
-    ev = run_eval(cfg)
+    try:
+        ev = run_eval(cfg)
+    except FeatcacheError as exc:
+        if getattr(exc, "evaluation", None) is not None:  # the metrics were computed: print them before the error
+            click.echo(format_table(exc.evaluation.report))
+        raise
     click.echo(format_table(ev.report))
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from featcache.errors import RunError
+from featcache.errors import InputError, RunError
 
 
 def current_umask() -> int:
@@ -51,3 +51,24 @@ def save_figure(fig, path: Path, **kw) -> None:
     """``fig.savefig`` through ``atomic_write``: a killed run never leaves a torn image under the real name."""
     path = Path(path)
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png", **kw))
+
+
+def check_output(path: Path | None, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: ``path`` (a file, or a ``folder``) must be
+    creatable in its nearest existing ancestor, which must be a writable folder. One line names the option."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() != folder:
+            raise InputError(f"{option} {path}: is {'a file' if folder else 'a folder'}; expected {'a folder' if folder else 'a file name'}")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise InputError(f"{option} {path}: cannot write it (permission denied)")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: cannot create it: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: cannot create it: {parent} is not writable (permission denied)")

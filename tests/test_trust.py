@@ -421,3 +421,37 @@ def test_training_on_an_unfinished_cache_is_refused_or_recorded_and_every_later_
         assert rep["trained_on_partial"] == record and rep["partial"]["complete"] is True
     rep = json.loads(json.dumps(run_eval_report(market_cache)))
     assert rep["trained_on_partial"] is None
+
+
+# ---------------------------------------------------------------------------------------------- outputs checked first
+def test_an_output_that_cannot_be_written_is_refused_before_the_work_and_late_failures_keep_the_metrics(
+        market_cache, tmp_path, monkeypatch):
+    """eval --json NOTADIR/r.json once ran the whole evaluation, then failed, and the metrics were never printed."""
+    from featcache.evaluation import runner
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    computed = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: computed.append(1) or real(*a, **k))
+    base = ["eval", "--cache", market_cache, "--model", "backbone:clip-tiny"]
+    for option, path, says in (("--json", blocker / "r.json", f"{blocker} is a file, not a folder"),
+                                ("--save-features", blocker / "sub" / "f.npz", f"{blocker} is a file, not a folder"),
+                                ("--plots", blocker / "plots", f"{blocker} is a file, not a folder")):
+        res = _cli(*base, option, path)
+        assert res.exit_code == 1 and f"Error: {option} {path}: " in res.output and says in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not computed
+    res = _cli("train-gate", "--cache", market_cache, "--out", blocker / "run", "--epochs", "1", "--device", "cpu")
+    assert res.exit_code == 1 and f"--out {blocker / 'run'}: cannot create it" in res.output
+    from test_profile_export import make_run
+
+    res = _cli("export", f"student:{make_run(tmp_path / 'student', 'resnet18')}", "--onnx", blocker / "m.onnx")
+    assert res.exit_code == 1 and f"--onnx {blocker / 'm.onnx'}: cannot create it" in res.output, res.output
+
+    def full_disk(path, write):
+        raise RunError(f"cannot write {path}: No space left on device (errno 28)")
+
+    monkeypatch.setattr(runner, "atomic_write", full_disk)  # the check passed; the disk filled up during the work
+    res = _cli(*base, "--json", tmp_path / "r.json")
+    assert res.exit_code == 1 and "No space left on device" in res.output.splitlines()[-1]
+    assert "mAP" in res.output and computed  # the metrics, printed before the error

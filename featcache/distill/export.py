@@ -59,6 +59,9 @@ def export_onnx(run: Path, out: Path, opset: int = 18, check: bool = True, atol:
         raise ConfigError(f"--opset {opset}: expected 7 to {onnx.defs.onnx_opset_version()} (this onnx's newest)")
     if not atol > 0:
         raise ConfigError(f"--atol {atol}: expected a positive tolerance (a share of the embedding's largest value)")
+    from featcache.fileio import check_output
+
+    check_output(out, "--onnx")  # before the export's tracing and checks, which take seconds to minutes
     t0 = time.perf_counter()
     model, _, meta = load_student(Path(run), "cpu")
     model.eval()

@@ -13,12 +13,12 @@ import numpy as np
 
 from featcache.cache import CacheError, CacheSplit, cache_identity, partial_note, status_counts
 from featcache.config import StageConfig, save_resolved
-from featcache.errors import ConfigError, InputError
+from featcache.errors import ConfigError, FeatcacheError, InputError, RunError
 from featcache.evaluation.features import FeatureContext, parse_model
 from featcache.evaluation.metrics import AP_FORMS, Accumulator, agreement as rank_agreement
 from featcache.evaluation.approx import ApproxIndex, ApproxSpec, truncated_ranks
 from featcache.evaluation.ranking import GalleryIndex, block_ranks
-from featcache.fileio import atomic_write
+from featcache.fileio import atomic_write, check_output
 from featcache.progress import progress
 from featcache.runtime import check_device_name
 from featcache.evaluation.rerank import rerank_blocks
@@ -136,7 +136,12 @@ def _cache_summary(path: Path) -> dict[str, Any]:
 
 
 def run_eval(cfg: EvalConfig) -> Evaluation:
+    """Evaluate ``cfg.model`` on the cache; its outputs are checked before the work and written after it. A write that
+    still fails raises with the finished ``Evaluation`` attached (``exc.evaluation``), so its metrics are not lost."""
     t0 = time.perf_counter()
+    check_output(cfg.json_out, "--json")
+    check_output(cfg.save_features, "--save-features")
+    check_output(cfg.plots, "--plots", folder=True)
     source = parse_model(cfg.model)
     target = cfg.gallery_cache or cfg.cache  # cross-domain: query and gallery both come from the other cache
     counts = status_counts(target)
@@ -191,6 +196,19 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
     _note_training(report, cfg)
     ev = Evaluation(report, q, g, qf, gf, per_query)
     report["config"] = cfg.to_dict(absolute=True)
+    try:
+        _write_outputs(ev, cfg)
+    except (FeatcacheError, OSError) as exc:
+        err = exc if isinstance(exc, FeatcacheError) else RunError(
+            f"cannot write {exc.filename or 'an output'}: {exc.strerror or exc}")
+        err.evaluation = ev  # type: ignore[attr-defined]
+        raise err from None
+    return ev
+
+
+def _write_outputs(ev: Evaluation, cfg: EvalConfig) -> None:
+    """``--save-features``, ``--plots`` and ``--json``, each with its resolved config beside it."""
+    report = ev.report
     if cfg.save_features:
         save_features(ev, cfg.save_features)
         save_resolved(cfg.save_features.with_name(cfg.save_features.name + ".config.yaml"), cfg)
@@ -203,7 +221,6 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cfg.json_out, lambda p: p.write_text(json.dumps(report, indent=2)))
         save_resolved(cfg.json_out.with_name(cfg.json_out.name + ".config.yaml"), cfg)
-    return ev
 
 
 def _load_split(cache: Path, split: str) -> CacheSplit:

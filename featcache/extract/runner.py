@@ -26,6 +26,7 @@ from featcache.cache.shards import (
 )
 from featcache.extract.distributed import Group, Ranks, rank_device, ranks_from_env
 from featcache.config import save_resolved
+from featcache.fileio import check_output
 from featcache.errors import ConfigError, RunError
 from featcache.datasets import load_listing
 from featcache.extract.config import ExtractConfig
@@ -59,6 +60,8 @@ class ExtractResult:
 def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None) -> ExtractResult:
     """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached. ``digests``: the
     listed files' ``store.file_digests`` when the caller has just computed them (the pipeline's key has)."""
+    if not Path(cfg.out).is_file():  # a cache to resume (or a finished, read-only one) is checked as it opens
+        check_output(cfg.out, "--out")  # before the dataset is listed and hashed
     ranks = ranks_from_env()
     listing = load_listing(cfg.dataset, cfg.root, strict=not cfg.skip_bad_names)
     logger.info("dataset: %s", listing.summary())

@@ -60,6 +60,7 @@ def run_meta(data: TrainData, experts: list[str]) -> dict:
 
 def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, RunDir]:
     """Train the adapters and fusion from the cache; returns the model, the data it saw and its run directory."""
+    RunDir.refuse_existing(cfg.out, resume)  # before the cache is read
     data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids, cfg.allow_partial)
     p = cfg.batch_size // cfg.instances
     if len(data.pids) < p:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import InputError
 from featcache.faults import fault_point
-from featcache.fileio import atomic_write
+from featcache.fileio import atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ class RunDir:
     # ------------------------------------------------------------------ starting
     @staticmethod
     def refuse_existing(path: Path, resume: bool) -> None:
-        """An existing run without --resume is refused (``start`` checks it too; stages call this first to fail fast)."""
+        """An existing run without --resume is refused, and so is a --out that cannot be created (``start`` checks
+        it too; stages call this first, to fail before their work)."""
+        check_output(path, "--out", folder=True)
         if (Path(path) / CONFIG).is_file() and not resume:
             raise InputError(f"{path} already holds a run; pass --resume to continue it or choose another --out")
 
