@@ -16,12 +16,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time they load lazi
     from featcache.api import evaluate, open_cache, read_teacher_targets  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["FeatcacheError", "evaluate", "open_cache", "read_teacher_targets", "__version__"]
+_LAZY = ("evaluate", "open_cache", "read_teacher_targets")  # featcache.api's names, loaded on first use
+__all__ = ["FeatcacheError", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("evaluate", "open_cache", "read_teacher_targets"):
+    if name in _LAZY:
         from featcache import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'featcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names with the lazily loaded public API among them (``dir(featcache)``, tab completion)."""
+    return sorted(set(globals()) | set(__all__))

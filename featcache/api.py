@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from featcache.errors import InputError
-from featcache.runtime import check_device_name
+from featcache.runtime import check_device_name, resolve_device
 
 if TYPE_CHECKING:
     from featcache.cache.reader import CacheReader
@@ -96,6 +96,8 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     if ap not in AP_FORMS:
         raise InputError(f"ap={ap!r}: expected one of {', '.join(AP_FORMS)}")
     check_device_name(str(device), "device")
+    if str(device).startswith("cuda"):  # named as the keyword it is, not as the command line's --device
+        resolve_device(str(device), "device")
     ranks = tuple(sorted({int(k) for k in ranks}))
     if not ranks or ranks[0] < 1:
         raise InputError(f"ranks={ranks}: expected positive CMC ranks")
@@ -104,6 +106,7 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
             raise InputError("evaluate: pass features (query, gallery) or distmat, not both")
         d = _matrix(distmat, "distmat")
         nq, ng = d.shape
+        _check_orientation(nq, ng, q_pids, g_pids)
     else:
         if query is None or gallery is None:
             raise InputError("evaluate: pass query and gallery features, or distmat=")
@@ -127,6 +130,14 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     for s in range(0, nq, block):
         acc.add_block(s, *block_ranks(-d[s: s + block], s, index))
     return {**acc.result(), "gallery_junk": int((~keep).sum())}
+
+
+def _check_orientation(nq: int, ng: int, q_pids: ArrayLike, g_pids: ArrayLike) -> None:
+    """A transposed distance matrix is named as such (its rows are gallery images), not as a label-count mismatch."""
+    n_q, n_g = (_to_numpy(x, name).size for x, name in ((q_pids, "q_pids"), (g_pids, "g_pids")))
+    if (nq, ng) == (n_g, n_q) and nq != ng:
+        raise InputError(f"distmat: shape ({nq}, {ng}) is (gallery x query) for {n_q} query and {n_g} gallery labels; "
+                         f"expected (query x gallery), ({n_q}, {n_g}): pass distmat.T")
 
 
 def _gallery_kept(qp: np.ndarray, gp: np.ndarray, junk_pids: Sequence[int]) -> np.ndarray:

@@ -17,17 +17,20 @@ def check_device_name(name: str, option: str = "--device") -> None:
 
 
 def resolve_device(name: str, option: str = "--device"):
-    """``auto``: CUDA when torch sees it, else CPU; ``cuda`` without CUDA is a configuration error."""
+    """``auto``: CUDA when torch sees it, else CPU; ``cuda`` without CUDA is a configuration error. ``option``: how
+    the caller names the setting (``--device`` on the command line, ``device`` for a Python keyword)."""
     import torch
 
     check_device_name(name, option)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    said = f"{option} {name}" if option.startswith("--") else f"{option}={name!r}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{option} {name}: torch sees no CUDA device on this machine (use --device cpu or auto)")
+        hint = f"{option} cpu or auto" if option.startswith("--") else f"{option}='cpu' or 'auto'"
+        raise ConfigError(f"{said}: torch sees no CUDA device on this machine (use {hint})")
     device = torch.device(name)
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+        raise ConfigError(f"{said}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
                           f"cuda:{torch.cuda.device_count() - 1}")
     return device
 

@@ -109,6 +109,11 @@ def test_evaluate_equals_the_reference_on_unnormalised_features_lists_tensors_an
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, [[1, 2]] * 20, gp, qc, gc), "q_pids: expected a 1-D sequence"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, ["a"] * 40, gp, qc, gc), "q_pids: expected integer labels"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, device="gpu"), "device 'gpu': expected auto, cpu, cuda or cuda:N"),
+    pytest.param(lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, device="cuda"),
+                 r"^device='cuda': torch sees no CUDA device on this machine \(use device='cpu' or 'auto'\)$",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(None, None, qp, gp, qc, gc, distmat=(q @ g.T).T),
+     r"distmat: shape \(300, 40\) is \(gallery x query\) for 40 query and 300 gallery labels; expected \(query x gallery\)"),
 ])
 def test_unsupported_input_is_one_clear_error(labelled, call, message):
     with pytest.raises(FeatcacheError, match=message) as err:
@@ -156,3 +161,12 @@ def test_gallery_identity_minus_one_is_junk_as_in_the_official_kit(labelled):
     assert negatives["gallery_junk"] == 0 and negatives["mAP"] != featcache.evaluate(qf, gf, qp, gp, qc, gc)["mAP"]
     with pytest.raises(FeatcacheError, match=r"^q_pids: query row\(s\) 3 have identity -1, which junk_pids=\(-1,\) marks"):
         featcache.evaluate(qf, gf, np.where(np.arange(len(qp)) == 3, -1, qp), gp, qc, gc)
+
+
+def test_dir_lists_the_public_api_that_loads_lazily():
+    import featcache
+
+    names = dir(featcache)
+    assert set(featcache.__all__) <= set(names) and {"evaluate", "open_cache", "read_teacher_targets"} <= set(names)
+    for name in featcache.__all__:
+        assert getattr(featcache, name) is not None, name
