@@ -504,3 +504,13 @@ def test_bf16_and_channels_last_train_the_same_student_within_rounding(market_ca
     assert np.isfinite(float(bf16.last["loss"]))
     with pytest.raises(ConfigError, match="--precision 'fp16': expected one of auto, fp32, bf16"):
         dcfg(market_cache, gate_run, tmp_path / "x", precision="fp16")
+
+
+def test_an_unfinished_gate_is_refused_saying_to_finish_it_before_distilling(market_cache, gate_run, tmp_path):
+    from featcache.distill.runner import run_distill
+
+    gate = tmp_path / "gate"
+    shutil.copytree(gate_run, gate)
+    (gate / "model.safetensors").unlink()  # as a run stopped before its last epoch leaves it
+    with pytest.raises(InputError, match=r"is an unfinished run .*--resume --out .* before distilling from it$"):
+        run_distill(dcfg(market_cache, gate, tmp_path / "s"))

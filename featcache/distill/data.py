@@ -61,7 +61,7 @@ class Teacher:
 
 def load_teacher(gate: Path, cache: Path) -> Teacher:
     """The targets of gate run ``gate``, refused when unfinished, missing, or made from another cache."""
-    rd, _, meta, weights = RunDir.open(Path(gate), "train-gate")
+    rd, _, meta, weights = RunDir.open(Path(gate), "train-gate", "distilling from it")
     with CacheReader(cache) as c:
         ident = c.identity
         view_start_all = c.table("view_start")

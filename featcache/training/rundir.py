@@ -203,15 +203,17 @@ class RunDir:
         return int(last.read_text()) if last.is_file() else 0
 
     @classmethod
-    def open(cls, path: Path, command: str) -> tuple["RunDir", dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-        """A finished run: (run dir, config, metadata, final weights); an unfinished one is refused."""
+    def open(cls, path: Path, command: str, purpose: str = "using it") -> tuple["RunDir", dict[str, Any], dict[str, Any],
+                                                                             dict[str, torch.Tensor]]:
+        """A finished run: (run dir, config, metadata, final weights); an unfinished one is refused, saying what it
+        must be finished before (``purpose``: "evaluating it", "distilling from it", ...)."""
         rd = cls(path, command)
         if not (rd.path / CONFIG).is_file():
             raise InputError(f"{rd.path} is not a {command} run directory (no {CONFIG})")
         cfg, meta = rd.read_config(), rd.meta()
         if not (rd.path / FINAL).is_file():
             raise InputError(f"{rd.path} is an unfinished run (it reached epoch {rd.last_epoch()} of {cfg.get('epochs')}): "
-                             f"finish it with `featcache {command} --resume --out {rd.path} ...` before evaluating it")
+                             f"finish it with `featcache {command} --resume --out {rd.path} ...` before {purpose}")
         return rd, cfg, meta, load_file(rd.path / FINAL)
 
     def _trim_log(self, epoch: int) -> None:
