@@ -413,7 +413,10 @@ def train_gate(ctx: click.Context, sets: tuple[str, ...], resume: bool, **params
 
     cfg = resolve(ctx, GateConfig, params, sets, resume)
     res = run_train_gate(cfg, resume)
-    click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
+    if res.stats.get("gated", res.stats.get("routed_share") is not None):  # stats of older runs lack "gated"
+        click.echo(f"{res.run}: gate mean weights {res.stats['mean_weight']}; routed {res.stats['routed_share']}; teacher targets {res.targets}")
+    else:  # concat and average weigh the experts equally: there is no gate to describe
+        click.echo(f"{res.run}: fusion {cfg.fusion} (no gate); teacher targets {res.targets}")
 
 
 # ---------------------------------------------------------------------------------------------- distill

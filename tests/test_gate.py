@@ -318,3 +318,24 @@ def test_a_teacher_evaluated_on_another_cache_is_recorded_and_warned_about(fcach
     assert out.count("was trained on the cache") == 1  # once (it was printed twice: as a log line and in the table)
     cross = run_eval(EvalConfig(fcache, f"gate:{run}", gallery_cache=other)).report  # the cross-domain way: no warning
     assert "warnings" not in cross
+
+
+def test_a_fusion_without_gate_says_so_and_a_collapsed_gate_is_warned_about(fcache, tmp_path):
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+    from featcache.gate.outputs import collapse_note
+
+    def train(out: str, *args: str) -> str:
+        return CliRunner().invoke(main, ["train-gate", "--cache", str(fcache), "--out", str(tmp_path / out), "--epochs", "2",
+                                         "--device", "cpu", *args]).output
+
+    out = train("avg", "--fusion", "average")
+    assert "fusion average (no gate)" in out and "gate mean weights" not in out
+    stats = {"gated": True, "routed_share": {"clip-sim": 0.995, "align-sim": 0.005}}
+    assert "sends 99.5% of the training images to clip-sim" in collapse_note(stats)
+    assert collapse_note({**stats, "routed_share": {"clip-sim": 0.98, "align-sim": 0.02}}) is None
+    assert collapse_note({**stats, "gated": False}) is None  # a single expert routes everything to itself by design
+    out = train("paper", "--gate-recipe", "paper")  # the paper's recipe collapses here (docs/train-gate.md)
+    stats = json.loads((tmp_path / "paper" / "gate_stats.json").read_text())
+    assert stats["collapsed_onto"] is not None and out.count("collapsed onto one expert") == 1

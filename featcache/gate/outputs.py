@@ -78,6 +78,26 @@ def _set_stats(bn: torch.nn.BatchNorm1d, f: torch.Tensor) -> None:
     bn.running_var.copy_(f.var(0, unbiased=True).float())
 
 
+COLLAPSE = 0.99  # a gate that routes at least this share of the images to one expert has collapsed
+
+
+def collapsed_onto(stats: dict) -> str | None:
+    """The expert a gate sends at least ``COLLAPSE`` of the training images to, or None (no gate, or no collapse)."""
+    if not stats.get("gated") or not stats.get("routed_share"):
+        return None
+    expert, share = max(stats["routed_share"].items(), key=lambda kv: kv[1])
+    return expert if share >= COLLAPSE else None
+
+
+def collapse_note(stats: dict) -> str | None:
+    """One line warning of a collapsed gate, or None."""
+    expert = collapsed_onto(stats)
+    if expert is None:
+        return None
+    return (f"the gate sends {100 * stats['routed_share'][expert]:.1f}% of the training images to {expert}: it has "
+            "collapsed onto one expert (docs/train-gate.md, 'Why the paper's gate collapses')")
+
+
 def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
     """Mean expert weight overall and per camera, share routed to each expert (view 0 of every training image)."""
     g = infer_rows(model, data.feats, data.row_start, data.route)[3]
@@ -90,7 +110,9 @@ def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
         "per_camera": {str(int(c)): dict(zip(data.experts, g[data.camids == c].mean(0).round(6).tolist())) for c in np.unique(data.camids)},
         "images": int(len(g)),
         "mode": "inference (temperature 0.5, sparse top-k where the fusion is)",
+        "gated": isinstance(model.fusion, Gated),
     }
+    stats["collapsed_onto"] = collapsed_onto(stats)
     atomic_write(out / "gate_stats.json", lambda p: p.write_text(json.dumps(stats, indent=2)))
     _histogram(g, data.experts, out / "gate_hist.png")
     _heatmap(stats, out / "gate_heatmap.png")

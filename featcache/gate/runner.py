@@ -9,7 +9,7 @@ from pathlib import Path
 
 from featcache.fileio import atomic_write
 from featcache.gate.diagnostics import evaluate_val
-from featcache.gate.outputs import gate_statistics, recalibrate_bn
+from featcache.gate.outputs import collapse_note, gate_statistics, recalibrate_bn
 from featcache.gate.targets import TARGETS, write_targets
 from featcache.gate.train import GateConfig, check_experts, default_experts, train
 from featcache.training.rundir import FINAL
@@ -48,4 +48,6 @@ def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
     targets = write_targets(model, data, cfg.cache, rd.path)
     rd.finish(model.state_dict(), note="BN recalibrated on inference-mode features")  # last: the run is now finished
     logger.info("gate: mean weights %s, routed %s; teacher targets in %s", stats["mean_weight"], stats["routed_share"], targets)
+    if collapse_note(stats):
+        logger.warning("%s: %s", rd.path, collapse_note(stats))
     return GateResult(rd.path, stats, targets)

@@ -292,7 +292,13 @@ def _condition_section(plan) -> list[str]:
 def _gate_section(plan, rep_dir: Path) -> list[str]:
     s = plan.pipeline.settings
     run = plan.gates.get((s.teacher, s.seeds[0]))
+    from featcache.gate.outputs import collapse_note
+
     out = ["## The teacher's gate", ""]
+    stats_file = run / "gate_stats.json" if run is not None else None
+    note = collapse_note(json.loads(stats_file.read_text())) if stats_file and stats_file.is_file() else None
+    if note:
+        out += [f"> **Warning:** {note}.", ""]
     for name, caption in (("gate_heatmap.png", "mean gate weight per camera and expert"),
                           ("gate_hist.png", "gate weights"), ("gate_routing.png", "routing per camera over the epochs")):
         if run is not None and (run / name).is_file():
