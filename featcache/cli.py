@@ -63,6 +63,21 @@ class FeatcacheGroup(click.Group):
                 raise
             click.echo(f"Error: {exc.filename}: {exc.strerror or exc} (errno {exc.errno})", err=True)
             ctx.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on, then click's "Aborted!"
+            if ctx.invoked_subcommand in CONTINUE:
+                click.echo(f"Stopped: {CONTINUE[ctx.invoked_subcommand]}", err=True)
+            raise
+
+
+#: how each long command continues after Ctrl-C (or SIGTERM): what is done stays done
+CONTINUE = {
+    "extract": "the images written so far are kept; rerun the same command to extract the rest.",
+    "train-gate": "rerun the same command with --resume to continue from the last finished epoch.",
+    "distill": "rerun the same command with --resume to continue from the last finished epoch.",
+    "pretrain-standins": "rerun the same command: stand-ins already trained are kept, and the stopped one starts again.",
+    "run": "rerun the same command: finished stages are skipped, and a stopped one resumes.",
+    "demo": "rerun the same command: finished stages are skipped, and a stopped one resumes.",
+}
 
 
 class DeviceType(click.ParamType):

@@ -204,3 +204,23 @@ def test_train_gate_has_batch_size_and_says_a_batch_is_p_by_k(tmp_path):
     res = r.invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "g"), "--batch-size", "12",
                           "--instances", "2", "--epochs", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("command, says", [
+    ("extract", "the images written so far are kept; rerun the same command to extract the rest."),
+    ("train-gate", "rerun the same command with --resume to continue from the last finished epoch."),
+])
+def test_ctrl_c_says_how_to_continue(monkeypatch, tmp_path, command, says):
+    """Ctrl-C printed only click's 'Aborted!'."""
+    from featcache.extract import runner as extract_runner
+    from featcache.gate import runner as gate_runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_runner, "run_extract", interrupted)
+    monkeypatch.setattr(gate_runner, "run_train_gate", interrupted)
+    args = {"extract": ["--dataset", "market1501", "--root", str(tmp_path), "--backbone", "clip-tiny", "--out", str(tmp_path / "c.h5")],
+            "train-gate": ["--cache", str(tmp_path / "c.h5"), "--out", str(tmp_path / "run")]}[command]
+    res = CliRunner().invoke(main, [command, *args])
+    assert res.exit_code == 1 and [ln for ln in res.output.splitlines() if ln][-2:] == [f"Stopped: {says}", "Aborted!"], res.output
