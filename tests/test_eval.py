@@ -328,3 +328,15 @@ def test_ranks_counted_on_the_device_equal_the_sorted_ranks_ties_and_junk_includ
     a, pa, _ = evaluate(qf, gf, qp, qc, gp, gc, device="cpu", ranking="sort", budget=64 * 1024)
     b, pb, backend = evaluate(qf, gf, qp, qc, gp, gc, device="cpu", ranking="device", budget=64 * 1024)
     assert a == b and pa == pb and "ranks on the device" in backend
+
+
+def test_the_cmc_plot_ticks_integer_ranks(market_cache, tmp_path, monkeypatch):
+    """Its rank axis had ticks at 2.5, 7.5, ..."""
+    from featcache.evaluation import plots
+
+    figures = {}
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.setdefault(path.name, fig) and real(fig, path, **kw))
+    run_eval(EvalConfig(market_cache, "backbone:clip-tiny", plots=tmp_path / "p", plot_queries=1))
+    ticks = next(f for name, f in figures.items() if "cmc" in name).axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks

@@ -38,6 +38,7 @@ def _cmc_curve(ev: "Evaluation", path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     first = np.array([r for _, r in ev.per_query.values()])
     k = np.arange(1, min(50, len(ev.gf)) + 1)
@@ -48,6 +49,7 @@ def _cmc_curve(ev: "Evaluation", path: Path) -> Path:
            title=f"CMC  {ev.report['model']['spec']}  " + (f"AP@{ev.report['search']['k']} (approximate)"
                                                               if (ev.report.get("search") or {}).get("mode") == "approx"
                                                               else "mAP") + f" {100 * ev.report['mAP']:.1f}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # ranks are integers
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)

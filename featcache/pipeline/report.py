@@ -215,6 +215,7 @@ def _cmc_plot(plan, reports: dict, path: Path) -> None:
         ranks = sorted(int(k) for k in reps[0]["cmc"])
         ax.plot(ranks, [100 * np.mean([r["cmc"][str(k)] for r in reps]) for k in ranks], marker=".", label=label)
     ax.set_xlabel("rank")
+    ax.set_xticks(sorted({int(k) for reps in reports.values() for k in reps[0]["cmc"]}))  # the ranks reported
     ax.set_ylabel("CMC (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
