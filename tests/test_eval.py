@@ -330,13 +330,16 @@ def test_ranks_counted_on_the_device_equal_the_sorted_ranks_ties_and_junk_includ
     assert a == b and pa == pb and "ranks on the device" in backend
 
 
-def test_the_cmc_plot_ticks_integer_ranks(market_cache, tmp_path, monkeypatch):
-    """Its rank axis had ticks at 2.5, 7.5, ..."""
+def test_the_cmc_plot_ticks_integer_ranks(tmp_path, monkeypatch):
+    """Its rank axis had ticks at 2.5, 7.5, ... (a gallery of 20: ranks 1 to 20)."""
+    from types import SimpleNamespace
+
     from featcache.evaluation import plots
 
-    figures = {}
-    real = plots.save_figure
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.setdefault(path.name, fig) and real(fig, path, **kw))
-    run_eval(EvalConfig(market_cache, "backbone:clip-tiny", plots=tmp_path / "p", plot_queries=1))
-    ticks = next(f for name, f in figures.items() if "cmc" in name).axes[0].get_xticks()
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    ev = SimpleNamespace(per_query={i: (0.5, 1 + i % 7) for i in range(12)}, gf=np.zeros((20, 4)),
+                         report={"model": {"spec": "backbone:x"}, "search": {"mode": "exact"}, "mAP": 0.5})
+    plots._cmc_curve(ev, tmp_path / "cmc.png")
+    ticks = [t for t in figures[0].axes[0].get_xticks() if 1 <= t <= 20]
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
