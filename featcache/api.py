@@ -90,7 +90,7 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     """
     from featcache.evaluation.metrics import AP_FORMS, Accumulator
     from featcache.evaluation.ranking import GalleryIndex, block_ranks
-    from featcache.evaluation.runner import evaluate as evaluate_features
+    from featcache.evaluation.runner import evaluate as evaluate_features, warn_degenerate
     from featcache.evaluation.search import l2_normalize
 
     if ap not in AP_FORMS:
@@ -124,6 +124,7 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
         res = evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget)[0]
         return {**res, "gallery_junk": int((~keep).sum())}
     d = d[:, keep]
+    warn_degenerate(d, "distmat's distances", per_row=True)
     acc = Accumulator(ranks, ap)
     index = GalleryIndex.build(qp, qc, gp, gc)
     block = max(1, budget // max(1, ng * 24))

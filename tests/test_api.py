@@ -170,3 +170,16 @@ def test_dir_lists_the_public_api_that_loads_lazily():
     assert set(featcache.__all__) <= set(names) and {"evaluate", "open_cache", "read_teacher_targets"} <= set(names)
     for name in featcache.__all__:
         assert getattr(featcache, name) is not None, name
+
+
+def test_degenerate_features_are_warned_about(labelled, caplog):
+    """All-equal features gave an mAP from gallery order without a word."""
+    qf, gf, qp, gp, qc, gc = labelled
+    with caplog.at_level("WARNING", logger="featcache"):
+        featcache.evaluate(qf, np.zeros_like(gf), qp, gp, qc, gc)
+        featcache.evaluate(None, None, qp, gp, qc, gc, distmat=np.ones((len(qf), len(gf))))
+    assert caplog.text.count("are degenerate") == 2 and "follow the gallery's order" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featcache"):
+        featcache.evaluate(qf, gf, qp, gp, qc, gc)
+    assert "degenerate" not in caplog.text

@@ -112,6 +112,19 @@ def _check_compatible(source: Path, target: CacheSplit) -> None:
         raise InputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
 
 
+def warn_degenerate(x: np.ndarray, what: str, per_row: bool = False) -> bool:
+    """Warn when every row of ``x`` is the same (``per_row``: every entry of each row): all scores of a query tie, and
+    its metrics come from the gallery's order alone (all-zero features from a dead model, say)."""
+    if x.size == 0 or len(x) < 2 and not per_row:
+        return False
+    spread = np.ptp(x, axis=1) if per_row else np.ptp(x, axis=0)
+    if spread.max() > 0:
+        return False
+    logger.warning("%s are degenerate (%s): every score ties, so the metrics follow the gallery's order, not the "
+                   "model", what, "each row constant" if per_row else "every row the same")
+    return True
+
+
 def _note_training(report: dict, cfg: EvalConfig) -> None:
     """What the evaluated model's run says about its training that the numbers depend on: another cache, or part of
     its cache's training images (``trained_on_partial``, None for a whole cache). Each is listed in ``warnings``."""
@@ -245,6 +258,7 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
     ``ranking``: ``device`` counts each positive's rank where the scores are (``device_ranking``: on the GPU
     with the torch-cuda backend, so only ranks leave it); ``sort`` ranks on the CPU (``ranking``); ``auto``
     picks ``device`` for torch-cuda, ``sort`` otherwise. Both give the same ranks."""
+    warn_degenerate(gf, "gallery features")
     acc = Accumulator(tuple(sorted(set(ranks))), ap_form)
     per_query: dict[int, tuple[float, int]] = {}
     if approx is not None:
