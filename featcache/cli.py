@@ -162,10 +162,10 @@ def _set_aliases(ctx: click.Context, cls: type[StageConfig]) -> dict[str, str]:
 
 
 def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], sets: tuple[str, ...] = (),
-            resume: bool = False) -> Any:
-    """The stage config from the --config section, then --set, then options given on the command line. With
-    ``resume``, the run's own saved config (``--out RUN_DIR``'s config.yaml) comes first, so a run resumes with
-    ``--resume --out RUN_DIR`` alone."""
+            resume: bool = False, arguments: dict[str, Any] | None = None) -> Any:
+    """The stage config from the --config section, then --set, then options given on the command line (and
+    ``arguments``, fields given as positional arguments). With ``resume``, the run's own saved config
+    (``--out RUN_DIR``'s config.yaml) comes first, so a run resumes with ``--resume --out RUN_DIR`` alone."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if resume:
         out = params.get("out") or parse_set(sets).get("out")
@@ -183,6 +183,7 @@ def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], 
     overrides = {aliases.get(k, k) if k not in cls.keys() else k: v for k, v in parse_set(sets).items()}
     given = {k: v for k, v in params.items()
              if k in cls.keys() and ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    given.update(arguments or {})
     both = sorted(set(overrides) & set(given))
     if both:
         raise ConfigError(f"{', '.join(option_name(k) for k in both)} given twice: as an option and with --set")
@@ -526,7 +527,8 @@ def _export_options(f: Callable) -> Callable:
     from featcache.distill.config import ExportConfig as C
 
     return stack(f, [
-        click.argument("model"),
+        click.argument("positional_model", metavar="[MODEL]", required=False),  # the old spelling, deprecated
+        opt(C, "model", help="The student to export: student:RUN_DIR (spelled as in eval and profile)."),
         opt(C, "onnx", type=click.Path(dir_okay=False, path_type=Path), help="The ONNX file to write."),
         opt(C, "atol", type=float, help="Tolerance of the ONNX Runtime check, in units of the embedding's largest value."),
         opt(C, "opset", type=int, help="ONNX opset (torch's dynamo exporter writes 18 and up; lower ones use the TorchScript exporter)."),
@@ -542,7 +544,13 @@ def export(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     from featcache.distill.config import ExportConfig
     from featcache.distill.export import export_onnx
 
-    cfg = resolve(ctx, ExportConfig, params, sets)
+    positional = params.pop("positional_model")
+    if positional is not None:  # `featcache export MODEL` still works, with one line saying how it is spelled now
+        if params.get("model") not in (None, positional):
+            raise click.UsageError(f"MODEL {positional} and --model {params['model']} differ: give --model alone")
+        click.echo(f"warning: `featcache export MODEL` is deprecated: use `featcache export --model {positional}` "
+                   "(as eval and profile spell it)", err=True)
+    cfg = resolve(ctx, ExportConfig, params, sets, arguments={"model": positional} if positional is not None else None)
     res = export_onnx(cfg.run, cfg.onnx, opset=cfg.opset, atol=cfg.atol)
     click.echo(f"{res['path']}: checked with ONNX Runtime against PyTorch: " + json.dumps({k: v for k, v in res.items() if k != 'path'}))
 

@@ -157,7 +157,7 @@ def test_extract_gate_distill_eval_export_profile_through_the_command_line(marke
     rep = json.loads((tmp_path / "e.json").read_text())
     assert rep["model"]["kind"] == "student" and rep["feature_dim"] == 2048 and 0 <= rep["agreement"]["top_k_overlap"] <= 1
     assert rep["random_init_backbones"] == ["align-tiny", "clip-tiny"]  # the teacher's experts: labelled as random
-    out = ok("export", f"student:{student}", "--onnx", tmp_path / "s.onnx")
+    out = ok("export", "--model", f"student:{student}", "--onnx", tmp_path / "s.onnx")
     assert "checked with ONNX Runtime" in out
     assert onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
     # one model per call: several are profiled in fresh processes on CPU (tests/test_profile_export.py, slow set)
@@ -224,3 +224,12 @@ def test_ctrl_c_says_how_to_continue(monkeypatch, tmp_path, command, says):
             "train-gate": ["--cache", str(tmp_path / "c.h5"), "--out", str(tmp_path / "run")]}[command]
     res = CliRunner().invoke(main, [command, *args])
     assert res.exit_code == 1 and [ln for ln in res.output.splitlines() if ln][-2:] == [f"Stopped: {says}", "Aborted!"], res.output
+
+
+def test_export_spells_model_as_eval_and_the_old_positional_form_still_works_with_a_warning(tmp_path):
+    r = CliRunner()
+    res = r.invoke(main, ["export", "gate:somewhere", "--onnx", str(tmp_path / "m.onnx")])  # the old spelling
+    assert "`featcache export MODEL` is deprecated: use `featcache export --model gate:somewhere`" in res.output
+    assert res.exit_code == 2 and "--model 'gate:somewhere': expected student:RUN_DIR" in res.output  # then read as --model
+    res = r.invoke(main, ["export", "student:a", "--model", "student:b", "--onnx", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 2 and "MODEL student:a and --model student:b differ" in res.output

@@ -445,7 +445,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work_and_late_fa
     assert res.exit_code == 1 and f"--out {blocker / 'run'}: cannot create it" in res.output
     from test_profile_export import make_run
 
-    res = _cli("export", f"student:{make_run(tmp_path / 'student', 'resnet18')}", "--onnx", blocker / "m.onnx")
+    res = _cli("export", "--model", f"student:{make_run(tmp_path / 'student', 'resnet18')}", "--onnx", blocker / "m.onnx")
     assert res.exit_code == 1 and f"--onnx {blocker / 'm.onnx'}: cannot create it" in res.output, res.output
 
     def full_disk(path, write):

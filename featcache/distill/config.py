@@ -169,7 +169,7 @@ class ExportConfig(StageConfig):
     def __post_init__(self) -> None:
         kind, _, ref = self.model.partition(":")
         if kind != "student" or not ref:
-            raise ConfigError(f"MODEL {self.model!r}: expected student:RUN_DIR (only students are exported)")
+            raise ConfigError(f"--model {self.model!r}: expected student:RUN_DIR (only students are exported)")
         if self.atol <= 0:
             raise ConfigError(f"--atol {self.atol}: expected a positive tolerance")
 
