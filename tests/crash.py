@@ -100,7 +100,6 @@ def kill_when(procs: list, ready, delay, victim: int, passed=lambda: False) -> t
     if not any(p.is_alive() for p in procs):
         return False, t_ready
     victims = range(len(procs)) if victim == len(procs) else [victim]  # victim == ranks: all of them
-    killed = any(procs[v].is_alive() for v in victims)
     for v in victims:
         if procs[v].is_alive():
             os.kill(procs[v].pid, signal.SIGKILL)
@@ -112,7 +111,8 @@ def kill_when(procs: list, ready, delay, victim: int, passed=lambda: False) -> t
         if p.is_alive():
             os.kill(p.pid, signal.SIGKILL)
             p.join()
-    return killed, t_ready
+    # landed: a victim died of the SIGKILL (one that exited on its own in the meantime does not count)
+    return any(procs[v].exitcode == -signal.SIGKILL for v in victims), t_ready
 
 
 @dataclass
@@ -189,10 +189,15 @@ class Campaign:
         over), the timing run's seconds until ``ready()`` held (None: start-up) and the plan in words."""
         unit = timing.work / self.units  # seconds of one unit of work (a batch, an epoch) in the timing run
         if not in_work:  # within start-up, before the first unit of work (or within a run with nothing to do)
-            delay = u * (timing.startup if left > 0 else timing.noop) * self.pace
+            # the timing run's start-up ends with its first unit done: the last fifth of it is left to the kills in
+            # the work, so that a start-up kill at a misjudged pace does not use up a unit of work
+            delay = u * (0.8 * timing.startup if left > 0 else timing.noop) * self.pace
             passed = (lambda: remaining() < left - 1e-9) if left > 0 else (lambda: False)
             return (lambda: True), delay, passed, None, f"in start-up: {left:.3f} left; kill {delay:.3f} s after the start"
-        steps = max(1, round(u * u * left * self.units / 4))
+        # a seeded number of units ahead: one or a few, more only in long runs (at most an eighth of the work left)
+        steps = max(1, round(u * u * left * min(self.units, 8) / 4))
+        if left > 1.5 / self.units:  # never past the last unit while more than one is left: a kill aimed at the
+            steps = min(steps, round(left * self.units) - 1)  # end of the run rarely lands (its tail is short)
         target = left - steps / self.units
         expected = timing.startup + (steps - 1) * unit  # from the start until ready() holds, in the timing run
         passed = (lambda: remaining() < target - 1e-9) if target > 0 else (lambda: False)
