@@ -88,9 +88,8 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     "queries_evaluated", "queries_skipped", "gallery_junk"}``, fractions in [0, 1] (``gallery_junk``: the
     gallery rows ignored through ``junk_pids``).
     """
-    from featcache.evaluation.metrics import AP_FORMS, Accumulator
-    from featcache.evaluation.ranking import GalleryIndex, block_ranks
-    from featcache.evaluation.runner import evaluate as evaluate_features, warn_degenerate
+    from featcache.evaluation.metrics import AP_FORMS
+    from featcache.evaluation.runner import evaluate as evaluate_features
     from featcache.evaluation.search import l2_normalize
 
     if ap not in AP_FORMS:
@@ -101,36 +100,53 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     ranks = tuple(sorted({int(k) for k in ranks}))
     if not ranks or ranks[0] < 1:
         raise InputError(f"ranks={ranks}: expected positive CMC ranks")
-    if distmat is not None:
-        if query is not None or gallery is not None:
-            raise InputError("evaluate: pass features (query, gallery) or distmat, not both")
-        d = _matrix(distmat, "distmat")
-        nq, ng = d.shape
-        _check_orientation(nq, ng, q_pids, g_pids)
-    else:
-        if query is None or gallery is None:
-            raise InputError("evaluate: pass query and gallery features, or distmat=")
-        qf, gf = _matrix(query, "query"), _matrix(gallery, "gallery")
-        if qf.shape[1] != gf.shape[1]:
-            raise InputError(f"query has {qf.shape[1]}-d features and gallery {gf.shape[1]}-d: they must match")
-        nq, ng = len(qf), len(gf)
+    qf, gf, d = _scores_input(query, gallery, distmat, q_pids, g_pids)
+    nq, ng = d.shape if d is not None else (len(qf), len(gf))
     qp, gp = _labels(q_pids, nq, "q_pids"), _labels(g_pids, ng, "g_pids")
     qc, gc = _labels(q_camids, nq, "q_camids"), _labels(g_camids, ng, "g_camids")
     keep = _gallery_kept(qp, gp, junk_pids)
     gp, gc, ng = gp[keep], gc[keep], int(keep.sum())
     budget = int(budget_mb) * 2**20
-    if distmat is None:
+    if d is None:
         qf, gf = l2_normalize(qf), l2_normalize(gf[keep])  # the protocol's cosine; a zero row stays zero
         res = evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget)[0]
         return {**res, "gallery_junk": int((~keep).sum())}
-    d = d[:, keep]
-    warn_degenerate(d, "distmat's distances", per_row=True)
+    res = _evaluate_distances(d[:, keep], qp, qc, gp, gc, ranks, ap, budget)
+    return {**res, "gallery_junk": int((~keep).sum())}
+
+
+def _evaluate_distances(d: np.ndarray, qp: np.ndarray, qc: np.ndarray, gp: np.ndarray, gc: np.ndarray,
+                        ranks: tuple[int, ...], ap: str, budget: int) -> dict[str, Any]:
+    """The protocol's metrics of a (query x gallery) distance matrix, smallest first, in blocks of queries."""
+    from featcache.evaluation.metrics import Accumulator
+    from featcache.evaluation.ranking import GalleryIndex, block_ranks
+    from featcache.evaluation.runner import warn_degenerate
+
+    if len(gp) > 1:  # one gallery column cannot tie with another
+        warn_degenerate(d, "distmat's distances", per_row=True)
     acc = Accumulator(ranks, ap)
     index = GalleryIndex.build(qp, qc, gp, gc)
-    block = max(1, budget // max(1, ng * 24))
-    for s in range(0, nq, block):
+    block = max(1, budget // max(1, len(gp) * 24))
+    for s in range(0, len(d), block):
         acc.add_block(s, *block_ranks(-d[s: s + block], s, index))
-    return {**acc.result(), "gallery_junk": int((~keep).sum())}
+    return acc.result()
+
+
+def _scores_input(query: ArrayLike | None, gallery: ArrayLike | None, distmat: ArrayLike | None, q_pids: ArrayLike,
+                  g_pids: ArrayLike) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(query features, gallery features, None) or (None, None, distance matrix), each checked."""
+    if distmat is not None:
+        if query is not None or gallery is not None:
+            raise InputError("evaluate: pass features (query, gallery) or distmat, not both")
+        d = _matrix(distmat, "distmat")
+        _check_orientation(*d.shape, q_pids, g_pids)
+        return None, None, d
+    if query is None or gallery is None:
+        raise InputError("evaluate: pass query and gallery features, or distmat=")
+    qf, gf = _matrix(query, "query"), _matrix(gallery, "gallery")
+    if qf.shape[1] != gf.shape[1]:
+        raise InputError(f"query has {qf.shape[1]}-d features and gallery {gf.shape[1]}-d: they must match")
+    return qf, gf, None
 
 
 def _check_orientation(nq: int, ng: int, q_pids: ArrayLike, g_pids: ArrayLike) -> None:
@@ -145,15 +161,20 @@ def _gallery_kept(qp: np.ndarray, gp: np.ndarray, junk_pids: Sequence[int]) -> n
     """The gallery rows that take part in the ranking: those whose identity is not in ``junk_pids``; a query of
     such an identity has no defined matches and is refused."""
     try:
-        junk = np.asarray([int(p) for p in junk_pids], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise InputError(f"junk_pids={junk_pids!r}: expected a sequence of integer identities, e.g. (-1,)") from None
+        junk = np.asarray(list(junk_pids))
+    except TypeError:
+        junk = np.asarray([None])
+    if junk.size and junk.dtype.kind not in "iu":
+        raise InputError(f"junk_pids={junk_pids!r}: expected a sequence of integer identities, e.g. (-1,)")
+    junk = junk.astype(np.int64)
     bad = np.flatnonzero(np.isin(qp, junk))
     if bad.size:
         raise InputError(f"q_pids: query row(s) {', '.join(map(str, bad[:5]))}{' ...' if bad.size > 5 else ''} have "
                          f"identity {int(qp[bad[0]])}, which junk_pids={tuple(int(p) for p in junk)} marks as junk: "
                          f"remove those queries")
     keep = ~np.isin(gp, junk)
+    if len(gp) == 0:
+        raise InputError("gallery: no rows to search")
     if not keep.any():
         raise InputError(f"g_pids: every gallery row has an identity in junk_pids={tuple(int(p) for p in junk)}")
     return keep

@@ -24,6 +24,18 @@ def current_umask() -> int:
     return mask
 
 
+def give_umask_mode(path: Path) -> None:
+    """Widen a file written narrower than a plain ``open`` would have made it (0666 less the umask) to that mode;
+    never narrows, and a file system that refuses modes (some network mounts) keeps the file as it is."""
+    want = 0o666 & ~current_umask()
+    try:
+        have = os.stat(path).st_mode & 0o777
+        if have & want != want:
+            os.chmod(path, have | want)
+    except OSError:
+        pass
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place with the mode a plain
     ``open`` would have given it (0666 less the umask): writers that go through a private temporary file of
@@ -36,7 +48,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
+        give_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -62,10 +74,11 @@ def check_output(path: Path | None, option: str, folder: bool = False) -> None:
     if path.exists():
         if path.is_dir() != folder:
             raise InputError(f"{option} {path}: is {'a file' if folder else 'a folder'}; expected {'a folder' if folder else 'a file name'}")
-        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
-            raise InputError(f"{option} {path}: cannot write it (permission denied)")
-        return
-    parent = path.parent
+        if folder and not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{option} {path}: cannot write in it (permission denied)")
+        if folder:
+            return
+    parent = path.parent  # a file is replaced through a temporary name beside it: its folder must be writable
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():

@@ -129,9 +129,9 @@ def test_a_view_outside_the_cache_is_refused_naming_split_view_and_range(market_
     with featcache.open_cache(market_cache) as c:
         query = c.split("query")
         last = query.read("clip-tiny", "pooled", view=1)  # query images keep two views: the image and its flip
-        for view, hint in ((-1, ""), (2, "")):  # no --views hint: evaluation splits keep two views at most
+        for view in (-1, 2):  # no --views hint: evaluation splits keep two views at most
             with pytest.raises(FeatcacheError, match=f"the query split holds 2 views per image, so views 0 to 1 can "
-                                                     f"be read, not view {view}{re.escape(hint)}$"):
+                                                     f"be read, not view {view}$"):
                 query.read("clip-tiny", "pooled", view=view)
         with pytest.raises(FeatcacheError, match="view 1.5 of the query split: expected an integer"):
             query.read("clip-tiny", "pooled", view=1.5)
@@ -154,7 +154,8 @@ def test_gallery_identity_minus_one_is_junk_as_in_the_official_kit(labelled):
         (featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist),
          featcache.evaluate(None, None, qp, gp[keep], qc, gc[keep], distmat=dist[:, keep])),
     ):
-        assert {k: v for k, v in junked.items() if k != "gallery_junk"} == {k: v for k, v in removed.items() if k != "gallery_junk"}
+        _close(junked, removed)
+        assert junked["queries_evaluated"] == removed["queries_evaluated"]
         assert junked["gallery_junk"] == int((~keep).sum()) and removed["gallery_junk"] == 0
     negatives = featcache.evaluate(qf, gf, qp, gp, qc, gc, junk_pids=())  # torchreid on unfiltered data
     _close(negatives, evaluate_reference(_unit(qf), _unit(gf), qp, qc, gp, gc))

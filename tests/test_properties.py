@@ -26,16 +26,16 @@ RANKS = (1, 2, 5)
 
 
 # ---------------------------------------------------------------------------------------------- the reference
-def reference(order_key: np.ndarray, qp, qc, gp, gc) -> dict | str:
+def reference(order_key: np.ndarray, qp, qc, gp, gc, minus_one_junk: bool = True) -> dict | str:
     """The Market-1501 protocol from its definition. ``order_key[i, j]``: smaller ranks gallery j earlier for query
     i; ties go to the earlier gallery entry. Junk: same identity and camera, or gallery identity -1. Where there is
     nothing to evaluate, the error featcache must raise (a pattern)."""
-    if (np.asarray(gp) == -1).all():
+    if minus_one_junk and (np.asarray(gp) == -1).all():
         return "every gallery row has an identity in junk_pids"
     aps, inps, firsts = [], [], []
     for i in range(len(qp)):
         order = sorted(range(len(gp)), key=lambda j: (order_key[i, j], j))
-        kept = [j for j in order if gp[j] != -1 and not (gp[j] == qp[i] and gc[j] == qc[i])]
+        kept = [j for j in order if not (minus_one_junk and gp[j] == -1) and not (gp[j] == qp[i] and gc[j] == qc[i])]
         hits = [r for r, j in enumerate(kept, 1) if gp[j] == qp[i]]
         if not hits:
             continue
@@ -45,6 +45,7 @@ def reference(order_key: np.ndarray, qp, qc, gp, gc) -> dict | str:
     if not aps:
         return "no query has a valid match"
     return {"mAP": float(np.mean(aps)), "mINP": float(np.mean(inps)), "queries_evaluated": len(aps),
+            "gallery_junk": int((np.asarray(gp) == -1).sum()) if minus_one_junk else 0,
             "queries_skipped": len(qp) - len(aps), "cmc": {str(k): float(np.mean([f <= k for f in firsts])) for k in RANKS}}
 
 
@@ -58,6 +59,7 @@ def agrees(ours_call, ref: dict | str) -> None:
         assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
     assert ours["cmc"] == pytest.approx(ref["cmc"], abs=1e-6)
     assert (ours["queries_evaluated"], ours["queries_skipped"]) == (ref["queries_evaluated"], ref["queries_skipped"])
+    assert ours["gallery_junk"] == ref["gallery_junk"]
 
 
 # ---------------------------------------------------------------------------------------------- the inputs
@@ -99,6 +101,8 @@ def evaluate_on_features(case) -> None:
     qf, gf, qp, gp, qc, gc = case
     cos = qf.astype(np.float64) @ gf.astype(np.float64).T  # one-hot rows: the cosine up to a positive scale
     agrees(lambda: featcache.evaluate(qf, gf, qp, gp, qc, gc, ranks=RANKS), reference(-cos, qp, qc, gp, gc))
+    agrees(lambda: featcache.evaluate(qf, gf, qp, gp, qc, gc, ranks=RANKS, junk_pids=()),  # -1 boxes as negatives
+           reference(-cos, qp, qc, gp, gc, minus_one_junk=False))
 
 
 def evaluate_on_distances(case) -> None:

@@ -57,9 +57,17 @@ def test_a_stand_in_without_weights_says_how_to_make_them():
 
 
 def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path):
+    import os
+
     cfg = StandinConfig(root=tmp_path / "a", **TINY)
-    paths = run_pretrain_standins(cfg)
+    old = os.umask(0o027)
+    try:
+        paths = run_pretrain_standins(cfg)
+    finally:
+        os.umask(old)
     assert set(paths) == {"clip-mini", "align-mini"} and all((p / "standin.json").is_file() for p in paths.values())
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for p in paths.values() for f in p.iterdir()}
+    assert set(modes.values()) == {"0o640"}, modes  # the umask's, weights included (safetensors writes 0600)
     assert (paths["clip-mini"] / "open_clip_model.safetensors").is_file() and (paths["align-mini"] / "config.json").is_file()
     x = torch.rand(2, 3, 64, 32)
     for name, path in paths.items():

@@ -196,6 +196,8 @@ class CacheSplit:
         (view -1 of image i would be image i-1's last view)."""
         if isinstance(view, (bool, np.bool_)) or not isinstance(view, (int, np.integer)):
             raise CacheError(f"{self.cache}: view {view!r} of the {self.split} split: expected an integer")
+        if len(self.n_views) == 0 and view >= 0:  # an empty subset: no rows, whatever the view
+            return self.view_start + view
         fewest = int(self.n_views.min()) if len(self.n_views) else 0
         if not 0 <= view < fewest:
             most = int(self.n_views.max()) if len(self.n_views) else 0

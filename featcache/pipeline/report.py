@@ -297,7 +297,10 @@ def _gate_section(plan, rep_dir: Path) -> list[str]:
 
     out = ["## The teacher's gate", ""]
     stats_file = run / "gate_stats.json" if run is not None else None
-    note = collapse_note(json.loads(stats_file.read_text())) if stats_file and stats_file.is_file() else None
+    stats = json.loads(stats_file.read_text()) if stats_file and stats_file.is_file() else {}
+    if stats and "gated" not in stats:  # statistics written before the field: the fusion says whether a gate routed
+        stats["gated"] = str(yaml.safe_load((run / "config.yaml").read_text())["train-gate"].get("fusion", "")).startswith("moe")
+    note = collapse_note(stats) if stats else None
     if note:
         out += [f"> **Warning:** {note}.", ""]
     for name, caption in (("gate_heatmap.png", "mean gate weight per camera and expert"),

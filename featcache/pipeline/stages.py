@@ -234,7 +234,7 @@ def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
         cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
         from featcache.cache.fileformat import TARGETS_VERSION  # a gate whose targets predate this version trains again
 
-        return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}, "cache": _cache_id(plan),
+        return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out" and not (k == "allow_partial" and not v)}, "cache": _cache_id(plan),
                      "targets_version": TARGETS_VERSION}
 
     return _trained(plan, f"train-gate {fusion} seed {seed}", str(plan.out / "gate" / f"{fusion}-seed{seed}"), row, seed,
@@ -263,9 +263,9 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
         if cfg.pixel_cache is not None and not cfg.pixel_cache.is_absolute():  # one per cache: an edited extract makes its own
             px = cfg.pixel_cache
             cfg = cfg.replace(pixel_cache=plan.out / px.with_name(f"{px.stem}-{plan.cache_key}{px.suffix}"))
-        # precision auto is how every student before the field trained: their keys stay as they were
+        # precision auto and no --allow-partial are how every student before the fields trained: keys stay as they were
         config = {k: v for k, v in cfg.to_dict(absolute=True).items()
-                  if k not in ("out", "gate") and not (k == "precision" and v == "auto")}
+                  if k not in ("out", "gate") and not (k == "precision" and v == "auto") and not (k == "allow_partial" and not v)}
         return cfg, {"config": config, "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
 
     stage = f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}"

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from featcache import __version__
+from featcache.fileio import give_umask_mode
 from featcache.backbones.presets import PRESET_DIR
 from featcache.standins.config import StandinConfig
 
@@ -71,6 +72,8 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
         meta = {"preset": name, "key": final.name.rsplit("-", 1)[1], "featcache": __version__, "config": cfg.to_dict(absolute=True),
                 "images": int(len(labels)), "identities": int(labels.max() + 1), "log": log}
         (tmp / "standin.json").write_text(json.dumps(meta, indent=1, default=str))
+        for f in tmp.iterdir():  # safetensors writes 0600 through a private temporary file: the umask's mode instead
+            give_umask_mode(f)
         if final.exists():  # --force: the old weights go only once the new ones are complete
             shutil.rmtree(final, ignore_errors=True)
         try:

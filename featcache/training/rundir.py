@@ -104,6 +104,12 @@ class RunDir:
             saved_cfg, saved_meta = {**getattr(cfg, "legacy", {}), **rd.read_config()}, rd.meta()  # keys added since
             if saved_meta != meta:
                 diff = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
+                if "partial" in diff:  # the cache's training images are not those the run started from
+                    was, now = (m.get("partial") or {} for m in (saved_meta, meta))
+                    raise InputError(f"{rd.path} started from {was.get('images_used', 'all')} of "
+                                     f"{was.get('images_total', 'the')} training images and the cache now holds "
+                                     f"{now.get('images_used', 'all')} of them: its extraction progressed or changed "
+                                     "since; start a new --out")
                 raise InputError(f"{rd.path} was trained from other inputs ({', '.join(diff)} differ: another cache or "
                                  "experts); use another --out")
             mine = cfg.to_dict()
