@@ -20,7 +20,7 @@ from featcache.errors import FeatcacheError
 
 # the default suite's examples are the same on every run (a failure reproduces); the long runs draw new ones. No
 # example database: nothing is written into the checkout (hypothesis prints each falsifying example).
-QUICK = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
+QUICK = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
 LONG = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 RANKS = (1, 2, 5)
 
@@ -110,6 +110,7 @@ def evaluate_on_distances(case) -> None:
     agrees(lambda: featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist, ranks=RANKS), reference(dist, qp, qc, gp, gc))
 
 
+@pytest.mark.heavy
 @QUICK
 @given(feature_case())
 def test_evaluate_on_features_agrees_with_the_protocol(case):
