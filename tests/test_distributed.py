@@ -27,7 +27,8 @@ def _argv(root: Path, out: Path, batch: int = 8) -> list[str]:
             "--out", str(out), "--views", "3", "--batch-size", str(batch), "--workers", "0", "--image-size", "64x32", "--device", "cpu"]
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # about 10 s that cannot shrink: two fresh interpreters import open_clip and transformers; the
+# default suite shards two ranks through the forkserver (below, and the two-rank SIGKILL campaign)
 def test_torchrun_two_processes_equal_one_process_array_for_array(market_root, market_cache, tmp_path):
     out = tmp_path / "dist.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one-process cache was made: same kernels, same bits
