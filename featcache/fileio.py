@@ -74,9 +74,9 @@ def check_output(path: Path | None, option: str, folder: bool = False) -> None:
     if path.exists():
         if path.is_dir() != folder:
             raise InputError(f"{option} {path}: is {'a file' if folder else 'a folder'}; expected {'a folder' if folder else 'a file name'}")
-        if folder and not os.access(path, os.W_OK | os.X_OK):
-            raise InputError(f"{option} {path}: cannot write in it (permission denied)")
         if folder:
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise InputError(f"{option} {path}: cannot write in it (permission denied)")
             return
     parent = path.parent  # a file is replaced through a temporary name beside it: its folder must be writable
     while not parent.exists() and parent != parent.parent:

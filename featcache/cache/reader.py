@@ -231,15 +231,17 @@ def status_counts(path: str | Path) -> dict[str, dict[str, int]]:
             for name, code in (("pending", PENDING), ("failed", FAILED))}
 
 
-def training_coverage(split: CacheSplit, allow_partial: bool, stage: str) -> dict[str, Any] | None:
+def training_coverage(cache: Path, allow_partial: bool, stage: str, split: CacheSplit | None = None) -> dict[str, Any] | None:
     """What a stage trains on when the cache's extraction has not finished: None when every training image is
     cached; else refused unless ``allow_partial``, and then the record a run keeps in its ``run.json`` (images used,
-    of how many, and a digest of which), so that every later stage can say so."""
+    of how many, and a digest of which), so that every later stage can say so. ``split``: the training split, when
+    the caller has it (else read only if images are pending)."""
     import hashlib
 
-    pending = status_counts(split.cache)["pending"]["train"]
+    pending = status_counts(cache)["pending"]["train"]
     if not pending:
         return None
+    split = split if split is not None else CacheSplit.load(Path(cache), "train")
     total = len(split) + pending
     if not allow_partial:
         raise CacheError(f"{split.cache}: {pending} of {total} training images are not cached yet (its extraction has not "

@@ -91,9 +91,9 @@ def load_teacher(gate: Path, cache: Path) -> Teacher:
 def check_coverage(teacher: Teacher, cache: Path, allow_partial: bool) -> dict | None:
     """The training images a student learns from are its teacher's: refused when the gate, or the cache, covers only
     part of them, unless ``allow_partial``; returns the record the student's run keeps (None: all of them)."""
-    from featcache.cache import CacheSplit, partial_note, training_coverage
+    from featcache.cache import partial_note, training_coverage
 
-    in_cache = training_coverage(CacheSplit.load(cache, "train"), allow_partial, "distill")
+    in_cache = training_coverage(cache, allow_partial, "distill")
     if not teacher.partial:
         return in_cache
     note = partial_note(f"--gate {teacher.run}", teacher.partial)

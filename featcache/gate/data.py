@@ -63,7 +63,7 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial:
             raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
         raise
     ident = split.identity
-    partial = training_coverage(split, allow_partial, "train")
+    partial = training_coverage(cache, allow_partial, "train", split)
     missing = [e for e in experts if e not in ident.backbones]
     if missing:
         raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")
