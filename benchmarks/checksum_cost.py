@@ -12,6 +12,7 @@ only), each measured three times; the medians and their ratio are printed.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shutil
@@ -47,6 +48,7 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     try:
         cache = write_feature_cache(tmp / "f.h5", ids=751, per_id=16, cams=6, views=4,

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ablation", action="store_true", help="also each KD term switched off alone")
     ap.add_argument("--kd-space", default="retrieval", choices=("retrieval", "literal"),
-                    help="where L_feat and L_rel compare (literal: the setup of docs/distill.md's 2026-11-22 table)")
+                    help="where L_feat and L_rel compare (literal: the setup of docs/notes/distill-weights.md's 2026-11-22 table)")
     ap.add_argument("--keep", type=Path, help="keep the runs here instead of a temporary folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:

@@ -5,7 +5,7 @@ must have held identities out with ``train-gate.val_ids``), trains the pipeline'
 seed with the row's overrides of its ``distill`` section, and prints per seed the student's validation mAP and
 its agreement with the teacher on the validation identities (top-10 overlap of ranked lists, rank
 correlation of similarities). Test-split figures are printed only with ``--test``, for rows whose values are
-already chosen (the ablation of docs/distill.md): the choice is made on validation. Every row trains the same
+already chosen (the ablation of docs/notes/distill-weights.md): the choice is made on validation. Every row trains the same
 steps.
 
     python benchmarks/distill_select.py OUT_DIR [--pipeline pipelines/demo.yaml] [--seeds 42,1337,2024]

@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--ids", type=int, default=24, help="training identities in each synthetic cache")
     ap.add_argument("--cams", type=int, default=4)
-    ap.add_argument("--cache-seed", type=int, default=0, help="the generator's seed (0: the caches of docs/train-gate.md)")
+    ap.add_argument("--cache-seed", type=int, default=0, help="the generator's seed (0: the caches of docs/notes/gate-routing.md)")
     ap.add_argument("--val-ids", type=int, default=-1, help="identities held out for validation (default: a quarter of --ids)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two ablations can share 2 cores)")
     args = ap.parse_args()

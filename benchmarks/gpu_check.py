@@ -1,10 +1,10 @@
 """Every GPU figure of featcache from one run, each with both sides of its comparison and their ratio.
 
-    benchmarks/gpu_check                      # on a GPU machine: several minutes (untimed there yet), table to gpu_check.md
+    benchmarks/gpu_check                      # on a GPU machine: several minutes (not yet timed on a GPU), table to gpu_check.md
     benchmarks/gpu_check --section models     # one section alone (repeatable)
     benchmarks/gpu_check --cpu                # tiny presets and sizes on CPU: checks the script, not the speed
 
-Sections (issue 23; later issues add theirs):
+Extraction:
 
 - ``models``: the libraries' own models alone (open_clip's visual tower, transformers' ALIGN vision model),
   pooled output, at their best memory format (channels_last where faster), bf16 autocast, input already on
@@ -21,7 +21,7 @@ Sections (issue 23; later issues add theirs):
 - ``equal``: on a small set, the overlapped path's cache equals the plain path's (forward, cast, copy),
   array for array.
 
-Evaluation (issue 25):
+Evaluation and training:
 
 - ``eval``: exact evaluation at Market-1501 size (3,368 x 15,913 x 2048-d) against the bare product, defined
   as the on-device product of the same query blocks against the resident gallery, synchronised, TF32 off

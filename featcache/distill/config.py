@@ -21,7 +21,7 @@ INPUT_PATHS = ("auto", "workers", "device")
 KD_SPACES = ("retrieval", "literal")
 #: lambda_feat where none is given: literal, the paper's 0.3 (on a sum over 2048 raw dimensions); retrieval, 30,
 #: chosen on the demo's validation split by mean validation mAP over three seeds among 10, 30 and 100, after a
-#: one-seed screen of 0.3, 3, 30, 100 and 300 (docs/distill.md)
+#: one-seed screen of 0.3, 3, 30, 100 and 300 (docs/notes/distill-weights.md)
 LAMBDA_FEAT = {"retrieval": 30.0, "literal": 0.3}
 
 

@@ -13,7 +13,7 @@ from featcache.training.options import check_training
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """How a gated fusion is trained to route (docs/train-gate.md measures each remedy)."""
+    """How a gated fusion is trained to route (docs/notes/gate-routing.md measures each remedy)."""
 
     gate_input: str = "adapted"        # adapted: the adapted 2048-d features (Eq. 7); raw: the L2-normalised cached features
     gate_detach: bool = False          # stop the gate's gradient into the adapters
@@ -37,10 +37,10 @@ class Routing:
                                        # one whose feature alone gives the lowest ID loss): the other moves to it
     retrieval: str = "neck"            # neck: the BN-neck feature (BNNeck); id-span: the BN-neck feature projected onto the
                                        # span of the shared ID classifier's weights, where that classifier ties every
-                                       # expert's feature of an identity to one place (docs/train-gate.md)
+                                       # expert's feature of an identity to one place (docs/notes/gate-routing.md)
     warmup: float = 0.0                # share of the epochs in which the experts are averaged (the gate still learns)
     gate_freeze: bool = False          # the gate learns during the warm-up only, then keeps its routing: its targets are
-                                       # fair only while the experts train alike (docs/train-gate.md)
+                                       # fair only while the experts train alike (docs/notes/gate-routing.md)
     route_by_loss: float = 0.0         # weight of a routing loss: the gate learns to pick, per image, the expert whose
                                        # feature alone gives the lowest ID loss (hard EM, as mixtures of experts are fitted)
     route_target: str = "loss"         # what that routing loss's target is: loss (the lowest ID loss, each step) or

@@ -1,6 +1,6 @@
 """How a teacher's experts compare: its features and routing over cached rows, and AP split by which expert
 embedded each true match (the same as the query's, or another), so that the alignment of the experts' spaces
-shows directly (docs/train-gate.md)."""
+shows directly (docs/notes/gate-routing.md)."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ class Average(Fusion):
 class Gated(Fusion):
     """Eq. 7-9: gate logits h(x), softmax(h / tau), top-``top_k`` sparse with renormalisation at inference.
 
-    ``Routing`` adds the remedies measured in docs/train-gate.md: the gate's input (the adapted features, or
+    ``Routing`` adds the remedies measured in docs/notes/gate-routing.md: the gate's input (the adapted features, or
     the L2-normalised cached ones), stopping its gradient into the adapters, a zero-initialised last layer,
     training as it infers (straight-through or Gumbel top-k), an annealed temperature, learned noise
     (Shazeer et al. 2017), and the Switch, importance and load balancing losses.

@@ -95,7 +95,7 @@ def collapse_note(stats: dict) -> str | None:
     if expert is None:
         return None
     return (f"the gate sends {100 * stats['routed_share'][expert]:.1f}% of the training images to {expert}: it has "
-            "collapsed onto one expert (docs/train-gate.md, 'Why the paper's gate collapses')")
+            "collapsed onto one expert (docs/notes/gate-routing.md, 'Why the paper's gate collapses')")
 
 
 def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:

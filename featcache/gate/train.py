@@ -154,7 +154,7 @@ def route_loss(gate_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def alignment_losses(model: GateModel, experts: list[torch.Tensor], y: torch.Tensor, routing: Routing, margin: float) -> torch.Tensor:
-    """What puts every expert's retrieval feature in one space (docs/train-gate.md): each expert's own ID loss
+    """What puts every expert's retrieval feature in one space (docs/notes/gate-routing.md): each expert's own ID loss
     through the shared classifier, and a cross-expert triplet on BN'd, L2-normalised features, anchors embedded
     by one expert and positives and negatives by another, optionally moving only each image's unreliable expert."""
     loss = experts[0].new_zeros(())
