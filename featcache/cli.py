@@ -563,7 +563,12 @@ def export(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
 def run_(pipeline_file: Path, sets: tuple[str, ...], out: Path | None) -> None:
     """Run a pipeline: synth, pretrain-standins, extract, train-gate, distill, eval, profile, report; unchanged stages are skipped.
 
-    PIPELINE is a YAML file, or the name of a bundled one: demo, market1501, veri776, ablation-veri776, cross-domain."""
+    PIPELINE is a YAML file, or the name of a bundled one: demo, market1501, veri776, ablation-veri776, cross-domain,
+    market1501-paper, veri776-paper.
+
+    The bundled pipelines train with featcache's default recipe (the routed gate, distillation in the retrieval
+    space), which departs from the paper's equations; the -paper ones, or --set train-gate.gate_recipe=paper --set
+    distill.kd_space=literal, run Eq. 7-9 and 10-12 as written (docs/pipelines.md)."""
     from featcache.pipeline.config import load_pipeline, resolve_pipeline
     from featcache.pipeline.cross import is_cross, load_cross, run_cross
     from featcache.pipeline.runner import execute

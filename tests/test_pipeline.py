@@ -38,6 +38,14 @@ def test_every_shipped_pipeline_loads_and_validates(name):
     if name in ("market1501.yaml", "veri776.yaml"):  # the paper's protocol
         assert p.settings.seeds == (42, 1337, 2024) and p.stage_config("distill", cache=Path("c"), gate=Path("g"), out=Path("o"), seed=1).epochs == 80
         assert p.stage_config("train-gate", cache=Path("c"), out=Path("o"), seed=1, fusion="moe-top1").epochs == 60
+    if name.endswith("-paper.yaml"):  # the paper's equations as written, otherwise the same file as the default recipe's
+        gate = p.stage_config("train-gate", cache=Path("c"), out=Path("o"), seed=1, fusion="moe-top1")
+        student = p.stage_config("distill", cache=Path("c"), gate=Path("g"), out=Path("o"), seed=1)
+        assert gate.gate_recipe == "paper" and student.kd_space == "literal" and student.feat_weight == 0.3
+        base = load_pipeline(PIPELINES / name.replace("-paper", ""), check_paths=False)
+        assert {k: v for k, v in p.sections.items() if k not in ("train-gate", "distill")} == \
+            {k: v for k, v in base.sections.items() if k not in ("train-gate", "distill")}
+        assert p.settings.seeds == base.settings.seeds and p.settings.fusions == base.settings.fusions
 
 
 def test_the_demo_plans_tables_3_and_5():
@@ -127,6 +135,11 @@ def test_demo_runs_to_a_report_then_skips_and_reruns_only_what_changed(tmp_path)
     by_cond = summary["by_condition"]
     assert set(by_cond["teacher"]) <= {"day", "night", "blur"} and "gate_weight" in next(iter(by_cond["teacher"].values()))
     assert (out / "pipeline.yaml").is_file()
+    # every row names the recipe that produced it, in the table and in summary.json
+    assert teacher["recipe"] == {"gate_recipe": "routed"} and summary["rows"]["expert:clip-mini"]["recipe"] == {}
+    assert student["recipe"] == {"losses": "id,tri,kd,feat,att,rel", "kd_space": "retrieval", "lambda_feat": 30.0}
+    assert "| moe-top1 (the teacher) | routed (featcache's default) |" in md
+    assert "| retrieval space (featcache's default), λ_feat 30 |" in md and "gate_recipe=paper" in md
 
     res = r.invoke(main, ["demo", "--out", str(out), *SMALL])  # nothing changed: every stage skipped
     assert res.exit_code == 0, res.output
@@ -166,7 +179,9 @@ def test_cross_domain_runs_both_pipelines_then_trades_datasets(tmp_path):
     assert len(rows) == 4  # two directions x (teacher, student)
     for ln in rows:  # degradation = cross mAP - in-domain mAP on the target
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        assert float(cells[6]) == pytest.approx(float(cells[2]) - float(cells[5]), abs=0.011)
+        assert float(cells[7]) == pytest.approx(float(cells[3]) - float(cells[6]), abs=0.011)
+        # each row names its recipe: the teacher's gate recipe, the student's distillation space
+        assert cells[2] in ("routed (featcache's default)", "retrieval space (featcache's default), λ_feat 30"), cells[2]
     res = r.invoke(main, ["run", str(tmp_path / "x.yaml")])
     assert res.exit_code == 0 and "0 stage(s) ran" in res.output, res.output
 

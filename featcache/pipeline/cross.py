@@ -22,6 +22,7 @@ from featcache.fileio import atomic_write
 from featcache.pipeline.config import Pipeline, load_pipeline
 from featcache.pipeline.runner import PipelineResult, Stage, execute
 from featcache.pipeline.stages import Plan, build_stages
+from featcache.pipeline.recipes import RECIPE_NOTE, recipe_label, recipe_of
 from featcache.registry import nearest
 
 SECTION = "cross-domain"
@@ -112,7 +113,7 @@ def _cross_eval(cross: CrossPipeline, src: Plan, tgt: Plan, row, tgt_row, seed: 
     name = f"{_dataset(src)} -> {_dataset(tgt)}"
     path = cross.out / "eval" / f"{_safe(name)}-{_safe(row.label)}-seed{seed}.json"
     cfg = EvalConfig(cache=src.cache, gallery_cache=tgt.cache, model=row.spec[seed], json_out=path)
-    out_rows.append({"direction": name, "model": row.label, "seed": seed, "cross": path, "in_domain": tgt_row.json[seed]})
+    out_rows.append({"direction": name, "model": row.label, "seed": seed, "cross": path, "in_domain": tgt_row.json[seed], "row": row})
 
     def key() -> dict:
         return {"config": cfg.to_dict(absolute=True), "model": _model_digest(row.spec[seed])}
@@ -130,7 +131,7 @@ def _table6(cross: CrossPipeline, out_rows: list[dict]) -> Stage:
         lines = ["# featcache report: cross-domain (the paper's Table 6)", "",
                  "Degradation: the cross-domain mAP minus the same model's in-domain mAP on the target dataset "
                  "(mAP points; one rule for both directions). Mean ± std over seeds where more than one.", "",
-                 "| train → test | model | mAP | R1 | R5 | in-domain mAP on the target | degradation |", "|---|---|---|---|---|---|---|"]
+                 "| train → test | model | recipe | mAP | R1 | R5 | in-domain mAP on the target | degradation |", "|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple[str, str], list[dict]] = {}
         for r in out_rows:
             groups.setdefault((r["direction"], r["model"]), []).append(r)
@@ -142,13 +143,14 @@ def _table6(cross: CrossPipeline, out_rows: list[dict]) -> Stage:
             m = [rep["mAP"] for rep in cross_reps]
             cols = [_ms(m), _ms([rep["cmc"]["1"] for rep in cross_reps]), _ms([rep["cmc"]["5"] for rep in cross_reps]),
                     _ms(home), _ms(list(np.subtract(m, home)), signed=True)]
-            lines.append(f"| {direction.replace(' -> ', ' → ')} | {model} | " + " | ".join(cols) + " |")
+            lines.append(f"| {direction.replace(' -> ', ' → ')} | {model} | {recipe_label(recipe_of(rs[0]['row']))} | " + " | ".join(cols) + " |")
+        lines += ["", RECIPE_NOTE]
         if random:
             lines[1:1] = ["", f"> **{', '.join(sorted(random))} have random weights.** These numbers measure the pipeline, "
                               "not the method.", ""]
         md.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(md, lambda p: p.write_text("\n".join(lines) + "\n"))
-        from featcache.pipeline.report import to_html
+        from featcache.pipeline.page import to_html
 
         atomic_write(md.with_suffix(".html"), lambda p: p.write_text(to_html("\n".join(lines), "featcache: cross-domain")))
 

@@ -9,7 +9,6 @@ weights the report says, first, that its numbers measure the pipeline and not th
 from __future__ import annotations
 
 import csv
-import html
 import json
 import logging
 import shutil
@@ -20,6 +19,8 @@ import yaml
 
 from featcache import __version__
 from featcache.fileio import atomic_write, save_figure
+from featcache.pipeline.page import to_html
+from featcache.pipeline.recipes import RECIPE_NOTE, recipe_label, recipe_of
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def summarise(plan, reports: dict) -> dict:
     for row in plan.rows:
         reps = reports[row.label]
         trained = row.group != "expert" and row.key != "fusion:raw-concat"  # the others have no seed
-        entry: dict = {"label": row.label, "seeds": sorted(row.json) if trained else []}
+        entry: dict = {"label": row.label, "seeds": sorted(row.json) if trained else [], "recipe": recipe_of(row)}
         for metric, get in (("mAP", lambda r: r["mAP"]), ("R1", lambda r: r["cmc"]["1"]), ("R5", lambda r: r["cmc"]["5"]),
                             ("mINP", lambda r: r["mINP"])):
             entry[metric] = _stats([get(r) for r in reps])
@@ -176,7 +177,7 @@ def _dataset(cache: Path) -> list[str]:
 
 
 def _table(plan, reports: dict, profile: dict) -> list[str]:
-    head = ("| model | mAP | R1 | R5 | mINP | validation mAP | top-10 agreement with the teacher (test; validation) "
+    head = ("| model | recipe | mAP | R1 | R5 | mINP | validation mAP | top-10 agreement with the teacher (test; validation) "
             "| rank correlation with the teacher (validation) | parameters | GFLOPs / image | latency, batch 1 |")
     out = ["## Results", "", head, "|" + "---|" * (head.count("|") - 1)]
     for row in plan.rows:
@@ -194,7 +195,8 @@ def _table(plan, reports: dict, profile: dict) -> list[str]:
                 f"{prof['parameters_used'] / 1e6:.2f} M" if prof else "",
                 f"{prof['flops_per_image'] / 1e9:.2f}" if prof else "",
                 f"{prof['latency_ms']['1']:.1f} ms" if prof and "1" in prof["latency_ms"] else ""]
-        out.append(f"| {row.label} | " + " | ".join(cols) + " |")
+        out.append(f"| {row.label} | {recipe_label(recipe_of(row))} | " + " | ".join(cols) + " |")
+    out += ["", RECIPE_NOTE]
     if profile:
         p = next(iter(profile.values()))
         out += ["", f"Parameters at inference, FLOPs per image (2 per multiply-accumulate) and latency from `featcache profile` "
@@ -356,44 +358,3 @@ def _loss_section(plan, rep_dir: Path) -> list[str]:
 
 def _file_name(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:60]
-
-
-def to_html(markdown: str, title: str) -> str:
-    """The report's own small Markdown (headings, paragraphs, quotes, tables, images, code) as one HTML page."""
-    body: list[str] = []
-    table: list[list[str]] = []
-
-    def inline(text: str) -> str:
-        import re
-
-        t = html.escape(text)
-        t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', t)
-        t = re.sub(r"\[(<img [^>]*>)\]\(([^)]+)\)", r'<a href="\2">\1</a>', t)
-        t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-
-    def flush() -> None:
-        if table:
-            rows = [r for r in table if not set("".join(r)) <= set("-: ")]
-            body.append("<table>" + "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>"
-                                                             for c in r) + "</tr>" for i, r in enumerate(rows)) + "</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("> "):
-            body.append(f"<blockquote>{inline(line[2:])}</blockquote>")
-        elif line.strip():
-            body.append(f"<p>{inline(line)}</p>")
-    flush()
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
-             "blockquote{background:#fff4e0;border-left:4px solid #e0a000;margin:1em 0;padding:.5em 1em}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
-            f"<body>{''.join(body)}</body></html>\n")
