@@ -78,6 +78,6 @@ class GateFeatures:
                                "partial": rd.meta().get("partial")}}
 
 
-@register_kind("gate", "RUN_DIR (a train-gate run: the teacher's BN-neck feature)")
+@register_kind("gate", "RUN_DIR (a train-gate run: the teacher's retrieval feature)")
 def _gate(ref: str) -> FeatureSource:
     return GateFeatures(Path(ref))
