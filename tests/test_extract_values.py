@@ -57,6 +57,33 @@ def test_a_lagging_writer_never_sees_a_buffer_refilled_too_early(market_root, tm
     assert_same_cache(tmp_path / "plain.h5", tmp_path / "fast.h5")
 
 
+def test_the_copies_event_is_recorded_on_the_batchs_own_gpu(monkeypatch):
+    """With --device cuda:1 the batch's kernels and copies run on GPU 1's stream while the current device stays 0: an
+    event recorded on the current stream would complete at once and let the writer read unfinished buffers. A spy
+    stands in for CUDA: which device's stream the event is recorded on, and that it blocks instead of spinning."""
+    from featcache.extract import mapper
+
+    recorded, created = [], []
+
+    class Event:
+        def __init__(self, **kw):
+            created.append(kw)
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", torch.device(device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    wait = mapper.copies_done(torch.device("cuda:1"))
+    assert recorded == [("stream of", torch.device("cuda:1"))] and created == [{"blocking": True}]
+    wait()
+    assert mapper.copies_done(torch.device("cpu"))() is None and len(recorded) == 1  # nothing to wait for on the CPU
+
+
 @pytest.fixture
 def overflowing_clip(tmp_path) -> Path:
     """A clip-tiny checkpoint whose final LayerNorm scale is huge: its tokens exceed float16's range."""
@@ -139,6 +166,24 @@ def test_an_overflow_in_a_later_batch_keeps_the_batches_before(market_root, tmp_
     s = summary(tmp_path / "c.h5")
     assert sum(s["splits"].values()) > 0 and s["pending"] > 0  # the batches before were written and stay cached
     assert verify_cache(tmp_path / "c.h5").bad == {}
+
+
+def test_a_bf16_output_just_past_float16s_range_stops_the_run(market_root, tmp_path, monkeypatch):
+    """Under bf16 autocast a backbone's tokens are bf16, where float16's largest value, 65504, rounds to 65536: a check
+    made in bf16 passed 65536, which the cast to float16 turned into inf. The check compares in float32."""
+    root, white = _white_last_gallery_image(market_root, tmp_path)
+    real = ClipBackbone.forward
+
+    def forward(self, x):  # what autocast hands the mapper: bf16 outputs, here 65536 on the white image
+        out = real(self, x)
+        white_rows = (x.mean(dim=(1, 2, 3)) > 1.0).view(-1, 1, 1)
+        out["tokens"] = torch.where(white_rows, torch.full_like(out["tokens"], 65536.0), out["tokens"]).to(torch.bfloat16)
+        return out
+
+    monkeypatch.setattr(ClipBackbone, "forward", forward)
+    assert not torch.tensor(65536.0, dtype=torch.bfloat16) > torch.tensor(65504.0).to(torch.bfloat16)  # the old check's blind spot
+    with pytest.raises(ValueOverflowError, match=f"backbone clip-tiny, output tokens, image {white} .view 0.*float16"):
+        run_extract(extract_cfg(root, tmp_path / "c.h5", backbones=("clip-tiny",)))
 
 
 def _poison(cache: Path, backbone: str, split: int, nth: int, view: int, value: float) -> tuple[int, int, str]:

@@ -214,8 +214,8 @@ class Mapper(_Base):
                 k = self.keys.index((name, oname))
                 at = first if spec.per == "image" else None
                 code = bad.to(torch.uint8) * NONFINITE
-                if spec.dtype == np.float16:
-                    over = ~bad & (flat.abs() > F16_MAX).any(1)
+                if spec.dtype == np.float16:  # compared in float32: under bf16 autocast 65504 rounds to 65536, which passed
+                    over = ~bad & (flat.abs().amax(1).float() > F16_MAX)  # a row's largest |value|: exact in bf16
                     code = code + over.to(torch.uint8) * OVERFLOW
                 if at is None:
                     codes[:, k] = code
@@ -231,12 +231,20 @@ class Mapper(_Base):
             outputs[name][oname] = dst.numpy()
         host_codes.copy_(codes, non_blocking=True)
         self.check_bytes += codes.numel()
-        wait: Callable[[], None] = lambda: None
-        if dev.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            wait = event.synchronize
-        return Mapped(outputs, host_codes.numpy(), self.keys, wait, lambda: self.pool.release(slot))
+        return Mapped(outputs, host_codes.numpy(), self.keys, copies_done(dev), lambda: self.pool.release(slot))
+
+
+def copies_done(dev: torch.device) -> Callable[[], None]:
+    """How the writer thread waits for the copies just queued on ``dev``: an event recorded on that device's current
+    stream, the one its kernels and copies ran on. ``torch.cuda.Event().record()`` alone would record on the
+    *current* device's stream, which for ``--device cuda:1`` is GPU 0's: the event would complete at once and the
+    writer would read the buffers before their copies landed. Blocking, so that waiting sleeps instead of spinning
+    on a core the decoding workers need. Nothing here changes the caller's current device."""
+    if dev.type != "cuda":
+        return lambda: None
+    event = torch.cuda.Event(blocking=True)
+    event.record(torch.cuda.current_stream(dev))
+    return event.synchronize
 
 
 def make_mapper(kind: str, backbones: dict[str, Backbone], stored: dict[str, dict[str, Stored]], device: torch.device):
