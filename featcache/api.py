@@ -65,7 +65,7 @@ def _labels(x: ArrayLike, n: int, name: str) -> np.ndarray:
 def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLike, g_pids: ArrayLike,
              q_camids: ArrayLike, g_camids: ArrayLike, *, distmat: ArrayLike | None = None,
              ranks: Sequence[int] = (1, 5, 10, 20), ap: str = "plain", device: str = "auto",
-             budget_mb: int = 256, junk_pids: Sequence[int] = (-1,)) -> dict[str, Any]:
+             budget_mb: int = 256, junk_pids: Sequence[int] = (-1,), ranking: str = "auto") -> dict[str, Any]:
     """Exact re-ID metrics under the Market-1501 / VeRi-776 protocol.
 
     Pass features ``query`` (Q, D) and ``gallery`` (G, D), or ``distmat`` (Q, G) with ``query`` and ``gallery``
@@ -84,16 +84,20 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
       floats holding integers.
 
     ``ap``: ``plain`` (torchreid, fast-reid) or ``trapezoid`` (the official MATLAB kits). ``device``: where
-    features are searched (``auto``, ``cpu`` or ``cuda``). Returns ``{"mAP", "mINP", "cmc": {"1": ...},
+    features are searched (``auto``, ``cpu``, ``cuda`` or ``cuda:N``). ``ranking``: where each positive's rank is
+    counted: ``device`` where the scores are computed (on a GPU, so only ranks leave it; on the CPU, with torch),
+    ``sort`` on the CPU, ``auto`` on the device when the scores are on a GPU. All three give the same ranks. Returns ``{"mAP", "mINP", "cmc": {"1": ...},
     "queries_evaluated", "queries_skipped", "gallery_junk"}``, fractions in [0, 1] (``gallery_junk``: the
     gallery rows ignored through ``junk_pids``).
     """
     from featcache.evaluation.metrics import AP_FORMS
     from featcache.evaluation.runner import evaluate as evaluate_features
-    from featcache.evaluation.search import l2_normalize
+    from featcache.evaluation.search import RANKINGS, l2_normalize
 
     if ap not in AP_FORMS:
         raise InputError(f"ap={ap!r}: expected one of {', '.join(AP_FORMS)}")
+    if ranking not in RANKINGS:
+        raise InputError(f"ranking={ranking!r}: expected one of {', '.join(RANKINGS)}")
     check_device_name(str(device), "device")
     if str(device).startswith("cuda"):  # named as the keyword it is, not as the command line's --device
         resolve_device(str(device), "device")
@@ -109,7 +113,8 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     budget = int(budget_mb) * 2**20
     if d is None:
         qf, gf = l2_normalize(qf), l2_normalize(gf[keep])  # the protocol's cosine; a zero row stays zero
-        res = evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget)[0]
+        res = evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget,
+                                ranking=ranking)[0]
         return {**res, "gallery_junk": int((~keep).sum())}
     res = _evaluate_distances(d[:, keep], qp, qc, gp, gc, ranks, ap, budget)
     return {**res, "gallery_junk": int((~keep).sum())}

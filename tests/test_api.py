@@ -96,6 +96,8 @@ def test_evaluate_equals_the_reference_on_unnormalised_features_lists_tensors_an
            evaluate_reference(_unit(torch.from_numpy(qf).bfloat16().float().numpy()), _unit(torch.from_numpy(gf).bfloat16().float().numpy()),
                               qp, qc, gp, gc))
     assert abs(featcache.evaluate(None, None, qp, gp, qc, gc, distmat=dist)["mAP"] - ref["mAP"]) > 1e-4  # not the cosine
+    for ranking in ("sort", "device"):  # where ranks are counted changes nothing
+        assert featcache.evaluate(qf, gf, qp, gp, qc, gc, ranking=ranking) == featcache.evaluate(qf, gf, qp, gp, qc, gc)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -106,6 +108,7 @@ def test_evaluate_equals_the_reference_on_unnormalised_features_lists_tensors_an
      "query: 1 row\\(s\\) hold NaN or inf \\(rows 7\\)"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, distmat=q @ g.T), "not both"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, ap="area"), "ap='area': expected one of"),
+    (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, ranking="gpu"), "ranking='gpu': expected one of auto, sort, device"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, [[1, 2]] * 20, gp, qc, gc), "q_pids: expected a 1-D sequence"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, ["a"] * 40, gp, qc, gc), "q_pids: expected integer labels"),
     (lambda q, g, qp, gp, qc, gc: featcache.evaluate(q, g, qp, gp, qc, gc, device="gpu"), "device 'gpu': expected auto, cpu, cuda or cuda:N"),

@@ -255,9 +255,10 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
     function, normalises whatever it is given). Returns (metrics, per-query (AP, first rank), backend). With
     ``approx``, the metrics of approximate search's top-k lists (featcache.evaluation.approx), labelled so.
 
-    ``ranking``: ``device`` counts each positive's rank where the scores are (``device_ranking``: on the GPU
-    with the torch-cuda backend, so only ranks leave it); ``sort`` ranks on the CPU (``ranking``); ``auto``
-    picks ``device`` for torch-cuda, ``sort`` otherwise. Both give the same ranks."""
+    ``ranking``: ``device`` counts each positive's rank where the scores are computed (``device_ranking``: on a GPU
+    with torch, even where GPU FAISS is installed, so only ranks leave it; on CPU torch without a GPU); ``sort``
+    ranks on the CPU (``ranking``); ``auto`` picks ``device`` when the scores are on a GPU. All give the same
+    ranks."""
     warn_degenerate(gf, "gallery features")
     acc = Accumulator(tuple(sorted(set(ranks))), ap_form)
     per_query: dict[int, tuple[float, int]] = {}
@@ -267,8 +268,8 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
         blocks = rerank_blocks(qf, gf, *rerank, device=device, budget=budget)
         backend = "rerank"
     else:
-        scorer = Scorer(gf, device)
-        on_device = ranking == "device" or (ranking == "auto" and scorer.backend == "torch-cuda")
+        scorer = Scorer(gf, device, torch_scores=ranking == "device")
+        on_device = ranking == "device" or (ranking == "auto" and scorer.backend == "torch-cuda")  # scores on the GPU
         block = block_size(len(gf), budget)
         blocks = ((s, scorer.device_scores(qf[s: s + block])) for s in range(0, len(qf), block)) if on_device \
             else score_blocks(qf, scorer, block)

@@ -19,6 +19,9 @@ from featcache.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 256 * 2**20  # bytes of scores (and their masks) per block
+#: where each positive's rank is counted: auto (on the device when the scores are on a GPU), sort (on the CPU,
+#: ``ranking.block_ranks``), device (where the scores are computed, ``device_ranking``)
+RANKINGS = ("auto", "sort", "device")
 
 
 def l2_normalize(x: np.ndarray, inplace: bool = False, block: int = 65536) -> np.ndarray:
@@ -35,7 +38,9 @@ def l2_normalize(x: np.ndarray, inplace: bool = False, block: int = 65536) -> np
 class Scorer:
     """Holds the gallery on the chosen backend; ``scores(q)`` returns (len(q), G) similarities."""
 
-    def __init__(self, gallery: np.ndarray, device: str = "auto") -> None:
+    def __init__(self, gallery: np.ndarray, device: str = "auto", torch_scores: bool = False) -> None:
+        """``torch_scores``: compute scores with torch on a GPU when there is one, even where GPU FAISS is installed,
+        so that they stay on the device for device ranking."""
         import faiss
         import torch
 
@@ -43,11 +48,11 @@ class Scorer:
         want_gpu = device in ("auto", "cuda") or device.startswith("cuda:")
         if device.startswith("cuda") and faiss.get_num_gpus() == 0 and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: neither faiss nor torch sees a GPU on this machine (use --device cpu or auto)")
-        if device.startswith("cuda:"):  # one GPU of several: torch on that one
+        if device.startswith("cuda:") or (torch_scores and want_gpu and torch.cuda.is_available()):  # torch on that GPU
             from featcache.runtime import resolve_device
 
             self.backend = "torch-cuda"
-            self._dev = resolve_device(device)
+            self._dev = resolve_device(device if device.startswith("cuda") else "cuda")
             self._g = torch.from_numpy(self.gallery).to(self._dev)
         elif want_gpu and faiss.get_num_gpus() > 0:
             self.backend = "faiss-gpu"
