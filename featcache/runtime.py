@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 
 from featcache.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: batches each decoding worker prepares ahead: few, since each sits in shared memory (/dev/shm) until used
+PREFETCH = 2
+SHM = "/dev/shm"
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU of several
 
@@ -57,3 +66,37 @@ def parse_workers(value) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{value!r}: expected a number of processes or auto") from None
+
+
+def workers_for_shm(workers: int, batch_bytes: int, shm: str = SHM) -> int:
+    """As many of ``workers`` as shared memory holds: each keeps up to ``PREFETCH`` batches of ``batch_bytes`` in
+    ``shm`` (Docker gives containers 64 MiB by default, where 15 workers of 50 MB batches end in "DataLoader worker
+    killed by signal: Bus error"). Fewer workers, or none (decoding in the main process), with one line saying why."""
+    if workers <= 0 or not os.path.isdir(shm):
+        return workers
+    free = shutil.disk_usage(shm).free
+    per_worker = PREFETCH * max(1, batch_bytes) * 5 // 4  # a quarter spare: the batch being handed over
+    fit = min(workers, free // per_worker)
+    if fit < workers:
+        logger.warning("%s has %.0f MiB free, too little for %d decoding workers holding %d batches of %.0f MiB each: "
+                       "using %d (give a container more shared memory, e.g. docker run --shm-size=8g)", shm, free / 2**20,
+                       workers, PREFETCH, batch_bytes / 2**20, fit)
+    return int(fit)
+
+
+def loader_options(device, workers: int, batch_bytes: int) -> dict:
+    """DataLoader keywords for decoding workers that feed ``device``: workers that fit in shared memory, a small
+    prefetch, and pinned batches on CUDA. Create the loader's iterator inside ``on_device(device)`` so that its
+    pinning thread works on that GPU (torch pins on the current device; ``pin_memory_device`` is deprecated)."""
+    n = workers_for_shm(workers, batch_bytes)
+    return {"num_workers": n, "pin_memory": device.type == "cuda", "prefetch_factor": PREFETCH if n else None}
+
+
+def on_device(device):
+    """``device`` as the current CUDA device for a ``with`` block, restored after it; nothing on the CPU. Library
+    calls never change the caller's current device for longer than that."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(device)

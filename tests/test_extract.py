@@ -183,3 +183,42 @@ def test_real_crops_through_a_csv_manifest(tmp_path):
         pooled = f["backbones/align-tiny/pooled"][...]
     assert (64, 128) in sizes and len(sizes) > 2  # person crops and vehicle crops of several sizes
     assert np.isfinite(pooled).all() and pooled.std(0).mean() > 1e-3
+
+
+def test_decoding_workers_fit_in_shared_memory(tmp_path, monkeypatch, caplog):
+    """15 workers x 2 prefetched batches of 50 MB against Docker's default 64 MiB of /dev/shm ended in "DataLoader
+    worker killed by signal: Bus error". Now the workers are as many as /dev/shm holds, with one line saying why."""
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    from featcache import runtime
+
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 64 * 2**20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(free["bytes"], 0, free["bytes"]))
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    with caplog.at_level(logging.WARNING, logger="featcache.runtime"):
+        assert runtime.workers_for_shm(15, 50 * 2**20, str(shm)) == 0
+    assert "too little for 15 decoding workers" in caplog.text and "--shm-size" in caplog.text
+    free["bytes"] = 2**30
+    assert runtime.workers_for_shm(15, 50 * 2**20, str(shm)) == 8  # 1 GiB / (2 batches x 50 MiB x 1.25)
+    caplog.clear()
+    free["bytes"] = 2**40
+    assert runtime.workers_for_shm(15, 50 * 2**20, str(shm)) == 15 and "shm" not in caplog.text
+    opts = runtime.loader_options(__import__("torch").device("cpu"), 15, 50 * 2**20)
+    assert opts["prefetch_factor"] == runtime.PREFETCH == 2 and opts["pin_memory"] is False
+
+
+def test_an_extraction_short_of_shared_memory_decodes_with_fewer_workers(market_root, tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**16, 0, 2**16) if str(path) == "/dev/shm" else real(path))
+    with caplog.at_level(logging.WARNING, logger="featcache.runtime"):
+        res = run_extract(extract_cfg(market_root, tmp_path / "c.h5", workers=2))
+    assert res.processed > 0 and "too little for 2 decoding workers" in caplog.text

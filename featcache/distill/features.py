@@ -45,7 +45,7 @@ class StudentFeatures:
         from featcache.distill.data import ViewDataset
         from featcache.distill.students import EMBED_DIM, normalize
         from featcache.progress import progress
-        from featcache.runtime import resolve_device, resolve_workers
+        from featcache.runtime import loader_options, on_device, resolve_device, resolve_workers
 
         device = resolve_device(ctx.device)
         model, _, meta = self._load(device)
@@ -61,11 +61,11 @@ class StudentFeatures:
         views = (0, 1) if ctx.flip else (0,)
         keys = [[(int(split.images[i]), v) for i in range(s, min(s + block, len(split)))]
                 for v in views for s in range(0, len(split), block)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=resolve_workers(None, device),
-                                             pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys,
+                                             **loader_options(device, resolve_workers(None, device), block * 3 * h * w))
         out = np.zeros((len(split), EMBED_DIM), dtype=np.float32)
         starts = [s for _ in views for s in range(0, len(split), block)]
-        with torch.inference_mode():
+        with torch.inference_mode(), on_device(device):  # the loader's pinning thread pins for this GPU
             for s, pixels in zip(starts, progress(loader, desc=f"student {split.split}", unit="block", leave=False)):
                 out[s: s + len(pixels)] += model(normalize(pixels.to(device, non_blocking=True))).float().cpu().numpy()
         out /= len(views)

@@ -32,7 +32,7 @@ from featcache.evaluation.metrics import agreement
 from featcache.evaluation.search import l2_normalize
 from featcache.fileio import atomic_write
 from featcache.progress import progress
-from featcache.runtime import resolve_device, resolve_workers
+from featcache.runtime import loader_options, on_device, resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.precision import Precision
@@ -256,9 +256,9 @@ class DistillStage:
         self.device, self.precision = device, precision
         self.p = cfg.batch_size // cfg.instances
         self.workers = resolve_workers(cfg.workers, device)
-        on_device = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
-        self.resident = ResidentViews(dataset, teacher.images, device) if on_device else None
-        self.resident_teacher = ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space) if on_device else None
+        resident = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
+        self.resident = ResidentViews(dataset, teacher.images, device) if resident else None
+        self.resident_teacher = ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space) if resident else None
 
     def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
         cfg, teacher = self.cfg, self.teacher
@@ -270,9 +270,11 @@ class DistillStage:
             pixels = self.resident.epoch(keys)
             targets = self.resident_teacher.epoch(batches, views)
             return Epoch(zip(batches, views, pixels, targets), len(batches), images)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda")
-        return Epoch(zip(batches, views, loader, [None] * len(batches)), len(batches), images)
+        h, w = teacher.identity.preprocessing["image_size"]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=keys,
+                                             **loader_options(self.device, self.workers, cfg.batch_size * 3 * h * w))
+        with on_device(self.device):  # zip starts the loader's workers and pinning thread, on the training GPU
+            return Epoch(zip(batches, views, loader, [None] * len(batches)), len(batches), images)
 
     def step(self, batch) -> Step:
         imgs, vv, pixels, b = batch

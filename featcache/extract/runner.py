@@ -36,7 +36,7 @@ from featcache.extract.reader import BlockSampler, DecodedBatch, die_with_parent
 from featcache.extract.writer import BackgroundWriter, MappedBatch, settle
 from featcache.preprocess import AUG_PAD, ERASE_AREA, ERASE_ASPECT, ERASE_FILL, ERASE_P
 from featcache.progress import progress
-from featcache.runtime import resolve_device, resolve_workers
+from featcache.runtime import loader_options, on_device, resolve_device, resolve_workers
 
 logger = logging.getLogger(__name__)
 
@@ -264,11 +264,11 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
         return result
     n_views, backbones = job.n_views, job.backbones
     reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
-    loader = torch.utils.data.DataLoader(
-        reader, batch_sampler=sampler, num_workers=workers, collate_fn=collate, worker_init_fn=die_with_parent,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-    )
-    batches = iter(loader)  # fork the decoding workers before the cache is opened for writing,
+    h, w = cfg.image_size
+    loader = torch.utils.data.DataLoader(reader, batch_sampler=sampler, collate_fn=collate, worker_init_fn=die_with_parent,
+                                         **loader_options(device, workers, cfg.batch_size * max(cfg.views, 2) * h * w * 3))
+    with on_device(device):  # the pinning thread pins for this GPU (cuda:N), not for the current device
+        batches = iter(loader)  # fork the decoding workers before the cache is opened for writing,
     # so that no worker inherits its file lock (a killed run must leave the file free to resume)
     mapper = make_mapper(cfg.mapper, backbones, stored, device)
     paths = [it.path for it in listing.items]
