@@ -6,10 +6,11 @@ synthetic feature cache of Market-1501's training size (12,936 images,
 ALIGN-B7 (640) pooled features; the epoch time is the one the training log
 records (target: under 1 s on 2 CPU cores).
 
-Online side: the same training step, but each batch's features come from
-running the tiny presets (clip-tiny, align-tiny) on 32 decoded, letterboxed,
-augmented synthetic images. A full online epoch takes minutes here, so it is
-timed over ``--online-batches`` batches and both sides are compared per batch;
+Online side: the same training step through the same training loop, but each
+batch's features come from running the tiny presets (clip-tiny, align-tiny) on
+32 decoded, letterboxed, augmented synthetic images. A full online epoch takes
+minutes here, so it is timed over ``--online-batches`` batches and both sides
+are compared per batch;
 the online epoch time printed is that per-batch time times the batches of an
 epoch (an extrapolation, and labelled as one).
 
@@ -23,7 +24,6 @@ import csv
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +42,45 @@ from featcache.gate.train import train  # noqa: E402
 from featcache.preprocess import apply_view, letterbox, view_params  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
 from featcache.synth_cache import write_feature_cache  # noqa: E402
+from featcache.training.loop import Epoch, Loop, Schedule, Step, adam  # noqa: E402
+
+
+class OnlineStage:
+    """The gate's training step with the backbones online: each batch decodes, letterboxes and augments 32 images and
+    runs clip-tiny and align-tiny on them before the same gate forward and losses as train-gate."""
+
+    columns = ("loss",)
+
+    def __init__(self, model: GateModel, listing, size: tuple[int, int], batches: int, dev: torch.device) -> None:
+        self.model, self.listing, self.size, self.batches, self.dev = model, listing, size, batches, dev
+        self.items = [it for it in listing.items if it.split == "train"]
+        self.backbones = [build_backbone(n, size).eval().to(dev) for n in ("clip-tiny", "align-tiny")]
+
+    @staticmethod
+    def dims(size: tuple[int, int]) -> list[int]:
+        return [build_backbone(n, size).output_specs()["pooled"].shape[0] for n in ("clip-tiny", "align-tiny")]
+
+    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
+        picks = [rng.choice(len(self.items), 32) for _ in range(self.batches)]
+        return Epoch([(p, rng.integers(0, 4, 32), rng.integers(0, 751, 32)) for p in picks], self.batches, 32 * self.batches)
+
+    def step(self, batch) -> Step:
+        pick, view, labels = batch
+        views = []
+        for i, v in zip(pick, view):
+            base = letterbox(Image.open(self.listing.root / self.items[i].path), self.size)
+            dx, dy, flip = view_params(4, 0, int(i))[v][:3]
+            views.append(apply_view(base, int(dx), int(dy), int(flip)))
+        x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).to(self.dev)
+        with torch.inference_mode():
+            xs = [bb(bb.normalize(x))["pooled"] for bb in self.backbones]
+        xs = [v.clone() for v in xs]
+        y = torch.from_numpy(labels).to(self.dev)
+        fo, _, logits = self.model(xs)
+        return Step(F.cross_entropy(logits, y) + 0.5 * batch_hard_triplet(fo.feature, y, 0.3))
+
+    def end_epoch(self, epoch: int) -> dict:
+        return {}
 
 
 def main() -> None:
@@ -66,37 +105,14 @@ def run(tmp: Path) -> None:
     n_batches = 751 * 17 // 32  # PK batches in an epoch, about images / 32
     per_batch_cached = epoch_cached / n_batches
 
-    # online: tiny backbones on images, then the same gate step
+    # online: tiny backbones on images, then the same gate step, through the training loop every stage uses
     generate(SynthConfig(tmp / "imgs", "market1501", ids=100, cams=6, seed=0))
-    listing = load_listing("market1501", tmp / "imgs")
-    train_items = [it for it in listing.items if it.split == "train"]
-    size = (256, 256)
-    clip, align = build_backbone("clip-tiny", size).eval().to(dev), build_backbone("align-tiny", size).eval().to(dev)
-    dims = [clip.output_specs()["pooled"].shape[0], align.output_specs()["pooled"].shape[0]]
-    model = GateModel(["open_clip", "align"], dims, "moe-top1", n_classes=751).train().to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=5e-4)
-    rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    for _ in range(args.online_batches):
-        pick = rng.choice(len(train_items), 32)
-        views = []
-        for i in pick:
-            base = letterbox(Image.open(listing.root / train_items[i].path), size)
-            dx, dy, flip = view_params(4, 0, int(i))[rng.integers(4)][:3]
-            views.append(apply_view(base, int(dx), int(dy), int(flip)))
-        x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).to(dev)
-        with torch.inference_mode():
-            xs = [clip(clip.normalize(x))["pooled"], align(align.normalize(x))["pooled"]]
-        xs = [v.clone() for v in xs]
-        y = torch.from_numpy(rng.integers(0, 751, 32)).to(dev)
-        fo, _, logits = model(xs)
-        loss = F.cross_entropy(logits, y) + 0.5 * batch_hard_triplet(fo.feature, y, 0.3)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    per_batch_online = (time.perf_counter() - t0) / args.online_batches
+    model = GateModel(["open_clip", "align"], OnlineStage.dims((256, 256)), "moe-top1", n_classes=751).to(dev)
+    stage = OnlineStage(model, load_listing("market1501", tmp / "imgs"), (256, 256), args.online_batches, dev)
+    loop = Loop(model, adam(model.parameters(), 3e-4, 5e-4, dev), Schedule(1, args.online_batches, 3e-4, 3e-4),
+                np.random.default_rng(0), dev, desc="online")
+    row = loop.fit(stage)[0]
+    per_batch_online = row["seconds"] / args.online_batches
 
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     print(f"device: {where}, both sides (the cached epoch includes its start-up on this device)")

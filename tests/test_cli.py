@@ -117,7 +117,7 @@ def test_logs_only_with_verbose_and_never_carriage_returns(tmp_path):
     assert "\r" not in quiet.output and "INFO" not in quiet.output
     loud = r.invoke(main, ["-v", *args, "--out", str(tmp_path / "v")])
     assert loud.exit_code == 0 and "\r" not in loud.output
-    assert any(ln.startswith("INFO featcache.training.loop: train-gate epoch 2") for ln in loud.output.splitlines()), loud.output
+    assert any(ln.startswith("INFO featcache.training.hooks: train-gate epoch 2") for ln in loud.output.splitlines()), loud.output
 
 
 def test_progress_lines_in_a_file():

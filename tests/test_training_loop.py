@@ -173,3 +173,89 @@ def test_a_log_begun_with_other_columns_is_resumed_under_both_headers(tmp_path, 
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and None not in rows[0]
     assert rows[0]["images_per_s"] == "" and float(rows[1]["images_per_s"]) > 0 and rows[0]["extra"] == "0" and rows[2]["extra"] == "20"
     assert set(list(rows[0])[-2:]) == {"images_per_s", "never"}  # the old header first, then the new columns
+
+
+def test_hooks_run_at_the_loops_fixed_points_in_order_and_can_be_added_from_outside(tmp_path):
+    """fast-reid's HookBase shape: the loop's own hooks (progress, NaN stop, checkpoint, log line) then the caller's,
+    and hooks added around a stage's run (how gpu_check counts host syncs) without patching anything."""
+    from featcache.training.hooks import Checkpointer, EpochLogger, Hook, NanStop, ProgressBar, added
+
+    calls = []
+
+    class Spy(Hook):
+        def __init__(self, name):
+            self.name = name
+
+        def before_train(self, loop):
+            calls.append((self.name, "before_train"))
+
+        def before_epoch(self, loop, epoch, plan):
+            calls.append((self.name, "before_epoch", epoch, plan.steps))
+
+        def before_step(self, loop, epoch, i):
+            calls.append((self.name, "before_step", epoch, i))
+
+        def after_step(self, loop, epoch, i, out):
+            calls.append((self.name, "after_step", epoch, i, round(float(out.loss.detach()), 6) > 0))
+
+        def after_epoch(self, loop, epoch, row):
+            calls.append((self.name, "after_epoch", epoch, row["epoch"]))
+
+        def after_train(self, loop):
+            calls.append((self.name, "after_train"))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    rd, _ = RunDir.start(tmp_path / "run", ToyConfig(), {"toy": 1}, False)
+    with added(Spy("outside")):
+        loop = Loop(model, torch.optim.Adam(model.parameters(), lr=0.1), Schedule(2, 3, 0.1, 0.001),
+                    np.random.default_rng(0), torch.device("cpu"), run=rd, desc="toy", hooks=(Spy("mine"),))
+    assert [type(h) for h in loop.hooks[:4]] == [ProgressBar, NanStop, Checkpointer, EpochLogger]
+    loop.fit(Toy(model))
+    mine = [c[1:] for c in calls if c[0] == "mine"]
+    assert mine[0] == ("before_train",) and mine[1] == ("before_epoch", 0, 3) and mine[-1] == ("after_train",)
+    assert mine[2:8] == [("before_step", 0, 0), ("after_step", 0, 0, True), ("before_step", 0, 1), ("after_step", 0, 1, True),
+                         ("before_step", 0, 2), ("after_step", 0, 2, True)]
+    assert ("after_epoch", 1, 2) in mine and len(mine) == 2 + 2 * (1 + 6 + 1)
+    assert [c[1:] for c in calls if c[0] == "outside"] == mine  # the added hook saw the same points
+    # a loop built after the block runs without it
+    calls.clear()
+    Loop(model, torch.optim.Adam(model.parameters(), lr=0.1), Schedule(1, 3, 0.1, 0.001), np.random.default_rng(0),
+         torch.device("cpu")).fit(Toy(model))
+    assert calls == []
+
+
+def test_after_train_runs_when_the_run_stops(tmp_path):
+    from featcache.training.hooks import Hook
+
+    ended = []
+
+    class End(Hook):
+        def after_train(self, loop):
+            ended.append(True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    loop = Loop(model, torch.optim.Adam(model.parameters(), lr=0.1), Schedule(3, 3, 0.1, 0.001), np.random.default_rng(0),
+                torch.device("cpu"), desc="toy", hooks=(End(),))
+    with pytest.raises(RunError, match="loss became nan at epoch 2, batch 2"):
+        loop.fit(Toy(model, poison=(1, 1)))
+    assert ended == [True]
+
+
+def test_no_benchmark_patches_the_training_loop():
+    """Benchmarks watch training through hooks: none assigns to Loop.fit, an optimizer's step or Tensor.backward."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr in ("fit", "step", "backward", "epoch"):
+                    bad.append(f"{path.name}:{node.lineno} assigns .{t.attr}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "setattr":
+                if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in ("fit", "step", "backward"):
+                    bad.append(f"{path.name}:{node.lineno} setattr {node.args[1].value}")
+    assert not bad, bad

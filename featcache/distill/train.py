@@ -243,6 +243,31 @@ def prepare(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     return teacher, with_pixel_cache(cfg, dataset)
 
 
+def input_path_rate(cfg: DistillConfig, seed: int = 0) -> float:
+    """Images/s of the device input path alone (resident pixels, views replayed; no model) over one epoch of the
+    PK batches training draws: what a training epoch on the device input path can reach at most, the reference of
+    ``benchmarks/gpu_check``'s distill section. Needs ``cfg.pixel_cache``."""
+    import time
+
+    if cfg.pixel_cache is None:
+        raise InputError("input_path_rate: the device input path replays views from a pixel cache; give pixel_cache")
+    teacher, dataset = prepare(cfg)
+    device = resolve_device(cfg.device)
+    views = ResidentViews(dataset, teacher.images, device)
+    rng = np.random.default_rng(seed)
+    keys = [[(int(teacher.images[i]), int(rng.integers(0, teacher.n_views[i]))) for i in b]
+            for b in pk_batches(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances, rng)]
+    for _ in views.epoch(keys[:1]):  # warm-up
+        pass
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in views.epoch(keys):
+        pass
+    sync()
+    return sum(map(len, keys)) / (time.perf_counter() - t0)
+
+
 class DistillStage:
     """Distillation's side of the shared loop: PK batches of (image, cached view) keys, their pixels (from the
     workers' DataLoader, or replayed on the device from resident pixels), the teacher's side of the batch, and

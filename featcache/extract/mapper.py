@@ -90,7 +90,7 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _uses_channels_last(bb: Backbone, device: torch.device) -> bool:
+def uses_channels_last(bb: Backbone, device: torch.device) -> bool:
     """EfficientNet (ALIGN) on CUDA: channels_last ran 2,780 views/s against 1,630 (featcache's forward, H200,
     bf16, 2026-12-04, docs/benchmarks.md); ViTs gain nothing from it."""
     return device.type == "cuda" and bb.family == "align"
@@ -100,7 +100,7 @@ class _Base:
     def __init__(self, backbones: dict[str, Backbone], stored: dict[str, dict[str, Stored]], device: torch.device) -> None:
         self.device = device
         self.backbones = {k: b.to(device).eval() for k, b in backbones.items()}
-        self.channels_last = {k: _uses_channels_last(b, device) for k, b in self.backbones.items()}
+        self.channels_last = {k: uses_channels_last(b, device) for k, b in self.backbones.items()}
         for k, b in self.backbones.items():
             if self.channels_last[k]:
                 b.to(memory_format=torch.channels_last)

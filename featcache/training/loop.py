@@ -4,8 +4,8 @@ A stage gives its model, optimizer and a ``Stage``: the batches of an epoch and
 the step that turns one batch into a loss and the scalars it logs. The loop
 owns the rest, the same for every stage: the cosine learning-rate schedule
 over all steps, the optimizer step, restoring a checkpoint (``--resume``),
-the NaN stop, the epoch's log row and checkpoint (``RunDir``), progress and
-logging, the precision (the model put in its memory format; a stage runs its
+the epoch's log row, and its hooks (``hooks``: progress, the NaN stop, the
+epoch's checkpoint in the ``RunDir``, the log line), the precision (the model put in its memory format; a stage runs its
 forward under ``precision.autocast()`` and its losses in float32), and the
 device side: the epoch's sums stay on the device (float64,
 as Python floats would add them) and, off the CPU, the loss is checked for
@@ -24,10 +24,9 @@ from typing import Any, Generic, Iterable, Protocol, TypeVar
 import numpy as np
 import torch
 
-from featcache.errors import RunError
-from featcache.progress import progress
 from featcache.training.precision import Precision
-from featcache.training.rundir import Checkpoint, RunDir, training_state
+from featcache.training.hooks import Checkpointer, EpochLogger, Hook, NanStop, ProgressBar, added_hooks
+from featcache.training.rundir import Checkpoint, RunDir
 from featcache.training.schedule import cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
@@ -108,23 +107,36 @@ class Schedule:
 class Loop:
     """Train ``model`` with ``opt`` through a stage's epochs; ``run`` (a run directory) gets the log and checkpoints,
     ``checkpoint`` (from ``RunDir.start`` on ``--resume``) is restored first. Without a run directory the rows are
-    only returned (stand-ins keep them in their own metadata)."""
+    only returned (stand-ins keep them in their own metadata). ``hooks`` run after the loop's own (``hooks``
+    module), and so do those a caller adds around it with ``hooks.added``."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, schedule: Schedule, rng: np.random.Generator,
                  device: torch.device, *, run: RunDir | None = None, checkpoint: Checkpoint | None = None,
-                 precision: Precision | None = None, desc: str = "train") -> None:
+                 precision: Precision | None = None, desc: str = "train", hooks: tuple[Hook, ...] = ()) -> None:
         self.model, self.opt, self.schedule, self.rng, self.device = model, opt, schedule, rng, device
         self.run, self.desc = run, desc
         self.precision = precision or Precision()
         self.precision.prepare(model)
         self.start = checkpoint.restore(model, opt, rng, device) if checkpoint else 0
         self.defer_nan_check = DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"
+        own: list[Hook] = [ProgressBar(), NanStop(self.defer_nan_check)]
+        self.hooks = own + ([Checkpointer()] if run is not None else []) + [EpochLogger(), *hooks, *added_hooks()]
+        self.stage: Stage | None = None
+
+    def _call(self, point: str, *args: Any) -> None:
+        for h in self.hooks:
+            getattr(h, point)(self, *args)
 
     def fit(self, stage: Stage) -> list[dict[str, Any]]:
         """Run the epochs left; returns their log rows."""
+        self.stage = stage
         rows = []
-        for epoch in range(self.start, self.schedule.epochs):
-            rows.append(self.epoch(stage, epoch))
+        self._call("before_train")
+        try:
+            for epoch in range(self.start, self.schedule.epochs):
+                rows.append(self.epoch(stage, epoch))
+        finally:
+            self._call("after_train")
         self.model.eval()
         return rows
 
@@ -132,56 +144,25 @@ class Loop:
         t0 = time.perf_counter()
         self.model.train()
         plan = stage.begin_epoch(epoch, self.rng)
-        dev = self.device
-        sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in stage.columns}
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in stage.columns}
         seen: set[str] = set()
-        bad = torch.full((), -1, dtype=torch.int64, device=dev)  # the first batch whose loss was not finite
-        bad_value = torch.zeros((), dtype=torch.float32, device=dev)
-        bar = progress(plan.batches, total=plan.steps, desc=f"{self.desc} epoch {epoch + 1}/{self.schedule.epochs}",
-                       unit="batch", leave=False)
+        self._call("before_epoch", epoch, plan)
         n = 0
-        for i, batch in enumerate(bar):
+        for i, batch in enumerate(plan.batches):
             set_lr(self.opt, self.schedule.lr_at(epoch, i))
+            self._call("before_step", epoch, i)
             out = stage.step(batch)
-            loss = out.loss
-            if not self.defer_nan_check:
-                self._check(loss.detach(), epoch, i)
-            else:  # remember the first bad batch without waiting for the device; the epoch's end stops the run
-                first = (bad < 0) & ~torch.isfinite(loss.detach())
-                bad = torch.where(first, torch.full_like(bad, i), bad)
-                bad_value = torch.where(first, loss.detach().float(), bad_value)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            out.loss.backward()
             self.opt.step()
-            for key, v in (("loss", loss), *out.logged.items()):
+            self._call("after_step", epoch, i, out)
+            for key, v in (("loss", out.loss), *out.logged.items()):  # the sums stay on the device
                 sums[key] += v.detach().double()
                 seen.add(key)
             n += 1
-        if int(bad) >= 0:  # raised before this epoch's checkpoint: the last good one stays
-            self._check(bad_value, epoch, int(bad))
         means = {k: (float(v) / max(1, n) if k in seen else "") for k, v in sums.items()}  # waits for the device
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, **means, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds,
                "images_per_s": plan.images / max(seconds, 1e-9), **stage.end_epoch(epoch)}
-        if self.run is not None:
-            self.run.checkpoint(epoch + 1, self.model.state_dict(), training_state(self.opt, self.rng, self.device), row)
-        logger.info("%s epoch %d: %s", self.desc, epoch + 1, epoch_summary(row, stage.columns))
+        self._call("after_epoch", epoch, row)
         return row
-
-    def _check(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        """A NaN or infinite loss stops the run; with a run directory its last good checkpoint stays."""
-        if torch.isfinite(loss):
-            return
-        stop = f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped"
-        if self.run is None:
-            raise RunError(f"{self.desc}: {stop}")
-        raise RunError(f"{stop}; the last good checkpoint (after epoch {epoch}) is kept in {self.run.path}")
-
-
-def epoch_summary(row: dict[str, Any], columns: tuple[str, ...]) -> str:
-    """``loss 1.2345 (id 0.5, triplet 0.7) acc 0.312, 1790.2 img/s``: the columns an epoch logged."""
-    def fmt(k: str, digits: int = 4) -> str:
-        return f"{row[k]:.{digits}f}" if row.get(k, "") != "" else "-"
-    terms = ", ".join(f"{k} {fmt(k)}" for k in columns if k not in ("loss", "acc") and row[k] != "")
-    acc = f" acc {fmt('acc', 3)}" if "acc" in columns else ""
-    return f"loss {fmt('loss')} ({terms}){acc}, {row['images_per_s']:.1f} img/s"
