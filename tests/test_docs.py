@@ -91,6 +91,7 @@ out = {}
 for script in sys.argv[1:]:
     buf, env = io.StringIO(), dict(os.environ)
     sys.argv = [script, "--help"]
+    sys.path.insert(0, os.path.dirname(script))  # as when the script runs: its folder first on the path
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         try:
             runpy.run_path(script, run_name="__main__")

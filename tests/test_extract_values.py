@@ -233,6 +233,8 @@ def _gpu_check():
     repo = Path(__file__).resolve().parents[1]
     wrapper = repo / "benchmarks" / "gpu_check"
     assert os.access(wrapper, os.X_OK) and "gpu_check.py" in wrapper.read_text()  # the command runs this file
+    if str(repo / "benchmarks") not in sys.path:  # as when the script runs: its folder first on the path (gpucheck/)
+        sys.path.insert(0, str(repo / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_check", repo / "benchmarks" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module  # its dataclasses look their module up there
@@ -252,14 +254,30 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
     import re
 
     watched = re.search(r"train-gate, 2 epochs: host syncs not counted on CPU \((\d+) training steps watched\)", table)
-    assert watched and int(watched.group(1)) >= 2  # the sync counter wraps every step of the run (counts on a GPU)
+    assert watched and int(watched.group(1)) >= 2  # the sync counter, a loop hook, sees every step (counts on a GPU)
+    assert "eval 100 x 20,000 x 32-d exact" in table  # the large-gallery block, scaled down, runs on the CPU too
+    assert "gallery upload and identity index included; inputs normalised beforehand" in table
+    from featcache.training.loop import Loop
+    assert Loop.fit.__qualname__ == "Loop.fit"  # nothing patched the loop
+
+
+def test_gpu_check_gives_expected_times_and_keeps_to_a_budget(tmp_path, capsys):
+    module = _gpu_check()
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    for sec in module.SECTIONS:  # each section with its expected time on a GPU and in CPU mode
+        assert f"``{sec.name}`` (about {sec.gpu_s // 60} min" in text and f"; {sec.cpu_s} s)" in text
+    assert module.main(["--cpu", "--out", str(tmp_path / "b.md"), "--budget", "0"]) == 0
+    table = (tmp_path / "b.md").read_text()
+    assert table.count("| skipped | expected ") == len(module.SECTIONS) and "left of --budget 0" in table
 
 
 @pytest.mark.slow  # about 15 s: two extractions, the models alone, decoding, and a student trained for two epochs
 def test_gpu_check_other_sections_run_in_its_cpu_mode(tmp_path):
     module = _gpu_check()
     rest = [a for name in ("models", "pipeline", "decode", "distill") for a in ("--section", name)]
-    assert set(module.SECTIONS) == {"models", "pipeline", "decode", "distill", "equal", "eval", "gate"}  # none left out
+    assert {s.name for s in module.SECTIONS} == {"models", "pipeline", "decode", "distill", "equal", "eval", "gate"}  # none left out
     assert module.main(["--cpu", "--out", str(tmp_path / "d.md"), *rest]) == 0
     table = (tmp_path / "d.md").read_text()
     assert "library model" in table and "combined rate" in table and table.count("PASS (equal)") == 2
