@@ -80,12 +80,12 @@ def run(tmp: Path) -> None:
 
     def time_backbones() -> float:
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for b in batches:
             run_mapper(b)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
     t_before = time_backbones()

@@ -259,3 +259,40 @@ def test_no_benchmark_patches_the_training_loop():
                 if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in ("fit", "step", "backward"):
                     bad.append(f"{path.name}:{node.lineno} setattr {node.args[1].value}")
     assert not bad, bad
+
+
+def test_a_checkpoint_with_channels_last_moments_resumes_into_a_contiguous_model():
+    """A GPU run saves Adam's moments in its weights' channels_last layout, and fused. Resumed on the CPU, into a model
+    in the default layout, fused Adam paired each moment with the wrong elements, silently. The moments now take
+    their weight's layout: the step equals the one from the same moments saved contiguous."""
+    from featcache.training.rundir import Checkpoint, training_state
+
+    def conv():
+        torch.manual_seed(0)
+        return torch.nn.Conv2d(3, 8, 3)
+
+    g = torch.Generator().manual_seed(1)
+    m1, m2 = torch.randn(8, 3, 3, 3, generator=g), torch.rand(8, 3, 3, 3, generator=g)
+    grads = [torch.randn(8, 3, 3, 3, generator=g), torch.randn(8, generator=g)]
+
+    def checkpoint(layout) -> Checkpoint:
+        model = conv().to(memory_format=layout)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+        for p, gr in zip(model.parameters(), grads):
+            p.grad = torch.empty_like(p).copy_(gr)  # in the weight's layout, as autograd gives it
+        opt.step()  # the state exists; then the moments of interest, in this layout
+        opt.state[model.weight]["exp_avg"] = m1.contiguous(memory_format=layout)
+        opt.state[model.weight]["exp_avg_sq"] = m2.contiguous(memory_format=layout)
+        return Checkpoint(1, {k: v.contiguous() for k, v in model.state_dict().items()}, training_state(opt, np.random.default_rng(0)))
+
+    steps = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        ckpt = checkpoint(layout)
+        model = conv()
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        ckpt.restore(model, opt, np.random.default_rng(0), torch.device("cpu"))
+        for p, gr in zip(model.parameters(), grads):
+            p.grad = gr.clone()
+        opt.step()
+        steps.append(model.weight.detach().clone())
+    assert torch.equal(steps[0], steps[1]), (steps[0] - steps[1]).abs().max()

@@ -77,7 +77,7 @@ class Table:
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # that GPU's work, not the current device's
 
 
 def timed(fn, x, device: torch.device, iters: int) -> float:

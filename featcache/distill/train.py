@@ -259,7 +259,7 @@ def input_path_rate(cfg: DistillConfig, seed: int = 0) -> float:
             for b in pk_batches(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances, rng)]
     for _ in views.epoch(keys[:1]):  # warm-up
         pass
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # this GPU, not cuda:0
     sync()
     t0 = time.perf_counter()
     for _ in views.epoch(keys):
@@ -283,7 +283,10 @@ class DistillStage:
         self.workers = resolve_workers(cfg.workers, device)
         resident = cfg.input_path == "device" or (cfg.input_path == "auto" and device.type == "cuda" and dataset.pixels is not None)
         self.resident = ResidentViews(dataset, teacher.images, device) if resident else None
-        self.resident_teacher = ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space) if resident else None
+        # on a GPU the teacher's side is resident whatever the pixels' path: read per step, it would copy from pageable
+        # host memory and wait for the device every step
+        self.resident_teacher = (ResidentTeacher(teacher, cfg.cache, maps, device, cfg.kd_space)
+                                 if resident or device.type == "cuda" else None)
 
     def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
         cfg, teacher = self.cfg, self.teacher
@@ -298,8 +301,9 @@ class DistillStage:
         h, w = teacher.identity.preprocessing["image_size"]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=keys,
                                              **loader_options(self.device, self.workers, cfg.batch_size * 3 * h * w))
+        targets = self.resident_teacher.epoch(batches, views) if self.resident_teacher is not None else [None] * len(batches)
         with on_device(self.device):  # zip starts the loader's workers and pinning thread, on the training GPU
-            return Epoch(zip(batches, views, loader, [None] * len(batches)), len(batches), images)
+            return Epoch(zip(batches, views, loader, targets), len(batches), images)
 
     def step(self, batch) -> Step:
         imgs, vv, pixels, b = batch

@@ -286,6 +286,7 @@ def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndar
                 acc.add_block(start, *device_block_ranks(scores, start, index, budget))
             per_query.update(zip(acc.evaluated[n:], zip(acc.aps[n:], acc.first[n:])))
             bar.update(len(scores))
+            del scores  # before the next block is scored: one block's scores at a time, not two
     return acc.result(), per_query, backend
 
 

@@ -115,12 +115,13 @@ class _Base:
             x = nhwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         else:
             x = views.to(self.device, non_blocking=True)
-        with _autocast(self.device):
-            for name, bb in self.backbones.items():
-                inp = bb.normalize(x)
-                if self.channels_last[name]:
-                    inp = inp.contiguous(memory_format=torch.channels_last)
-                yield name, bb(inp)
+        for name, bb in self.backbones.items():
+            inp = bb.normalize(x)
+            if self.channels_last[name]:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            with _autocast(self.device):  # the forward only: nothing yields inside it, so no error leaves it on
+                out = bb(inp)
+            yield name, out
 
 
 class PlainMapper(_Base):

@@ -53,7 +53,16 @@ class Checkpoint:
         """Put the model, optimizer and RNGs (torch's, the numpy generator ``rng`` and, training on a GPU, that
         GPU's) back; returns the epoch."""
         model.load_state_dict(self.weights)
-        opt.load_state_dict(self.state["optimizer"])  # the optimizer continues as it was saved (fused or not)
+        built = [g.get("fused") for g in opt.param_groups]
+        opt.load_state_dict(self.state["optimizer"])  # the optimizer continues as it was saved (fused or not) ...
+        moved = ("cuda_rng" in self.state) != (device is not None and device.type == "cuda")
+        for group, fused in zip(opt.param_groups, built):
+            if moved:  # ... unless the run moved between CPU and GPU: then as this device's optimizer is built
+                group["fused"] = fused
+            for p in group["params"]:  # moments in their weight's layout: a GPU run saves them channels_last, and fused
+                for k, v in opt.state.get(p, {}).items():  # Adam on the CPU would pair them with the wrong elements
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        opt.state[p][k] = torch.empty_like(p).copy_(v)
         torch.set_rng_state(self.state["torch_rng"])
         if "cuda_rng" in self.state and device is not None and device.type == "cuda":  # dropout, gate noise
             torch.cuda.set_rng_state(self.state["cuda_rng"], device)
