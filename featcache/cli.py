@@ -234,6 +234,8 @@ def _synth_options(f: Callable) -> Callable:
         click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False),
         opt(C, "layout", type=click.Choice(list(LAYOUT_CAMS)), help="Official layout to write."),
         opt(C, "ids", type=int, help="Number of identities (half train, half test)."),
+        opt(C, "train_ids", type=int, help="Training identities, with --test-ids instead of --ids: the test side stays the same whatever this is."),
+        opt(C, "test_ids", type=int, help="Test identities (and as many distractors), with --train-ids."),
         opt(C, "cams", type=int, help="Cameras."),
         opt(C, "seed", type=int, help="Seed of the scenes."),
         set_option(C),

@@ -41,6 +41,10 @@ class SynthConfig(StageConfig):
     cams_per_id: tuple[int, int] = (2, 4)
     night_cams: tuple[int, ...] = ()    # monochrome cameras (colour lost): a condition one expert may see better
     blur_cams: tuple[int, ...] = ()     # out-of-focus cameras (patterns lost)
+    # a split of chosen sizes instead of ids half and half: the test identities (and their images, distractors and
+    # junk boxes) are the same whatever train_ids is, so that test mAPs compare across training-set sizes
+    train_ids: int = 0
+    test_ids: int = 0
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_CAMS:
@@ -61,6 +65,18 @@ class SynthConfig(StageConfig):
             raise ConfigError(f"cameras {both} are in both night_cams and blur_cams; a camera has one condition")
         if self.ids < 4:
             raise ConfigError(f"--ids {self.ids}: at least 4 identities (half train, half test)")
+        if bool(self.train_ids) != bool(self.test_ids) or min(self.train_ids, self.test_ids) < 0:
+            raise ConfigError(f"train_ids {self.train_ids}, test_ids {self.test_ids}: give both (at least 2 each), or neither")
+        if self.train_ids and min(self.train_ids, self.test_ids) < 2:
+            raise ConfigError(f"train_ids {self.train_ids}, test_ids {self.test_ids}: at least 2 identities each")
+        if self.train_ids and self.ids not in (50, self.train_ids + self.test_ids):
+            raise ConfigError(f"--ids {self.ids} with train_ids {self.train_ids} and test_ids {self.test_ids}: give --ids, "
+                              "or train_ids and test_ids, not both")
+
+    @property
+    def fixed_split(self) -> bool:
+        """Train and test identities of chosen sizes, the test side independent of the training side."""
+        return self.train_ids > 0
 
 
 @dataclass
@@ -86,6 +102,22 @@ def _plan(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[int], list[i
     return train, test, shots
 
 
+def _plan_fixed(cfg: SynthConfig) -> tuple[list[int], list[int], list[_Shot]]:
+    """``test_ids`` test identities (1..T) and ``train_ids`` training ones after them; each identity's shots drawn
+    from a generator of its own, and the test identities' shots first, so that the test side, images included, is
+    the same whatever the number of training identities."""
+    test = list(range(1, cfg.test_ids + 1))
+    train = list(range(cfg.test_ids + 1, cfg.test_ids + cfg.train_ids + 1))
+    shots: list[_Shot] = []
+    for pid in test + train:
+        r = np.random.default_rng([cfg.seed, 4, pid])
+        n_cam = int(r.integers(cfg.cams_per_id[0], min(cfg.cams_per_id[1], cfg.cams) + 1))
+        for cam in sorted(r.choice(np.arange(1, cfg.cams + 1), n_cam, replace=False)):
+            for _ in range(int(r.integers(cfg.images_per_cam[0], cfg.images_per_cam[1] + 1))):
+                shots.append(_Shot(pid, int(cam), int(r.integers(0, 99_999)), int(r.integers(2**31))))
+    return train, test, shots
+
+
 def _queries(shots: list[_Shot], test: set[int]) -> set[int]:
     """Indices of query shots: the first shot of each test identity in each camera."""
     seen: set[tuple[int, int]] = set()
@@ -106,7 +138,7 @@ def generate(cfg: SynthConfig) -> dict[str, int]:
     rng = np.random.default_rng(cfg.seed)
     scenes = {c: dataclasses.replace(Scene.sample(np.random.default_rng([cfg.seed, 1, c])), condition=condition(cfg, c))
               for c in range(1, cfg.cams + 1)}
-    train, test, shots = _plan(cfg, rng)
+    train, test, shots = _plan_fixed(cfg) if cfg.fixed_split else _plan(cfg, rng)
     write = _write_market if cfg.layout == "market1501" else _write_veri
     counts = write(cfg, rng, scenes, set(train), set(test), shots)
     save_resolved(Path(cfg.out) / CONFIG_NAME, cfg)  # inside the dataset it describes, not beside it
@@ -134,13 +166,17 @@ def _write_market(cfg: SynthConfig, rng, scenes, train: set[int], test: set[int]
         img = render_person(people[s.pid], scenes[s.cam], np.random.default_rng(s.image_seed))
         _save(img, cfg.out / folder / name, rng)
         counts[folder] += 1
-    # distractors (0000: people outside the query identities) and junk boxes (-1: background crops)
-    for k in range(max(5, cfg.ids // 2)):
+    # distractors (0000: people outside the query identities) and junk boxes (-1: background crops); with a fixed
+    # split, as many as the test identities and drawn apart, so that they do not change with the training side
+    if cfg.fixed_split:
+        rng = np.random.default_rng([cfg.seed, 6])
+    test_size = cfg.test_ids if cfg.fixed_split else cfg.ids // 2
+    for k in range(max(5, test_size)):
         cam = int(rng.integers(1, cfg.cams + 1))
         img = render_person(Person.sample(np.random.default_rng([cfg.seed, 3, k])), scenes[cam], rng)
         _save(img, cfg.out / "bounding_box_test" / f"0000_c{cam}s1_{k:06d}_00.jpg", rng)
         counts["bounding_box_test"] += 1
-    for k in range(max(3, cfg.ids // 10)):
+    for k in range(max(3, test_size // 5)):
         cam = int(rng.integers(1, cfg.cams + 1))
         img = scenes[cam].finish(scenes[cam].background(64, 128, rng), rng)
         _save(img, cfg.out / "bounding_box_test" / f"-1_c{cam}s1_{k:06d}_00.jpg", rng)

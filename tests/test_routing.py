@@ -327,3 +327,42 @@ def test_a_validation_split_without_true_matches_is_reported_not_fatal():
     val = ValData([x.numpy() for x in xs], np.arange(8), np.ones(8, dtype=np.int64), np.arange(8) < 4, None, np.arange(8))  # one image each
     res = evaluate_val(m, val)
     assert res["mAP"] is None and "no query has a valid match" in res["reason"] and res["identities"] == 8
+
+
+def test_the_oracle_routes_rendered_data_by_each_conditions_expert(tmp_path):
+    """moe-oracle on a rendered synthetic dataset: each view goes to the expert named for its camera's condition
+    (chosen beforehand on validation), read from the condition the cache records; without that choice it is refused."""
+    from click.testing import CliRunner
+
+    from conftest import extract_cfg
+    from featcache.cli import main
+    from featcache.errors import ConfigError
+    from featcache.extract.runner import run_extract
+    from featcache.gate.config import GateConfig
+    from featcache.gate.data import load_train
+    from featcache.synth import SynthConfig, generate
+
+    root = tmp_path / "m"
+    generate(SynthConfig(root, "market1501", ids=12, cams=3, seed=2, night_cams=(2,), blur_cams=(3,)))
+    cache = tmp_path / "c.h5"
+    run_extract(extract_cfg(root, cache))
+    experts = ["align-tiny", "clip-tiny"]
+    data = load_train(cache, experts, oracle={"night": "align-tiny", "day": "clip-tiny", "blur": "clip-tiny"})
+    per_row_cam = np.repeat(data.camids, data.n_views)
+    assert (data.route == np.where(per_row_cam == 2, 0, 1)).all()
+    assert load_train(cache, experts).route is None  # no choice given: no route
+    out = tmp_path / "oracle"
+    res = CliRunner().invoke(main, ["train-gate", "--cache", str(cache), "--out", str(out), "--fusion", "moe-oracle", "--epochs", "1",
+                                    "--batch-size", "8", "--set", "oracle_route=night=align-tiny,day=clip-tiny,blur=clip-tiny"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((out / "gate_stats.json").read_text())
+    assert stats["per_camera"]["2"]["align-tiny"] == 1.0 and stats["per_camera"]["1"]["clip-tiny"] == 1.0
+    res = CliRunner().invoke(main, ["eval", "--cache", str(cache), "--model", f"gate:{out}"])
+    assert res.exit_code == 0, res.output  # evaluation routes the query and gallery views the same way
+    res = CliRunner().invoke(main, ["train-gate", "--cache", str(cache), "--out", str(tmp_path / "x"), "--fusion", "moe-oracle",
+                                    "--epochs", "1", "--batch-size", "8"])
+    assert res.exit_code == 1 and "--set oracle_route=" in res.output
+    with pytest.raises(ConfigError, match="only --fusion moe-oracle"):
+        GateConfig(cache, tmp_path / "y", fusion="moe-top1", oracle_route=("night=align-tiny",))
+    with pytest.raises(ConfigError, match="CONDITION=EXPERT"):
+        GateConfig(cache, tmp_path / "y", fusion="moe-oracle", oracle_route=("dusk=align-tiny",))

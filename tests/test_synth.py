@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -109,3 +110,57 @@ def test_synth_writes_its_config_inside_the_dataset_and_nothing_beside_it(tmp_pa
     assert all(it.path.endswith(".jpg") for it in load_listing("market1501", tmp_path / "m").items)
     generate(SynthConfig(tmp_path / "v", "veri776", ids=4, cams=2, seed=0))
     assert (tmp_path / "v" / CONFIG_NAME).is_file() and len(load_listing("veri776", tmp_path / "v").items) > 0
+
+
+def test_a_fixed_split_keeps_the_test_side_whatever_the_training_side(tmp_path):
+    """For a study across training-set sizes: --train-ids and --test-ids. The test identities, their images, the
+    distractors and the junk boxes are byte for byte the same for 6 and for 14 training identities."""
+    from featcache.datasets import load_listing
+    from featcache.synth import SynthConfig, generate
+
+    def test_side(root: Path) -> dict[str, bytes]:
+        return {f"{d}/{f.name}": f.read_bytes() for d in ("query", "bounding_box_test") for f in sorted((root / d).iterdir())}
+
+    roots = {}
+    for n in (6, 14):
+        roots[n] = tmp_path / f"n{n}"
+        generate(SynthConfig(roots[n], "market1501", train_ids=n, test_ids=5, cams=3, seed=3, night_cams=(2,)))
+    assert test_side(roots[6]) == test_side(roots[14]) and len(test_side(roots[6])) > 10
+    for n, root in roots.items():
+        listing = load_listing("market1501", root)
+        train = {it.pid for it in listing.items if it.split == "train"}
+        test = {it.pid for it in listing.items if it.split != "train" and it.pid > 0}
+        assert len(train) == n and test == {1, 2, 3, 4, 5}
+        assert sum(1 for it in listing.items if it.pid == 0) == 5  # distractors: as many as the test identities
+    with pytest.raises(ConfigError, match="give both"):
+        SynthConfig(tmp_path / "x", train_ids=10)
+    with pytest.raises(ConfigError, match="not both"):
+        SynthConfig(tmp_path / "x", ids=30, train_ids=10, test_ids=5)
+
+
+def test_camera_conditions_are_carried_into_the_cache(tmp_path):
+    """Each view row of a rendered synthetic dataset's cache records its camera's condition, as synthetic feature
+    caches record their route; a dataset without conditions carries none."""
+    from conftest import extract_cfg
+    from featcache.cache import CacheReader, CacheSplit
+    from featcache.datasets.base import CONDITIONS, SYNTH_CONFIG
+    from featcache.extract.runner import run_extract
+    from featcache.synth import CONFIG_NAME, SynthConfig, generate
+
+    assert SYNTH_CONFIG == CONFIG_NAME  # the datasets layer reads what synth writes
+    root = tmp_path / "m"
+    generate(SynthConfig(root, "market1501", ids=8, cams=3, seed=1, night_cams=(2,), blur_cams=(3,)))
+    run_extract(extract_cfg(root, tmp_path / "c.h5", backbones=("clip-tiny",)))
+    with CacheReader(tmp_path / "c.h5") as c:
+        attrs, values = c.annotation("condition")
+    names = json.loads(attrs["conditions"])
+    assert names == list(CONDITIONS)
+    for split in ("train", "query", "gallery"):
+        s = CacheSplit.load(tmp_path / "c.h5", split)
+        for v in range(int(s.n_views.min())):
+            got = [names[i] for i in values[s.rows(v)]]
+            assert got == [{1: "day", 2: "night", 3: "blur"}[int(c)] for c in s.camids]
+    (root / CONFIG_NAME).unlink()  # not a synthetic dataset any more: nothing recorded
+    run_extract(extract_cfg(root, tmp_path / "d.h5", backbones=("clip-tiny",)))
+    with CacheReader(tmp_path / "d.h5") as c:
+        assert c.annotation("condition") is None

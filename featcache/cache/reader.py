@@ -135,9 +135,20 @@ def cache_identity(path: str | Path) -> CacheIdentity:
         return c.identity
 
 
-def known_route(cache: CacheReader, rows: np.ndarray, experts: list[str]) -> np.ndarray | None:
-    """The known reliable expert of each view row, as an index into ``experts`` (synthetic caches only; else None)."""
+def known_route(cache: CacheReader, rows: np.ndarray, experts: list[str],
+                by_condition: dict[str, str] | None = None) -> np.ndarray | None:
+    """The known reliable expert of each view row, as an index into ``experts`` (-1: none known): from a synthetic
+    feature cache's ``route``, or, given ``by_condition`` ({condition: expert}), from a rendered synthetic dataset's
+    ``condition`` of each row; else None."""
     ann = cache.annotation("route")
+    if ann is None and by_condition is not None:
+        cond = cache.annotation("condition")
+        if cond is None:
+            return None
+        attrs, values = cond
+        names = json.loads(attrs["conditions"])
+        route = np.array([experts.index(by_condition[n]) if by_condition.get(n) in experts else -1 for n in names])
+        return route[values[rows].astype(np.int64)]
     if ann is None:
         return None
     attrs, route = ann

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -109,3 +111,30 @@ def raise_on_rejected(listing: Listing, pattern: str, strict: bool) -> None:
         "%s: %d file(s) do not follow %s and are recorded as failed:\n%s%s",
         listing.name, len(listing.rejected), pattern, shown, more,
     )
+
+
+#: the resolved config ``featcache synth`` writes inside a synthetic dataset (``synth.CONFIG_NAME``, the same name)
+SYNTH_CONFIG = "featcache-synth.yaml"
+#: camera conditions of synthetic datasets, in the order a cache's ``condition`` annotation indexes them
+CONDITIONS = ("day", "night", "blur")
+
+
+def camera_conditions(root: str | Path) -> dict[int, str] | None:
+    """Each camera's condition (day, night, blur) of a synthetic dataset written by ``featcache synth``, read from
+    its config inside ``root``; None for any other dataset."""
+    import yaml
+
+    path = Path(root) / SYNTH_CONFIG
+    if not path.is_file():
+        return None
+    cfg = (yaml.safe_load(path.read_text()) or {}).get("synth", {})
+    night, blur = set(cfg.get("night_cams") or ()), set(cfg.get("blur_cams") or ())
+    return {c: "night" if c in night else "blur" if c in blur else "day" for c in range(1, int(cfg.get("cams", 0)) + 1)}
+
+
+def condition_rows(listing: "Listing", n_views: np.ndarray, conditions: dict[int, str]) -> np.ndarray:
+    """Per view row of a cache made from ``listing`` (``n_views`` per image, in listing order), the index of its
+    camera's condition in ``CONDITIONS``."""
+    per_image = np.array([CONDITIONS.index(conditions.get(it.camid, "day")) for it in listing.items]
+                         + [0] * len(listing.rejected), dtype=np.int8)
+    return np.repeat(per_image, n_views)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import torch
 
 from featcache.backbones import OutputSpec, build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
-from featcache.cache.store import file_digests, restore_static
+from featcache.cache.store import file_digests, restore_static, view_counts
 from featcache.cache import PENDING, CacheError, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
 from featcache.cache.shards import (
     Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,
@@ -149,6 +150,30 @@ def _prepare_single(job: _Job) -> None:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         create_cache(out, job.listing, job.identity, job.n_views, job.specs, cfg.tokens)
+    annotate_conditions(out, job.listing, job.n_views)
+
+
+def annotate_conditions(out: Path, listing, n_views: dict[str, int]) -> None:
+    """A synthetic dataset's camera conditions (day, night, blur), carried into the cache as a ``condition``
+    annotation per view row (an index into ``datasets.base.CONDITIONS``), as synthetic feature caches carry their
+    known route; written once, also into a cache created before a kill."""
+    from featcache.datasets.base import CONDITIONS, camera_conditions, condition_rows
+
+    conditions = camera_conditions(listing.root)
+    if conditions is None:
+        return
+    with CacheReader(out) as c:
+        if c.annotation("condition") is not None:
+            return
+    if not os.access(out, os.W_OK):  # a read-only cache made before conditions were recorded is only read
+        return
+    writer = CacheWriter(out)
+    try:
+        writer.annotate("condition", condition_rows(listing, view_counts(listing, n_views), conditions),
+                        conditions=json.dumps(list(CONDITIONS)),
+                        condition_doc="condition: per view row, the index of its camera's condition in conditions")
+    finally:
+        writer.close()
 
 
 def _remove_cache(out: Path) -> None:

@@ -108,6 +108,9 @@ class GateConfig(StageConfig):
     gate_freeze: bool | None = None
     route_by_loss: float | None = None
     route_target: str | None = None
+    # moe-oracle on rendered data: each camera condition's expert, "condition=expert" (night=align-mini, ...); the
+    # cache records each view's condition (synthetic datasets); synthetic feature caches record the route itself
+    oracle_route: tuple[str, ...] = ()
 
     def routing(self) -> Routing:
         return Routing(**{k: getattr(self, k) for k in ROUTING_FIELDS})
@@ -128,7 +131,23 @@ class GateConfig(StageConfig):
             raise ConfigError(f"--experts names an expert twice: {','.join(self.experts)}")
         if self.experts:
             check_experts(self.fusion, self.experts)
+        if self.oracle_route and self.fusion != "moe-oracle":
+            raise ConfigError(f"--set oracle_route={','.join(self.oracle_route)}: only --fusion moe-oracle routes by it")
+        self.oracle_by_condition()  # checked now
         self._resolve_routing()
+
+    def oracle_by_condition(self) -> dict[str, str] | None:
+        """``oracle_route`` as {condition: expert}, or None."""
+        from featcache.datasets.base import CONDITIONS
+
+        out = {}
+        for pair in self.oracle_route:
+            cond, _, expert = str(pair).partition("=")
+            if cond not in CONDITIONS or not expert:
+                raise ConfigError(f"--set oracle_route: {pair!r}: expected CONDITION=EXPERT with a condition of "
+                                  f"{', '.join(CONDITIONS)}")
+            out[cond] = expert
+        return out or None
 
     def _resolve_routing(self) -> None:
         if self.gate_recipe not in RECIPES:

@@ -53,7 +53,8 @@ class ValData:
     images: np.ndarray        # per image: its row in the cache's images/ (distillation embeds the same images)
 
 
-def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial: bool = False) -> TrainData:
+def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial: bool = False,
+               oracle: dict[str, str] | None = None) -> TrainData:
     """The training split's views, less the ``val_ids`` identities held out for validation (in ``val``); a cache whose
     extraction has not finished is refused unless ``allow_partial`` (then ``partial`` records what was used)."""
     try:
@@ -75,12 +76,12 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial:
         if held.any():
             vrows = split.view_start[held]
             val = ValData([c.read(e, "pooled", vrows).astype(np.float32) for e in experts], split.pids[held],
-                          split.camids[held], val_queries(split.pids[held], split.camids[held]), known_route(c, vrows, experts),
+                          split.camids[held], val_queries(split.pids[held], split.camids[held]), known_route(c, vrows, experts, oracle),
                           split.images[held])
             split = split.subset(~held)
         rows = np.concatenate([np.arange(s, s + n) for s, n in zip(split.view_start, split.n_views)])
         feats = [c.read(e, "pooled", rows).astype(np.float32) for e in experts]
-        route = known_route(c, rows, experts)
+        route = known_route(c, rows, experts, oracle)
     local_start = np.concatenate([[0], np.cumsum(split.n_views)[:-1]]).astype(np.int64)
     pids, labels = np.unique(split.pids, return_inverse=True)
     logger.info("training data: %d images, %d views, %d identities; experts %s (%s)", len(split.images), len(rows), len(pids),

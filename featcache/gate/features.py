@@ -39,6 +39,7 @@ class GateFeatures:
         device = resolve_device(ctx.device)
         model, cfg, meta = self._load(device)
         oracle = cfg.fusion == "moe-oracle"
+        by_condition = cfg.oracle_by_condition() if oracle else None
         for name, w in zip(meta["experts"], meta["expert_weights"]):
             have = split.identity.weights(name)
             if have is None:
@@ -56,7 +57,7 @@ class GateFeatures:
                 for s in range(0, len(rows), block):
                     xs = [torch.from_numpy(c.read(e, "pooled", rows[s: s + block]).astype(np.float32)).to(device)
                           for e in meta["experts"]]
-                    route = known_route(c, rows[s: s + block], meta["experts"]) if oracle else None
+                    route = known_route(c, rows[s: s + block], meta["experts"], by_condition) if oracle else None
                     if oracle and (route is None or (route < 0).any()):
                         raise InputError(f"{self.run} routes by known experts (moe-oracle), which {split.cache} does not record")
                     rt = torch.from_numpy(route).to(device) if route is not None else None

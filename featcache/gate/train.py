@@ -61,7 +61,7 @@ def run_meta(data: TrainData, experts: list[str]) -> dict:
 def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, RunDir]:
     """Train the adapters and fusion from the cache; returns the model, the data it saw and its run directory."""
     RunDir.refuse_existing(cfg.out, resume)  # before the cache is read
-    data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids, cfg.allow_partial)
+    data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids, cfg.allow_partial, cfg.oracle_by_condition())
     p = cfg.batch_size // cfg.instances
     if len(data.pids) < p:
         raise InputError(f"{cfg.cache}: {len(data.pids)} training identities, fewer than P = {p} needed for "
@@ -71,7 +71,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     single_expert_index(cfg.fusion, data.families)
     if cfg.fusion == "moe-oracle" and (data.route is None or (data.route < 0).any()):
         raise InputError(f"--fusion moe-oracle routes by the known reliable expert of each image, which {cfg.cache} "
-                         "does not record (only synthetic caches of the camera or dominant kind do)")
+                         "does not record (synthetic feature caches of the camera or dominant kind do; a rendered "
+                         "synthetic dataset's cache does with --set oracle_route=day=EXPERT,night=EXPERT,blur=EXPERT)")
     rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(data, list(cfg.experts)), resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -113,7 +113,7 @@ def _synth(plan: Plan) -> Stage:
             shutil.rmtree(plan.root)
         generate(cfg)
 
-    return Stage("synth", lambda: {"config": cfg.to_dict(absolute=True)}, lambda: [plan.root], run)
+    return Stage("synth", lambda: {"config": unkeyed_defaults(cfg.to_dict(absolute=True))}, lambda: [plan.root], run)
 
 
 def standin_backbones(pipeline: Pipeline) -> tuple[str, ...]:
@@ -163,6 +163,19 @@ def _extract_managed(plan: Plan) -> dict[str, Any]:
 
         managed["weights"] = {**parse_weights(section), **{k: str(v) for k, v in plan.standins.items()}}
     return managed
+
+
+#: config fields added after stages were first keyed: left out of a key while at their default, so that adding them
+#: does not make finished stages run again
+LATER_FIELDS = {"allow_partial": False, "oracle_route": (), "train_ids": 0, "test_ids": 0}
+
+
+def unkeyed_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the later fields that hold their default."""
+    def default(k: str, v: Any) -> bool:
+        d = LATER_FIELDS.get(k, object())
+        return v == d or (isinstance(d, tuple) and v == list(d))
+    return {k: v for k, v in config.items() if not default(k, v)}
 
 
 def _extract(plan: Plan) -> Stage:
@@ -234,7 +247,7 @@ def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
         cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
         from featcache.cache.fileformat import TARGETS_VERSION  # a gate whose targets predate this version trains again
 
-        return cfg, {"config": {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out" and not (k == "allow_partial" and not v)}, "cache": _cache_id(plan),
+        return cfg, {"config": unkeyed_defaults({k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}), "cache": _cache_id(plan),
                      "targets_version": TARGETS_VERSION}
 
     return _trained(plan, f"train-gate {fusion} seed {seed}", str(plan.out / "gate" / f"{fusion}-seed{seed}"), row, seed,

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 HOW = ("root", "device", "force", "presets")
 #: the code that shapes the weights: an edit to any of these trains anew (the package version alone would not see it)
 RECIPE_CODE = ("standins/data.py", "standins/views.py", "standins/train.py", "synth_render.py", "training/loop.py",
-               "training/losses.py", "training/sampling.py", "training/schedule.py")
+               "training/hooks.py", "training/losses.py", "training/sampling.py", "training/schedule.py")
 
 
 def standin_key(cfg: StandinConfig, name: str) -> str:
