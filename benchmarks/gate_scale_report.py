@@ -1,4 +1,4 @@
-"""Tables and plots of ``benchmarks/gate_scale.py``'s results: ``python benchmarks/gate_scale.py --report FILE``."""
+"""Tables and plots of ``benchmarks/gate_scale.py``'s results (also ``python benchmarks/gate_scale.py --report FILE``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ FUSIONS = ("clip", "align", "average", "concat", "moe-top1", "moe-oracle")
 CONDITIONS = ("day", "night", "blur")
 
 
-def _ms(xs: list[float | None], scale: float = 100.0) -> str:
+def _ms(xs: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
     xs = [scale * x for x in xs if x is not None]
     if not xs:
         return "–"
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.1f} ± {sd:.1f} ({', '.join(f'{x:.1f}' for x in xs)})"
+    return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f} ({', '.join(f'{x:.{digits}f}' for x in xs)})"
 
 
 def _col(size: dict, fusion: str, get) -> list:
@@ -39,8 +39,7 @@ def tables(results: dict) -> list[str]:
         for f in ("moe-top1", "moe-oracle"):
             out.append(f"| {f} | {_ms(_col(size, f, lambda r: r['val_same']))} | {_ms(_col(size, f, lambda r: r['val_cross']))} |")
         winners = "; ".join(f"seed {s}: " + ", ".join(f"{c} {w}" for c, w in v["winners"].items()) for s, v in size["seeds"].items())
-        weight = " | ".join(_ms(_col(size, "moe-top1", lambda r, c=c: r["weight_on_winner"][c]), 1.0)
-                            .replace(" ± ", "±") for c in CONDITIONS)
+        weight = " | ".join(_ms(_col(size, "moe-top1", lambda r, c=c: r["weight_on_winner"][c]), 1.0, 2) for c in CONDITIONS)
         out += ["", f"Winners (the oracle's route, from the adapted experts' validation mAP): {winners}.", "",
                 "| teacher's gate weight on the winner | " + " | ".join(CONDITIONS) + " |", "|---|---|---|---|",
                 f"| moe-top1 | {weight} |", ""]
@@ -99,3 +98,17 @@ def report(path: Path, folder: Path | None) -> None:
     if folder is not None:
         for p in plots(results, folder):
             print(f"plot: {p}")
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("results", type=Path, help="the JSON file gate_scale.py wrote")
+    ap.add_argument("--plots", type=Path, help="folder for the two plots")
+    args = ap.parse_args()
+    report(args.results, args.plots)
+
+
+if __name__ == "__main__":
+    main()
