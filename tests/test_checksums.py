@@ -91,6 +91,20 @@ def test_readers_refuse_damaged_rows_and_repair_restores_the_uninterrupted_bytes
     assert CliRunner().invoke(main, ["verify", str(copy)]).exit_code == 0
 
 
+def test_a_damaged_annotation_is_refused_named_and_restored(market_root, market_cache, tmp_path):
+    from featcache.cache import CacheReader
+
+    copy, _, t = damaged_copy(market_cache, tmp_path, 0, 2)
+    with h5py.File(copy, "r") as f:
+        row, name = int(f["images/view_start"][t]) + 1, f["images/path"].asstr()[t]
+    flip_byte(copy, "synthetic/condition", row, byte=0)
+    with CacheReader(copy) as c, pytest.raises(CacheError, match=f"1 row\\(s\\) of its 'condition' annotation fail their checksum \\(view rows {row}\\)"):
+        c.annotation("condition")
+    assert verify_cache(copy).bad == {t: ["synthetic/condition"]} and verify_cache(copy).paths[t] == name
+    run_extract(extract_cfg(market_root, copy, repair=True))
+    assert_same_cache(market_cache, copy)
+
+
 def test_a_format_1_cache_still_reads(market_cache, tmp_path):
     old = tmp_path / "v1.h5"
     shutil.copy(market_cache, old)

@@ -8,7 +8,9 @@ its batch before the batch's status flags.
 - ``checksums/views``: one per view row, over its ``image``, ``view``, ``dx``, ``dy``, ``flip`` (and, format 3,
   ``erase`` and ``erase_fill``);
 - ``checksums/images``: one per image, over its ``path``, ``pid``, ``camid``,
-  ``split``, ``n_views``, ``view_start``, ``width``, ``height`` and ``sha1``.
+  ``split``, ``n_views``, ``view_start``, ``width``, ``height`` and ``sha1``;
+- ``checksums/synthetic/<name>``: one per view row of an annotation (a synthetic cache's known route or camera
+  condition), written with it.
 
 Readers of pooled features (evaluation, training) check the rows they load;
 ``featcache verify`` checks everything and names the images whose rows fail,
@@ -28,7 +30,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from featcache.cache.fileformat import DONE, FAILED, PENDING, CacheError, open_cache, window_offsets
+from featcache.cache.fileformat import ANNOTATIONS, DONE, FAILED, PENDING, CacheError, open_cache, window_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,19 @@ def _views(f: h5py.File) -> np.ndarray:
 
 def has_checksums(f: h5py.File) -> bool:
     return GROUP in f
+
+
+def annotation_key(name: str) -> str:
+    """Where the checksums of annotation ``name`` (``synthetic/<name>``) are stored."""
+    return f"{GROUP}/{ANNOTATIONS}/{name}"
+
+
+def check_annotation(f: h5py.File, name: str, values: np.ndarray) -> np.ndarray:
+    """The rows of annotation ``name`` whose values fail their checksum (none when it carries no checksums)."""
+    key = annotation_key(name)
+    if key not in f:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(row_crcs(values) != f[key][...])
 
 
 def array_checksums(f: h5py.File, backbone: str, array: str) -> h5py.Dataset | None:
@@ -139,6 +154,10 @@ def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> Verify
     for r in vbad:
         if done[view_image[r]]:
             rep.add(view_image[r], "views")
+    for name, ds in (f[ANNOTATIONS].items() if ANNOTATIONS in f else ()):
+        for r in check_annotation(f, name, ds[...]):
+            if done[view_image[r]]:
+                rep.add(view_image[r], f"{ANNOTATIONS}/{name}")
     for bname, bg in f["backbones"].items():
         for aname, ds in bg.items():
             sums = array_checksums(f, bname, aname)

@@ -23,6 +23,7 @@ import h5py
 from featcache.errors import InputError
 
 FORMAT = "featcache-cache"
+ANNOTATIONS = "synthetic"  # the one group of annotations a cache may carry (synthetic caches: route, conditions)
 FORMAT_VERSION = 3  # 2: checksums/ (featcache.cache.checksum); 3: views/erase, views/erase_fill (random erasing)
 TARGETS_FORMAT, TARGETS_VERSION = "featcache-teacher-targets", 2  # 2: retrieval, val/
 PIXELS_FORMAT, PIXELS_VERSION = "featcache-pixel-cache", 1

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache.checksum import check_images
+from featcache.cache.checksum import check_annotation, check_images
 from featcache.cache.identity import CacheIdentity
+from featcache.cache.fileformat import ANNOTATIONS
 from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
 from featcache.datasets import SPLITS
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("path", "pid", "camid", "split", "status", "reason", "width", "height", "sha1", "n_views", "view_start")
-ANNOTATIONS = "synthetic"  # the one group of annotations a cache may carry (synthetic caches: the known route)
 
 
 class CacheReader:
@@ -122,7 +122,13 @@ class CacheReader:
         key = f"{ANNOTATIONS}/{name}"
         if key not in self.f:
             return None
-        return dict(self.f[ANNOTATIONS].attrs), self.f[key][...]
+        values = self.f[key][...]
+        bad = check_annotation(self.f, name, values)
+        if bad.size:
+            raise CacheError(f"{self.path}: {bad.size} row(s) of its {name!r} annotation fail their checksum "
+                             f"(view rows {', '.join(map(str, bad[:5]))}{' ...' if bad.size > 5 else ''}): "
+                             f"`featcache verify {self.path}` names the images")
+        return dict(self.f[ANNOTATIONS].attrs), values
 
     def shard_info(self) -> dict[str, Any] | None:
         """A distributed extraction's layout (world, batch size), or None for a one-process cache."""

@@ -5,6 +5,7 @@ Extraction and the synthetic caches of tests and benchmarks write through it alo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,7 @@ import h5py
 import numpy as np
 
 from featcache.cache import checksum
-from featcache.cache.fileformat import DONE, FAILED, FORMAT_VERSION, CacheError, open_cache, window_offsets
-from featcache.cache.reader import ANNOTATIONS
+from featcache.cache.fileformat import ANNOTATIONS, DONE, FAILED, FORMAT_VERSION, CacheError, open_cache, window_offsets
 from featcache.cache.store import REASON_LEN, _runs
 from featcache.faults import fault_point
 
@@ -104,10 +104,7 @@ class CacheWriter:
     def annotate(self, name: str, values: np.ndarray, **attrs: str) -> None:
         """Store an annotation array (one value per view row) that is not a backbone output, such as the known
         reliable expert of a synthetic cache (read back with ``CacheReader.annotation``); written once."""
-        g = self.f.require_group(ANNOTATIONS)
-        g.attrs.update(attrs)
-        g.create_dataset(name, data=values)
-        self.f.flush()
+        _annotate(self.f, name, values, attrs)
 
     def close(self) -> None:
         self.f.close()
@@ -118,3 +115,32 @@ def _put(ds: h5py.Dataset, rows: np.ndarray, arr: np.ndarray) -> None:
     if len(rows):
         for a, b, first in _runs(rows):
             ds[first: first + b - a] = arr[a:b]
+
+
+def annotate_cache(path: Path, name: str, values: np.ndarray, **attrs: str) -> bool:
+    """``CacheWriter.annotate`` for any cache, the master file of a distributed extraction included: written when
+    missing, rewritten where its stored values differ from ``values`` (damaged); a cache that already holds exactly
+    ``values``, or that this process may not write, is left alone. Whether it wrote."""
+    with open_cache(path) as f:
+        key = f"{ANNOTATIONS}/{name}"
+        if key in f and np.array_equal(f[key][...], values):
+            return False
+    if not os.access(path, os.W_OK):  # a read-only cache made before the annotation existed is only read
+        return False
+    with open_cache(path, "r+") as f:
+        for key in (f"{ANNOTATIONS}/{name}", checksum.annotation_key(name)):
+            if key in f:
+                del f[key]
+        _annotate(f, name, values, attrs)
+    return True
+
+
+def _annotate(f: h5py.File, name: str, values: np.ndarray, attrs: dict[str, str]) -> None:
+    if len(values) != len(f["views/image"]):
+        raise CacheError(f"{f.filename}: annotation {name!r} has {len(values)} rows, the cache {len(f['views/image'])} view rows")
+    g = f.require_group(ANNOTATIONS)
+    g.attrs.update(attrs)
+    g.create_dataset(name, data=values)
+    if checksum.has_checksums(f):  # a flipped byte in it is found like one in any stored row
+        f.create_dataset(checksum.annotation_key(name), data=checksum.row_crcs(np.asarray(values)))
+    f.flush()

@@ -156,24 +156,16 @@ def _prepare_single(job: _Job) -> None:
 def annotate_conditions(out: Path, listing, n_views: dict[str, int]) -> None:
     """A synthetic dataset's camera conditions (day, night, blur), carried into the cache as a ``condition``
     annotation per view row (an index into ``datasets.base.CONDITIONS``), as synthetic feature caches carry their
-    known route; written once, also into a cache created before a kill."""
+    known route; written once, also into a cache created before a kill, and rewritten where it was damaged."""
+    from featcache.cache.writer import annotate_cache
     from featcache.datasets.base import CONDITIONS, camera_conditions, condition_rows
 
     conditions = camera_conditions(listing.root)
     if conditions is None:
         return
-    with CacheReader(out) as c:
-        if c.annotation("condition") is not None:
-            return
-    if not os.access(out, os.W_OK):  # a read-only cache made before conditions were recorded is only read
-        return
-    writer = CacheWriter(out)
-    try:
-        writer.annotate("condition", condition_rows(listing, view_counts(listing, n_views), conditions),
-                        conditions=json.dumps(list(CONDITIONS)),
-                        condition_doc="condition: per view row, the index of its camera's condition in conditions")
-    finally:
-        writer.close()
+    annotate_cache(out, "condition", condition_rows(listing, view_counts(listing, n_views), conditions),
+                   conditions=json.dumps(list(CONDITIONS)),
+                   condition_doc="condition: per view row, the index of its camera's condition in conditions")
 
 
 def _remove_cache(out: Path) -> None:
@@ -237,6 +229,7 @@ def _prepare_master(job: _Job, windows: list[Window]) -> None:
         if shard_dir(out).exists() and any(shard_dir(out).iterdir()):
             raise CacheError(f"{shard_dir(out)} holds shards but {out} is missing; use --overwrite to start anew")
         write_master(out, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, windows)
+    annotate_conditions(out, job.listing, job.n_views)  # as a one-process cache carries them
 
 
 def _extract_shard(job: _Job, window: Window, final: Path) -> ExtractResult:
