@@ -17,6 +17,10 @@ higher validation mAP on that condition, chosen per N and seed from those two ru
     python benchmarks/gate_scale.py --out gate_scale.json            # every N (about an hour on 2 cores)
     python benchmarks/gate_scale.py --out gate_scale.json --sizes 40  # one size; results are merged into --out
     python benchmarks/gate_scale.py --report gate_scale.json --plots docs/images   # tables and the two plots
+    python benchmarks/gate_scale.py --out gate_scale.json --variants 100   # the alignment variants at N = 100
+
+The alignment variants (``VARIANTS``) each train ``average`` and ``moe-top1`` with the same extra losses or
+data, per seed, so that the teacher is compared with the fusion it must reach under equal training.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ CAMS, NIGHT, BLUR = 6, (3, 4), (5, 6)
 CONDITION = {1: "day", 2: "day", 3: "night", 4: "night", 5: "blur", 6: "blur"}
 FUSIONS = ("clip", "align", "average", "concat", "moe-top1")  # then moe-oracle, once the winners are known
 EXPERT_OF = {"clip": "clip-mini", "align": "align-mini"}
+#: what could align the experts where identities alone do not: (GateConfig overrides, synth images per camera)
+VARIANTS = {
+    "id+neck+cross": ({"expert_id": 1.0, "expert_neck": True, "cross_expert": 1.0}, None),
+    "agreement": ({"agreement": 1.0}, None),
+    "2x images": ({}, (4, 8)),
+}
 
 
 def by_condition(per_camera: dict[str, float]) -> dict[str, float]:
@@ -92,15 +102,23 @@ def train(cache: Path, out: Path, fusion: str, seed: int, val_ids: int, **over) 
     return row
 
 
-def one_size(n: int, tmp: Path, standins: dict[str, Path]) -> dict:
-    """Every run of one size: the dataset, its cache, then each fusion and the oracle per seed."""
-    val_ids = n // 4
-    root, cache = tmp / f"data-{n}", tmp / f"cache-{n}.h5"
-    generate(SynthConfig(root, "market1501", train_ids=n + val_ids, test_ids=TEST_IDS, cams=CAMS, seed=0,
-                         night_cams=NIGHT, blur_cams=BLUR))
+def build(n: int, tmp: Path, standins: dict[str, Path], images_per_cam: tuple[int, int] | None = None) -> Path:
+    """The dataset of one size (N + N/4 training identities, the fixed test split) and its cache."""
+    tag = f"{n}" if images_per_cam is None else f"{n}-{images_per_cam[0]}x{images_per_cam[1]}"
+    root, cache = tmp / f"data-{tag}", tmp / f"cache-{tag}.h5"
+    extra = {} if images_per_cam is None else {"images_per_cam": images_per_cam}
+    generate(SynthConfig(root, "market1501", train_ids=n + n // 4, test_ids=TEST_IDS, cams=CAMS, seed=0,
+                         night_cams=NIGHT, blur_cams=BLUR, **extra))
     run_extract(ExtractConfig(dataset="market1501", root=root, backbones=("clip-mini", "align-mini"), out=cache, views=4,
                               batch_size=32, workers=0, image_size=(128, 64), device="cpu",
                               weights={k: str(v) for k, v in standins.items()}))
+    return cache
+
+
+def one_size(n: int, tmp: Path, standins: dict[str, Path]) -> dict:
+    """Every run of one size: the dataset, its cache, then each fusion and the oracle per seed."""
+    val_ids = n // 4
+    cache = build(n, tmp, standins)
     train_split = CacheSplit.load(cache, "train")
     out: dict = {"n": n, "val_ids": val_ids, "test_ids": TEST_IDS, "train_images": len(train_split),
                  "steps_per_run": EPOCHS * steps_per_epoch_of(cache, val_ids), "seeds": {}}
@@ -119,6 +137,22 @@ def one_size(n: int, tmp: Path, standins: dict[str, Path]) -> dict:
     return out
 
 
+def variants(n: int, tmp: Path, standins: dict[str, Path]) -> dict:
+    """``average`` and ``moe-top1`` under each alignment variant at size ``n``, per seed."""
+    out: dict = {}
+    for name, (over, images_per_cam) in VARIANTS.items():
+        cache = build(n, tmp, standins, images_per_cam)
+        rec: dict = {"overrides": over, "images_per_cam": images_per_cam, "train_images": len(CacheSplit.load(cache, "train")),
+                     "steps_per_run": EPOCHS * steps_per_epoch_of(cache, n // 4), "seeds": {}}
+        for seed in SEEDS:
+            rows = {f: train(cache, tmp / f"{n}-{name}-{f}-{seed}", f, seed, n // 4, **over) for f in ("average", "moe-top1")}
+            rec["seeds"][str(seed)] = {"rows": rows}
+            print(f"N={n} {name} seed {seed}: " + ", ".join(f"{f} val {100 * r['val']:.1f} cross {100 * (r['val_cross'] or 0):.1f} "
+                                                           f"test {100 * r['test']['all']:.1f}" for f, r in rows.items()), flush=True)
+        out[name] = rec
+    return out
+
+
 def steps_per_epoch_of(cache: Path, val_ids: int) -> int:
     """The optimisation steps of one epoch of these runs (PK batches of 8 identities x 4 images)."""
     from featcache.gate.data import load_train
@@ -133,6 +167,12 @@ def run(args) -> None:
                     "epochs": EPOCHS, "recipe": "routed (the default)", "date": time.strftime("%Y-%m-%d")})
     standins = run_pretrain_standins(StandinConfig())
     with tempfile.TemporaryDirectory(prefix="featcache-gate-scale-") as tmp:
+        if args.variants:
+            t0 = time.perf_counter()
+            results.setdefault("variants", {})[str(args.variants)] = {**variants(args.variants, Path(tmp), standins),
+                                                                      "seconds": time.perf_counter() - t0}
+            Path(args.out).write_text(json.dumps(results, indent=1))
+            return
         for n in args.sizes:
             t0 = time.perf_counter()
             results["sizes"][str(n)] = {**one_size(n, Path(tmp), standins), "seconds": time.perf_counter() - t0}
@@ -145,6 +185,7 @@ def main() -> None:
     ap.add_argument("--out", default="gate_scale.json", help="results (JSON), merged with what it already holds")
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(SIZES),
                     help="training identities, comma-separated (default 40,100,200,400)")
+    ap.add_argument("--variants", type=int, help="run the alignment variants at this N instead of the sizes")
     ap.add_argument("--report", help="print the tables of a results file instead of running")
     ap.add_argument("--plots", help="with --report: folder for the two plots")
     args = ap.parse_args()
