@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from featcache.distill.config import DistillConfig  # noqa: E402
+from featcache.training.rundir import RunDir  # noqa: E402
 from featcache.distill.data import ViewDataset, load_teacher  # noqa: E402
 from featcache.cache.pixelcache import build_pixel_cache  # noqa: E402
 from featcache.distill.profile import profile_models  # noqa: E402
@@ -57,8 +57,7 @@ def loader_rate(ds: ViewDataset, keys: list[list[tuple[int, int]]], workers: int
 
 
 def epoch_rate(run: Path) -> list[float]:
-    with (run / "log.csv").open() as fh:
-        return [float(r["images_per_s"]) for r in csv.DictReader(fh)]
+    return [float(r["images_per_s"]) for r in RunDir(run).log_rows()]
 
 
 def main() -> None:
@@ -124,7 +123,7 @@ def pixels_part(tmp: Path, cache: Path, gate: Path, args) -> None:
 
 def profile_part(tmp: Path, cache: Path, gate: Path, args) -> None:
     student = tmp / "student-profiled"
-    if not (student / "model.safetensors").is_file():
+    if not RunDir(student).is_finished():
         run_distill(DistillConfig(cache=cache, gate=gate, out=student, student_init="random", epochs=1, device=args.device))
     # --- 2: student vs. the whole teacher
     feat = write_feature_cache(tmp / "feat.h5", ids=16, per_id=4, cams=4, views=2,

@@ -31,8 +31,9 @@ import torch
 from featcache.cache import CacheReader, CacheSplit, known_route
 from featcache.evaluation.runner import EvalConfig, run_eval
 from featcache.gate.config import GateConfig
+from featcache.training.rundir import RunDir
 from featcache.gate.diagnostics import ap_by_expert, embed
-from featcache.gate.runner import VAL, run_train_gate
+from featcache.gate.runner import run_train_gate
 from featcache.gate.train import load_run
 from featcache.synth_cache import write_feature_cache
 from featcache.training.sampling import steps_per_epoch
@@ -91,7 +92,7 @@ def fidelity(run: Path, cache: Path) -> float | None:
     with CacheReader(cache) as c:
         attrs, _ = c.annotation("route")
     kind, names = attrs["kind"], json.loads(attrs["experts"])
-    stats = json.loads((run / "gate_stats.json").read_text())
+    stats = RunDir(run).gate_stats()
     if kind == "twin":
         return None
     per = stats["per_camera"]
@@ -131,7 +132,7 @@ def run_row(cache: Path, tmp: Path, fusion: str, over: dict, seeds: list[int], e
                                     "device": "cpu", "val_ids": val_ids, **over})
         res = run_train_gate(cfg)
         if val_ids:
-            out["val"].append(100 * json.loads((res.run / VAL).read_text())["mAP"])
+            out["val"].append(100 * RunDir(res.run).val()["mAP"])
         out["test"].append(100 * run_eval(EvalConfig(cache, f"gate:{res.run}", device="cpu")).report["mAP"])
         if fusion.startswith("moe-"):
             out["fid"].append(fidelity(res.run, cache))

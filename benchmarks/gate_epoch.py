@@ -20,7 +20,6 @@ epoch (an extrapolation, and labelled as one).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import tempfile
@@ -34,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from featcache.backbones import build_backbone  # noqa: E402
+from featcache.training.rundir import RunDir  # noqa: E402
 from featcache.datasets import load_listing  # noqa: E402
 from featcache.training.losses import batch_hard_triplet  # noqa: E402
 from featcache.gate.model import GateModel  # noqa: E402
@@ -99,8 +99,7 @@ def run(tmp: Path) -> None:
     cache = write_feature_cache(tmp / "market-sized.h5", ids=751, per_id=17, cams=6, views=4)
     cfg = GateConfig(cache, tmp / "run", ("clip-sim", "align-sim"), "moe-top1", epochs=1, seed=42, device=str(dev))
     train(cfg)
-    with open(tmp / "run" / "log.csv") as fh:
-        row = next(csv.DictReader(fh))
+    row = RunDir(tmp / "run").log_rows()[0]
     epoch_cached = float(row["seconds"])
     n_batches = 751 * 17 // 32  # PK batches in an epoch, about images / 32
     per_batch_cached = epoch_cached / n_batches

@@ -48,6 +48,7 @@ from featcache.gate.runner import run_train_gate  # noqa: E402
 from featcache.standins.config import StandinConfig  # noqa: E402
 from featcache.standins.runner import run_pretrain_standins  # noqa: E402
 from featcache.synth import SynthConfig, generate  # noqa: E402
+from featcache.training.rundir import RunDir  # noqa: E402
 from featcache.training.sampling import steps_per_epoch  # noqa: E402
 
 SIZES = (40, 100, 200, 400)
@@ -93,12 +94,13 @@ def train(cache: Path, out: Path, fusion: str, seed: int, val_ids: int, **over) 
     t0 = time.perf_counter()
     res = run_train_gate(GateConfig(cache=cache, out=out, fusion=fusion, epochs=EPOCHS, seed=seed, device="cpu",
                                     val_ids=val_ids, **over))
-    val = json.loads((res.run / "val.json").read_text())
+    rd = RunDir(res.run)
+    val = rd.val()
     row = {"val": val["mAP"], "val_by_condition": by_condition(val.get("mAP_by_camera", {})),
            "val_same": val.get("mAP_same"), "val_cross": val.get("mAP_cross"), "test": test_map(res.run, cache),
            "seconds": time.perf_counter() - t0}
-    if (res.run / "gate_stats.json").is_file():
-        row["gate_per_camera"] = json.loads((res.run / "gate_stats.json").read_text())["per_camera"]
+    if rd.gate_stats() is not None:
+        row["gate_per_camera"] = rd.gate_stats()["per_camera"]
     return row
 
 

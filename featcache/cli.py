@@ -171,7 +171,9 @@ def resolve(ctx: click.Context, cls: type[StageConfig], params: dict[str, Any], 
         out = params.get("out") or parse_set(sets).get("out")
         if out is None:
             raise ConfigError("--resume: give --out RUN_DIR, the run to continue (its options are read from RUN_DIR/config.yaml)")
-        saved = Path(out) / "config.yaml"
+        from featcache.training.rundir import RunDir  # torch: only where a run is resumed
+
+        saved = RunDir(Path(out)).config_file
         if saved.is_file():  # else nothing to continue yet: --resume starts the run, from the options given
             section = read_sections(saved, str(saved), "the run's config", "command names to mappings of options").get(cls.command)
             if section is None:

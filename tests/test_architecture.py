@@ -188,3 +188,40 @@ def test_the_readme_front_page_stays_short_and_keeps_its_two_commands():
     assert ".venv/bin/featcache demo" in readme and '.venv/bin/python -m pytest -q -n 2 --maxschedchunk 1 -m "not slow"' in readme
     for page in ("docs/README.md", "LICENSE", "CITATION.cff"):
         assert (PKG.parent / page).is_file(), page
+
+
+#: the file names of a run folder (featcache.training.rundir); a module that spells one bypasses RunDir
+RUN_FILES = ("config.yaml", "run.json", "log.csv", "model.safetensors", "val.json", "gate_stats.json")
+#: where spelling one is right: rundir itself; the backbones' own Hugging Face file names (not a run's);
+#: bit_equality.py, which must read the run folders of older featcache versions without this one's RunDir
+RUN_FILE_ALLOWED = ("featcache/training/rundir.py", "featcache/backbones/", "benchmarks/bit_equality.py")
+
+
+def run_file_names(path: Path) -> list[str]:
+    """The string constants of a module (docstrings aside) that spell a run-folder file name."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [f"{path.name}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+            and any(n.value == f or n.value.startswith(f"/{f}") for f in RUN_FILES)]  # a name, or joined onto a path
+
+
+def test_only_rundir_spells_the_run_folder_files():
+    """Stages and benchmarks reach a run's files through ``RunDir`` (``weights_file``, ``log_rows``, ``val``, ...)."""
+    root = PKG.parent
+    offenders = []
+    for path in sorted([*PKG.rglob("*.py"), *(root / "benchmarks").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if not any(rel.startswith(a) for a in RUN_FILE_ALLOWED):
+            offenders += run_file_names(path)
+    assert not offenders, "outside training/rundir.py: " + "; ".join(offenders)
+
+
+def test_the_run_file_check_finds_a_spelled_name(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text('"""Reads log.csv (a docstring may say so)."""\nrows = open(run / "log.csv")\nf"{run}/model.safetensors"\n')
+    bad.write_text('"""Reads log.csv (a docstring may say so)."""\nrows = open(run / "log.csv")\nf"{run}/model.safetensors"\n'
+                   'raise ValueError("recorded in its run.json")  # a message may name the file to the user\n')
+    assert sorted(x.split(": ", 1)[1] for x in run_file_names(bad)) == ["'/model.safetensors'", "'log.csv'"]

@@ -249,7 +249,7 @@ def test_frozen_gate_keeps_the_routing_of_the_warm_up(camera_cache, tmp_path):
 
 
 def test_validation_split_is_held_out_and_evaluated(camera_cache, tmp_path):
-    from featcache.gate.runner import VAL
+    from featcache.training.rundir import VAL
     from featcache.training.rundir import RunDir
     from featcache.training.validation import val_identities, val_queries
 

@@ -296,3 +296,22 @@ def test_a_checkpoint_with_channels_last_moments_resumes_into_a_contiguous_model
         opt.step()
         steps.append(model.weight.detach().clone())
     assert torch.equal(steps[0], steps[1]), (steps[0] - steps[1]).abs().max()
+
+
+def test_rundir_reads_its_own_files_and_refuses_unfinished_weights(tmp_path):
+    from featcache.errors import InputError
+    from featcache.training.rundir import GATE_STATS, VAL
+
+    rd, _ = RunDir.start(tmp_path / "run", ToyConfig(), {"toy": 1}, resume=False)
+    assert rd.is_started() and not rd.is_finished() and rd.log_rows() == [] and rd.val() is None and rd.gate_stats() is None
+    with pytest.raises(InputError, match="unfinished run \\(it reached epoch 0\\)"):
+        rd.weights()
+    model, rows = fit(tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in rd.log_rows()] == ["1", "2", "3"] and rd.read_config() == {"seed": 0}
+    rd.write_json(VAL, {"mAP": 0.5})
+    assert rd.val() == {"mAP": 0.5} and rd.artifact(GATE_STATS).parent == rd.path and rd.meta() == {"toy": 1}
+    rd.finish(model.state_dict())
+    assert rd.is_finished() and torch.equal(rd.weights()["weight"], model.weight.detach())
+    rd.artifact(VAL).write_text("{not json")
+    with pytest.raises(InputError, match="val.json: cannot read it"):
+        rd.val()

@@ -3,10 +3,10 @@ host syncs inside their steps counted by a training-loop hook (nothing patched).
 
 from __future__ import annotations
 
-import csv
 import time
 
 from featcache.cache.pixelcache import build_pixel_cache
+from featcache.training.rundir import RunDir
 from featcache.cache.reader import split_stats
 from featcache.distill.config import DistillConfig
 from featcache.distill.runner import run_distill
@@ -33,8 +33,7 @@ def section_gate(c: Context) -> None:
     def epochs(batch: int, out: str) -> tuple[float, float, int]:
         train(GateConfig(cache, tmp / out, ("clip-sim", "align-sim"), "moe-top1", epochs=2, seed=42, batch_size=batch,
                          device=s.device.type))
-        with open(tmp / out / "log.csv") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = RunDir(tmp / out).log_rows()
         steps = round(float(rows[1]["images_per_s"]) * float(rows[1]["seconds"]) / batch)  # the epoch's PK batches
         return float(rows[0]["seconds"]), float(rows[1]["seconds"]), steps
 
@@ -73,8 +72,7 @@ def section_distill(c: Context) -> None:
     syncs = HostSyncs(s.device)
     with added(syncs):
         res = run_distill(cfg)
-    with open(res.run / "log.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = RunDir(res.run).log_rows()
     rate = float(rows[-1]["images_per_s"])
     input_rate = input_path_rate(cfg)
     n_images = split_stats(cache)["train"]["images"]

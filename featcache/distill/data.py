@@ -73,17 +73,17 @@ def load_teacher(gate: Path, cache: Path) -> Teacher:
         raise InputError(f"--gate {gate} was trained on the cache {theirs}, not on --cache {cache} (their identities differ: "
                          f"{meta['cache_identity'][:12]} against {ident.digest()[:12]}): distill with --cache {theirs}, "
                          f"or train a gate on {cache} first")
-    path = Path(gate) / TARGETS
+    path = rd.artifact(TARGETS)
     targets = TeacherTargets.load(path, ident.digest())
     if targets.experts != list(meta["experts"]) or targets.label_pids.tolist() != list(meta["pids"]):
         raise InputError(f"{path} belongs to another gate run than {gate} (experts or identities differ); train the gate again")
     if targets.weights_digest is not None and targets.weights_digest != state_digest(weights):
-        raise InputError(f"{path} was made by other weights than {gate}/model.safetensors (another run's targets, or the "
+        raise InputError(f"{path} was made by other weights than {rd.weights_file} (another run's targets, or the "
                          "weights were replaced); train the gate again")
     images, first = np.unique(targets.image, return_index=True)
     labels = targets.label[first]
     n_views = np.bincount(np.searchsorted(images, targets.image), minlength=len(images))
-    digests = {"gate_weights": file_digest(Path(gate) / "model.safetensors"), "targets": file_digest(path)}
+    digests = {"gate_weights": file_digest(rd.weights_file), "targets": file_digest(path)}
     return Teacher(Path(gate), targets, list(meta["experts"]), images, labels, n_views, view_start_all[images], ident, digests,
                    meta.get("partial"))
 

@@ -123,17 +123,18 @@ def profile_models(specs: list[str] | tuple[str, ...], device: str = "auto", **k
 # ---------------------------------------------------------------------- the two kinds
 def _student(run: Path, dev: torch.device, fallback: tuple[int, int] | None):
     from featcache.distill.load import load_student
+    from featcache.training.rundir import RunDir
 
     model, _, meta = load_student(run, str(dev))
     size = tuple(int(v) for v in meta.get("image_size") or ())
-    source = f"{run}/run.json"
+    source = str(RunDir(run).meta_file)
     if len(size) != 2:
-        raise InputError(f"{run}/run.json: no image_size [H, W] (expected the size the student was trained at)")
+        raise InputError(f"{source}: no image_size [H, W] (expected the size the student was trained at)")
     if fallback is not None and tuple(fallback) != size:
         logger.warning("%s was trained at %dx%d: profiling at that size, not the %dx%d given", run, *size, *fallback)
     parts = {"stages": _count(model.stages), "head": _count(model.fc) + _count(model.bn), "classifier": _count(model.classifier)}
     info = {"arch": model.arch, "image_size": size, "image_size_source": source, "parameters_parts": parts,
-            "weights": "the run's (model.safetensors)", "input": "ImageNet-normalised float32 NCHW"}
+            "weights": "the run's final weights", "input": "ImageNet-normalised float32 NCHW"}
 
     def make_input(n: int) -> torch.Tensor:
         return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)

@@ -10,7 +10,6 @@ training core's.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,12 @@ from featcache.errors import InputError
 from featcache.evaluation.heldout import evaluate_split
 from featcache.evaluation.metrics import agreement
 from featcache.evaluation.search import l2_normalize
-from featcache.fileio import atomic_write
 from featcache.progress import progress
 from featcache.runtime import loader_options, on_device, resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.precision import Precision
-from featcache.training.rundir import RunDir
+from featcache.training.rundir import VAL, RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -146,7 +144,6 @@ def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache:
     return {k: v / n for k, v in sums.items()}
 
 
-VAL = "val.json"  # the student on the gate's held-out identities: mAP and agreement with the teacher
 AGREE_K = 10
 
 
@@ -349,7 +346,7 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
     model.eval()
     val = validate(model, teacher, dataset, device)
     if val is not None:
-        atomic_write(rd.path / VAL, lambda p: p.write_text(json.dumps(val, indent=2)))
+        rd.write_json(VAL, val)  # the student on the gate's held-out identities: mAP, agreement with the teacher
         if val["mAP"] is None:
             logger.warning("validation: nothing to evaluate: %s", val["reason"])
         else:

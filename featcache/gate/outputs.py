@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import torch
 
 from featcache.gate.data import TrainData
 from featcache.gate.model import GateModel, Gated, Single
-from featcache.fileio import atomic_write, save_figure
+from featcache.fileio import save_figure
+from featcache.training.rundir import GATE_STATS, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def collapse_note(stats: dict) -> str | None:
             "collapsed onto one expert (docs/notes/gate-routing.md, 'Why the paper's gate collapses')")
 
 
-def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
+def gate_statistics(model: GateModel, data: TrainData, rd: RunDir) -> dict:
     """Mean expert weight overall and per camera, share routed to each expert (view 0 of every training image)."""
     g = infer_rows(model, data.feats, data.row_start, data.route)[3]
     routes = isinstance(model.fusion, (Gated, Single))  # concat and average weigh experts equally: nothing is routed
@@ -113,10 +113,10 @@ def gate_statistics(model: GateModel, data: TrainData, out: Path) -> dict:
         "gated": isinstance(model.fusion, Gated),
     }
     stats["collapsed_onto"] = collapsed_onto(stats)
-    atomic_write(out / "gate_stats.json", lambda p: p.write_text(json.dumps(stats, indent=2)))
-    _histogram(g, data.experts, out / "gate_hist.png")
-    _heatmap(stats, out / "gate_heatmap.png")
-    _routing_curves(out / "log.csv", data.experts, out / "gate_routing.png")
+    rd.write_json(GATE_STATS, stats)
+    _histogram(g, data.experts, rd.artifact("gate_hist.png"))
+    _heatmap(stats, rd.artifact("gate_heatmap.png"))
+    _routing_curves(rd.log_rows(), data.experts, rd.artifact("gate_routing.png"))
     return stats
 
 
@@ -148,13 +148,8 @@ def _heatmap(stats: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _routing_curves(log: Path, experts: list[str], path: Path) -> None:
+def _routing_curves(rows: list[dict[str, str]], experts: list[str], path: Path) -> None:
     """Per epoch, the share of each camera's training images routed to the first expert (gated fusions only)."""
-    import csv
-
-    if not log.is_file():
-        return
-    rows = list(csv.DictReader(log.open()))
     cols = [k for k in (rows[0] if rows else {}) if k.startswith("routed_cam") and k.endswith(f"_{experts[0]}")]
     if not cols:
         return

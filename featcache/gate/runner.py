@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.fileio import atomic_write
 from featcache.gate.diagnostics import evaluate_val
 from featcache.gate.outputs import collapse_note, gate_statistics, recalibrate_bn
 from featcache.gate.targets import TARGETS, write_targets
 from featcache.gate.train import GateConfig, check_experts, default_experts, train
-from featcache.training.rundir import FINAL
+from featcache.training.rundir import VAL, RunDir
 
 logger = logging.getLogger(__name__)
-VAL = "val.json"  # the run's validation metrics (--set val_ids=N)
 
 
 @dataclass
@@ -30,16 +27,16 @@ def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
         experts = default_experts(cfg.cache)
         check_experts(cfg.fusion, experts)
         cfg = cfg.replace(experts=list(experts))
-    finished = resume and (Path(cfg.out) / FINAL).is_file()
+    finished = resume and RunDir(cfg.out).is_finished()
     model, data, rd = train(cfg, resume)  # checks the config and inputs against the run's, finished or not
     if finished:  # its outputs were written before its final weights: nothing to redo
         logger.info("%s is a finished run: nothing to resume", rd.path)
-        return GateResult(rd.path, json.loads((rd.path / "gate_stats.json").read_text()), rd.path / TARGETS)
+        return GateResult(rd.path, rd.gate_stats(), rd.artifact(TARGETS))
     recalibrate_bn(model, data)  # the BN neck must see the features inference produces
-    stats = gate_statistics(model, data, rd.path)
+    stats = gate_statistics(model, data, rd)
     if data.val is not None:  # what a recipe is chosen on: never the test split
         val = evaluate_val(model, data.val)
-        atomic_write(rd.path / VAL, lambda p: p.write_text(json.dumps(val, indent=2)))
+        rd.write_json(VAL, val)
         if val["mAP"] is None:
             logger.warning("validation (%d identities): nothing to evaluate: %s", val["identities"], val["reason"])
         else:

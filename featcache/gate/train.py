@@ -183,7 +183,7 @@ def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dic
     if "gate_input" in saved:  # a resolved config: a field it lacks did not exist, and the run trained without it
         for k in ROUTING_FIELDS:
             saved.setdefault(k, getattr(Routing(), k))
-    cfg = GateConfig.from_dict(saved, f"{rd.path}/config.yaml")
+    cfg = GateConfig.from_dict(saved, str(rd.config_file))
     model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"], cfg.routing())
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg, meta

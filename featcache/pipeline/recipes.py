@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from featcache.distill.config import LAMBDA_FEAT
 
 #: the distillation terms of a student trained with every one
@@ -20,8 +18,9 @@ ALL_TERMS = ("id", "tri", "kd", "feat", "att", "rel")
 
 
 def _config(run: Path, command: str) -> dict[str, Any]:
-    saved = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
-    return saved.get(command, {})
+    from featcache.training.rundir import RunDir  # torch: only where a report is written
+
+    return RunDir(Path(run)).saved_config().get(command, {})
 
 
 def recipe_of(row) -> dict[str, Any]:

@@ -8,19 +8,18 @@ weights the report says, first, that its numbers measure the pipeline and not th
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from featcache import __version__
 from featcache.fileio import atomic_write, save_figure
 from featcache.pipeline.page import to_html
 from featcache.pipeline.recipes import RECIPE_NOTE, recipe_label, recipe_of
+from featcache.training.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +127,9 @@ def summarise(plan, reports: dict) -> dict:
     out: dict = {"pipeline": str(plan.pipeline.source), "featcache": __version__, "seeds": list(s.seeds),
                  "standins": sorted(standin_backbones_of(plan)), "rows": rows}
     run = plan.gates.get((s.teacher, s.seeds[0]))
-    if run is not None and (run / "gate_stats.json").is_file():
-        out["teacher_gate_per_camera"] = json.loads((run / "gate_stats.json").read_text()).get("per_camera", {})
+    stats = RunDir(run).gate_stats() if run is not None else None
+    if stats is not None:
+        out["teacher_gate_per_camera"] = stats.get("per_camera", {})
     by_condition = condition_table(plan)
     if by_condition:
         out["by_condition"] = by_condition
@@ -138,8 +138,8 @@ def summarise(plan, reports: dict) -> dict:
 
 def _val_reports(row) -> list[dict]:
     """A trained row's val.json per seed (identities held out of training), or none unless every seed has one."""
-    files = [Path(run) / "val.json" for _, run in sorted(row.run.items())]
-    return [json.loads(f.read_text()) for f in files] if files and all(f.is_file() for f in files) else []
+    reports = [RunDir(run).val() for _, run in sorted(row.run.items())]
+    return reports if reports and all(r is not None for r in reports) else []  # type: ignore[return-value]
 
 
 def validation_maps(row) -> list[float]:
@@ -247,10 +247,10 @@ def condition_table(plan) -> dict[str, dict]:
         return {}
     out: dict[str, dict] = {}
     for row in plan.rows:
-        files = [Path(run) / "val.json" for _, run in sorted(row.run.items())]
-        if not files or not all(f.is_file() for f in files) or row.group == "student":
+        reports = _val_reports(row)
+        if not reports or row.group == "student":
             continue
-        vals = [json.loads(f.read_text()).get("mAP_by_camera", {}) for f in files]
+        vals = [r.get("mAP_by_camera", {}) for r in reports]
         entry = {}
         for name, cams in conds.items():
             per_seed = [float(np.mean([v[str(c)] for c in cams if str(c) in v])) * 100 for v in vals
@@ -258,8 +258,7 @@ def condition_table(plan) -> dict[str, dict]:
             if per_seed:
                 entry[name] = {"val_mAP": round(float(np.mean(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed]}
         if row.group == "teacher":
-            stats = [json.loads((Path(run) / "gate_stats.json").read_text()) for _, run in sorted(row.run.items())
-                     if (Path(run) / "gate_stats.json").is_file()]
+            stats = [st for _, run in sorted(row.run.items()) if (st := RunDir(run).gate_stats()) is not None]
             for name, cams in conds.items():
                 w: dict[str, list[float]] = {}
                 for st in stats:
@@ -298,17 +297,16 @@ def _gate_section(plan, rep_dir: Path) -> list[str]:
     from featcache.gate.outputs import collapse_note
 
     out = ["## The teacher's gate", ""]
-    stats_file = run / "gate_stats.json" if run is not None else None
-    stats = json.loads(stats_file.read_text()) if stats_file and stats_file.is_file() else {}
+    stats = (RunDir(run).gate_stats() if run is not None else None) or {}
     if stats and "gated" not in stats:  # statistics written before the field: the fusion says whether a gate routed
-        stats["gated"] = str(yaml.safe_load((run / "config.yaml").read_text())["train-gate"].get("fusion", "")).startswith("moe")
+        stats["gated"] = str(RunDir(run, "train-gate").read_config().get("fusion", "")).startswith("moe")
     note = collapse_note(stats) if stats else None
     if note:
         out += [f"> **Warning:** {note}.", ""]
     for name, caption in (("gate_heatmap.png", "mean gate weight per camera and expert"),
                           ("gate_hist.png", "gate weights"), ("gate_routing.png", "routing per camera over the epochs")):
-        if run is not None and (run / name).is_file():
-            shutil.copy(run / name, rep_dir / name)
+        if run is not None and RunDir(run).artifact(name).is_file():
+            shutil.copy(RunDir(run).artifact(name), rep_dir / name)
             out += [figure_link(caption, name), ""]
     return out if len(out) > 2 else []
 
@@ -331,14 +329,13 @@ def _loss_section(plan, rep_dir: Path) -> list[str]:
     runs = [("teacher", plan.gates.get((s.teacher, s.seeds[0])), ("loss", "id", "triplet"))]
     for row in plan.rows:  # one plot per student, titled with its row; only the terms it trained with
         if row.group == "student" and s.seeds[0] in row.run:
-            cfg = yaml.safe_load((row.run[s.seeds[0]] / "config.yaml").read_text())["distill"]
+            cfg = RunDir(row.run[s.seeds[0]], "distill").read_config()
             runs.append((row.label, row.run[s.seeds[0]], ("loss", *cfg["losses"])))
     out = ["## Loss curves", ""]
     for name, run, keys in runs:
-        if run is None or not (run / "log.csv").is_file():
+        rows = RunDir(run).log_rows() if run is not None else []
+        if not rows:
             continue
-        with (run / "log.csv").open() as fh:
-            rows = list(csv.DictReader(fh))
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in keys:
             vals = [float(r[k]) for r in rows if r.get(k) not in (None, "")]

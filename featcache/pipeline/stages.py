@@ -235,9 +235,16 @@ def _trained(plan: Plan, name: str, folder: str, row: Row, seed: int, kind: str,
 
     def run() -> None:
         cfg = state["cfg"]
-        train(cfg, resume=(cfg.out / "config.yaml").is_file())
+        train(cfg, resume=_run_dir(cfg.out).is_started())
 
-    return Stage(name, key, lambda: [state["cfg"].out / "model.safetensors"], run)
+    return Stage(name, key, lambda: [_run_dir(state["cfg"].out).weights_file], run)
+
+
+def _run_dir(path: Path | str):
+    """A trained stage's run folder (imported here: torch only where a run is touched)."""
+    from featcache.training.rundir import RunDir
+
+    return RunDir(Path(path))
 
 
 def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
@@ -279,7 +286,7 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
         # precision auto and no --allow-partial are how every student before the fields trained: keys stay as they were
         config = {k: v for k, v in cfg.to_dict(absolute=True).items()
                   if k not in ("out", "gate") and not (k == "precision" and v == "auto") and not (k == "allow_partial" and not v)}
-        return cfg, {"config": config, "cache": _cache_id(plan), "teacher": file_digest(gate / "model.safetensors")}
+        return cfg, {"config": config, "cache": _cache_id(plan), "teacher": file_digest(_run_dir(gate).weights_file)}
 
     stage = f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}"
     return _trained(plan, stage, str(plan.out / "student" / f"{_safe(name)}-seed{seed}"), row, seed, "student", build,
@@ -290,7 +297,7 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
 def _model_digest(spec: str) -> str:
     kind, _, ref = spec.partition(":")
     if kind in ("gate", "student"):
-        return file_digest(Path(ref) / "model.safetensors")
+        return file_digest(_run_dir(ref).weights_file)
     return ""
 
 

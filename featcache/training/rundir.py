@@ -39,6 +39,8 @@ from featcache.fileio import atomic_write, check_output
 logger = logging.getLogger(__name__)
 
 CONFIG, META, LOG, FINAL, CKPT = "config.yaml", "run.json", "log.csv", "model.safetensors", "ckpt"
+#: the stage files a run may hold beside those (read and written through ``RunDir.artifact`` and friends)
+VAL, GATE_STATS = "val.json", "gate_stats.json"
 #: config keys that may differ when a run is resumed (where the files are, where it runs)
 RESUME_FREE = ("cache", "out", "device", "root", "pixel_cache", "workers", "input_path", "allow_partial")
 
@@ -92,8 +94,82 @@ def training_state(opt: torch.optim.Optimizer, rng, device: torch.device | None 
 class RunDir:
     """One run directory; create it with ``start`` (new or resumed) or read a finished one with ``open``."""
 
-    def __init__(self, path: Path, command: str) -> None:
+    def __init__(self, path: Path, command: str = "") -> None:
         self.path, self.command = Path(path), command
+
+    # ------------------------------------------------------------------ its files
+    @property
+    def config_file(self) -> Path:
+        """The resolved config (``featcache --config`` reads it back)."""
+        return self.path / CONFIG
+
+    @property
+    def meta_file(self) -> Path:
+        """What the run was trained from (``meta``)."""
+        return self.path / META
+
+    @property
+    def weights_file(self) -> Path:
+        """The finished model's weights: present once the run has finished, and only then."""
+        return self.path / FINAL
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG
+
+    def is_started(self) -> bool:
+        return self.config_file.is_file()
+
+    def is_finished(self) -> bool:
+        return self.weights_file.is_file()
+
+    def artifact(self, name: str) -> Path:
+        """A stage's own file in the run (``VAL``, ``GATE_STATS``, the teacher's targets, plots)."""
+        return self.path / name
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON artifact (``VAL``, ``GATE_STATS``), or None where the run has none."""
+        f = self.artifact(name)
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{f}: cannot read it ({exc})") from None
+
+    def write_json(self, name: str, value: dict[str, Any]) -> Path:
+        """Write a JSON artifact atomically."""
+        f = self.artifact(name)
+        atomic_write(f, lambda p: p.write_text(json.dumps(value, indent=2)))
+        return f
+
+    def val(self) -> dict[str, Any] | None:
+        """The run's validation metrics (``--set val_ids=N``), or None."""
+        return self.read_json(VAL)
+
+    def gate_stats(self) -> dict[str, Any] | None:
+        """A train-gate run's routing statistics, or None."""
+        return self.read_json(GATE_STATS)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The finished model's weights (refused, with the epoch reached, for an unfinished run)."""
+        if not self.is_finished():
+            raise InputError(f"{self.path} is an unfinished run (it reached epoch {self.last_epoch()}): no {FINAL}")
+        return load_file(self.weights_file)
+
+    def log_rows(self) -> list[dict[str, str]]:
+        """The per-epoch log, a dict per finished epoch (empty before the first)."""
+        if not self.log_file.is_file():
+            return []
+        with self.log_file.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def saved_config(self) -> dict[str, Any]:
+        """The whole saved config file, ``{command: {...}}`` (``read_config`` reads this run's section)."""
+        try:
+            return yaml.safe_load(self.config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"{self.config_file}: cannot read it ({exc})") from None
 
     # ------------------------------------------------------------------ starting
     @staticmethod
