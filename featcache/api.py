@@ -91,7 +91,7 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     gallery rows ignored through ``junk_pids``).
     """
     from featcache.evaluation.metrics import AP_FORMS
-    from featcache.evaluation.runner import evaluate as evaluate_features
+    from featcache.evaluation.engine import evaluate as evaluate_features, evaluate_distances
     from featcache.evaluation.search import RANKINGS, l2_normalize
 
     if ap not in AP_FORMS:
@@ -116,25 +116,8 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
         res = evaluate_features(qf, gf, qp, qc, gp, gc, ranks=ranks, ap_form=ap, device=device, budget=budget,
                                 ranking=ranking)[0]
         return {**res, "gallery_junk": int((~keep).sum())}
-    res = _evaluate_distances(d[:, keep], qp, qc, gp, gc, ranks, ap, budget)
+    res = evaluate_distances(d[:, keep], qp, qc, gp, gc, ranks, ap, budget)
     return {**res, "gallery_junk": int((~keep).sum())}
-
-
-def _evaluate_distances(d: np.ndarray, qp: np.ndarray, qc: np.ndarray, gp: np.ndarray, gc: np.ndarray,
-                        ranks: tuple[int, ...], ap: str, budget: int) -> dict[str, Any]:
-    """The protocol's metrics of a (query x gallery) distance matrix, smallest first, in blocks of queries."""
-    from featcache.evaluation.metrics import Accumulator
-    from featcache.evaluation.ranking import GalleryIndex, block_ranks
-    from featcache.evaluation.runner import warn_degenerate
-
-    if len(gp) > 1:  # one gallery column cannot tie with another
-        warn_degenerate(d, "distmat's distances", per_row=True)
-    acc = Accumulator(ranks, ap)
-    index = GalleryIndex.build(qp, qc, gp, gc)
-    block = max(1, budget // max(1, len(gp) * 24))
-    for s in range(0, len(d), block):
-        acc.add_block(s, *block_ranks(-d[s: s + block], s, index))
-    return acc.result()
 
 
 def _scores_input(query: ArrayLike | None, gallery: ArrayLike | None, distmat: ArrayLike | None, q_pids: ArrayLike,

@@ -110,7 +110,7 @@ def test_rerank_matches_the_dense_reference_and_raises_map():
 
 
 def test_blockwise_equals_one_shot(market_cache):
-    from featcache.evaluation.runner import evaluate
+    from featcache.evaluation.engine import evaluate
 
     ev = run_eval(EvalConfig(market_cache, "concat:clip-tiny,align-tiny", budget_mb=64))
     args = (ev.qf, ev.gf, ev.query.pids, ev.query.camids, ev.gallery.pids, ev.gallery.camids)
@@ -282,7 +282,7 @@ def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_pa
     """ivf-flat visiting every list with k = the gallery returns every entry: its metrics are the exact ones;
     a short list gives AP@k, and the report and table say the numbers are approximate."""
     from featcache.evaluation.approx import ApproxSpec
-    from featcache.evaluation.runner import evaluate
+    from featcache.evaluation.engine import evaluate
 
     qf, gf, q_pids, q_cams, g_pids, g_cams = _clustered(np.random.default_rng(0), 40, 2000, 16, ids=40, noise=1.0)
     exact, _, _ = evaluate(qf, gf, q_pids, q_cams, g_pids, g_cams, device="cpu")
@@ -310,7 +310,7 @@ def test_ranks_counted_on_the_device_equal_the_sorted_ranks_ties_and_junk_includ
 
     from featcache.evaluation.device_ranking import device_block_ranks
     from featcache.evaluation.ranking import GalleryIndex, block_ranks
-    from featcache.evaluation.runner import evaluate
+    from featcache.evaluation.engine import evaluate
 
     rng = np.random.default_rng(11)
     nq, ng = 60, 900
@@ -328,6 +328,12 @@ def test_ranks_counted_on_the_device_equal_the_sorted_ranks_ties_and_junk_includ
     a, pa, _ = evaluate(qf, gf, qp, qc, gp, gc, device="cpu", ranking="sort", budget=64 * 1024)
     b, pb, backend = evaluate(qf, gf, qp, qc, gp, gc, device="cpu", ranking="device", budget=64 * 1024)
     assert a == b and pa == pb and "ranks on the device" in backend
+    from featcache.evaluation.engine import DeviceRanker, SortRanker, ranker_for
+    from featcache.evaluation.search import Scorer
+
+    cpu = Scorer(gf, "cpu")  # ranking="auto" sorts scores made off a GPU; "device" and "sort" choose as named
+    assert isinstance(ranker_for("auto", cpu, 1), SortRanker) and isinstance(ranker_for("sort", cpu, 1), SortRanker)
+    assert isinstance(ranker_for("device", cpu, 1), DeviceRanker)
 
 
 def test_device_ranks_keep_the_tie_rule_across_signed_zeros_and_negative_scores():

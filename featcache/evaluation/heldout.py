@@ -15,7 +15,7 @@ def evaluate_split(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, quer
     """L2-normalised features of the validation images under the test protocol (queries ``query``, gallery the
     rest): mAP, CMC, mINP, mAP per query camera and the split's sizes. A split without true matches gives
     ``mAP: None`` and the reason, so that a finished training is not lost to it."""
-    from featcache.evaluation.runner import evaluate  # the runner imports the stages' feature sources
+    from featcache.evaluation.engine import evaluate
 
     q, g = query, ~query
     counts = dict(identities=int(len(np.unique(pids))), queries=int(q.sum()), gallery=int(g.sum()))

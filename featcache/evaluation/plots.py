@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from featcache.evaluation.engine import Evaluation
 from featcache.evaluation.metrics import masks
 from featcache.fileio import save_figure
-
-if TYPE_CHECKING:
-    from featcache.evaluation.runner import Evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +18,7 @@ TILE = (64, 128)
 COLORS = {"match": (40, 170, 60), "miss": (210, 40, 40), "junk": (150, 150, 150), "query": (40, 90, 210)}
 
 
-def write_plots(ev: "Evaluation", out: Path, n: int, seed: int) -> list[str]:
+def write_plots(ev: Evaluation, out: Path, n: int, seed: int) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     files = [_cmc_curve(ev, out / "cmc.png")]
     evaluated = np.array(sorted(ev.per_query))
@@ -33,7 +30,7 @@ def write_plots(ev: "Evaluation", out: Path, n: int, seed: int) -> list[str]:
     return [str(f) for f in files]
 
 
-def _cmc_curve(ev: "Evaluation", path: Path) -> Path:
+def _cmc_curve(ev: Evaluation, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +73,7 @@ def _tile(root: Path, name: str, color: tuple[int, int, int], label: str) -> Ima
     return tile
 
 
-def _grid(ev: "Evaluation", queries, path: Path, title: str, top: int = 10) -> Path:
+def _grid(ev: Evaluation, queries, path: Path, title: str, top: int = 10) -> Path:
     w, h = TILE
     gap, head = 10, 28
     canvas = Image.new("RGB", ((top + 1) * w + gap, head + len(queries) * (h + 16)), (255, 255, 255))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,12 @@ from featcache.cache import CacheError, CacheSplit, cache_identity, partial_note
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, FeatcacheError, InputError, RunError
 from featcache.evaluation.features import FeatureContext, parse_model
-from featcache.evaluation.metrics import AP_FORMS, Accumulator, agreement as rank_agreement
-from featcache.evaluation.approx import ApproxIndex, ApproxSpec, truncated_ranks
-from featcache.evaluation.ranking import GalleryIndex, block_ranks
+from featcache.evaluation.metrics import AP_FORMS, agreement as rank_agreement
+from featcache.evaluation.approx import ApproxSpec
+from featcache.evaluation.engine import AP_FORM, DEVICE, RANKS, Evaluation, evaluate
 from featcache.fileio import atomic_write, check_output
-from featcache.progress import progress
 from featcache.runtime import check_device_name
-from featcache.evaluation.rerank import rerank_blocks
-from featcache.evaluation.search import DEFAULT_BUDGET, Scorer, block_size, score_blocks
+from featcache.evaluation.search import DEFAULT_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +41,8 @@ class EvalConfig(StageConfig):
     cache: Path
     model: str
     gallery_cache: Path | None = None
-    ap: str = "plain"
-    ranks: tuple[int, ...] = (1, 5, 10, 20)
+    ap: str = AP_FORM
+    ranks: tuple[int, ...] = RANKS
     rerank: bool = False
     k1: int = 20
     k2: int = 6
@@ -53,7 +51,7 @@ class EvalConfig(StageConfig):
     json_out: Path | None = None
     plots: Path | None = None
     save_features: Path | None = None
-    device: str = "auto"
+    device: str = DEVICE
     budget_mb: int = DEFAULT_BUDGET // 2**20
     plot_queries: int = 8
     seed: int = 0
@@ -94,35 +92,12 @@ class EvalConfig(StageConfig):
         return ApproxSpec(self.approx_index, self.approx_k, self.nprobe) if self.search == "approx" else None
 
 
-@dataclass
-class Evaluation:
-    report: dict[str, Any]
-    query: CacheSplit
-    gallery: CacheSplit
-    qf: np.ndarray
-    gf: np.ndarray
-    per_query: dict[int, tuple[float, int]] = field(default_factory=dict)  # query index -> (AP, first rank)
-
-
 def _check_compatible(source: Path, target: CacheSplit) -> None:
     """Cross-domain: the target cache must be made like the source (training) cache, or features do not transfer."""
     src = cache_identity(source)
     diffs = src.transfer_differences(target.identity)
     if diffs:
         raise InputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
-
-
-def warn_degenerate(x: np.ndarray, what: str, per_row: bool = False) -> bool:
-    """Warn when every row of ``x`` is the same (``per_row``: every entry of each row): all scores of a query tie, and
-    its metrics come from the gallery's order alone (all-zero features from a dead model, say)."""
-    if x.size == 0 or len(x) < 2 and not per_row:
-        return False
-    spread = np.ptp(x, axis=1) if per_row else np.ptp(x, axis=0)
-    if spread.max() > 0:
-        return False
-    logger.warning("%s are degenerate (%s): every score ties, so the metrics follow the gallery's order, not the "
-                   "model", what, "each row constant" if per_row else "every row the same")
-    return True
 
 
 def _note_training(report: dict, cfg: EvalConfig) -> None:
@@ -243,74 +218,6 @@ def _load_split(cache: Path, split: str) -> CacheSplit:
         if "holds no cached" in str(exc):
             raise InputError(f"{exc}: nothing to evaluate") from None
         raise
-
-
-def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray, g_cams: np.ndarray,
-             ranks: tuple[int, ...] = EvalConfig.ranks, ap_form: str = EvalConfig.ap, device: str = EvalConfig.device,
-             budget: int = DEFAULT_BUDGET,
-             rerank: tuple[int, int, float] | None = None,
-             approx: ApproxSpec | None = None, ranking: str = "auto") -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
-    """Metrics of features ranked by their inner product, which is the protocol's cosine similarity only when
-    every row has unit length (featcache's feature sources L2-normalise them; ``featcache.evaluate``, the public
-    function, normalises whatever it is given). Returns (metrics, per-query (AP, first rank), backend). With
-    ``approx``, the metrics of approximate search's top-k lists (featcache.evaluation.approx), labelled so.
-
-    ``ranking``: ``device`` counts each positive's rank where the scores are computed (``device_ranking``: on a GPU
-    with torch, even where GPU FAISS is installed, so only ranks leave it; on CPU torch without a GPU); ``sort``
-    ranks on the CPU (``ranking``); ``auto`` picks ``device`` when the scores are on a GPU. All give the same
-    ranks."""
-    warn_degenerate(gf, "gallery features")
-    acc = Accumulator(tuple(sorted(set(ranks))), ap_form)
-    per_query: dict[int, tuple[float, int]] = {}
-    if approx is not None:
-        return _evaluate_approx(qf, gf, q_pids, q_cams, g_pids, g_cams, acc, approx, device, budget)
-    if rerank is not None:
-        blocks = rerank_blocks(qf, gf, *rerank, device=device, budget=budget)
-        backend = "rerank"
-    else:
-        scorer = Scorer(gf, device, torch_scores=ranking == "device")
-        on_device = ranking == "device" or (ranking == "auto" and scorer.backend == "torch-cuda")  # scores on the GPU
-        block = block_size(len(gf), budget)
-        blocks = ((s, scorer.device_scores(qf[s: s + block])) for s in range(0, len(qf), block)) if on_device \
-            else score_blocks(qf, scorer, block)
-        backend = scorer.backend + (" (ranks on the device)" if on_device else "")
-    index = GalleryIndex.build(q_pids, q_cams, g_pids, g_cams)
-    with progress(total=len(qf), desc="eval", unit="query", leave=False) as bar:
-        for start, scores in blocks:
-            n = len(acc.aps)
-            if isinstance(scores, np.ndarray):
-                acc.add_block(start, *block_ranks(scores, start, index))
-            else:
-                from featcache.evaluation.device_ranking import device_block_ranks
-
-                acc.add_block(start, *device_block_ranks(scores, start, index, budget))
-            per_query.update(zip(acc.evaluated[n:], zip(acc.aps[n:], acc.first[n:])))
-            bar.update(len(scores))
-            del scores  # before the next block is scored: one block's scores at a time, not two
-    return acc.result(), per_query, backend
-
-
-def _evaluate_approx(qf, gf, q_pids, q_cams, g_pids, g_cams, acc: Accumulator, spec: ApproxSpec, device: str,
-                     budget: int) -> tuple[dict[str, Any], dict[int, tuple[float, int]], str]:
-    index = GalleryIndex.build(q_pids, q_cams, g_pids, g_cams)
-    ann = ApproxIndex(gf, spec, device)
-    k_search = min(len(gf), spec.k + int(np.diff(index.junk_start).max(initial=0)))  # junk is dropped from the lists
-    block = max(1, budget // max(1, k_search * 64))
-    per_query: dict[int, tuple[float, int]] = {}
-    t0 = time.perf_counter()
-    with progress(total=len(qf), desc="eval (approx)", unit="query", leave=False) as bar:
-        for s in range(0, len(qf), block):
-            found = ann.search(qf[s: s + block], k_search)
-            n = len(acc.aps)
-            acc.add_truncated(s, *truncated_ranks(found, s, index, len(gf), spec.k), spec.k)
-            per_query.update(zip(acc.evaluated[n:], zip(acc.aps[n:], acc.first[n:])))
-            bar.update(len(found))
-    res = acc.result()
-    res["search"] = {"mode": "approx", "index": ann.description, "k": spec.k, "build_s": ann.build_seconds,
-                     "search_s": time.perf_counter() - t0,
-                     "note": "approximate search: AP@k over each query's top k (a positive beyond k adds nothing), "
-                             "CMC within k, INP 0 when a positive is beyond k; not the protocol's exact metrics"}
-    return res, per_query, ann.backend
 
 
 def save_features(ev: Evaluation, path: Path) -> None:

@@ -23,7 +23,7 @@ NO_TARGET = -1
 
 def retrieval_targets(data: TrainData, device: str = "cpu") -> np.ndarray:
     """(images,) the index of the expert with the best leave-one-out AP of each training image, or ``NO_TARGET``."""
-    from featcache.evaluation.runner import evaluate
+    from featcache.evaluation.engine import evaluate
 
     pids, cams = data.pids[data.labels], data.camids
     aps = np.full((len(data.labels), len(data.feats)), np.nan)
