@@ -225,3 +225,17 @@ def test_the_run_file_check_finds_a_spelled_name(tmp_path):
     bad.write_text('"""Reads log.csv (a docstring may say so)."""\nrows = open(run / "log.csv")\nf"{run}/model.safetensors"\n'
                    'raise ValueError("recorded in its run.json")  # a message may name the file to the user\n')
     assert sorted(x.split(": ", 1)[1] for x in run_file_names(bad)) == ["'/model.safetensors'", "'log.csv'"]
+
+
+def test_no_caller_tells_errors_apart_by_their_wording():
+    """A caller that must tell one cache error from another catches its type (``EmptySplit``, ``CacheBusy``,
+    ``NotResumable``), not a phrase of its message, which may be reworded for users at any time."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.In)
+                    and isinstance(node.left, ast.Constant) and isinstance(node.comparators[0], ast.Call)
+                    and getattr(node.comparators[0].func, "id", "") == "str"
+                    and path.name != "fileformat.py"):  # h5py's own OSError wording, the one it gives
+                offenders.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    assert not offenders, "message wording tested at " + ", ".join(offenders)

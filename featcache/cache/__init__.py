@@ -8,7 +8,7 @@ from featcache.cache.identity import CacheIdentity
 from featcache.cache.reader import (CacheReader, CacheSplit, cache_identity, known_route, partial_note, status_counts, summary,
                                     training_coverage)
 from featcache.cache.writer import BatchResult, CacheWriter
-from featcache.cache.fileformat import open_featcache
+from featcache.cache.fileformat import CacheBusy, EmptySplit, NotResumable, open_featcache
 from featcache.cache.store import (
     DONE,
     FAILED,
@@ -26,6 +26,6 @@ from featcache.cache.store import (
 
 __all__ = [
     "DONE", "FAILED", "FORMAT_VERSION", "PENDING", "BatchResult", "CacheError", "CacheIdentity", "CacheReader", "CacheSplit",
-    "cache_identity", "known_route", "open_featcache",
+    "cache_identity", "known_route", "open_featcache", "CacheBusy", "EmptySplit", "NotResumable",
     "CacheWriter", "check_identity", "create_cache", "make_identity", "open_cache", "read_checked", "read_identity", "read_rows", "status_counts", "summary", "training_coverage", "partial_note",
 ]

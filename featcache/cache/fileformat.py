@@ -52,6 +52,22 @@ class CacheError(InputError):
     """A cache file that is not a featcache cache, or does not match the requested run."""
 
 
+class EmptySplit(CacheError):
+    """A split (train, query, gallery) of which the cache holds no cached image: callers say what needed it."""
+
+    def __init__(self, cache: str | Path, split: str) -> None:
+        super().__init__(f"{cache} holds no cached {split} images")
+        self.cache, self.split = Path(cache), split
+
+
+class CacheBusy(CacheError):
+    """Another process holds the cache file open for writing: try again later, never replace it."""
+
+
+class NotResumable(CacheError):
+    """A cache built from other inputs or options than the run that wants to resume it."""
+
+
 def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = "") -> h5py.File:
     """Open one of featcache's HDF5 files (``kind`` in ``KINDS``), refusing a missing file, another kind of file
     or a newer version with one line that names it (``label``, an option such as ``--pixel-cache``, first)."""
@@ -76,7 +92,7 @@ def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = ""
             from featcache.cache.lock import held_by
 
             who = held_by(path)
-            raise CacheError(f"{path} is busy: another process has it open ({f'featcache extract, {who}' if who else 'not a featcache writer'}); "
+            raise CacheBusy(f"{path} is busy: another process has it open ({f'featcache extract, {who}' if who else 'not a featcache writer'}); "
                              "try again when it has finished") from None
         if mode != "r" and not os.access(path, os.W_OK):
             raise CacheError(f"{name} is read-only (permission denied): featcache reads it as it is (info, eval, training), "

@@ -20,7 +20,7 @@ import numpy as np
 
 from featcache.cache.checksum import check_annotation, check_images
 from featcache.cache.identity import CacheIdentity
-from featcache.cache.fileformat import ANNOTATIONS
+from featcache.cache.fileformat import ANNOTATIONS, EmptySplit
 from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
 from featcache.datasets import SPLITS
 
@@ -193,7 +193,7 @@ class CacheSplit:
                 c.table("view_start")[idx], c.table("n_views")[idx], c.identity,
             )
         if idx.size == 0:
-            raise CacheError(f"{cache} holds no cached {split} images")
+            raise EmptySplit(cache, split)
         return out
 
     def __len__(self) -> int:

@@ -46,6 +46,7 @@ from featcache.cache.fileformat import (  # noqa: F401  (re-exported: the store'
     FORMAT_VERSION,
     PENDING,
     CacheError,
+    NotResumable,
     Window,
     open_cache,
 )
@@ -141,7 +142,7 @@ def check_identity(path: Path, wanted: CacheIdentity, digests: np.ndarray | None
         diffs = [d if "contents" not in d else f"image contents: {len(changed)} file(s) changed since they were extracted "
                  f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''})" for d in diffs]
     if diffs:
-        raise CacheError(
+        raise NotResumable(
             f"{path} was built differently and cannot be resumed: " + "; ".join(diffs)
             + ". Use --overwrite to replace it, or another --out."
         )

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheSplit, cache_identity, partial_note, status_counts
+from featcache.cache import CacheSplit, EmptySplit, cache_identity, partial_note, status_counts
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, FeatcacheError, InputError, RunError
 from featcache.evaluation.features import FeatureContext, parse_model
@@ -214,10 +214,8 @@ def _write_outputs(ev: Evaluation, cfg: EvalConfig) -> None:
 def _load_split(cache: Path, split: str) -> CacheSplit:
     try:
         return CacheSplit.load(cache, split)
-    except CacheError as exc:
-        if "holds no cached" in str(exc):
-            raise InputError(f"{exc}: nothing to evaluate") from None
-        raise
+    except EmptySplit as exc:
+        raise InputError(f"{exc}: nothing to evaluate") from None
 
 
 def save_features(ev: Evaluation, path: Path) -> None:

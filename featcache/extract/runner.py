@@ -21,7 +21,7 @@ import torch
 from featcache.backbones import OutputSpec, build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
 from featcache.cache.store import file_digests, restore_static, view_counts
-from featcache.cache import PENDING, CacheError, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
+from featcache.cache import PENDING, CacheBusy, CacheError, NotResumable, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
 from featcache.cache.shards import (
     Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,
 )
@@ -135,9 +135,9 @@ def _prepare_single(job: _Job) -> None:
     if out.exists():
         try:
             check_identity(out, job.identity, job.digests)
+        except (CacheBusy, NotResumable):
+            raise
         except CacheError as exc:
-            if "busy" in str(exc) or "cannot be resumed" in str(exc):
-                raise
             raise CacheError(f"{exc}; use --overwrite to replace it, or choose another --out") from None
         with CacheReader(out) as c:
             info = c.shard_info()

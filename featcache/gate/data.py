@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheError, CacheIdentity, CacheReader, CacheSplit, known_route, training_coverage
+from featcache.cache import CacheIdentity, EmptySplit, CacheReader, CacheSplit, known_route, training_coverage
 from featcache.errors import InputError
 from featcache.training.validation import val_identities, val_queries
 
@@ -59,10 +59,8 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial:
     extraction has not finished is refused unless ``allow_partial`` (then ``partial`` records what was used)."""
     try:
         split = CacheSplit.load(cache, "train")
-    except CacheError as exc:
-        if "no cached train images" in str(exc):
-            raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
-        raise
+    except EmptySplit:
+        raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
     ident = split.identity
     partial = training_coverage(cache, allow_partial, "train", split)
     missing = [e for e in experts if e not in ident.backbones]
