@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from featcache.errors import InputError
+from featcache.errors import InputError, check_choice
 from featcache.runtime import check_device_name, resolve_device
 
 if TYPE_CHECKING:
@@ -94,10 +94,8 @@ def evaluate(query: ArrayLike | None, gallery: ArrayLike | None, q_pids: ArrayLi
     from featcache.evaluation.engine import evaluate as evaluate_features, evaluate_distances
     from featcache.evaluation.search import RANKINGS, l2_normalize
 
-    if ap not in AP_FORMS:
-        raise InputError(f"ap={ap!r}: expected one of {', '.join(AP_FORMS)}")
-    if ranking not in RANKINGS:
-        raise InputError(f"ranking={ranking!r}: expected one of {', '.join(RANKINGS)}")
+    check_choice(ap, AP_FORMS, "ap", InputError, what=f"ap={ap!r}")  # named as the keywords they are
+    check_choice(ranking, RANKINGS, "ranking", InputError, what=f"ranking={ranking!r}")
     check_device_name(str(device), "device")
     if str(device).startswith("cuda"):  # named as the keyword it is, not as the command line's --device
         resolve_device(str(device), "device")

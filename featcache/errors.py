@@ -12,6 +12,8 @@ without a traceback (``--debug`` shows it); library users catch
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 
 class FeatcacheError(Exception):
     """Base of every error featcache raises on purpose."""
@@ -47,3 +49,13 @@ def one_line(exc: BaseException) -> str:
     last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
     name, sep, rest = last.partition(": ")
     return rest if sep and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
+
+
+def check_choice(value: Any, choices: Iterable[Any], option: str, error: type[Exception] | None = None,
+                 what: str | None = None, note: str = "") -> None:
+    """Refuse ``value`` unless it is one of ``choices``, in one line: ``<option> <value!r>: expected one of a, b, c``
+    (``what`` replaces ``<option> <value!r>``; ``note`` follows the list). ``error`` defaults to ``ConfigError``."""
+    choices = list(choices)
+    if value not in choices:
+        label = what if what is not None else f"{option} {value!r}"
+        raise (error or ConfigError)(f"{label}: expected one of {', '.join(map(str, choices))}{note}")

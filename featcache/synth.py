@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.config import StageConfig, save_resolved
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, check_choice
 from featcache.progress import progress
 from featcache.synth_render import Person, Scene, Vehicle, render_person, render_vehicle
 
@@ -47,8 +47,7 @@ class SynthConfig(StageConfig):
     test_ids: int = 0
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUT_CAMS:
-            raise ConfigError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CAMS)}")
+        check_choice(self.layout, LAYOUT_CAMS, "--layout")
         if not 2 <= self.cams <= LAYOUT_CAMS[self.layout]:
             raise ConfigError(f"--cams {self.cams}: {self.layout} takes 2 to {LAYOUT_CAMS[self.layout]} cameras")
         for name, (lo, hi) in (("images_per_cam", self.images_per_cam), ("cams_per_id", self.cams_per_id)):

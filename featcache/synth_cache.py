@@ -17,6 +17,7 @@ import numpy as np
 from featcache.cache import BatchResult, CacheWriter, create_cache, make_identity
 from featcache.cache.spec import OutputSpec
 from featcache.datasets import Item, Listing
+from featcache.errors import check_choice
 from featcache.preprocess import PARAMS
 
 EXPERTS = {"clip-sim": ("open_clip", 768), "align-sim": ("align", 640)}
@@ -28,8 +29,7 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
     """``kind``: ``camera`` (each expert reliable on half of the cameras), ``dominant`` (the first expert better
     everywhere), ``twin`` (equally good experts with independent noise). ``synthetic/route`` records, per view
     row, the expert known to be reliable (-1 for twin), for the oracle router."""
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
+    check_choice(kind, KINDS, "kind", ValueError)
     path = Path(path)
     experts = experts or EXPERTS
     rng = np.random.default_rng(seed)

@@ -239,3 +239,19 @@ def test_no_caller_tells_errors_apart_by_their_wording():
                     and path.name != "fileformat.py"):  # h5py's own OSError wording, the one it gives
                 offenders.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
     assert not offenders, "message wording tested at " + ", ".join(offenders)
+
+
+def test_one_helper_refuses_a_value_outside_its_choices():
+    """``errors.check_choice`` writes every "expected one of" message; no module writes its own."""
+    import pytest
+
+    from featcache.errors import ConfigError, InputError, check_choice
+
+    check_choice("sort", ("auto", "sort"), "--ranking")
+    with pytest.raises(ConfigError, match=r"^--ranking 'gpu': expected one of auto, sort$"):
+        check_choice("gpu", ("auto", "sort"), "--ranking")
+    with pytest.raises(InputError, match=r"^ranking='gpu': expected one of auto, sort \(none on a GPU\)$"):
+        check_choice("gpu", ("auto", "sort"), "ranking", InputError, what="ranking='gpu'", note=" (none on a GPU)")
+    hand_written = [f"{p.relative_to(PKG.parent)}" for p in PKG.rglob("*.py")
+                    if p.name != "errors.py" and "expected one of" in p.read_text()]
+    assert not hand_written, hand_written

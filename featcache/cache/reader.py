@@ -23,6 +23,7 @@ from featcache.cache.identity import CacheIdentity
 from featcache.cache.fileformat import ANNOTATIONS, EmptySplit
 from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
 from featcache.datasets import SPLITS
+from featcache.errors import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,7 @@ class CacheReader:
 
     def split(self, name: str) -> "CacheSplit":
         """The cached images of split ``name`` (train, query or gallery): labels, names, and ``read``."""
-        if name not in SPLITS:
-            raise CacheError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
+        check_choice(name, SPLITS, "split", CacheError)
         return CacheSplit.load(self.path, name)
 
     def annotation(self, name: str) -> tuple[dict[str, Any], np.ndarray] | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.config import StageConfig, parser
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, check_choice
 from featcache.preprocess import parse_size
 from featcache.runtime import check_device_name, parse_workers
 from featcache.training.options import TRAIN_PRECISIONS, check_training
@@ -77,11 +77,9 @@ class DistillConfig(StageConfig):
     precision: str = "auto"              # auto: bf16 autocast and channels_last on CUDA, float32 on the CPU; fp32; bf16
 
     def __post_init__(self) -> None:
-        if self.precision not in TRAIN_PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r}: expected one of {', '.join(TRAIN_PRECISIONS)} (no fp16: "
-                              "it needs loss scaling, and bf16 keeps float32's range)")
-        if self.input_path not in INPUT_PATHS:
-            raise ConfigError(f"--input-path {self.input_path!r}: expected one of {', '.join(INPUT_PATHS)}")
+        check_choice(self.precision, TRAIN_PRECISIONS, "--precision",
+                     note=" (no fp16: it needs loss scaling, and bf16 keeps float32's range)")
+        check_choice(self.input_path, INPUT_PATHS, "--input-path")
         if self.input_path == "device" and self.pixel_cache is None:
             raise ConfigError("--input-path device replays views from the pixel cache's images: give --pixel-cache PIXELS.h5")
         object.__setattr__(self, "losses", parse_losses(self.losses))  # also when built directly from a string
@@ -89,13 +87,11 @@ class DistillConfig(StageConfig):
         if self.student not in STUDENT_NAMES:
             from featcache.registry import nearest
 
-            raise ConfigError(f"--student {self.student!r}{nearest(self.student, STUDENT_NAMES)}: expected one of {', '.join(STUDENT_NAMES)}")
-        if self.kd_space not in KD_SPACES:
-            raise ConfigError(f"--kd-space {self.kd_space!r}: expected one of {', '.join(KD_SPACES)}")
+            check_choice(self.student, STUDENT_NAMES, "--student", what=f"--student {self.student!r}{nearest(self.student, STUDENT_NAMES)}")
+        check_choice(self.kd_space, KD_SPACES, "--kd-space")
         if self.kd_temperature <= 0:
             raise ConfigError(f"--kd-temperature {self.kd_temperature}: expected a positive temperature")
-        if self.views not in VIEW_MODES:
-            raise ConfigError(f"--views {self.views!r}: expected one of {', '.join(VIEW_MODES)}")
+        check_choice(self.views, VIEW_MODES, "--views")
         check_training(self.epochs, self.batch_size, self.instances, self.lr, self.lr_min)
         for k in ("weight_decay", "beta", "margin", "lambda_kd", "lambda_feat", "lambda_att", "lambda_rel"):
             if getattr(self, k) is not None and getattr(self, k) < 0:
@@ -144,8 +140,7 @@ class ProfileConfig(StageConfig):
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        check_choice(self.precision, PRECISIONS, "--precision", what=f"--precision {self.precision}")
         if not self.models:
             raise ConfigError("--model: give at least one student:RUN_DIR, gate:RUN_DIR or backbone:PRESET")
         bad = [m for m in self.models if m.partition(":")[0] not in MODEL_KINDS_PROFILED or not m.partition(":")[2]]

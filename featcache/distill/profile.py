@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from featcache.errors import ConfigError, FeatcacheError, InputError
+from featcache.errors import ConfigError, FeatcacheError, InputError, check_choice
 from featcache.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ def profile_model(spec: str, device: str = "auto", image_size: tuple[int, int] |
         raise ConfigError(f"batch sizes {list(sizes)}: expected one or more positive integers")
     if repeats < 1:
         raise ConfigError(f"repeats {repeats}: expected at least 1")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    check_choice(precision, PRECISIONS, "--precision", what=f"--precision {precision}")
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise ConfigError(f"--image-size {image_size}: expected H and W, both positive")
     dev = resolve_device(device)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.errors import ConfigError, InputError
+from featcache.errors import ConfigError, InputError, check_choice
 from featcache.evaluation.ranking import GalleryIndex
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ class ApproxSpec:
     ef_search: int = 128  # HNSW
 
     def __post_init__(self) -> None:
-        if self.kind not in APPROX_INDEXES:
-            raise ConfigError(f"--approx-index {self.kind!r}: expected one of {', '.join(APPROX_INDEXES)}")
+        check_choice(self.kind, APPROX_INDEXES, "--approx-index")
         if self.k < 1 or self.nprobe < 1 or self.nlist < 0 or self.m < 0 or self.ef_search < 1:
             raise ConfigError("approximate search: expected --approx-k, --nprobe and ef_search >= 1, nlist and m >= 0")
 

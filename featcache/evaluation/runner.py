@@ -13,7 +13,7 @@ import numpy as np
 
 from featcache.cache import CacheSplit, EmptySplit, cache_identity, partial_note, status_counts
 from featcache.config import StageConfig, save_resolved
-from featcache.errors import ConfigError, FeatcacheError, InputError, RunError
+from featcache.errors import ConfigError, FeatcacheError, InputError, RunError, check_choice
 from featcache.evaluation.features import FeatureContext, parse_model
 from featcache.evaluation.metrics import AP_FORMS, agreement as rank_agreement
 from featcache.evaluation.approx import ApproxSpec
@@ -64,8 +64,7 @@ class EvalConfig(StageConfig):
     nprobe: int = 32
 
     def __post_init__(self) -> None:
-        if self.search not in SEARCH_MODES:
-            raise ConfigError(f"--search {self.search!r}: expected one of {', '.join(SEARCH_MODES)}")
+        check_choice(self.search, SEARCH_MODES, "--search")
         if self.search == "approx":
             if self.rerank:
                 raise ConfigError("--rerank needs every score: use it with --search exact")
@@ -73,8 +72,7 @@ class EvalConfig(StageConfig):
                 raise ConfigError(f"--approx-k {self.approx_k} is shorter than the largest of --ranks "
                                   f"({max(self.ranks)}): CMC there would be unknown; raise --approx-k or lower --ranks")
             self.approx_spec()
-        if self.ap not in AP_FORMS:
-            raise ConfigError(f"--ap {self.ap!r}: expected one of {', '.join(AP_FORMS)}")
+        check_choice(self.ap, AP_FORMS, "--ap")
         if not self.ranks or min(self.ranks) < 1:
             raise ConfigError(f"--ranks {','.join(map(str, self.ranks))}: expected positive integers, e.g. 1,5,10,20")
         check_device_name(self.device)

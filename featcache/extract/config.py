@@ -7,7 +7,7 @@ from pathlib import Path
 
 from featcache.config import StageConfig, parser
 from featcache.datasets.layouts import get_reader
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, check_choice
 from featcache.preprocess import parse_size
 from featcache.runtime import check_device_name, parse_workers
 
@@ -77,11 +77,9 @@ class ExtractConfig(StageConfig):
             raise ConfigError(f"--batch-size {self.batch_size}: expected at least 1")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: expected 0 or more, or auto")
-        if self.tokens not in TOKEN_MODES:
-            raise ConfigError(f"--tokens {self.tokens!r}: expected one of {', '.join(TOKEN_MODES)}")
+        check_choice(self.tokens, TOKEN_MODES, "--tokens")
         check_device_name(self.device)
-        if self.mapper not in MAPPERS:
-            raise ConfigError(f"--mapper {self.mapper!r}: expected one of {', '.join(MAPPERS)}")
+        check_choice(self.mapper, MAPPERS, "--mapper")
         if self.repair and self.overwrite:
             raise ConfigError("--repair and --overwrite exclude each other (--overwrite starts the cache anew)")
 

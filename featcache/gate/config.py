@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from featcache.config import StageConfig
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, check_choice
 from featcache.runtime import check_device_name
 from featcache.training.options import check_training
 
@@ -150,8 +150,7 @@ class GateConfig(StageConfig):
         return out or None
 
     def _resolve_routing(self) -> None:
-        if self.gate_recipe not in RECIPES:
-            raise ConfigError(f"--gate-recipe {self.gate_recipe!r}: expected one of {', '.join(RECIPES)}")
+        check_choice(self.gate_recipe, RECIPES, "--gate-recipe")
         gated = self.fusion in GATED
         base = RECIPES[self.gate_recipe]
         if not gated:  # no gate: nothing to route, but the experts train as the recipe trains them
@@ -174,12 +173,9 @@ class GateConfig(StageConfig):
             raise ConfigError(f"gate_input {r.gate_input!r}: expected adapted or raw")
         if r.gate_init not in ("default", "zero"):
             raise ConfigError(f"gate_init {r.gate_init!r}: expected default or zero")
-        if r.route_target not in ROUTE_TARGETS:
-            raise ConfigError(f"--set route_target={r.route_target}: expected one of {', '.join(ROUTE_TARGETS)}")
-        if r.retrieval not in RETRIEVALS:
-            raise ConfigError(f"--set retrieval={r.retrieval}: expected one of {', '.join(RETRIEVALS)}")
-        if r.train_routing not in ROUTINGS:
-            raise ConfigError(f"train_routing {r.train_routing!r}: expected one of {', '.join(ROUTINGS)}")
+        check_choice(r.route_target, ROUTE_TARGETS, "--set route_target", what=f"--set route_target={r.route_target}")
+        check_choice(r.retrieval, RETRIEVALS, "--set retrieval", what=f"--set retrieval={r.retrieval}")
+        check_choice(r.train_routing, ROUTINGS, "train_routing")
         if not 0 <= r.warmup < 1:
             raise ConfigError(f"--set warmup={r.warmup}: expected a share of the epochs, 0 <= warmup < 1")
         for k in ("gate_noise", "balance", "importance", "load", "expert_loss", "agreement", "expert_id", "cross_expert",

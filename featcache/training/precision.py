@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from featcache.errors import ConfigError
+from featcache.errors import check_choice
 from featcache.training.options import TRAIN_PRECISIONS
 
 
@@ -27,8 +27,7 @@ class Precision:
 
     @classmethod
     def resolve(cls, requested: str, device: torch.device, convolutional: bool = False) -> "Precision":
-        if requested not in TRAIN_PRECISIONS:
-            raise ConfigError(f"--precision {requested!r}: expected one of {', '.join(TRAIN_PRECISIONS)}")
+        check_choice(requested, TRAIN_PRECISIONS, "--precision")
         cuda = device.type == "cuda"
         if requested == "auto":
             requested = "bf16" if cuda else "fp32"
