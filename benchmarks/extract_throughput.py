@@ -13,14 +13,11 @@ shape warmed first, and the faster time is the reference. Prints images/s for ea
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+from benchkit import device_line  # noqa: E402  (first: offline hubs)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -101,8 +98,7 @@ def run(tmp: Path) -> None:
         raise SystemExit(f"pipeline processed {res.processed} of {n_img} images")
 
     bb, pipe = n_img / t_backbone, res.images_per_second
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    print(f"device: {dev}")
+    print(f"device: {device_line(device)}")
     print(f"backbones: {', '.join(args.backbone)}; {n_img} images, {sum(b.views.shape[0] for b in batches)} views; batch {args.batch_size}; workers {resolve_workers(args.workers, device)}; input {size}")
     print(f"backbone only : {bb:8.2f} img/s (best of {t_before:.1f} s before and {t_after:.1f} s after the pipeline)")
     print(f"pipeline      : {pipe:8.2f} img/s ({res.seconds:.1f} s)")

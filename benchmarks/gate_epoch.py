@@ -20,13 +20,10 @@ epoch (an extrapolation, and labelled as one).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+from benchkit import device_line  # noqa: E402  (first: offline hubs)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -113,8 +110,7 @@ def run(tmp: Path) -> None:
     row = loop.fit(stage)[0]
     per_batch_online = row["seconds"] / args.online_batches
 
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    print(f"device: {where}, both sides (the cached epoch includes its start-up on this device)")
+    print(f"device: {device_line(dev)}, both sides (the cached epoch includes its start-up on this device)")
     print(f"cached : one epoch of {n_batches} batches (12,767 images x 4 views cached, 768-d + 640-d) in {epoch_cached:.2f} s "
           f"= {1000 * per_batch_cached:.1f} ms a batch (target: epoch under 1 s)")
     print(f"online : {1000 * per_batch_online:.1f} ms a batch over {args.online_batches} batches (clip-tiny + align-tiny on 256x256 images); "

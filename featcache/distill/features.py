@@ -11,14 +11,14 @@ block of activations.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache.cache import CacheSplit
 from featcache.errors import InputError
-from featcache.evaluation.features import FeatureContext, FeatureSource, register_kind
+from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind
 from featcache.evaluation.search import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -28,16 +28,13 @@ MAX_BLOCK = 256
 
 
 @dataclass
-class StudentFeatures:
-    run: Path
-    _loaded: tuple | None = field(default=None, init=False, repr=False)
+class StudentFeatures(RunFeatures):
+    """A distilled student over each image's rebuilt view 0 (and its flip)."""
 
-    def _load(self, device):
+    def load(self, device: str) -> tuple:
         from featcache.distill.load import load_student
 
-        if self._loaded is None:  # query and gallery share one load
-            self._loaded = load_student(self.run, device=str(device))
-        return self._loaded
+        return load_student(self.run, device=device)
 
     def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
         import torch

@@ -32,6 +32,7 @@ from featcache.evaluation.search import l2_normalize
 from featcache.progress import progress
 from featcache.runtime import loader_options, on_device, resolve_device, resolve_workers
 from featcache.training.losses import batch_hard_triplet, id_loss
+from featcache.training.options import check_identities
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.precision import Precision
 from featcache.training.rundir import VAL, RunDir
@@ -212,11 +213,7 @@ def load_inputs(cfg: DistillConfig) -> tuple[Teacher, ViewDataset]:
     """The teacher's targets and the dataset of views, each checked (teacher, P x K, dataset root)."""
     teacher = load_teacher(cfg.gate, cfg.cache)
     teacher.partial = check_coverage(teacher, cfg.cache, cfg.allow_partial)
-    p = cfg.batch_size // cfg.instances
-    if teacher.n_classes < p:
-        raise InputError(f"{cfg.cache}: {teacher.n_classes} training identities, fewer than P = {p} for P x K = "
-                         f"{p} x {cfg.instances} batches (a batch is P identities x K images, K = --instances): lower --batch-size to at most "
-                         f"{teacher.n_classes * cfg.instances}, or --instances")
+    check_identities(teacher.n_classes, cfg.batch_size, cfg.instances, cfg.cache)
     if cfg.kd_space == "retrieval" and teacher.targets.retrieval is None and set(cfg.losses) & {"feat", "rel"}:
         raise InputError(f"{teacher.targets.path} predates the teacher's retrieval feature (teacher-targets version 1): "
                          "train the gate again, or compare raw features with --kd-space literal")

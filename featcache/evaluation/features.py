@@ -11,8 +11,9 @@ loaded on the first unknown name. Evaluation knows no stage by name.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -47,6 +48,23 @@ class FeatureSource(Protocol):
 
 
 KINDS: Registry[Callable[[str], FeatureSource]] = Registry("--model kind", entry_points="featcache.model_kinds")
+
+
+@dataclass
+class RunFeatures:
+    """A model kind backed by a trained run (``gate:``, ``student:``), loaded on first use: query and gallery share
+    one load. Subclasses say how a run is loaded (``load``) and what it computes (``features``)."""
+
+    run: Path
+    _loaded: Any = field(default=None, init=False, repr=False)
+
+    def load(self, device: str) -> Any:
+        raise NotImplementedError
+
+    def _load(self, device) -> Any:
+        if self._loaded is None:
+            self._loaded = self.load(str(device))
+        return self._loaded
 
 
 def register_kind(name: str, help: str) -> Callable:

@@ -7,28 +7,25 @@ device, so memory stays at the output features plus one block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache.cache import CacheReader, CacheSplit, known_route
 from featcache.errors import InputError
-from featcache.evaluation.features import FeatureContext, FeatureSource, register_kind
+from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind
 from featcache.evaluation.search import l2_normalize
 
 
 @dataclass
-class GateFeatures:
-    run: Path
-    _loaded: tuple | None = field(default=None, init=False, repr=False)
+class GateFeatures(RunFeatures):
+    """A trained teacher's fused BN-neck feature over cached backbone features."""
 
-    def _load(self, device):
+    def load(self, device: str) -> tuple:
         from featcache.gate.train import load_run
 
-        if self._loaded is None:  # query and gallery share one load
-            self._loaded = load_run(self.run, device=str(device))
-        return self._loaded
+        return load_run(self.run, device=device)
 
     def features(self, split: CacheSplit, ctx: FeatureContext) -> np.ndarray:
         import torch

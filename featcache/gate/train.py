@@ -24,6 +24,7 @@ from featcache.gate.outputs import routing_row
 from featcache.runtime import resolve_device
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.losses import batch_hard_triplet, id_loss
+from featcache.training.options import check_identities
 from featcache.training.rundir import RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
 
@@ -62,11 +63,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     """Train the adapters and fusion from the cache; returns the model, the data it saw and its run directory."""
     RunDir.refuse_existing(cfg.out, resume)  # before the cache is read
     data = load_train(cfg.cache, list(cfg.experts), cfg.val_ids, cfg.allow_partial, cfg.oracle_by_condition())
+    check_identities(len(data.pids), cfg.batch_size, cfg.instances, cfg.cache)
     p = cfg.batch_size // cfg.instances
-    if len(data.pids) < p:
-        raise InputError(f"{cfg.cache}: {len(data.pids)} training identities, fewer than P = {p} needed for "
-                         f"P x K = {p} x {cfg.instances} batches (a batch is P identities x K images, K = --instances): lower --batch-size to at most "
-                         f"{len(data.pids) * cfg.instances}, or --instances")
     device = resolve_device(cfg.device)  # configuration errors before the run directory exists
     single_expert_index(cfg.fusion, data.families)
     if cfg.fusion == "moe-oracle" and (data.route is None or (data.route < 0).any()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, InputError
 
 
 def check_training(epochs: int, batch_size: int, instances: int, lr: float, lr_min: float) -> None:
@@ -17,6 +17,15 @@ def check_training(epochs: int, batch_size: int, instances: int, lr: float, lr_m
                           f"{3 * instances}, ...)")
     if lr <= 0 or lr_min < 0 or lr_min > lr:
         raise ConfigError(f"lr {lr}, lr_min {lr_min}: expected 0 <= lr_min <= lr and lr > 0")
+
+
+def check_identities(n_ids: int, batch_size: int, instances: int, cache: object) -> None:
+    """A training split with at least P = batch size / K identities, or no PK batch can be drawn from it."""
+    p = batch_size // instances
+    if n_ids < p:
+        raise InputError(f"{cache}: {n_ids} training identities, fewer than P = {p} needed for P x K = {p} x {instances} "
+                         f"batches (a batch is P identities x K images, K = --instances): lower --batch-size to at most "
+                         f"{n_ids * instances}, or --instances")
 
 
 #: ``--precision`` of the trained stages: auto (bf16 autocast and channels_last on CUDA, float32 on the CPU),
