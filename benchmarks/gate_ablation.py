@@ -18,7 +18,6 @@ experts' spaces are aligned). Every row trains the same number of steps.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -90,8 +89,7 @@ LITERATURE = tuple(k for k in ROWS if k.startswith("paper +"))
 def fidelity(run: Path, cache: Path) -> float | None:
     """Mean over cameras of the gate weight on that camera's reliable expert (None where none is known)."""
     with CacheReader(cache) as c:
-        attrs, _ = c.annotation("route")
-    kind, names = attrs["kind"], json.loads(attrs["experts"])
+        names, kind, _ = c.route()
     stats = RunDir(run).gate_stats()
     if kind == "twin":
         return None

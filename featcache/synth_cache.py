@@ -9,7 +9,6 @@ adapters and a gate to learn.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +76,7 @@ def write_feature_cache(path: Path, ids: int = 60, per_id: int = 8, cams: int = 
     writer = CacheWriter(path)
     try:
         writer.write(batch)
-        writer.annotate("route", route.astype(np.int8), kind=kind, experts=json.dumps(list(experts)),
-                        doc="route: per view row, the index of the expert known to be reliable (-1: none), for moe-oracle")
+        writer.annotate_route(route, kind, list(experts))
     finally:
         writer.close()
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -152,8 +151,7 @@ def test_camera_conditions_are_carried_into_the_cache(tmp_path):
     generate(SynthConfig(root, "market1501", ids=8, cams=3, seed=1, night_cams=(2,), blur_cams=(3,)))
     run_extract(extract_cfg(root, tmp_path / "c.h5", backbones=("clip-tiny",)))
     with CacheReader(tmp_path / "c.h5") as c:
-        attrs, values = c.annotation("condition")
-    names = json.loads(attrs["conditions"])
+        names, values = c.conditions()
     assert names == list(CONDITIONS)
     for split in ("train", "query", "gallery"):
         s = CacheSplit.load(tmp_path / "c.h5", split)
@@ -163,4 +161,4 @@ def test_camera_conditions_are_carried_into_the_cache(tmp_path):
     (root / CONFIG_NAME).unlink()  # not a synthetic dataset any more: nothing recorded
     run_extract(extract_cfg(root, tmp_path / "d.h5", backbones=("clip-tiny",)))
     with CacheReader(tmp_path / "d.h5") as c:
-        assert c.annotation("condition") is None
+        assert c.conditions() is None

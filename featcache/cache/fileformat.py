@@ -24,6 +24,7 @@ from featcache.errors import InputError
 
 FORMAT = "featcache-cache"
 ANNOTATIONS = "synthetic"  # the one group of annotations a cache may carry (synthetic caches: route, conditions)
+ROUTE, CONDITION = "route", "condition"  # its two annotations (cache.writer writes them, cache.reader reads them)
 FORMAT_VERSION = 3  # 2: checksums/ (featcache.cache.checksum); 3: views/erase, views/erase_fill (random erasing)
 TARGETS_FORMAT, TARGETS_VERSION = "featcache-teacher-targets", 2  # 2: retrieval, val/
 PIXELS_FORMAT, PIXELS_VERSION = "featcache-pixel-cache", 1

@@ -20,7 +20,7 @@ import numpy as np
 
 from featcache.cache.checksum import check_annotation, check_images
 from featcache.cache.identity import CacheIdentity
-from featcache.cache.fileformat import ANNOTATIONS, EmptySplit
+from featcache.cache.fileformat import ANNOTATIONS, CONDITION, ROUTE, EmptySplit
 from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
 from featcache.datasets import SPLITS
 from featcache.errors import check_choice
@@ -130,6 +130,23 @@ class CacheReader:
                              f"`featcache verify {self.path}` names the images")
         return dict(self.f[ANNOTATIONS].attrs), values
 
+    def route(self) -> tuple[list[str], str, np.ndarray] | None:
+        """A synthetic feature cache's known route: (experts, kind, per view row the index of the reliable expert
+        in experts or -1), or None."""
+        ann = self.annotation(ROUTE)
+        if ann is None:
+            return None
+        attrs, values = ann
+        return json.loads(attrs["experts"]), str(attrs["kind"]), values
+
+    def conditions(self) -> tuple[list[str], np.ndarray] | None:
+        """A rendered synthetic dataset's camera conditions: (condition names, per view row its index), or None."""
+        ann = self.annotation(CONDITION)
+        if ann is None:
+            return None
+        attrs, values = ann
+        return json.loads(attrs["conditions"]), values
+
     def shard_info(self) -> dict[str, Any] | None:
         """A distributed extraction's layout (world, batch size), or None for a one-process cache."""
         return json.loads(self.f.attrs["shards"]) if "shards" in self.f.attrs else None
@@ -146,19 +163,17 @@ def known_route(cache: CacheReader, rows: np.ndarray, experts: list[str],
     """The known reliable expert of each view row, as an index into ``experts`` (-1: none known): from a synthetic
     feature cache's ``route``, or, given ``by_condition`` ({condition: expert}), from a rendered synthetic dataset's
     ``condition`` of each row; else None."""
-    ann = cache.annotation("route")
+    ann = cache.route()
     if ann is None and by_condition is not None:
-        cond = cache.annotation("condition")
+        cond = cache.conditions()
         if cond is None:
             return None
-        attrs, values = cond
-        names = json.loads(attrs["conditions"])
+        names, values = cond
         route = np.array([experts.index(by_condition[n]) if by_condition.get(n) in experts else -1 for n in names])
         return route[values[rows].astype(np.int64)]
     if ann is None:
         return None
-    attrs, route = ann
-    names = json.loads(attrs["experts"])
+    names, _, route = ann
     idx = route[rows]
     known = idx >= 0
     out = np.full(len(rows), -1, dtype=np.int64)

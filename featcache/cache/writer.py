@@ -5,6 +5,7 @@ Extraction and the synthetic caches of tests and benchmarks write through it alo
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import h5py
 import numpy as np
 
 from featcache.cache import checksum
-from featcache.cache.fileformat import ANNOTATIONS, DONE, FAILED, FORMAT_VERSION, CacheError, open_cache, window_offsets
+from featcache.cache.fileformat import ANNOTATIONS, CONDITION, ROUTE, DONE, FAILED, FORMAT_VERSION, CacheError, open_cache, window_offsets
 from featcache.cache.store import REASON_LEN, _runs
 from featcache.faults import fault_point
 
@@ -106,6 +107,12 @@ class CacheWriter:
         reliable expert of a synthetic cache (read back with ``CacheReader.annotation``); written once."""
         _annotate(self.f, name, values, attrs)
 
+    def annotate_route(self, route: np.ndarray, kind: str, experts: list[str]) -> None:
+        """A synthetic feature cache's known route: per view row, the index in ``experts`` of the expert known to
+        be reliable (-1: none), for ``moe-oracle`` (read back with ``CacheReader.route``)."""
+        self.annotate(ROUTE, np.asarray(route).astype(np.int8), kind=kind, experts=json.dumps(list(experts)),
+                      doc="route: per view row, the index of the expert known to be reliable (-1: none), for moe-oracle")
+
     def close(self) -> None:
         self.f.close()
 
@@ -115,6 +122,13 @@ def _put(ds: h5py.Dataset, rows: np.ndarray, arr: np.ndarray) -> None:
     if len(rows):
         for a, b, first in _runs(rows):
             ds[first: first + b - a] = arr[a:b]
+
+
+def annotate_conditions(path: Path, values: np.ndarray, conditions: list[str]) -> bool:
+    """A rendered synthetic dataset's camera conditions: per view row, the index of its camera's condition in
+    ``conditions`` (read back with ``CacheReader.conditions``); ``annotate_cache``'s rules. Whether it wrote."""
+    return annotate_cache(path, CONDITION, values, conditions=json.dumps(list(conditions)),
+                          condition_doc="condition: per view row, the index of its camera's condition in conditions")
 
 
 def annotate_cache(path: Path, name: str, values: np.ndarray, **attrs: str) -> bool:

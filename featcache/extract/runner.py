@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import logging
 import os
 import signal
@@ -157,15 +156,13 @@ def annotate_conditions(out: Path, listing, n_views: dict[str, int]) -> None:
     """A synthetic dataset's camera conditions (day, night, blur), carried into the cache as a ``condition``
     annotation per view row (an index into ``datasets.base.CONDITIONS``), as synthetic feature caches carry their
     known route; written once, also into a cache created before a kill, and rewritten where it was damaged."""
-    from featcache.cache.writer import annotate_cache
+    from featcache.cache.writer import annotate_conditions
     from featcache.datasets.base import CONDITIONS, camera_conditions, condition_rows
 
     conditions = camera_conditions(listing.root)
     if conditions is None:
         return
-    annotate_cache(out, "condition", condition_rows(listing, view_counts(listing, n_views), conditions),
-                   conditions=json.dumps(list(CONDITIONS)),
-                   condition_doc="condition: per view row, the index of its camera's condition in conditions")
+    annotate_conditions(out, condition_rows(listing, view_counts(listing, n_views), conditions), list(CONDITIONS))
 
 
 def _remove_cache(out: Path) -> None:
