@@ -44,11 +44,21 @@ DOCS = {
 }
 
 
-def write_teacher_targets(path: Path, rows: dict[str, np.ndarray], attrs: dict[str, str],
-                          val: "ValTargets | None" = None) -> Path:
-    """Write ``path`` atomically: per-row arrays (``image``, ``view``, ``label``, ``feature``, ``retrieval``,
-    ``logits``, ``gates``), ``label_pids``, the held-out identities' ``val/`` group, and ``attrs`` (cache, run,
-    experts, weights digest) beside the format's own."""
+#: the per-row arrays of the file, in the order they are written (``label_pids`` is per class)
+ROW_ARRAYS = ("image", "view", "label", "label_pids", "feature", "retrieval", "logits", "gates")
+
+
+def write_teacher_targets(targets: "TeacherTargets") -> Path:
+    """Write ``targets`` to ``targets.path`` atomically: per-row arrays (``image``, ``view``, ``label``,
+    ``feature``, ``retrieval``, ``logits``, ``gates``), ``label_pids``, the held-out identities' ``val/`` group, and
+    the source cache, its identity, the run, the experts and the weights digest beside the format's own attributes."""
+    rows = {k: getattr(targets, k) for k in ROW_ARRAYS if getattr(targets, k) is not None}
+    attrs = dict(cache=targets.cache, cache_identity=targets.cache_identity, run=targets.run,
+                 experts=json.dumps(list(targets.experts)))
+    if targets.weights_digest is not None:
+        attrs["weights_digest"] = targets.weights_digest
+    val, path = targets.val, targets.path
+
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(format=TARGETS_FORMAT, format_version=TARGETS_VERSION, featcache_version=__version__,
@@ -98,6 +108,7 @@ class TeacherTargets:
     weights_digest: str | None = None  # ``state_digest`` of the gate's final weights (None: written before it was recorded)
     retrieval: np.ndarray | None = None  # the teacher's L2-normalised retrieval feature per row (None: a version-1 file)
     val: "ValTargets | None" = None      # the held-out identities (None: the run held none out, or a version-1 file)
+    cache: str = ""                      # the cache the gate trained on, as a resolved path when written
     _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -120,7 +131,8 @@ class TeacherTargets:
             val = ValTargets(**{k: f["val"][k][...] for k in ("image", "pid", "camid", "query", "retrieval")}) if "val" in f else None
             return cls(path, json.loads(f.attrs["experts"]), str(f.attrs["cache_identity"]), str(f.attrs["run"]), **arrays,
                        weights_digest=str(digest) if digest is not None else None,
-                       retrieval=f["retrieval"][...] if "retrieval" in f else None, val=val)
+                       retrieval=f["retrieval"][...] if "retrieval" in f else None, val=val,
+                       cache=str(f.attrs.get("cache", "")))
 
     def rows(self, images: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Target rows of (cache image row, view) pairs; a pair with no target is an error."""

@@ -3,17 +3,16 @@ and written through ``featcache.cache.targets`` (which documents the file), read
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from featcache.cache.targets import TARGETS, ValTargets, write_teacher_targets
+from featcache.cache.targets import TARGETS, TeacherTargets, ValTargets, write_teacher_targets
 from featcache.evaluation.search import l2_normalize
 from featcache.gate.data import TrainData
 from featcache.gate.model import GateModel
 from featcache.gate.outputs import infer_rows
-from featcache.training.rundir import state_digest
+from featcache.training.rundir import RunDir, state_digest
 
 
 def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> Path:
@@ -26,16 +25,14 @@ def write_targets(model: GateModel, data: TrainData, cache: Path, run: Path) -> 
     view_of_row = rows - data.row_start[image_of_row]
     digest = state_digest(model.state_dict())
 
-    arrays = {
-        "image": data.images[image_of_row].astype(np.int64), "view": view_of_row.astype(np.uint8),
-        "label": data.labels[image_of_row].astype(np.int64), "label_pids": data.pids.astype(np.int64),
-        "feature": fused.astype(np.float32), "retrieval": l2_normalize(retrieval.astype(np.float32)),
-        "logits": logits.astype(np.float32), "gates": gates.astype(np.float32),
-    }
-    attrs = dict(cache=str(Path(cache).resolve()), cache_identity=data.identity.digest(), run=str(Path(run).resolve()),
-                 experts=json.dumps(data.experts), weights_digest=digest)
     held = None
     if val is not None:
         held = ValTargets(val.images.astype(np.int64), val.pids.astype(np.int64), val.camids.astype(np.int64),
                           val.query.astype(bool), l2_normalize(val_retrieval.astype(np.float32)))
-    return write_teacher_targets(Path(run) / TARGETS, arrays, attrs, held)
+    return write_teacher_targets(TeacherTargets(
+        RunDir(run).artifact(TARGETS), list(data.experts), data.identity.digest(), str(Path(run).resolve()),
+        image=data.images[image_of_row].astype(np.int64), view=view_of_row.astype(np.uint8),
+        label=data.labels[image_of_row].astype(np.int64), label_pids=data.pids.astype(np.int64),
+        feature=fused.astype(np.float32), logits=logits.astype(np.float32), gates=gates.astype(np.float32),
+        weights_digest=digest, retrieval=l2_normalize(retrieval.astype(np.float32)), val=held,
+        cache=str(Path(cache).resolve())))
