@@ -79,6 +79,13 @@ def test_a_pipeline_keeps_its_cache_when_the_dataset_moves(market_root, tmp_path
     moved = tmp_path / "second" / "market"
     moved.parent.mkdir()
     shutil.move(str(root), str(moved))
+    from featcache.pipeline.config import load_pipeline
+    from featcache.pipeline.stages import build_stages
+
+    stages, _ = build_stages(load_pipeline(write(moved, [42, 7])))
+    before = cache.read_bytes()
+    stages[0].key()  # computing a key changes no file: the skipped stage's reuse points the cache at the new place
+    assert stages[0].name == "extract" and cache.read_bytes() == before and cache_identity(cache).dataset_root == str(root)
     res = CliRunner().invoke(main, ["run", str(write(moved, [42, 7]))])
     assert res.exit_code == 0, res.output
     assert [c.name for c in (tmp_path / "out").glob("cache-*.h5")] == [cache.name]  # the same cache, not extracted again

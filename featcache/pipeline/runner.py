@@ -45,6 +45,7 @@ class Stage:
     outputs: Callable[[], list[Path]]
     run: Callable[[], None]
     sharded: bool = False  # under torchrun every rank runs it (extraction); other stages run on rank 0
+    reuse: Callable[[], None] | None = None  # what a skipped stage's outputs need before later stages read them
 
 
 @dataclass
@@ -141,6 +142,8 @@ def _execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None
         if status == "skipped":
             echo(f"[{i}/{len(stages)}] {stage.name}: skipped ({reason})")
             result.stages.append(StageLog(stage.name, "skipped", reason, 0.0))
+            if lead and stage.reuse is not None:
+                stage.reuse()
             continue
         echo(f"[{i}/{len(stages)}] {stage.name}: running ({reason}) ...")
         t0 = time.perf_counter()

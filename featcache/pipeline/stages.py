@@ -197,9 +197,8 @@ def _extract(plan: Plan) -> Stage:
         plan.cache_key = digest(portable({"content": content, "listing": listing}, plan.out))[:8]
         state["cfg"] = base.replace(out=plan.out / f"cache-{plan.cache_key}.h5")
         plan.cache = state["cfg"].out
-        if plan.cache.is_file():  # the same data found elsewhere: the skipped stage's cache points at its new place
-            follow_moved_data(plan.cache, files.root)
-        return {"content": content, "listing": listing}
+        state["root"] = files.root
+        return {"content": content, "listing": listing}  # computing a key changes no file
 
     def run() -> None:
         run_extract(state["cfg"], state["digests"])
@@ -210,7 +209,10 @@ def _extract(plan: Plan) -> Stage:
         # a sharded cache (torchrun) is its master and every shard: a lost shard makes the stage run again
         return [plan.cache] + ([p for p, _ in shard_status(plan.cache)] if plan.cache.is_file() else [])
 
-    return Stage("extract", key, outputs, run, sharded=True)
+    def reuse() -> None:  # the same data found elsewhere: the skipped stage's cache points at its new place
+        follow_moved_data(plan.cache, state["root"])
+
+    return Stage("extract", key, outputs, run, sharded=True, reuse=reuse)
 
 
 def _cache_id(plan: Plan) -> str:
