@@ -38,7 +38,7 @@ class CacheReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.f = open_cache(self.path)
+        self._f = open_cache(self.path)
 
     def __enter__(self) -> "CacheReader":
         return self
@@ -47,49 +47,49 @@ class CacheReader:
         self.close()
 
     def close(self) -> None:
-        self.f.close()
+        self._f.close()
 
     @cached_property
     def identity(self) -> CacheIdentity:
-        return read_identity(self.f, self.path)
+        return read_identity(self._f, self.path)
 
     @property
     def format_version(self) -> int:
-        return int(self.f.attrs["format_version"])
+        return int(self._f.attrs["format_version"])
 
     @property
     def tokens(self) -> str:
-        return str(self.f.attrs["tokens"])
+        return str(self._f.attrs["tokens"])
 
     @property
     def backbones(self) -> list[str]:
         """The backbones whose outputs the cache stores, in file order."""
-        return list(self.f["backbones"])
+        return list(self._f["backbones"])
 
     def outputs(self, backbone: str) -> list[str]:
         """The stored outputs of ``backbone`` (pooled, tokens, attn_XX, ...)."""
         self._need(backbone)
-        return list(self.f["backbones"][backbone])
+        return list(self._f["backbones"][backbone])
 
     def output_info(self, backbone: str, output: str) -> dict[str, Any]:
         """Shape, dtype and row kind ('view' or 'image') of one stored output."""
-        ds = self.f["backbones"][backbone][output]
+        ds = self._f["backbones"][backbone][output]
         return {"shape": tuple(ds.shape), "dtype": np.dtype(ds.dtype), "rows": str(ds.attrs["rows"]), "doc": str(ds.attrs["doc"])}
 
     def _need(self, backbone: str) -> None:
-        if backbone not in self.f["backbones"]:
-            raise CacheError(f"{self.path} has no backbone {backbone!r}; it holds: {', '.join(self.f['backbones'])}")
+        if backbone not in self._f["backbones"]:
+            raise CacheError(f"{self.path} has no backbone {backbone!r}; it holds: {', '.join(self._f['backbones'])}")
 
     def table(self, name: str) -> np.ndarray:
         """A per-image table (``TABLES``): one entry per row of the cache's image list (paths as str)."""
         if name not in TABLES:
             raise KeyError(f"{name!r}: the image tables are {', '.join(TABLES)}")
-        ds = self.f["images"][name]
+        ds = self._f["images"][name]
         return ds.asstr()[...] if name == "path" else ds[...]
 
     def view_params(self) -> np.ndarray:
         """(rows, 10) int16: each view row's dx, dy, flip, erase (x, y, w, h) and erase fill (featcache.preprocess.PARAMS)."""
-        v = self.f["views"]
+        v = self._f["views"]
         cols = [v["dx"][...][:, None], v["dy"][...][:, None], v["flip"][...][:, None]]
         if "erase" in v:  # format 3: random erasing
             cols += [v["erase"][...], v["erase_fill"][...]]
@@ -101,13 +101,13 @@ class CacheReader:
         """Rows ``rows`` (ascending or not) of one stored output, each checked against its checksum; rows that
         hold NaN or inf are refused with the images named."""
         self._need(backbone)
-        if output not in self.f["backbones"][backbone]:
-            raise CacheError(f"{self.path}: backbone {backbone} stores no {output!r} (it stores {', '.join(self.f['backbones'][backbone])})")
+        if output not in self._f["backbones"][backbone]:
+            raise CacheError(f"{self.path}: backbone {backbone} stores no {output!r} (it stores {', '.join(self._f['backbones'][backbone])})")
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         if (order == np.arange(len(rows))).all():
-            return read_checked(self.f, backbone, output, rows)
-        out = read_checked(self.f, backbone, output, rows[order])
+            return read_checked(self._f, backbone, output, rows)
+        out = read_checked(self._f, backbone, output, rows[order])
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
         return out[inv]
@@ -120,15 +120,15 @@ class CacheReader:
     def annotation(self, name: str) -> tuple[dict[str, Any], np.ndarray] | None:
         """An annotation array written with ``CacheWriter.annotate`` (attributes, values), or None."""
         key = f"{ANNOTATIONS}/{name}"
-        if key not in self.f:
+        if key not in self._f:
             return None
-        values = self.f[key][...]
-        bad = check_annotation(self.f, name, values)
+        values = self._f[key][...]
+        bad = check_annotation(self._f, name, values)
         if bad.size:
             raise CacheError(f"{self.path}: {bad.size} row(s) of its {name!r} annotation fail their checksum "
                              f"(view rows {', '.join(map(str, bad[:5]))}{' ...' if bad.size > 5 else ''}): "
                              f"`featcache verify {self.path}` names the images")
-        return dict(self.f[ANNOTATIONS].attrs), values
+        return dict(self._f[ANNOTATIONS].attrs), values
 
     def route(self) -> tuple[list[str], str, np.ndarray] | None:
         """A synthetic feature cache's known route: (experts, kind, per view row the index of the reliable expert
@@ -149,7 +149,7 @@ class CacheReader:
 
     def shard_info(self) -> dict[str, Any] | None:
         """A distributed extraction's layout (world, batch size), or None for a one-process cache."""
-        return json.loads(self.f.attrs["shards"]) if "shards" in self.f.attrs else None
+        return json.loads(self._f.attrs["shards"]) if "shards" in self._f.attrs else None
 
 
 def cache_identity(path: str | Path) -> CacheIdentity:
@@ -202,7 +202,7 @@ class CacheSplit:
         with CacheReader(cache) as c:
             keep = (c.table("split") == SPLITS.index(split)) & (c.table("status") == DONE)
             idx = np.flatnonzero(keep)
-            check_images(c.f, idx)
+            check_images(c._f, idx)
             out = cls(
                 Path(cache), split, idx, c.table("pid")[idx], c.table("camid")[idx], c.table("path")[idx],
                 c.table("view_start")[idx], c.table("n_views")[idx], c.identity,
