@@ -130,6 +130,10 @@ class CacheReader:
                              f"`featcache verify {self.path}` names the images")
         return dict(self._f[ANNOTATIONS].attrs), values
 
+    def check_images(self, images: np.ndarray) -> None:
+        """Refuse images whose metadata (labels, cameras, row layout) fail their checksums."""
+        check_images(self._f, images)
+
     def route(self) -> tuple[list[str], str, np.ndarray] | None:
         """A synthetic feature cache's known route: (experts, kind, per view row the index of the reliable expert
         in experts or -1), or None."""
@@ -202,7 +206,7 @@ class CacheSplit:
         with CacheReader(cache) as c:
             keep = (c.table("split") == SPLITS.index(split)) & (c.table("status") == DONE)
             idx = np.flatnonzero(keep)
-            check_images(c._f, idx)
+            c.check_images(idx)
             out = cls(
                 Path(cache), split, idx, c.table("pid")[idx], c.table("camid")[idx], c.table("path")[idx],
                 c.table("view_start")[idx], c.table("n_views")[idx], c.identity,

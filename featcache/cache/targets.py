@@ -120,7 +120,7 @@ class TeacherTargets:
         with open_featcache(path, "teacher-targets") as f:
             if cache_identity is not None and f.attrs["cache_identity"] != cache_identity:
                 raise InputError(f"{path} was made from another cache (identity {f.attrs['cache_identity']}, this cache {cache_identity})")
-            arrays = {k: f[k][...] for k in ("image", "view", "label", "label_pids", "feature", "logits", "gates")}
+            arrays = {k: f[k][...] for k in ROW_ARRAYS if k != "retrieval"}  # retrieval: absent from version 1
             for name in ("feature", "logits", "gates", "retrieval"):
                 bad = nonfinite_rows(f[name][...]) if name in f else np.zeros(0, np.int64)
                 if bad.size:

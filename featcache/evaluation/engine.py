@@ -77,8 +77,9 @@ class DeviceRanker:
 
 
 def ranker_for(ranking: str, scorer: Scorer, budget: int) -> SortRanker | DeviceRanker:
-    """What ``ranking`` selects: ``device`` and ``sort`` as named; ``auto`` counts on the device when the scores are
-    on a GPU, and sorts otherwise. All give the same ranks."""
+    """What ``ranking`` selects: ``device`` counts each positive's rank where the scores are computed (on a GPU with
+    torch, even where GPU FAISS is installed, so only ranks leave it; CPU torch without a GPU); ``sort`` ranks on
+    the CPU; ``auto`` counts on the device when the scores are on a GPU, and sorts otherwise. All give the same ranks."""
     if ranking == "device" or (ranking == "auto" and scorer.backend == "torch-cuda"):
         return DeviceRanker(budget)
     return SortRanker()

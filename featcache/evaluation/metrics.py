@@ -55,22 +55,22 @@ def positive_ranks(scores: np.ndarray, positives: np.ndarray, junk: np.ndarray) 
 
 
 def average_precision(ranks: np.ndarray, form: str = "plain") -> float:
-    check_choice(form, AP_FORMS, "--ap")
     k = np.arange(1, ranks.size + 1, dtype=np.float64)
     r = ranks.astype(np.float64)
-    if form == "plain":
+    if form == "plain":  # per query: the common form returns before any check
         return float(np.mean(k / r))
+    check_choice(form, AP_FORMS, "--ap")
     prev = np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0)  # trapezoid
     return float(np.mean((prev + k / r) / 2))
 
 
 def ap_terms(ranks: np.ndarray, starts: np.ndarray, counts: np.ndarray, form: str) -> np.ndarray:
     """Each hit's term of AP (the module doc's rule), for queries' sorted ranks laid end to end."""
-    check_choice(form, AP_FORMS, "--ap")
     k = (np.arange(ranks.size) - np.repeat(starts, counts) + 1).astype(np.float64)
     r = ranks.astype(np.float64)
     if form == "plain":
         return k / r
+    check_choice(form, AP_FORMS, "--ap")
     return (np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.0) + k / r) / 2  # trapezoid
 
 

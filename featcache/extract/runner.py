@@ -149,10 +149,10 @@ def _prepare_single(job: _Job) -> None:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         create_cache(out, job.listing, job.identity, job.n_views, job.specs, cfg.tokens)
-    annotate_conditions(out, job.listing, job.n_views)
+    record_conditions(out, job.listing, job.n_views)
 
 
-def annotate_conditions(out: Path, listing, n_views: dict[str, int]) -> None:
+def record_conditions(out: Path, listing, n_views: dict[str, int]) -> None:
     """A synthetic dataset's camera conditions (day, night, blur), carried into the cache as a ``condition``
     annotation per view row (an index into ``datasets.base.CONDITIONS``), as synthetic feature caches carry their
     known route; written once, also into a cache created before a kill, and rewritten where it was damaged."""
@@ -226,7 +226,7 @@ def _prepare_master(job: _Job, windows: list[Window]) -> None:
         if shard_dir(out).exists() and any(shard_dir(out).iterdir()):
             raise CacheError(f"{shard_dir(out)} holds shards but {out} is missing; use --overwrite to start anew")
         write_master(out, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, windows)
-    annotate_conditions(out, job.listing, job.n_views)  # as a one-process cache carries them
+    record_conditions(out, job.listing, job.n_views)  # as a one-process cache carries them
 
 
 def _extract_shard(job: _Job, window: Window, final: Path) -> ExtractResult:
