@@ -76,7 +76,7 @@ run_extract(ExtractConfig(dataset="market1501", root=work / "data", backbones=("
 out = {"featcache": featcache.__file__}
 for name, (fusion, sets) in gates.items():
     run = work / name.replace(" ", "-")
-    run_train_gate(GateConfig(cache=cache, out=run, fusion=fusion, epochs=4, batch_size=16, seed=42, device="cpu", val_ids=2, **sets))
+    run_train_gate(GateConfig.from_dict(dict(cache=cache, out=run, fusion=fusion, epochs=4, batch_size=16, seed=42, device="cpu", val_ids=2, **sets)))
     out[name] = {"weights": digest([run / "model.safetensors"]), "log": log_of(run)}
 teacher = work / "gate-moe-top1-routed"
 for name, sets in students.items():

@@ -65,7 +65,7 @@ def main() -> None:
         def gate() -> None:
             nonlocal n
             n += 1
-            run_train_gate(GateConfig(cache, tmp / f"run{n}", ("clip-sim", "align-sim"), "moe-top1", epochs=3))
+            run_train_gate(GateConfig.from_dict(dict(cache=cache, out=tmp / f"run{n}", experts=("clip-sim", "align-sim"), fusion="moe-top1", epochs=3)))
 
         jobs["train-gate 3 epochs"] = gate
         for name, fn in jobs.items():

@@ -66,7 +66,7 @@ def run(tmp: Path, args) -> None:
     generate(SynthConfig(root, "market1501", ids=args.ids, cams=args.cams, seed=0))
     run_extract(ExtractConfig(dataset="market1501", root=root, backbones=("clip-tiny", "align-tiny"), out=cache, views=4,
                               image_size=size, device="cpu"))
-    run_train_gate(GateConfig(cache=cache, out=gate, seed=args.seed, device="cpu"))
+    run_train_gate(GateConfig.from_dict(dict(cache=cache, out=gate, seed=args.seed, device="cpu")))
     variants = {"distilled (all terms)": "id,tri,kd,feat,att,rel", "task loss only": "id,tri"}
     if args.ablation:
         for term in ("kd", "feat", "att", "rel"):

@@ -77,7 +77,7 @@ def main() -> None:
         generate(SynthConfig(root, "market1501", ids=args.ids, cams=6, seed=0))
         run_extract(ExtractConfig(dataset="market1501", root=root, backbones=("clip-tiny", "align-tiny"), out=cache,
                                   views=4, image_size=(256, 256), device=args.device))
-        run_train_gate(GateConfig(cache=cache, out=gate, epochs=2, device=args.device))
+        run_train_gate(GateConfig.from_dict(dict(cache=cache, out=gate, epochs=2, device=args.device)))
 
         if args.only != "profile":
             pixels_part(tmp, cache, gate, args)
@@ -129,7 +129,7 @@ def profile_part(tmp: Path, cache: Path, gate: Path, args) -> None:
     feat = write_feature_cache(tmp / "feat.h5", ids=16, per_id=4, cams=4, views=2,
                                experts={"clip-vit-b16": ("open_clip", 768), "align-b7": ("align", 640)})
     big_gate = tmp / "gate-full"
-    run_train_gate(GateConfig(cache=feat, out=big_gate, epochs=1, device=args.device))
+    run_train_gate(GateConfig.from_dict(dict(cache=feat, out=big_gate, epochs=1, device=args.device)))
     rows = profile_models([f"student:{student}", f"gate:{big_gate}"], args.device, image_size=(256, 256),
                           batch_sizes=(1, 64), repeats=args.repeats)  # on CPU each in its own process (RSS)
     s, t = rows

@@ -89,7 +89,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_cache(cache, args.queries, args.gallery, train_ids=64)
         print(f"cache written in {time.perf_counter() - t0:.0f} s ({cache.stat().st_size / 2**30:.2f} GiB)")
-        run = run_train_gate(GateConfig(cache, tmp / "run", tuple(EXPERTS), "moe-top1", epochs=1)).run
+        run = run_train_gate(GateConfig.from_dict(dict(cache=cache, out=tmp / "run", experts=tuple(EXPERTS), fusion="moe-top1", epochs=1))).run
         before = rss_gb()
         t0 = time.perf_counter()
         ev = run_eval(EvalConfig(cache, f"gate:{run}", device="cpu", budget_mb=args.budget_mb))

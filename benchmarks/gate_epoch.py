@@ -94,7 +94,7 @@ def run(tmp: Path) -> None:
 
     dev = resolve_device(args.device)
     cache = write_feature_cache(tmp / "market-sized.h5", ids=751, per_id=17, cams=6, views=4)
-    cfg = GateConfig(cache, tmp / "run", ("clip-sim", "align-sim"), "moe-top1", epochs=1, seed=42, device=str(dev))
+    cfg = GateConfig.from_dict(dict(cache=cache, out=tmp / "run", experts=("clip-sim", "align-sim"), fusion="moe-top1", epochs=1, seed=42, device=str(dev)))
     train(cfg)
     row = RunDir(tmp / "run").log_rows()[0]
     epoch_cached = float(row["seconds"])

@@ -92,8 +92,7 @@ def test_map(run: Path, cache: Path) -> dict:
 def train(cache: Path, out: Path, fusion: str, seed: int, val_ids: int, **over) -> dict:
     """One gate run: its validation report, gate statistics, test mAP and steps."""
     t0 = time.perf_counter()
-    res = run_train_gate(GateConfig(cache=cache, out=out, fusion=fusion, epochs=EPOCHS, seed=seed, device="cpu",
-                                    val_ids=val_ids, **over))
+    res = run_train_gate(GateConfig.from_dict(dict(cache=cache, out=out, fusion=fusion, epochs=EPOCHS, seed=seed, device="cpu", val_ids=val_ids, **over)))
     rd = RunDir(res.run)
     val = rd.val()
     row = {"val": val["mAP"], "val_by_condition": by_condition(val.get("mAP_by_camera", {})),

@@ -41,6 +41,8 @@ class StageConfig:
 
     #: the command whose options these are (``extract``, ``eval``, ...)
     command: typing.ClassVar[str] = ""
+    #: the values of fields added since a run's config was saved that its run trained with (``upgrade``)
+    legacy: typing.ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -68,15 +70,16 @@ class StageConfig:
                 )
 
     @classmethod
-    def build(cls, *layers: tuple[str, Mapping[str, Any]]):
-        """The config from ``(source, values)`` layers, later layers overriding earlier ones."""
+    def merge(cls, *layers: tuple[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """The fields' values from ``(source, values)`` layers, later layers overriding earlier ones, each converted
+        to its field's type; a required field missing from every layer is refused."""
         hints = typing.get_type_hints(cls)
         merged: dict[str, Any] = {}
         for source, values in layers:
             cls.check_keys(values, source)
             for key, value in values.items():
                 field = next(f for f in dataclasses.fields(cls) if f.name == key)
-                merged[key] = _convert(value, hints[key], field, f"{source}: {key}")
+                merged[key] = convert(value, hints[key], field, f"{source}: {key}")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         if missing:
@@ -84,7 +87,17 @@ class StageConfig:
                 f"missing {', '.join(option_name(m) for m in missing)}: give it on the command line "
                 f"or as {', '.join(repr(m) for m in missing)} under {cls.command!r} in the --config file"
             )
-        return cls(**merged)
+        return merged
+
+    @classmethod
+    def build(cls, *layers: tuple[str, Mapping[str, Any]]):
+        """The config from ``(source, values)`` layers, later layers overriding earlier ones."""
+        return cls(**cls.merge(*layers))
+
+    @classmethod
+    def upgrade(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """A run's saved config in today's form (fields added since take the values the run trained with)."""
+        return {**cls.legacy, **saved}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config"):
@@ -100,6 +113,8 @@ class StageConfig:
 
 
 def _plain(v: Any, absolute: bool = False) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a nested part of a recipe: a mapping
+        return {f.name: _plain(getattr(v, f.name), absolute) for f in dataclasses.fields(v)}
     if isinstance(v, Path):
         return str(v.absolute() if absolute else v)
     if isinstance(v, (tuple, list)):
@@ -113,7 +128,7 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _convert(value: Any, tp: Any, field: dataclasses.Field, where: str) -> Any:
+def convert(value: Any, tp: Any, field: dataclasses.Field, where: str) -> Any:
     """``value`` (from YAML, --set or click) as type ``tp``; a ConfigError naming ``where`` otherwise."""
     parse = field.metadata.get("parse")
     if parse is not None:

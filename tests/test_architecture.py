@@ -129,7 +129,7 @@ def test_the_narrow_imports_the_doc_states():
         if path.stem != "profile":
             assert not {m for m in imports_of(path) if m.startswith("featcache.gate")}, path
     for path in PKG.rglob("*.py"):
-        if path.parent.name != "pipeline" and path.name != "cli.py":
+        if path.parent.name not in ("pipeline", "cli"):
             assert not {m for m in imports_of(path) if m.startswith("featcache.pipeline")}, path
 
 
@@ -161,7 +161,7 @@ def test_no_import_cycle_between_the_cache_modules():
 
 def test_only_the_cache_package_touches_hdf5():
     """Stages read and write featcache's files through ``featcache.cache`` (issue 23): no module outside it imports
-    h5py or opens a file with ``open_cache`` (which hands out the raw h5py.File), so none names a path inside one."""
+    h5py or opens a file with ``open_cache_file`` (which hands out the raw h5py.File), so none names a path inside one."""
     offenders = []
     for path in PKG.rglob("*.py"):
         if path.parent.name == "cache" and path.parent.parent == PKG:
@@ -171,9 +171,9 @@ def test_only_the_cache_package_touches_hdf5():
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
-                internal = node.module.startswith("featcache.cache")  # featcache.api's open_cache is the public reader
+                internal = node.module.startswith("featcache.cache")  # featcache.api.open_cache is the public reader
                 names = [node.module] + [a.name for a in node.names if internal]
-            bad = [n for n in names if n.split(".")[0] == "h5py" or n in ("open_cache", "read_checked", "read_rows")]
+            bad = [n for n in names if n.split(".")[0] == "h5py" or n in ("open_cache_file", "read_checked", "read_rows")]
             if bad:
                 offenders.append(f"{path.relative_to(PKG.parent)}: {', '.join(bad)}")
     assert not offenders, "outside featcache.cache: " + "; ".join(offenders)

@@ -123,7 +123,7 @@ def test_a_format_1_feature_cache_trains_and_evaluates(tmp_path):
 
     cache = write_feature_cache(tmp_path / "f.h5", ids=16, per_id=4, cams=4, views=2)
     as_format_1(cache)
-    res = run_train_gate(GateConfig(cache, tmp_path / "r", fusion="average", epochs=1))
+    res = run_train_gate(GateConfig.from_dict(dict(cache=cache, out=tmp_path / "r", fusion="average", epochs=1)))
     assert run_eval(EvalConfig(cache, f"gate:{res.run}")).report["queries_evaluated"] > 0
     assert CliRunner().invoke(main, ["info", str(cache)]).output.count("format version 1") == 1
 

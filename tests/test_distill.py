@@ -22,7 +22,7 @@ def gate_run(market_cache, tmp_path_factory) -> Path:
     from featcache.gate.runner import run_train_gate
 
     out = tmp_path_factory.mktemp("distill") / "gate"
-    run_train_gate(GateConfig(cache=market_cache, out=out, epochs=2, batch_size=16, device="cpu"))
+    run_train_gate(GateConfig.from_dict(dict(cache=market_cache, out=out, epochs=2, batch_size=16, device="cpu")))
     return out
 
 
@@ -295,7 +295,7 @@ def test_distill_reports_the_student_against_the_teacher_on_the_held_out_identit
     from featcache.gate.runner import run_train_gate
 
     gate = tmp_path / "gate"
-    run_train_gate(GateConfig(cache=market_cache, out=gate, epochs=2, batch_size=8, device="cpu", val_ids=2))
+    run_train_gate(GateConfig.from_dict(dict(cache=market_cache, out=gate, epochs=2, batch_size=8, device="cpu", val_ids=2)))
     res = run_distill(dcfg(market_cache, gate, tmp_path / "s", epochs=1, batch_size=8))
     val = json.loads((res.run / "val.json").read_text())
     assert val["mAP"] == pytest.approx(res.val["mAP"]) and val["identities"] == 2
@@ -387,7 +387,7 @@ def test_distillation_lowers_each_kd_term_and_agrees_more_with_the_teacher_than_
     root, cache, gate = tmp_path / "market", tmp_path / "c.h5", tmp_path / "gate"
     generate(SynthConfig(root, "market1501", ids=24, cams=3, seed=3))
     run_extract(extract_cfg(root, cache, batch_size=16))
-    run_train_gate(GateConfig(cache=cache, out=gate, epochs=10, batch_size=16, device="cpu"))
+    run_train_gate(GateConfig.from_dict(dict(cache=cache, out=gate, epochs=10, batch_size=16, device="cpu")))
     result = {}
     for name, losses in (("distilled", "id,tri,kd,feat,att,rel"), ("task", "id,tri")):
         cfg = dcfg(cache, gate, tmp_path / name, losses=losses, epochs=15, lr=1e-3, pixel_cache=tmp_path / "px.h5")

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import assert_same_cache
 from crash import finish, free_port, start
-from featcache.cache import CacheSplit, open_cache, status_counts
+from featcache.cache import CacheSplit, open_cache_file, status_counts
 from featcache.cache.checksum import verify_cache
 from featcache.cache.shards import partial_path, shard_dir, shard_path
 
@@ -66,7 +66,7 @@ def test_a_dead_rank_is_redone_alone_and_other_world_sizes_are_refused(market_ro
     os.kill(procs[0].pid, signal.SIGTERM)  # what torchrun does to the others when a rank dies
     finish(procs, 30)
     assert shard_path(out, 0, 2).is_file() and partial_path(shard_path(out, 1, 2)).is_file()
-    with open_cache(out) as f:  # readers of the master see rank 0's images, rank 1's as pending
+    with open_cache_file(out) as f:  # readers of the master see rank 0's images, rank 1's as pending
         assert 0 < int((f["images/status"][...] == 0).sum()) < len(f["images/status"])
     before = shard_path(out, 0, 2).stat().st_mtime_ns
     assert finish(start(argv, log, world=2)) == [0, 0]

@@ -37,13 +37,13 @@ def env(tmp_path_factory, market_root, market_cache) -> dict[str, Path]:
     from featcache.gate.config import GateConfig
     from featcache.gate.train import train
 
-    train(GateConfig(feat, tmp / "unfinished", ("clip-sim", "align-sim"), "average", epochs=1))
+    train(GateConfig.from_dict(dict(cache=feat, out=tmp / "unfinished", experts=("clip-sim", "align-sim"), fusion="average", epochs=1)))
     (tmp / "unfinished" / "config.yaml").write_text(
         (tmp / "unfinished" / "config.yaml").read_text().replace("epochs: 1", "epochs: 5"))
-    train(GateConfig(feat, tmp / "featgate", ("clip-sim", "align-sim"), "average", epochs=1))  # finished, on another cache
+    train(GateConfig.from_dict(dict(cache=feat, out=tmp / "featgate", experts=("clip-sim", "align-sim"), fusion="average", epochs=1)))  # finished, on another cache
     from featcache.gate.runner import run_train_gate
 
-    run_train_gate(GateConfig(feat, tmp / "featgate", ("clip-sim", "align-sim"), "average", epochs=1), resume=True)
+    run_train_gate(GateConfig.from_dict(dict(cache=feat, out=tmp / "featgate", experts=("clip-sim", "align-sim"), fusion="average", epochs=1)), resume=True)
     return {"tmp": tmp, "root": market_root, "cache": market_cache, "feat": feat, "one": one}
 
 

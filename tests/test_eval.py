@@ -232,7 +232,7 @@ def test_ranks_share_ties_and_spearman_of_a_constant_is_zero():
 
 def test_split_stats_count_images_identities_and_cameras(market_cache):
     from featcache.cache import CacheSplit
-    from featcache.cache.reader import split_stats
+    from featcache.cache.describe import split_stats
 
     st = split_stats(market_cache)
     for name in ("train", "query", "gallery"):

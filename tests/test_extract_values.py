@@ -222,7 +222,7 @@ def test_readers_and_verify_refuse_rows_holding_nan(market_cache, tmp_path):
 
     _, _, tname = _poison(copy, "align-tiny", split=0, nth=2, view=1, value=np.inf)
     with pytest.raises(CacheError, match=f"align-tiny/pooled hold NaN or inf \\(images {tname}\\)"):
-        run_train_gate(GateConfig(cache=copy, out=tmp_path / "gate", epochs=1, batch_size=8, device="cpu"))
+        run_train_gate(GateConfig.from_dict(dict(cache=copy, out=tmp_path / "gate", epochs=1, batch_size=8, device="cpu")))
 
 
 def _gpu_check():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_same_cache
 from crash import Campaign, timing
-from featcache.cache import PENDING, open_cache
+from featcache.cache import PENDING, open_cache_file
 from featcache.cache.checksum import verify_cache
 from featcache.cache.shards import partial_path, shard_dir
 
@@ -50,7 +50,7 @@ def _check_cache_files(out: Path) -> None:
     if shard_dir(out).exists():
         paths += sorted(p for p in shard_dir(out).iterdir() if p.name.endswith((".h5", ".h5.partial")))
     for p in paths:
-        with open_cache(p) as f:
+        with open_cache_file(p) as f:
             f["images/status"][...]
         rep = verify_cache(p)
         assert not rep.bad, f"{p}: rows fail their checksums after a kill: {rep.paths}"
@@ -160,7 +160,7 @@ def _distill_campaign(market_cache: Path, tmp_path: Path, log: Path, timing_scal
     from featcache.gate.runner import run_train_gate
 
     gate = tmp_path / "gate"
-    run_train_gate(GateConfig(cache=market_cache, out=gate, epochs=1, batch_size=16, device="cpu"))
+    run_train_gate(GateConfig.from_dict(dict(cache=market_cache, out=gate, epochs=1, batch_size=16, device="cpu")))
 
     def argv(out: Path) -> list[str]:
         return ["distill", "--cache", str(market_cache), "--gate", str(gate), "--out", str(out), "--epochs", "8",

@@ -27,7 +27,7 @@ def fcache(tmp_path_factory) -> Path:
 def cfg(cache: Path, out: Path, **kw) -> GateConfig:
     base = dict(cache=str(cache), out=str(out), experts=("clip-sim", "align-sim"), fusion="moe-top1", epochs=6, seed=42)
     base.update(kw)
-    return GateConfig(**base)
+    return GateConfig.from_dict(base)
 
 
 def test_gate_temperatures_sparsity_and_gradients():
@@ -84,11 +84,11 @@ def test_trains_from_the_cache_alone(fcache, tmp_path, monkeypatch):
 
 
 def test_teacher_targets_reader(fcache, tmp_path):
-    from featcache.cache import open_cache, read_identity
+    from featcache.cache import open_cache_file, read_identity
     from featcache.cache.targets import TeacherTargets
 
     res = run_train_gate(cfg(fcache, tmp_path / "r", epochs=1))
-    with open_cache(fcache) as f:
+    with open_cache_file(fcache) as f:
         ident = read_identity(f, fcache).digest()
     t = TeacherTargets.load(res.targets, cache_identity=ident)
     assert t.experts == ["clip-sim", "align-sim"] and t.feature.shape[1] == 2048

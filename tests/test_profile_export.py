@@ -184,7 +184,7 @@ def gate_run(market_cache, tmp_path_factory) -> Path:
     from featcache.gate.runner import run_train_gate
 
     out = tmp_path_factory.mktemp("gate") / "run"
-    cfg = GateConfig(cache=market_cache, out=out, experts=("clip-tiny", "align-tiny"), epochs=1, batch_size=8, instances=2, device="cpu")
+    cfg = GateConfig.from_dict(dict(cache=market_cache, out=out, experts=("clip-tiny", "align-tiny"), epochs=1, batch_size=8, instances=2, device="cpu"))
     return run_train_gate(cfg).run
 
 
@@ -268,7 +268,7 @@ def test_profile_of_a_backbone_alone_and_of_a_single_expert_fusion(gate_run, tmp
     row = profile_model("backbone:clip-tiny", "cpu", image_size=(64, 32), batch_sizes=(1,), repeats=1)
     assert row["parameters"] == count_parameters(build_backbone("clip-tiny", (64, 32))) and row["image_size"] == [64, 32]
     cache = yaml.safe_load((gate_run / "config.yaml").read_text())["train-gate"]["cache"]
-    clip_only = run_train_gate(GateConfig(cache=Path(cache), out=tmp_path / "clip", fusion="clip", epochs=1, batch_size=16, device="cpu")).run
+    clip_only = run_train_gate(GateConfig.from_dict(dict(cache=Path(cache), out=tmp_path / "clip", fusion="clip", epochs=1, batch_size=16, device="cpu"))).run
     one = profile_model(f"gate:{clip_only}", "cpu", batch_sizes=(1,), repeats=1)
     both = profile_model(f"gate:{gate_run}", "cpu", batch_sizes=(1,), repeats=1)
     assert [k for k in one["parameters_parts"] if k.startswith("backbone")] == ["backbone clip-tiny"]  # the expert it runs

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 import torch
 
 from featcache.errors import ConfigError, InputError
 from featcache.gate.config import RECIPES, GateConfig, Routing
 from featcache.gate.model import GateModel
 from featcache.gate.runner import run_train_gate
+from featcache.cli import main
 from featcache.synth_cache import write_feature_cache
 
 
@@ -38,19 +40,23 @@ def test_noise_only_in_training():
 
 
 def test_balancing_losses_at_perfect_balance():
-    m, xs = gated(Routing(importance=1.0, gate_init="zero"))  # zero init: every expert equally likely
+    from featcache.gate.objective import balance_losses
+
+    r = Routing(importance=1.0, gate_init="zero")
+    m, xs = gated(r)  # zero init: every expert equally likely
     m.train()
     fo, _, _ = m(xs)
-    assert fo.aux_loss.item() == pytest.approx(0.0, abs=1e-9)  # importance CV^2 is 0 when the experts' weights are equal
-    m, xs = gated(Routing(balance=1.0, gate_init="zero"))
+    assert balance_losses(m, fo, r).item() == pytest.approx(0.0, abs=1e-9)  # importance CV^2 is 0 when the experts' weights are equal
+    r = Routing(balance=1.0, gate_init="zero")
+    m, xs = gated(r)
     m.train()
     fo, _, _ = m(xs)
     # Switch loss: K * sum(share routed * mean probability); all routed to expert 0 by the tie: 2 * 1 * 0.5 = 1
-    assert fo.aux_loss.item() == pytest.approx(1.0)
+    assert balance_losses(m, fo, r).item() == pytest.approx(1.0)
 
 
 def test_smooth_load_by_hand():
-    from featcache.gate.model import cv_squared, smooth_load
+    from featcache.gate.objective import cv_squared, smooth_load
 
     clean = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
     noisy = torch.tensor([[0.5, -0.5], [0.2, 0.4]])
@@ -66,7 +72,7 @@ def test_smooth_load_by_hand():
 
 
 def test_agreement_loss_by_hand():
-    from featcache.gate.model import agreement_loss
+    from featcache.gate.objective import agreement_loss
 
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     assert agreement_loss([a, 3 * a]).item() == pytest.approx(0.0, abs=1e-7)  # same direction: agree
@@ -76,15 +82,19 @@ def test_agreement_loss_by_hand():
 
 
 def test_load_loss_reaches_the_gate_and_its_noise():
-    m, xs = gated(Routing(gate_noise=1.0, load=1.0))
+    from featcache.gate.objective import balance_losses
+
+    r = Routing(gate_noise=1.0, load=1.0)
+    m, xs = gated(r)
     m.train()
     fo, _, _ = m(xs)
-    assert fo.aux_loss.item() > 0
-    fo.aux_loss.backward()
+    loss = balance_losses(m, fo, r)
+    assert loss.item() > 0
+    loss.backward()
     assert m.fusion.gate[-1].weight.grad.abs().sum() > 0 and m.fusion.noise.weight.grad.abs().sum() > 0
     m.eval()
     fo, _, _ = m(xs)
-    assert fo.aux_loss.item() == 0.0  # no noise, no load loss outside training
+    assert balance_losses(m, fo, r).item() == 0.0  # no noise, no load loss outside training
 
 
 def test_straight_through_uses_hard_weights_forward_and_reaches_the_gate():
@@ -125,11 +135,13 @@ def camera_cache(tmp_path_factory) -> Path:
 
 @pytest.mark.heavy
 def test_default_recipe_routes_by_camera_and_the_paper_recipe_runs(camera_cache, tmp_path):
-    routed = run_train_gate(GateConfig(camera_cache, tmp_path / "routed", epochs=15))
+    routed = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "routed", epochs=15)))
     assert fidelity(routed.run, camera_cache) >= 0.8
-    paper = run_train_gate(GateConfig(camera_cache, tmp_path / "paper", epochs=15, gate_recipe="paper"))
+    paper = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "paper", epochs=15, gate_recipe="paper")))
     saved = json.loads(json.dumps(__import__("yaml").safe_load((paper.run / "config.yaml").read_text())))["train-gate"]
-    assert (saved["gate_recipe"], saved["gate_input"], saved["train_routing"], saved["route_by_loss"]) == ("paper", "adapted", "dense", 0.0)
+    routing = saved["routing"]  # the recipe's values, resolved, as one nested map
+    assert (saved["gate_recipe"], routing["gate_input"], routing["train_routing"], routing["route_by_loss"]) == ("paper", "adapted", "dense", 0.0)
+    assert not set(saved) & set(routing)
     rows = list(csv.DictReader((routed.run / "log.csv").open()))
     assert len(rows) == 15 and {"gate_entropy", "routed_cam1_clip-sim", "routed_align-sim"} <= set(rows[0])
     for png in ("gate_heatmap.png", "gate_hist.png", "gate_routing.png"):
@@ -139,12 +151,12 @@ def test_default_recipe_routes_by_camera_and_the_paper_recipe_runs(camera_cache,
 def test_oracle_router(camera_cache, tmp_path):
     from featcache.evaluation.runner import EvalConfig, run_eval
 
-    res = run_train_gate(GateConfig(camera_cache, tmp_path / "oracle", fusion="moe-oracle", epochs=2))
+    res = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "oracle", fusion="moe-oracle", epochs=2)))
     assert fidelity(res.run, camera_cache) == 1.0
     assert run_eval(EvalConfig(camera_cache, f"gate:{res.run}")).report["queries_evaluated"] > 0
     twin = write_feature_cache(tmp_path / "twin.h5", ids=16, per_id=4, cams=4, views=2, kind="twin")
     with pytest.raises(InputError, match="moe-oracle routes by the known reliable expert"):
-        run_train_gate(GateConfig(twin, tmp_path / "o2", fusion="moe-oracle", epochs=1))
+        run_train_gate(GateConfig.from_dict(dict(cache=twin, out=tmp_path / "o2", fusion="moe-oracle", epochs=1)))
 
 
 @pytest.mark.parametrize("over, text", [
@@ -176,13 +188,18 @@ def test_recipes_are_what_the_docs_say():
 def test_expert_fields_train_every_fusion_and_gate_fields_only_gated_ones(tmp_path):
     base = {"cache": tmp_path / "c.h5", "out": tmp_path / "r"}
     avg = GateConfig.from_dict({**base, "fusion": "average"})
+    avg = GateConfig.from_dict({**base, "fusion": "average"}).routing
     assert (avg.retrieval, avg.expert_loss, avg.route_by_loss, avg.warmup) == ("id-span", 0.5, 0.0, 0.0)
-    assert GateConfig.from_dict({**base, "fusion": "average", "cross_expert": 1.0}).cross_expert == 1.0
-    paper = GateConfig.from_dict({**base, "fusion": "average", "gate_recipe": "paper"})
+    assert GateConfig.from_dict({**base, "fusion": "average", "cross_expert": 1.0}).routing.cross_expert == 1.0
+    nested = GateConfig.from_dict({**base, "fusion": "average", "routing": {"cross_expert": 1.0}})  # as config.yaml saves it
+    assert nested.routing.cross_expert == 1.0 and nested.routing.retrieval == "id-span"
+    paper = GateConfig.from_dict({**base, "fusion": "average", "gate_recipe": "paper"}).routing
     assert (paper.retrieval, paper.expert_loss) == ("neck", 0.0)
-    concat = GateConfig.from_dict({**base, "fusion": "concat", "gate_recipe": "routed"})
+    concat = GateConfig.from_dict({**base, "fusion": "concat", "gate_recipe": "routed"}).routing
     assert (concat.expert_neck, concat.retrieval, concat.expert_loss) == (False, "neck", 0.5)
-    assert GateConfig.from_dict({**base, "fusion": "clip"}).routing() == Routing()  # one expert: nothing to align
+    assert GateConfig.from_dict({**base, "fusion": "clip"}).routing == Routing()  # one expert: nothing to align
+    with pytest.raises(ConfigError, match="routing: unknown key 'balanse'.*balance"):
+        GateConfig.from_dict({**base, "routing": {"balanse": 0.1}})
 
 
 def test_id_span_is_an_orthogonal_projection_that_keeps_the_logits():
@@ -221,7 +238,7 @@ def test_cross_expert_triplet_by_hand():
 
 
 def test_cross_detach_moves_only_each_images_unreliable_expert():
-    from featcache.gate.train import alignment_losses
+    from featcache.gate.objective import alignment_losses
 
     m, xs = gated(Routing(cross_expert=1.0, cross_detach=True))
     m.train()
@@ -240,7 +257,7 @@ def test_cross_detach_moves_only_each_images_unreliable_expert():
 def test_frozen_gate_keeps_the_routing_of_the_warm_up(camera_cache, tmp_path):
     from featcache.training.rundir import RunDir
 
-    cfg = GateConfig(camera_cache, tmp_path / "g", epochs=4, warmup=0.5)
+    cfg = GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "g", epochs=4, warmup=0.5))
     run_train_gate(cfg)
     rows = list(csv.DictReader((tmp_path / "g" / "log.csv").open()))
     routed = [[r[k] for k in r if k.startswith("routed_cam")] for r in rows]
@@ -260,7 +277,7 @@ def test_validation_split_is_held_out_and_evaluated(camera_cache, tmp_path):
         val_identities(pids, 23)
     q = val_queries(np.array([5, 5, 5, 7, 7]), np.array([1, 1, 2, 2, 2]))
     assert q.tolist() == [True, False, True, True, False]  # the first image of each identity in each camera
-    res = run_train_gate(GateConfig(camera_cache, tmp_path / "v", epochs=2, val_ids=6, seed=3))
+    res = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "v", epochs=2, val_ids=6, seed=3)))
     meta = RunDir(res.run, "train-gate").meta()
     assert len(meta["val_pids"]) == 6 and not set(meta["val_pids"]) & set(meta["pids"]) and len(meta["pids"]) == 18
     val = json.loads((res.run / VAL).read_text())
@@ -298,10 +315,10 @@ def test_retrieval_targets_pick_the_expert_that_retrieves_each_image_best(camera
 
 
 def test_retrieval_routing_option_trains(camera_cache, tmp_path):
-    res = run_train_gate(GateConfig(camera_cache, tmp_path / "r", epochs=4, route_target="retrieval"))
+    res = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "r", epochs=4, route_target="retrieval")))
     assert fidelity(res.run, camera_cache) >= 0.8
     with pytest.raises(ConfigError, match="--set route_target=knn: expected one of loss, retrieval"):
-        GateConfig(camera_cache, tmp_path / "x", route_target="knn")
+        GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "x", route_target="knn"))
 
 
 def test_a_run_saved_before_the_new_fields_loads_as_it_was_trained(camera_cache, tmp_path):
@@ -309,14 +326,20 @@ def test_a_run_saved_before_the_new_fields_loads_as_it_was_trained(camera_cache,
 
     from featcache.gate.train import load_run
 
-    res = run_train_gate(GateConfig(camera_cache, tmp_path / "old", epochs=1, gate_freeze=False, retrieval="neck"))
+    res = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "old", epochs=1, gate_freeze=False, retrieval="neck")))
     path = res.run / "config.yaml"
     saved = yaml.safe_load(path.read_text())
+    section = saved["train-gate"]
+    section.update(section.pop("routing"))  # the flat form runs were saved in before the nested routing: map
     for k in ("expert_id", "expert_neck", "cross_expert", "cross_detach", "retrieval", "gate_freeze", "route_target", "val_ids"):
-        saved["train-gate"].pop(k)  # as a 2026-11-22 run wrote it
+        section.pop(k)  # as a 2026-11-22 run wrote it
     path.write_text(yaml.safe_dump(saved))
     model, cfg, _ = load_run(res.run)
-    assert (cfg.retrieval, cfg.gate_freeze, cfg.expert_neck) == ("neck", False, False) and model.necks is None and not model.id_span
+    r = cfg.routing
+    assert (r.retrieval, r.gate_freeze, r.expert_neck) == ("neck", False, False) and model.necks is None and not model.id_span
+    assert r.gate_input == section["gate_input"] == "raw" and r.warmup == section["warmup"] == 0.5  # the flat values it saved
+    out = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(res.run)])  # resumes: nothing left to train
+    assert out.exit_code == 0, out.output
 
 
 def test_a_validation_split_without_true_matches_is_reported_not_fatal():
@@ -363,6 +386,6 @@ def test_the_oracle_routes_rendered_data_by_each_conditions_expert(tmp_path):
                                     "--epochs", "1", "--batch-size", "8"])
     assert res.exit_code == 1 and "--set oracle_route=" in res.output
     with pytest.raises(ConfigError, match="only --fusion moe-oracle"):
-        GateConfig(cache, tmp_path / "y", fusion="moe-top1", oracle_route=("night=align-tiny",))
+        GateConfig.from_dict(dict(cache=cache, out=tmp_path / "y", fusion="moe-top1", oracle_route=("night=align-tiny",)))
     with pytest.raises(ConfigError, match="CONDITION=EXPERT"):
-        GateConfig(cache, tmp_path / "y", fusion="moe-oracle", oracle_route=("dusk=align-tiny",))
+        GateConfig.from_dict(dict(cache=cache, out=tmp_path / "y", fusion="moe-oracle", oracle_route=("dusk=align-tiny",)))

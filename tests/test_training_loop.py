@@ -114,7 +114,7 @@ def test_precision_follows_the_device_and_refuses_what_it_cannot_train():
 
 def test_route_loss_needs_no_host_round_trip_and_is_zero_without_targets():
     from featcache.gate.route_targets import NO_TARGET
-    from featcache.gate.train import route_loss
+    from featcache.gate.objective import route_loss
 
     logits = torch.randn(6, 2, requires_grad=True)
     some = torch.tensor([0, 1, NO_TARGET, 1, NO_TARGET, 0])
@@ -143,8 +143,7 @@ def test_a_gate_epoch_reads_nothing_back_to_the_host_per_step(tmp_path, monkeypa
         seen, steps = [], []
         for batch in (8, 32):  # 6 steps an epoch and 1
             before = reads["n"]
-            run = run_train_gate(GateConfig(cache, tmp_path / f"{name}-{batch}", epochs=2, batch_size=batch,
-                                            instances=4 if batch > 8 else 2, **kw)).run
+            run = run_train_gate(GateConfig.from_dict(dict(cache=cache, out=tmp_path / f"{name}-{batch}", epochs=2, batch_size=batch, instances=4 if batch > 8 else 2, **kw))).run
             seen.append(reads["n"] - before)
             steps.append(sum(logged_steps(run, batch)))
         assert steps[0] > steps[1] and seen[0] == seen[1], (name, steps, seen)

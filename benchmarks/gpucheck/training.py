@@ -7,7 +7,7 @@ import time
 
 from featcache.cache.pixelcache import build_pixel_cache
 from featcache.training.rundir import RunDir
-from featcache.cache.reader import split_stats
+from featcache.cache.describe import split_stats
 from featcache.distill.config import DistillConfig
 from featcache.distill.runner import run_distill
 from featcache.distill.train import input_path_rate
@@ -31,8 +31,7 @@ def section_gate(c: Context) -> None:
     cache = write_feature_cache(tmp / "gate-cache.h5", ids=ids, per_id=per_id, cams=6, views=4)
 
     def epochs(batch: int, out: str) -> tuple[float, float, int]:
-        train(GateConfig(cache, tmp / out, ("clip-sim", "align-sim"), "moe-top1", epochs=2, seed=42, batch_size=batch,
-                         device=s.device.type))
+        train(GateConfig.from_dict(dict(cache=cache, out=tmp / out, experts=("clip-sim", "align-sim"), fusion="moe-top1", epochs=2, seed=42, batch_size=batch, device=s.device.type)))
         rows = RunDir(tmp / out).log_rows()
         steps = round(float(rows[1]["images_per_s"]) * float(rows[1]["seconds"]) / batch)  # the epoch's PK batches
         return float(rows[0]["seconds"]), float(rows[1]["seconds"]), steps
@@ -63,7 +62,7 @@ def section_distill(c: Context) -> None:
     generate(SynthConfig(root, "market1501", ids=ids, cams=6, seed=2))
     run_extract(ExtractConfig(dataset="market1501", root=root, backbones=("clip-tiny", "align-tiny"), out=cache, views=2,
                               batch_size=128 if s.gpu else 16, device=s.device.type, image_size=size, tokens="none"))
-    gate = run_train_gate(GateConfig(cache=cache, out=tmp / "distill-gate", epochs=1, batch_size=batch, device=s.device.type)).run
+    gate = run_train_gate(GateConfig.from_dict(dict(cache=cache, out=tmp / "distill-gate", epochs=1, batch_size=batch, device=s.device.type))).run
     pixels = tmp / "distill-pixels.h5"
     build_pixel_cache(pixels, cache)
     setup_s = time.perf_counter() - t0

@@ -26,11 +26,13 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
+from pathlib import Path
 
 import h5py
 import numpy as np
 
-from featcache.cache.fileformat import ANNOTATIONS, DONE, FAILED, PENDING, CacheError, open_cache, window_offsets
+from featcache.cache.fileformat import ANNOTATIONS, DONE, FAILED, PENDING, CacheError, open_cache_file, window_offsets
+from featcache.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,18 @@ class VerifyReport:
     def mb_per_s(self) -> float:
         return self.checked_bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
 
+    def lines(self, cache: Path) -> list[str]:
+        """What ``featcache verify`` prints: each damaged image, then what was checked."""
+        out = [f"damaged: {self.paths[i]}: {', '.join(self.bad[i])}" for i in sorted(self.bad)]
+        return out + [f"{cache}: {self.checked_images} cached images, {self.checked_bytes / 2**20:.1f} MiB checked "
+                      f"in {self.seconds:.2f} s ({self.mb_per_s:.0f} MiB/s)"]
+
+    def refuse_damage(self, cache: Path) -> None:
+        """Fail, saying how to repair, if any image is damaged."""
+        if self.bad:
+            raise InputError(f"{cache}: {len(self.bad)} damaged image(s); `featcache extract ... --out {cache} --repair` "
+                             "(with the options that made the cache) extracts exactly them again")
+
 
 def _chunks(n: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
     for s in range(0, n, rows_per_chunk):
@@ -188,7 +202,7 @@ def verify(f: h5py.File, chunk_bytes: int = 64 * 2**20, progress=None) -> Verify
 
 def verify_cache(path, progress=None) -> VerifyReport:
     """``featcache verify``: every stored row of ``path`` against its checksum."""
-    with open_cache(path) as f:
+    with open_cache_file(path) as f:
         if not has_checksums(f):
             raise CacheError(f"{path} is a format {int(f.attrs['format_version'])} cache, which carries no checksums "
                              "(extract it again with this featcache to get them)")
@@ -199,7 +213,7 @@ def mark_for_repair(path, report: VerifyReport) -> int:
     """Set the images ``report`` found damaged back to pending, so that a resumed extraction redoes exactly them."""
     bad = np.array(sorted(report.bad), dtype=np.int64)
     if bad.size:
-        with open_cache(path, "r+") as f:
+        with open_cache_file(path, "r+") as f:
             status = f["images/status"]
             for i in bad:
                 status[int(i)] = PENDING

@@ -109,7 +109,7 @@ def open_featcache(path: str | Path, kind: str, mode: str = "r", label: str = ""
     return f
 
 
-def open_cache(path: str | Path, mode: str = "r") -> h5py.File:
+def open_cache_file(path: str | Path, mode: str = "r") -> h5py.File:
     """Open a featcache feature cache, refusing other files with a clear message."""
     return open_featcache(path, "cache", mode)
 

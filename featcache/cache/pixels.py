@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featcache.cache.store import DONE, CacheError, open_cache, read_identity
+from featcache.cache.store import DONE, CacheError, open_cache_file, read_identity
 from featcache.errors import InputError
 from featcache.preprocess import letterbox, view_of
 
@@ -27,7 +27,7 @@ class ViewPixels:
 
     def __init__(self, cache: Path, root: Path | None = None) -> None:
         self.cache = Path(cache)
-        with open_cache(cache) as f:
+        with open_cache_file(cache) as f:
             ident = read_identity(f, cache)
             g, v = f["images"], f["views"]
             self.paths = g["path"].asstr()[...]

@@ -21,7 +21,7 @@ import numpy as np
 from featcache.cache.checksum import check_annotation, check_images
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.fileformat import ANNOTATIONS, CONDITION, ROUTE, EmptySplit
-from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache, read_checked, read_identity
+from featcache.cache.store import DONE, FAILED, PENDING, CacheError, open_cache_file, read_checked, read_identity
 from featcache.datasets import SPLITS
 from featcache.errors import check_choice
 
@@ -38,7 +38,7 @@ class CacheReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._f = open_cache(self.path)
+        self._f = open_cache_file(self.path)
 
     def __enter__(self) -> "CacheReader":
         return self
@@ -261,7 +261,7 @@ class CacheSplit:
 
 def status_counts(path: str | Path) -> dict[str, dict[str, int]]:
     """Images per split that are pending (extraction unfinished) and failed (unreadable files)."""
-    with open_cache(path) as f:
+    with open_cache_file(path) as f:
         status, split = f["images/status"][...], f["images/split"][...]
     return {name: {s: int(((status == code) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
             for name, code in (("pending", PENDING), ("failed", FAILED))}
@@ -295,55 +295,3 @@ def partial_note(what: str, partial: dict[str, Any] | None) -> str | None:
         return None
     return (f"{what} was trained on {partial['images_used']} of {partial['images_total']} training images (--allow-partial: "
             f"its cache's extraction had not finished)")
-
-
-def summary(path: str | Path) -> dict[str, Any]:
-    """What ``featcache info --json`` prints: counts per split, failures, arrays and sizes per backbone."""
-    with open_cache(path) as f:
-        g = f["images"]
-        status, split = g["status"][...], g["split"][...]
-        paths, reasons = g["path"].asstr()[...], g["reason"][...]
-        out: dict[str, Any] = {
-            "path": str(path),
-            "format_version": int(f.attrs["format_version"]),
-            "featcache_version": f.attrs["featcache_version"],
-            "identity": read_identity(f, path).to_dict(),
-            "splits": {s: int(((status == DONE) & (split == i)).sum()) for i, s in enumerate(SPLITS)},
-            "pending": int((status == PENDING).sum()),
-            "pending_per_split": {s: int(((status == PENDING) & (split == i)).sum()) for i, s in enumerate(SPLITS)},
-            "failed": [{"path": str(paths[i]), "reason": reasons[i].decode(errors="replace")} for i in np.flatnonzero(status == FAILED)],
-            "tokens": f.attrs["tokens"],
-            "backbones": {},
-            "file_bytes": Path(path).stat().st_size,
-        }
-        for name, bg in f["backbones"].items():
-            arrays = {k: {"shape": list(d.shape), "dtype": str(d.dtype), "rows": d.attrs["rows"], "doc": d.attrs["doc"]} for k, d in bg.items()}
-            out["backbones"][name] = {"arrays": arrays, "bytes": int(sum(_stored_bytes(d) for d in bg.values()))}
-        shards = "shards" in f.attrs
-    if shards:  # a distributed extraction's master: the arrays live in the shard files
-        from featcache.cache.shards import shard_status
-
-        states = shard_status(Path(path))
-        out["shards"] = [{"path": str(p), "state": st} for p, st in states]
-        out["file_bytes"] += sum(p.stat().st_size for p, st in states if st == "published")
-    return out
-
-
-def _stored_bytes(ds) -> int:
-    """Bytes a dataset holds on disk; for a virtual dataset, the bytes it maps (in its source files)."""
-    return int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize if ds.is_virtual else int(ds.id.get_storage_size())
-
-
-def split_stats(path: str | Path) -> dict[str, dict[str, int]]:
-    """The paper's Table 1 from a cache: cached images, identities and cameras per split (distractors, pid <= 0,
-    count as images but not as identities)."""
-    with open_cache(path) as f:
-        g = f["images"]
-        done = g["status"][...] == DONE
-        split, pid, cam = g["split"][...], g["pid"][...], g["camid"][...]
-    out = {}
-    for i, name in enumerate(SPLITS):
-        m = done & (split == i)
-        out[name] = {"images": int(m.sum()), "identities": int(np.unique(pid[m & (pid > 0)]).size),
-                     "cameras": int(np.unique(cam[m]).size)}
-    return out

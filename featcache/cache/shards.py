@@ -34,7 +34,7 @@ from featcache.cache.spec import OutputSpec
 from featcache.cache.store import (
     CacheError,
     check_identity,
-    open_cache,
+    open_cache_file,
     read_identity,
     root_attrs,
     run_arrays,
@@ -108,7 +108,7 @@ def write_master(cache: Path, listing: Listing, identity: CacheIdentity, n_views
 def check_master(cache: Path, identity: CacheIdentity, windows: list[Window], digests=None) -> None:
     """Refuse to resume a master made for other data or another split into ranks, saying how to go on."""
     check_identity(cache, identity, digests)
-    with open_cache(cache) as f:
+    with open_cache_file(cache) as f:
         info = shard_info(f)
     if info is None:
         raise CacheError(f"{cache} was extracted by one process: resume it the same way (without torchrun), "
@@ -123,7 +123,7 @@ def check_master(cache: Path, identity: CacheIdentity, windows: list[Window], di
 
 def check_window(shard: Path, identity: CacheIdentity, window: Window) -> None:
     """A shard (published or partial) must hold this run's data and exactly this window."""
-    with open_cache(shard) as f:
+    with open_cache_file(shard) as f:
         have = read_identity(f, shard)
         got = Window.from_json(f.attrs["window"]) if "window" in f.attrs else None
     diffs = have.resume_differences(identity)
@@ -134,7 +134,7 @@ def check_window(shard: Path, identity: CacheIdentity, window: Window) -> None:
 
 def shard_status(cache: Path) -> list[tuple[Path, str]]:
     """Each shard of a master and whether it is ``published``, ``partial`` (being written or interrupted) or ``missing``."""
-    with open_cache(cache) as f:
+    with open_cache_file(cache) as f:
         info = shard_info(f)
     if info is None:
         return []

@@ -48,7 +48,7 @@ from featcache.cache.fileformat import (  # noqa: F401  (re-exported: the store'
     CacheError,
     NotResumable,
     Window,
-    open_cache,
+    open_cache_file,
 )
 from featcache.cache.identity import CacheIdentity
 from featcache.cache.spec import OutputSpec
@@ -134,7 +134,7 @@ def changed_files(f: h5py.File, digests: np.ndarray) -> list[str]:
 def check_identity(path: Path, wanted: CacheIdentity, digests: np.ndarray | None = None) -> None:
     """Refuse to resume a cache made from other data, preprocessing, backbones or weights (naming the files whose
     contents changed when ``digests`` are given); a cache whose data was moved is pointed at its new place."""
-    with open_cache(path) as f:
+    with open_cache_file(path) as f:
         have = read_identity(f, path)
         diffs = have.resume_differences(wanted)
         changed = changed_files(f, digests) if digests is not None and any("contents" in d for d in diffs) and "window" not in f.attrs else []
@@ -153,7 +153,7 @@ def check_identity(path: Path, wanted: CacheIdentity, digests: np.ndarray | None
 def follow_moved_data(path: Path, root: str | Path) -> bool:
     """When the cache at ``path`` identifies its data by content and it now lies at ``root`` (a pipeline that skips
     an unchanged extraction after the dataset moved), point the cache there; True if it was moved."""
-    with open_cache(path) as f:
+    with open_cache_file(path) as f:
         have = read_identity(f, path)
     if not have.content or have.dataset_root == str(root):
         return False
@@ -164,7 +164,7 @@ def follow_moved_data(path: Path, root: str | Path) -> bool:
 def relocate(path: Path, identity: CacheIdentity) -> None:
     """Record where the cache's data lies now (its identity's ``dataset_root``), for the stages that read images."""
     logger.info("%s: its dataset now lies at %s (same contents); the cache points there", path, identity.dataset_root)
-    with open_cache(path, "r+") as f:
+    with open_cache_file(path, "r+") as f:
         f.attrs["identity"] = identity.to_json()
 
 
@@ -275,7 +275,7 @@ def restore_static(path: Path, listing: Listing, n_views: dict[str, int], window
     """Rewrite the arrays the listing fixes (labels, row layout), so that damage to them is repaired from the
     dataset, not carried into new checksums. The cache's identity (checked before) says the listing is the same."""
     tables = windowed(static_tables(listing, view_counts(listing, n_views)), window)
-    with open_cache(path, "r+") as f:
+    with open_cache_file(path, "r+") as f:
         for name, data in tables.items():
             if name == "images/path":
                 if list(f[name].asstr()[...]) != list(data):

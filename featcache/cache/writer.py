@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from featcache.cache import checksum
-from featcache.cache.fileformat import ANNOTATIONS, CONDITION, ROUTE, DONE, FAILED, FORMAT_VERSION, CacheError, open_cache, window_offsets
+from featcache.cache.fileformat import ANNOTATIONS, CONDITION, ROUTE, DONE, FAILED, FORMAT_VERSION, CacheError, open_cache_file, window_offsets
 from featcache.cache.store import REASON_LEN, _runs
 from featcache.faults import fault_point
 
@@ -41,7 +41,7 @@ class CacheWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.f = open_cache(path, "r+")
+        self.f = open_cache_file(path, "r+")
         if "shards" in self.f.attrs:
             self.f.close()
             raise CacheError(f"{path} stitches the shards of a distributed extraction: its ranks write their shards, not it")
@@ -135,13 +135,13 @@ def annotate_cache(path: Path, name: str, values: np.ndarray, **attrs: str) -> b
     """``CacheWriter.annotate`` for any cache, the master file of a distributed extraction included: written when
     missing, rewritten where its stored values differ from ``values`` (damaged); a cache that already holds exactly
     ``values``, or that this process may not write, is left alone. Whether it wrote."""
-    with open_cache(path) as f:
+    with open_cache_file(path) as f:
         key = f"{ANNOTATIONS}/{name}"
         if key in f and np.array_equal(f[key][...], values):
             return False
     if not os.access(path, os.W_OK):  # a read-only cache made before the annotation existed is only read
         return False
-    with open_cache(path, "r+") as f:
+    with open_cache_file(path, "r+") as f:
         for key in (f"{ANNOTATIONS}/{name}", checksum.annotation_key(name)):
             if key in f:
                 del f[key]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.distill.config import DistillConfig
 from featcache.distill.train import train
-from featcache.training.rundir import LOG
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +18,22 @@ class DistillResult:
     last: dict  # the log row of the last epoch
     val: dict | None = None  # the student on the teacher's held-out identities (RUN/val.json), if it held some out
 
+    def describe(self, student: str) -> list[str]:
+        """Lines for the command line: the last epoch's losses, and the validation if there was one."""
+        last = self.last
+        lines = [f"{self.run}: {student} after epoch {last.get('epoch')}: loss {float(last.get('loss', 'nan')):.4f}, "
+                 f"kd {float(last.get('kd') or 'nan'):.4f}, train acc {float(last.get('acc', 'nan')):.3f}"]
+        if self.val and self.val["mAP"] is None:
+            lines.append(f"validation: nothing to evaluate ({self.val['reason']})")
+        elif self.val:
+            a = self.val["agreement"]
+            lines.append(f"validation ({self.val['identities']} identities): mAP {self.val['mAP']:.4f}; with the teacher: "
+                         f"top-{a['k']} overlap {a['top_k_overlap']:.4f}, rank correlation {a['rank_correlation']:.4f}")
+        return lines
+
 
 def run_distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     model, rd, val = train(cfg, resume)
     rd.finish(model.state_dict(), note=f"{cfg.student} student distilled from {Path(cfg.gate).resolve()}")
-    with (rd.path / LOG).open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = rd.log_rows()
     return DistillResult(rd.path, rows[-1] if rows else {}, val)

@@ -56,6 +56,13 @@ class ExtractResult:
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    def describe(self, rank: str | None = None) -> str:
+        """One line for the command line: what the cache holds now, and this run's work."""
+        s = self.summary
+        return ((f"rank {rank}: " if rank is not None else "") + f"{self.cache}: cached train {s['splits']['train']}, "
+                f"query {s['splits']['query']}, gallery {s['splits']['gallery']}; failed {len(s['failed'])}; "
+                f"{self.processed} images this run at {self.images_per_second:.1f} img/s")
+
 
 def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None) -> ExtractResult:
     """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached. ``digests``: the

@@ -35,14 +35,15 @@ def adapter(family: str, d_in: int) -> nn.Module:
 class FusionOut:
     feature: torch.Tensor          # (N, 2048) fused, before BN: the teacher's F_t
     gates: torch.Tensor            # (N, K) expert weights used (one-hot or averaging for non-gated fusions)
-    aux_loss: torch.Tensor         # balancing losses (0 unless a recipe or moe-top2 asks for them)
     probs: torch.Tensor | None = None  # (N, K) the gate's dense softmax (gated fusions), for entropy and statistics
     experts: list[torch.Tensor] | None = None  # the adapted features of each expert
-    gate_logits: torch.Tensor | None = None     # (N, K) the gate's logits h(x) (gated fusions)
+    gate_logits: torch.Tensor | None = None     # (N, K) the gate's logits h(x), noise included (gated fusions)
+    clean_logits: torch.Tensor | None = None    # (N, K) the logits before the noise (gated fusions)
+    noise_std: torch.Tensor | None = None       # (N, K) the noise's scale (noisy gating in training), else None
 
 
 class Fusion(nn.Module):
-    """Combines the K adapted features; subclasses implement ``combine``."""
+    """Combines the K adapted features; subclasses implement ``forward``."""
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -67,10 +68,6 @@ def make_fusion(name: str, dims: list[int], expert: int | None = None, routing: 
     return cls(len(dims))
 
 
-def _zero(x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(())
-
-
 @register_fusion("clip", "the open_clip expert alone")
 class Single(Fusion):
     """One expert alone (the ``clip`` or ``align`` ablation rows)."""
@@ -82,7 +79,7 @@ class Single(Fusion):
     def forward(self, feats, raw=None, route=None):
         g = feats[0].new_zeros(feats[0].shape[0], self.k)
         g[:, self.expert] = 1
-        return FusionOut(feats[self.expert], g, _zero(feats[0]))
+        return FusionOut(feats[self.expert], g)
 
 
 @register_fusion("align", "the ALIGN expert alone")
@@ -100,14 +97,14 @@ class Concat(Fusion):
 
     def forward(self, feats, raw=None, route=None):
         x = feats[0]
-        return FusionOut(self.fc(torch.cat(feats, 1)), x.new_full((x.shape[0], self.k), 1.0 / self.k), _zero(x))
+        return FusionOut(self.fc(torch.cat(feats, 1)), x.new_full((x.shape[0], self.k), 1.0 / self.k))
 
 
 @register_fusion("average", "mean of the adapted features")
 class Average(Fusion):
     def forward(self, feats, raw=None, route=None):
         x = feats[0]
-        return FusionOut(torch.stack(feats, 1).mean(1), x.new_full((x.shape[0], self.k), 1.0 / self.k), _zero(x))
+        return FusionOut(torch.stack(feats, 1).mean(1), x.new_full((x.shape[0], self.k), 1.0 / self.k))
 
 
 class Gated(Fusion):
@@ -115,8 +112,8 @@ class Gated(Fusion):
 
     ``Routing`` adds the remedies measured in docs/notes/gate-routing.md: the gate's input (the adapted features, or
     the L2-normalised cached ones), stopping its gradient into the adapters, a zero-initialised last layer,
-    training as it infers (straight-through or Gumbel top-k), an annealed temperature, learned noise
-    (Shazeer et al. 2017), and the Switch, importance and load balancing losses.
+    training as it infers (straight-through or Gumbel top-k), an annealed temperature and learned noise
+    (Shazeer et al. 2017). Its output carries what the balancing losses read (``featcache.gate.objective``).
     """
 
     top_k: int | None = None  # None: dense
@@ -189,50 +186,7 @@ class Gated(Fusion):
     def forward(self, feats, raw=None, route=None):
         g, p = self.weights(feats, raw)
         fused = (torch.stack(feats, 1) * g.unsqueeze(-1)).sum(1)
-        aux = _zero(fused)
-        if self.training:
-            r = self.routing
-            if r.balance:
-                # Switch Transformer: K * sum_i (share routed to i) * (mean probability of i); 1 when perfectly balanced
-                share = F.one_hot(p.argmax(1), self.k).float().mean(0)
-                aux = aux + r.balance * self.k * (share * p.mean(0)).sum()
-            if r.importance:
-                # Shazeer et al.: squared coefficient of variation of each expert's summed weight; 0 when equal
-                aux = aux + r.importance * cv_squared(p.sum(0))
-            if r.load and self._std is not None:
-                aux = aux + r.load * cv_squared(smooth_load(self._clean, self._last_logits, self._std, self.top_k or self.k).sum(0))
-        return FusionOut(fused, g, aux, p, gate_logits=self._last_logits)
-
-
-def agreement_loss(experts: list[torch.Tensor]) -> torch.Tensor:
-    """Mean of 1 - cosine between the adapted features that every pair of experts gives the same image: 0 when
-    the experts agree, so that a query and a gallery image routed to different experts compare in one space."""
-    unit = [F.normalize(e, dim=1) for e in experts]
-    pairs = [(a * b).sum(1) for j, a in enumerate(unit) for b in unit[j + 1:]]
-    return (1 - torch.stack(pairs)).mean() if pairs else experts[0].new_zeros(())
-
-
-def cv_squared(x: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation of a vector: 0 when its entries are equal."""
-    return x.var(unbiased=False) / x.mean().pow(2).clamp_min(1e-12)
-
-
-def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, k: int) -> torch.Tensor:
-    """Shazeer et al. (2017, Appendix A): per image and expert, the probability that expert i stays in the top k
-    when only its own noise is drawn again, P(x, i) = Phi((clean_i - kth_excluding(noisy, k, i)) / std_i).
-
-    The k-th largest noisy logit among the others is the (k+1)-th largest overall when i is in the top k, and the
-    k-th largest otherwise. Differentiable in the clean logits and the noise scale, unlike the routed count.
-    """
-    n_experts = noisy.shape[1]
-    if k >= n_experts:
-        return torch.ones_like(clean)
-    top = noisy.topk(k + 1, dim=1).values
-    in_top = noisy >= top[:, k - 1:k]
-    threshold = torch.where(in_top, top[:, k:k + 1], top[:, k - 1:k])
-    # no argument validation: it reads the arguments back to the host (three waits for a GPU a step)
-    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()), validate_args=False)
-    return normal.cdf((clean - threshold) / std.clamp_min(1e-9))
+        return FusionOut(fused, g, p, gate_logits=self._last_logits, clean_logits=self._clean, noise_std=self._std)
 
 
 def _gumbel(h: torch.Tensor) -> torch.Tensor:
@@ -263,7 +217,7 @@ class MoEOracle(Fusion):
         if route is None:
             raise ValueError("moe-oracle needs the known route of every image")
         g = F.one_hot(route.long(), self.k).to(feats[0].dtype)
-        return FusionOut((torch.stack(feats, 1) * g.unsqueeze(-1)).sum(1), g, _zero(feats[0]))
+        return FusionOut((torch.stack(feats, 1) * g.unsqueeze(-1)).sum(1), g)
 
 
 def _neck() -> nn.BatchNorm1d:

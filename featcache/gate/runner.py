@@ -21,6 +21,13 @@ class GateResult:
     stats: dict
     targets: Path
 
+    def describe(self, fusion: str) -> str:
+        """One line for the command line: the gate's routing, or that the fusion has none."""
+        if self.stats.get("gated", self.stats.get("routed_share") is not None):  # stats of older runs lack "gated"
+            return (f"{self.run}: gate mean weights {self.stats['mean_weight']}; routed {self.stats['routed_share']}; "
+                    f"teacher targets {self.targets}")
+        return f"{self.run}: fusion {fusion} (no gate); teacher targets {self.targets}"  # weighs the experts equally
+
 
 def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
     if not cfg.experts:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featcache.errors import ConfigError, InputError
-from featcache.gate.config import ROUTING_FIELDS, SINGLE_EXPERT, GateConfig, Routing, check_experts
+from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
 from featcache.gate.data import TrainData, load_train
-from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated, agreement_loss
-from featcache.gate.route_targets import NO_TARGET, retrieval_targets
+from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated
+from featcache.gate.objective import balance_losses, expert_losses, route_loss
+from featcache.gate.route_targets import retrieval_targets
 from featcache.gate.outputs import routing_row
 from featcache.runtime import resolve_device
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
@@ -74,7 +74,7 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(data, list(cfg.experts)), resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), cfg.routing()).to(device)
+    model = build_model(cfg.fusion, data.dims, data.families, len(data.pids), cfg.routing).to(device)
     # fused Adam on every device: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = adam([q for q in model.parameters() if q.requires_grad], cfg.lr, cfg.weight_decay, device, fused=True)
     schedule = Schedule(cfg.epochs, steps_per_epoch(data.labels, p, cfg.instances), cfg.lr, cfg.lr_min)
@@ -92,26 +92,28 @@ class GateStage:
 
     def __init__(self, cfg: GateConfig, model: GateModel, data: TrainData, device: torch.device) -> None:
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
-        self.routing = cfg.routing()
+        self.routing = cfg.routing
+        self.gate = model.fusion if isinstance(model.fusion, Gated) else None  # the gate the schedule steers, if any
+        self.warmup_epochs = self.routing.warmup * cfg.epochs  # the experts are averaged before this epoch
         self.p = cfg.batch_size // cfg.instances
         self.feats = [torch.from_numpy(f).to(device) for f in data.feats]
         self.labels = torch.from_numpy(data.labels).to(device)
         self.route = torch.from_numpy(data.route).to(device) if data.route is not None and cfg.fusion == "moe-oracle" else None
         self.route_targets = None
-        if self.routing.route_by_loss and self.routing.route_target == "retrieval" and isinstance(model.fusion, Gated):
+        if self.routing.route_by_loss and self.routing.route_target == "retrieval" and self.gate is not None:
             self.route_targets = torch.from_numpy(retrieval_targets(data)).to(device)
         self.gate_learns = True
 
     def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
-        cfg, routing, fusion = self.cfg, self.routing, self.model.fusion
+        cfg, routing, gate = self.cfg, self.routing, self.gate
         self.gate_learns = True
-        if hasattr(fusion, "averaging"):
-            fusion.averaging = epoch < routing.warmup * cfg.epochs
-            self.gate_learns = not (routing.gate_freeze and not fusion.averaging)
+        if gate is not None:
+            gate.averaging = epoch < self.warmup_epochs
+            self.gate_learns = not (routing.gate_freeze and not gate.averaging)
             if routing.gate_freeze:
-                fusion.freeze(not self.gate_learns)
-        if routing.tau_anneal and hasattr(fusion, "tau_train"):  # 1.0 -> 0.5 over the run
-            fusion.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
+                gate.freeze(not self.gate_learns)
+            if routing.tau_anneal:  # 1.0 -> 0.5 over the run
+                gate.tau_train = TAU_TRAIN + (TAU_TEST - TAU_TRAIN) * epoch / max(1, cfg.epochs - 1)
         batches = pk_batches(self.data.labels, self.p, cfg.instances, rng)
         views = [rng.integers(0, self.data.n_views[b]) for b in batches]  # the cached views are the augmentation
         imgs = np.concatenate(batches)
@@ -125,64 +127,27 @@ class GateStage:
         fo, _, logits = model([f[rows] for f in self.feats], self.route[rows] if self.route is not None else None)
         l_id = id_loss(logits, y, cfg.label_smoothing)
         l_tri = batch_hard_triplet(fo.feature, y, cfg.margin)
-        l_exp = logits.new_zeros(())
-        if routing.expert_loss:  # each expert's adapted feature must stand alone, so the gate has real choices
-            l_exp = routing.expert_loss * torch.stack([batch_hard_triplet(e, y, cfg.margin) for e in fo.experts]).mean()
-        if routing.agreement:  # one space for every expert's feature, so routed images compare
-            l_exp = l_exp + routing.agreement * agreement_loss(fo.experts)
-        l_exp = l_exp + alignment_losses(model, fo.experts, y, routing, cfg.margin)
+        l_exp = expert_losses(model, fo.experts, y, routing, cfg.margin)
         if routing.route_by_loss and fo.gate_logits is not None and self.gate_learns:  # the gate learns which expert explains each image best
             if self.route_targets is not None:
                 target = self.route_targets[imgs]
             else:
                 target = model.expert_id_losses(fo.experts, y).detach().argmin(1)
             l_exp = l_exp + routing.route_by_loss * route_loss(fo.gate_logits, target)
-        loss = l_id + cfg.beta * l_tri + fo.aux_loss + l_exp
+        l_bal = balance_losses(model, fo, routing)
+        loss = l_id + cfg.beta * l_tri + l_bal + l_exp
         acc = (logits.argmax(1) == y).float().mean()
-        return Step(loss, {"id": l_id, "triplet": l_tri, "balance": fo.aux_loss, "expert": l_exp, "acc": acc})
+        return Step(loss, {"id": l_id, "triplet": l_tri, "balance": l_bal, "expert": l_exp, "acc": acc})
 
     def end_epoch(self, epoch: int) -> dict:
         return routing_row(self.model, self.data)
 
 
-def route_loss(gate_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the gate against each image's best expert, over the images that have one; 0 when none in
-    the batch has (a plain mean would be 0/0). Chosen on the device: no wait for it to say whether any has one."""
-    ce = F.cross_entropy(gate_logits, target, ignore_index=NO_TARGET)  # NaN when every target is NO_TARGET
-    return torch.where((target != NO_TARGET).any(), ce, ce.new_zeros(()))  # its gradient is 0 then, not NaN
-
-
-def alignment_losses(model: GateModel, experts: list[torch.Tensor], y: torch.Tensor, routing: Routing, margin: float) -> torch.Tensor:
-    """What puts every expert's retrieval feature in one space (docs/notes/gate-routing.md): each expert's own ID loss
-    through the shared classifier, and a cross-expert triplet on BN'd, L2-normalised features, anchors embedded
-    by one expert and positives and negatives by another, optionally moving only each image's unreliable expert."""
-    loss = experts[0].new_zeros(())
-    if not (routing.expert_id or routing.cross_expert):
-        return loss
-    necked = model.expert_necked(experts)
-    own = torch.stack([F.cross_entropy(model.classifier(z), y, reduction="none") for z in necked], 1)  # (N, K)
-    if routing.expert_id:
-        loss = loss + routing.expert_id * own.mean()
-    if routing.cross_expert and len(experts) > 1:
-        unit = [F.normalize(z, dim=1) for z in necked]
-        if routing.cross_detach:  # the image's reliable expert is the target, not the one that moves
-            reliable = own.detach().argmin(1)
-            unit = [F.normalize(z, dim=1) for z in model.expert_necked(experts, constant_stats=True)]  # no leak through BN
-            unit = [torch.where((reliable == e)[:, None], u.detach(), u) for e, u in enumerate(unit)]
-        pairs = [batch_hard_triplet(unit[a], y, margin, others=unit[b]) for a in range(len(unit)) for b in range(len(unit)) if a != b]
-        loss = loss + routing.cross_expert * torch.stack(pairs).mean()
-    return loss
-
-
 def load_run(run: Path, device: str = "cpu") -> tuple[GateModel, GateConfig, dict]:
     """A finished run: its model in eval mode on ``device``, its config and the metadata (experts, weights, labels)."""
     rd, saved, meta, weights = RunDir.open(Path(run), GateConfig.command)
-    saved.setdefault("gate_recipe", "paper")  # runs saved before routing recipes existed were trained with Eq. 7-9
-    if "gate_input" in saved:  # a resolved config: a field it lacks did not exist, and the run trained without it
-        for k in ROUTING_FIELDS:
-            saved.setdefault(k, getattr(Routing(), k))
-    cfg = GateConfig.from_dict(saved, str(rd.config_file))
-    model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"], cfg.routing())
+    cfg = GateConfig.from_dict(GateConfig.upgrade(saved), str(rd.config_file))
+    model = build_model(cfg.fusion, meta["dims"], meta["families"], meta["n_classes"], cfg.routing)
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg, meta
 

@@ -169,7 +169,7 @@ def _stats(values: list[float], scale: float = 100.0) -> dict:
 
 def _dataset(cache: Path) -> list[str]:
     """The paper's Table 1 for this cache."""
-    from featcache.cache.reader import split_stats
+    from featcache.cache.describe import split_stats
 
     out = ["## Dataset", "", "| split | images | identities | cameras |", "|---|---|---|---|"]
     out += [f"| {name} | {v['images']} | {v['identities']} | {v['cameras']} |" for name, v in split_stats(cache).items()]

@@ -256,8 +256,9 @@ def _gate(plan: Plan, fusion: str, seed: int, row: Row) -> Stage:
         cfg = plan.pipeline.stage_config("train-gate", cache=plan.cache, out=Path("gate"), fusion=fusion, seed=seed)
         from featcache.cache.fileformat import TARGETS_VERSION  # a gate whose targets predate this version trains again
 
-        return cfg, {"config": unkeyed_defaults({k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}), "cache": _cache_id(plan),
-                     "targets_version": TARGETS_VERSION}
+        config = {k: v for k, v in cfg.to_dict(absolute=True).items() if k != "out"}
+        config.update(config.pop("routing"))  # keyed flat, as before the routing was a map: old runs are found
+        return cfg, {"config": unkeyed_defaults(config), "cache": _cache_id(plan), "targets_version": TARGETS_VERSION}
 
     return _trained(plan, f"train-gate {fusion} seed {seed}", str(plan.out / "gate" / f"{fusion}-seed{seed}"), row, seed,
                     "gate", build, lambda out: plan.gates.__setitem__((fusion, seed), out), run_train_gate)

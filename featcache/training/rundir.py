@@ -186,7 +186,7 @@ class RunDir:
         rd = cls(path, cfg.command)
         if (rd.path / CONFIG).is_file():
             cls.refuse_existing(rd.path, resume)
-            saved_cfg, saved_meta = {**getattr(cfg, "legacy", {}), **rd.read_config()}, rd.meta()  # keys added since
+            saved_cfg, saved_meta = cfg.upgrade(rd.read_config()), rd.meta()  # in today's form: keys added since
             if saved_meta != meta:
                 diff = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
                 if "partial" in diff:  # the cache's training images are not those the run started from
