@@ -30,7 +30,8 @@ from featcache.distill.config import DistillConfig  # noqa: E402
 from featcache.distill.load import load_student  # noqa: E402
 from featcache.distill.runner import run_distill  # noqa: E402
 from featcache.distill.students import build_student  # noqa: E402
-from featcache.distill.train import measure_terms, prepare  # noqa: E402
+from featcache.distill.objective import measure_terms  # noqa: E402
+from featcache.distill.train import prepare  # noqa: E402
 from featcache.evaluation.runner import EvalConfig, run_eval  # noqa: E402
 from featcache.extract.config import ExtractConfig  # noqa: E402
 from featcache.extract.runner import run_extract  # noqa: E402

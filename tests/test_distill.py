@@ -169,7 +169,8 @@ def test_changed_image_is_named(market_cache, market_root, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- teacher side
 def test_teacher_maps_pair_each_experts_four_maps_with_the_stages_in_depth_order(market_cache, gate_run):
-    from featcache.distill.data import attention_names, load_teacher, read_teacher_maps
+    from featcache.distill.data import attention_names, load_teacher
+    from featcache.distill.inputs import read_teacher_maps
 
     teacher = load_teacher(gate_run, market_cache)
     names = attention_names(market_cache, teacher.experts)
@@ -249,7 +250,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(market_cache, gat
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(market_cache, gate_run, tmp_path, monkeypatch):
-    import featcache.distill.train as train_mod
+    import featcache.distill.objective as train_mod
     from featcache.distill.runner import run_distill
 
     calls = {"n": 0}
@@ -347,7 +348,8 @@ def test_retrieval_space_terms_are_scale_free():
     literal: L_feat does."""
     from featcache.distill.config import DistillConfig
     from featcache.distill.students import StudentOutputs
-    from featcache.distill.train import TeacherBatch, loss_terms
+    from featcache.distill.inputs import TeacherBatch
+    from featcache.distill.objective import loss_terms
 
     torch.manual_seed(0)
     emb, feat, f_t = torch.randn(6, 16), torch.randn(6, 16), torch.randn(6, 16)
@@ -376,7 +378,8 @@ def test_distillation_lowers_each_kd_term_and_agrees_more_with_the_teacher_than_
     from featcache.distill.load import load_student
     from featcache.distill.runner import run_distill
     from featcache.distill.students import build_student
-    from featcache.distill.train import measure_terms, prepare
+    from featcache.distill.objective import measure_terms
+    from featcache.distill.train import prepare
     from featcache.evaluation.runner import EvalConfig, run_eval
     from featcache.extract.runner import run_extract
     from featcache.gate.config import GateConfig

@@ -120,14 +120,6 @@ def attention_names(cache: Path, experts: list[str], required: bool = True) -> d
     return out
 
 
-def read_teacher_maps(cache: Path, rows: np.ndarray, names: dict[str, list[str]]) -> list[list[torch.Tensor]]:
-    """``maps[stage][expert]``: (N, H, W) float tensors of the cache's view rows ``rows`` (checksummed)."""
-    experts = list(names)
-    with CacheReader(cache) as c:
-        per_expert = [[torch.from_numpy(c.read(e, n, rows).astype(np.float32)) for n in names[e]] for e in experts]
-    return [[per_expert[k][j] for k in range(len(experts))] for j in range(4)]
-
-
 class ViewDataset(torch.utils.data.Dataset):
     """Item ``(cache image row, view)`` -> (3, H, W) uint8: the view as extraction fed it to the backbones."""
 
