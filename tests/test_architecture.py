@@ -159,6 +159,34 @@ def test_no_import_cycle_between_the_cache_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_the_doc_names_every_module():
+    """docs/architecture.md lists every module: a top-level one as `name.py`, a package's as `name` in the
+    package's own entry (from its `package/` bullet to the next top-level bullet)."""
+    doc = (PKG.parent / "docs" / "architecture.md").read_text()
+    missing = [f"{p.name}" for p in PKG.glob("*.py") if p.stem not in ("__init__", "__main__", "__version__")
+               and f"`{p.name}`" not in doc]
+    for package in sorted(p for p in PKG.iterdir() if (p / "__init__.py").is_file()):
+        start = doc.find(f"- `{package.name}/`")
+        if start < 0:
+            missing.append(f"{package.name}/")
+            continue
+        end = doc.find("\n- ", start + 1)
+        entry = doc[start:end if end > 0 else len(doc)]
+        missing += [f"{package.name}/{p.name}" for p in sorted(package.glob("*.py"))
+                    if p.stem != "__init__" and f"`{p.stem}`" not in entry and f"`{p.stem}.py`" not in entry]
+    assert not missing, "not in docs/architecture.md: " + ", ".join(missing)
+
+
+def test_no_import_cycle_inside_any_package():
+    """docs/architecture.md: within each package too, modules import in one direction (TYPE_CHECKING and
+    function-level imports count: a loop a reader sees is a loop)."""
+    packages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
+    assert {"cache", "evaluation", "gate", "distill", "cli", "training", "extract", "pipeline"} <= set(packages)
+    for package in packages:
+        cycle = find_cycle(module_graph(package))
+        assert cycle is None, f"import cycle in featcache.{package}: " + " -> ".join(cycle)
+
+
 def test_only_the_cache_package_touches_hdf5():
     """Stages read and write featcache's files through ``featcache.cache`` (issue 23): no module outside it imports
     h5py or opens a file with ``open_cache_file`` (which hands out the raw h5py.File), so none names a path inside one."""
@@ -225,6 +253,70 @@ def test_the_run_file_check_finds_a_spelled_name(tmp_path):
     bad.write_text('"""Reads log.csv (a docstring may say so)."""\nrows = open(run / "log.csv")\nf"{run}/model.safetensors"\n'
                    'raise ValueError("recorded in its run.json")  # a message may name the file to the user\n')
     assert sorted(x.split(": ", 1)[1] for x in run_file_names(bad)) == ["'/model.safetensors'", "'log.csv'"]
+
+
+def _string_constants(tree: ast.AST) -> list[ast.Constant]:
+    """The string constants of a module, docstrings aside (f-strings' literal parts included)."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def hdf5_vocabulary() -> tuple[set[str], set[str]]:
+    """(groups, attributes) of featcache's HDF5 files as the cache package spells them: the first segment of every
+    path it writes with a slash ("images/status", f"backbones/{b}/..."), and every name it indexes ``.attrs`` with."""
+    groups: set[str] = set()
+    attrs: set[str] = set()
+    for path in (PKG / "cache").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for n in _string_constants(tree):
+            head = n.value.split("/")[0]
+            if "/" in n.value and head.isidentifier():
+                groups.add(head)
+        for n in ast.walk(tree):
+            key = None
+            if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Attribute) and n.value.attr == "attrs":
+                key = n.slice
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get" \
+                    and isinstance(n.func.value, ast.Attribute) and n.func.value.attr == "attrs" and n.args:
+                key = n.args[0]
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                attrs.add(key.value)
+    return groups, attrs
+
+
+#: attribute names that are also words of other files (a run's run.json, the ONNX metadata, the cache's identity
+#: as JSON): spelled outside the cache package for those, never to index an HDF5 file (no module there can: above)
+SHARED_WORDS = {"rows", "doc", "tokens", "experts", "run", "kind", "image_size", "identity", "cache", "outputs",
+                "cache_identity", "featcache_version"}
+
+
+def hdf5_names_in(path: Path, groups: set[str], attrs: set[str]) -> list[str]:
+    """The string constants of a module that spell an HDF5 path of a cache group, or a cache or teacher-targets
+    attribute that is no other file's word."""
+    return [f"{path.name}:{n.lineno}: {n.value!r}" for n in _string_constants(ast.parse(path.read_text()))
+            if ("/" in n.value and n.value.split("/")[0] in groups) or (n.value in attrs - SHARED_WORDS)]
+
+
+def test_only_the_cache_package_spells_hdf5_names():
+    """Group paths ("images/status") and attribute names ("format_version") of the cache and the teacher targets
+    live in ``featcache/cache/``: other modules use the reader's and writer's methods."""
+    groups, attrs = hdf5_vocabulary()
+    assert {"images", "views", "backbones"} <= groups and {"format_version", "weights_digest", "shards"} <= attrs
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.parent != PKG / "cache":
+            offenders += hdf5_names_in(path, groups, attrs)
+    assert not offenders, "outside featcache/cache: " + "; ".join(offenders)
+
+
+def test_the_hdf5_name_check_finds_a_spelled_name(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text('"""Reads images/status (a docstring may say so)."""\nx = f["images/status"]\ny = f.attrs["format_version"]\n'
+                   'z = meta["cache_identity"]\nw = f"backbones/{name}/pooled"\n')
+    groups, attrs = hdf5_vocabulary()
+    assert sorted(x.split(": ", 1)[1] for x in hdf5_names_in(bad, groups, attrs)) == ["'backbones/'", "'format_version'", "'images/status'"]
 
 
 def test_no_caller_tells_errors_apart_by_their_wording():

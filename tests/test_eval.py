@@ -147,6 +147,25 @@ def test_eval_command_end_to_end(market_cache, tmp_path):
     assert "re-ranked" in res.output and "flip" in res.output
 
 
+def test_an_evaluation_opens_its_cache_once(market_cache, tmp_path, monkeypatch):
+    """The cache is opened once per evaluation, and query, gallery, counts and identity read through that reader."""
+    import h5py
+
+    opened = []
+    real = h5py.File.__init__
+
+    def counting(self, name, *a, **k):
+        if isinstance(name, (str, Path)):  # h5py also wraps open file ids
+            opened.append(Path(name).resolve())
+        real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.File, "__init__", counting)
+    for model in ("backbone:clip-tiny", "concat:clip-tiny,align-tiny"):
+        opened.clear()
+        ev = run_eval(EvalConfig.from_dict({"cache": market_cache, "model": model, "flip": True}))
+        assert ev.report["mAP"] is not None and opened.count(Path(market_cache).resolve()) == 1, (model, opened)
+
+
 def test_bad_input(market_cache, market_root, tmp_path):
     with pytest.raises(ConfigError, match="unknown --model kind 'resnet'; available: " + ", ".join(known_kinds())):
         run_eval(EvalConfig(market_cache, "resnet:50"))

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 import torch
 
 from featcache.errors import ConfigError, InputError
-from featcache.gate.config import RECIPES, GateConfig, Routing
+from featcache.gate.config import GateConfig
+from featcache.gate.routing import RECIPES, Routing
 from featcache.gate.model import GateModel
 from featcache.gate.runner import run_train_gate
 from featcache.cli import main

@@ -8,13 +8,14 @@ NaN or inf), and for the cache's identity. docs/cache-format.md documents the la
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -39,6 +40,18 @@ class CacheReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._f = open_cache_file(self.path)
+        self.opens = 1  # times the file was opened: once, and again after each ``fork_safe`` block
+
+    @contextlib.contextmanager
+    def fork_safe(self) -> Iterator[None]:
+        """Closed inside the block, reopened after it: an open HDF5 file must not cross the fork that starts
+        DataLoader workers (a child would share its file handle and HDF5 state); the workers open their own."""
+        self._f.close()
+        try:
+            yield
+        finally:
+            self._f = open_cache_file(self.path)
+            self.opens += 1
 
     def __enter__(self) -> "CacheReader":
         return self
@@ -48,6 +61,10 @@ class CacheReader:
 
     def close(self) -> None:
         self._f.close()
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._f)
 
     @cached_property
     def identity(self) -> CacheIdentity:
@@ -113,9 +130,16 @@ class CacheReader:
         return out[inv]
 
     def split(self, name: str) -> "CacheSplit":
-        """The cached images of split ``name`` (train, query or gallery): labels, names, and ``read``."""
+        """The cached images of split ``name`` (train, query or gallery): labels, names, and ``read`` (through this
+        reader while it is open)."""
         check_choice(name, SPLITS, "split", CacheError)
-        return CacheSplit.load(self.path, name)
+        return CacheSplit.load(self, name)
+
+    def status_counts(self) -> dict[str, dict[str, int]]:
+        """Images per split that are pending (extraction unfinished) and failed (unreadable files)."""
+        status, split = self.table("status"), self.table("split")
+        return {name: {s: int(((status == code) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+                for name, code in (("pending", PENDING), ("failed", FAILED))}
 
     def annotation(self, name: str) -> tuple[dict[str, Any], np.ndarray] | None:
         """An annotation array written with ``CacheWriter.annotate`` (attributes, values), or None."""
@@ -200,20 +224,35 @@ class CacheSplit:
     view_start: np.ndarray
     n_views: np.ndarray
     identity: CacheIdentity
+    reader: CacheReader | None = field(default=None, repr=False, compare=False)  # the open cache it reads through
 
     @classmethod
-    def load(cls, cache: Path, split: str) -> "CacheSplit":
-        with CacheReader(cache) as c:
+    def load(cls, cache: CacheReader | Path, split: str) -> "CacheSplit":
+        """The split of an open reader (reads go through it while it is open) or of a cache file (each read opens it)."""
+        with (contextlib.nullcontext(cache) if isinstance(cache, CacheReader) else CacheReader(cache)) as c:
             keep = (c.table("split") == SPLITS.index(split)) & (c.table("status") == DONE)
             idx = np.flatnonzero(keep)
             c.check_images(idx)
             out = cls(
-                Path(cache), split, idx, c.table("pid")[idx], c.table("camid")[idx], c.table("path")[idx],
+                c.path, split, idx, c.table("pid")[idx], c.table("camid")[idx], c.table("path")[idx],
                 c.table("view_start")[idx], c.table("n_views")[idx], c.identity,
+                reader=cache if isinstance(cache, CacheReader) else None,
             )
         if idx.size == 0:
-            raise EmptySplit(cache, split)
+            raise EmptySplit(c.path, split)
         return out
+
+    def open(self) -> contextlib.AbstractContextManager[CacheReader]:
+        """The cache to read from: the split's own reader while it is open, else one opened for the block."""
+        if self.reader is not None and self.reader.is_open:
+            return contextlib.nullcontext(self.reader)
+        return CacheReader(self.cache)
+
+    def fork_safe(self) -> contextlib.AbstractContextManager[None]:
+        """The split's reader closed for a block that forks workers (``CacheReader.fork_safe``)."""
+        if self.reader is not None and self.reader.is_open:
+            return self.reader.fork_safe()
+        return contextlib.nullcontext()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -248,7 +287,7 @@ class CacheSplit:
     def read(self, backbone: str, array: str, view: int = 0, subset: slice | None = None) -> np.ndarray:
         """Rows of ``backbones/<backbone>/<array>`` for view ``view`` of each image of the split (or of ``subset``):
         pooled features, attention maps, or tokens (kept for view 0 only under ``--tokens view0``)."""
-        with CacheReader(self.cache) as c:
+        with self.open() as c:
             c._need(backbone)
             per_image = array in c.outputs(backbone) and c.output_info(backbone, array)["rows"] == "image"
             if per_image and view != 0:
@@ -261,23 +300,21 @@ class CacheSplit:
 
 def status_counts(path: str | Path) -> dict[str, dict[str, int]]:
     """Images per split that are pending (extraction unfinished) and failed (unreadable files)."""
-    with open_cache_file(path) as f:
-        status, split = f["images/status"][...], f["images/split"][...]
-    return {name: {s: int(((status == code) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
-            for name, code in (("pending", PENDING), ("failed", FAILED))}
+    with CacheReader(path) as c:
+        return c.status_counts()
 
 
-def training_coverage(cache: Path, allow_partial: bool, stage: str, split: CacheSplit | None = None) -> dict[str, Any] | None:
+def training_coverage(cache: CacheReader | Path, allow_partial: bool, stage: str, split: CacheSplit | None = None) -> dict[str, Any] | None:
     """What a stage trains on when the cache's extraction has not finished: None when every training image is
     cached; else refused unless ``allow_partial``, and then the record a run keeps in its ``run.json`` (images used,
-    of how many, and a digest of which), so that every later stage can say so. ``split``: the training split, when
-    the caller has it (else read only if images are pending)."""
+    of how many, and a digest of which), so that every later stage can say so. ``cache``: an open reader, or a
+    path; ``split``: the training split, when the caller has it (else read only if images are pending)."""
     import hashlib
 
-    pending = status_counts(cache)["pending"]["train"]
+    pending = (cache.status_counts() if isinstance(cache, CacheReader) else status_counts(cache))["pending"]["train"]
     if not pending:
         return None
-    split = split if split is not None else CacheSplit.load(Path(cache), "train")
+    split = split if split is not None else CacheSplit.load(cache if isinstance(cache, CacheReader) else Path(cache), "train")
     total = len(split) + pending
     if not allow_partial:
         raise CacheError(f"{split.cache}: {pending} of {total} training images are not cached yet (its extraction has not "

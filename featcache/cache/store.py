@@ -294,6 +294,12 @@ class Array:
     dtype: Any
     attrs: dict[str, str]
 
+    @property
+    def output(self) -> tuple[str, str] | None:
+        """(backbone, output) of a backbone's stored output; None for the other arrays."""
+        parts = self.name.split("/")
+        return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "backbones" else None
+
 
 def run_arrays(specs: dict[str, dict[str, OutputSpec]], tokens: str) -> list[Array]:
     """Every array extraction writes (the rest of a cache is fixed by the listing), in creation order."""

@@ -185,7 +185,8 @@ def _fusions() -> list[str]:
 
 
 def _gate_options(f: Callable) -> Callable:
-    from featcache.gate.config import RECIPES, GateConfig as C
+    from featcache.gate.config import GateConfig as C
+    from featcache.gate.routing import RECIPES
     return stack(f, [
         opt(C, "cache", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (its training split)."),
         opt(C, "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),

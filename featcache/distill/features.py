@@ -10,6 +10,7 @@ block of activations.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,12 @@ class StudentFeatures(RunFeatures):
         views = (0, 1) if ctx.flip else (0,)
         keys = [[(int(split.images[i]), v) for i in range(s, min(s + block, len(split)))]
                 for v in views for s in range(0, len(split), block)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys,
-                                             **loader_options(device, resolve_workers(None, device), block * 3 * h * w))
+        workers = resolve_workers(None, device)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, **loader_options(device, workers, block * 3 * h * w))
         out = np.zeros((len(split), EMBED_DIM), dtype=np.float32)
         starts = [s for _ in views for s in range(0, len(split), block)]
-        with torch.inference_mode(), on_device(device):  # the loader's pinning thread pins for this GPU
+        fork_safe = split.fork_safe() if workers else contextlib.nullcontext()  # no open cache crosses the workers' fork
+        with fork_safe, torch.inference_mode(), on_device(device):  # the loader's pinning thread pins for this GPU
             for s, pixels in zip(starts, progress(loader, desc=f"student {split.split}", unit="block", leave=False)):
                 out[s: s + len(pixels)] += model(normalize(pixels.to(device, non_blocking=True))).float().cpu().numpy()
         out /= len(views)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import CacheSplit, EmptySplit, cache_identity, partial_note, status_counts
+from featcache.cache import CacheIdentity, CacheReader, CacheSplit, EmptySplit, cache_identity, partial_note
 from featcache.config import StageConfig, save_resolved
 from featcache.errors import ConfigError, FeatcacheError, InputError, RunError, check_choice
 from featcache.evaluation.features import FeatureContext, parse_model
@@ -90,12 +90,11 @@ class EvalConfig(StageConfig):
         return ApproxSpec(self.approx_index, self.approx_k, self.nprobe) if self.search == "approx" else None
 
 
-def _check_compatible(source: Path, target: CacheSplit) -> None:
+def _check_compatible(source: CacheIdentity, source_path: Path, target: CacheSplit) -> None:
     """Cross-domain: the target cache must be made like the source (training) cache, or features do not transfer."""
-    src = cache_identity(source)
-    diffs = src.transfer_differences(target.identity)
+    diffs = source.transfer_differences(target.identity)
     if diffs:
-        raise InputError(f"--cache {source} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
+        raise InputError(f"--cache {source_path} and --gallery-cache {target.cache} were extracted differently: " + "; ".join(diffs))
 
 
 def _note_training(report: dict, cfg: EvalConfig) -> None:
@@ -116,48 +115,57 @@ def _note_training(report: dict, cfg: EvalConfig) -> None:
         report["warnings"] = notes
 
 
-def _cache_summary(path: Path) -> dict[str, Any]:
-    ident = cache_identity(path)
+def _cache_summary(ident: CacheIdentity) -> dict[str, Any]:
     return {"dataset": ident.dataset, "items": ident.items, "identity": ident.digest()}
+
+
+def _load_target(cfg: EvalConfig, target: CacheReader) -> tuple[CacheSplit, CacheSplit, dict[str, dict[str, int]]]:
+    """Query and gallery of the open cache evaluated on, refused while its extraction is unfinished (unless
+    ``--allow-partial``), and checked against the training cache in cross-domain evaluation."""
+    counts = target.status_counts()
+    pending = {k: v for k, v in counts["pending"].items() if v}
+    if pending and not cfg.allow_partial:
+        raise InputError(f"{target.path} has pending images ({', '.join(f'{k} {v}' for k, v in pending.items())}): its extraction "
+                         "has not finished. Run it to the end, or pass --allow-partial to evaluate the cached images only")
+    q, g = _load_split(target, "query"), _load_split(target, "gallery")
+    if cfg.gallery_cache:
+        _check_compatible(cache_identity(cfg.cache), cfg.cache, q)
+    return q, g, counts
+
+
+def _agreement(cfg: EvalConfig, q: CacheSplit, g: CacheSplit, qf: np.ndarray, gf: np.ndarray, ctx: FeatureContext) -> dict | None:
+    """``--agree-with``: how alike another model ranks the same queries (top-k overlap, rank correlation)."""
+    if not cfg.agree_with:
+        return None
+    other = parse_model(cfg.agree_with)
+    oq, og = other.features(q, ctx), other.features(g, ctx)
+    return {"with": cfg.agree_with, "k": cfg.agree_k, **rank_agreement(qf, gf, oq, og, q.pids, q.camids, g.pids, g.camids, cfg.agree_k)}
 
 
 def run_eval(cfg: EvalConfig) -> Evaluation:
     """Evaluate ``cfg.model`` on the cache; its outputs are checked before the work and written after it. A write that
-    still fails raises with the finished ``Evaluation`` attached (``exc.evaluation``), so its metrics are not lost."""
+    still fails raises with the finished ``Evaluation`` attached (``exc.evaluation``), so its metrics are not lost.
+    The cache evaluated on is opened once; its query and gallery read through that reader."""
     t0 = time.perf_counter()
     check_output(cfg.json_out, "--json")
     check_output(cfg.save_features, "--save-features")
     check_output(cfg.plots, "--plots", folder=True)
     source = parse_model(cfg.model)
-    target = cfg.gallery_cache or cfg.cache  # cross-domain: query and gallery both come from the other cache
-    counts = status_counts(target)
-    pending = {k: v for k, v in counts["pending"].items() if v}
-    if pending and not cfg.allow_partial:
-        raise InputError(f"{target} has pending images ({', '.join(f'{k} {v}' for k, v in pending.items())}): its extraction "
-                         "has not finished. Run it to the end, or pass --allow-partial to evaluate the cached images only")
-    q = _load_split(target, "query")
-    g = _load_split(target, "gallery")
-    if cfg.gallery_cache:
-        _check_compatible(cfg.cache, q)
-    ctx = FeatureContext(cfg.device, cfg.flip, cfg.budget_mb * 2**20)
-    qf, gf = source.features(q, ctx), source.features(g, ctx)
-    if qf.shape[1] != gf.shape[1]:
-        raise InputError(f"query features are {qf.shape[1]}-d but gallery features {gf.shape[1]}-d")
-    t_feat = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    res, per_query, backend = evaluate(
-        qf, gf, q.pids, q.camids, g.pids, g.camids, cfg.ranks, cfg.ap, cfg.device, cfg.budget_mb * 2**20,
-        (cfg.k1, cfg.k2, cfg.lambda_) if cfg.rerank else None, cfg.approx_spec(),
-    )
-    res.setdefault("search", {"mode": "exact"})
-    t_search = time.perf_counter() - t1
-    agreement = None
-    if cfg.agree_with:
-        other = parse_model(cfg.agree_with)
-        oq, og = other.features(q, ctx), other.features(g, ctx)
-        agreement = {"with": cfg.agree_with, "k": cfg.agree_k, **rank_agreement(
-            qf, gf, oq, og, q.pids, q.camids, g.pids, g.camids, cfg.agree_k)}
+    with CacheReader(cfg.gallery_cache or cfg.cache) as target:  # cross-domain: query and gallery from the other cache
+        q, g, counts = _load_target(cfg, target)
+        ctx = FeatureContext(cfg.device, cfg.flip, cfg.budget_mb * 2**20)
+        qf, gf = source.features(q, ctx), source.features(g, ctx)
+        if qf.shape[1] != gf.shape[1]:
+            raise InputError(f"query features are {qf.shape[1]}-d but gallery features {gf.shape[1]}-d")
+        t_feat = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        res, per_query, backend = evaluate(
+            qf, gf, q.pids, q.camids, g.pids, g.camids, cfg.ranks, cfg.ap, cfg.device, cfg.budget_mb * 2**20,
+            (cfg.k1, cfg.k2, cfg.lambda_) if cfg.rerank else None, cfg.approx_spec(),
+        )
+        res.setdefault("search", {"mode": "exact"})
+        t_search = time.perf_counter() - t1
+        agreement = _agreement(cfg, q, g, qf, gf, ctx)
     report = {
         **res,
         "protocol": {"dataset": q.identity.dataset, "rule": PROTOCOL_RULE},
@@ -168,9 +176,9 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "model": {"spec": cfg.model, **source.describe()},
         "flip": cfg.flip,
         "rerank": {"k1": cfg.k1, "k2": cfg.k2, "lambda": cfg.lambda_} if cfg.rerank else None,
-        "cache": {"path": str(cfg.cache), **_cache_summary(cfg.cache)},
-        "gallery_cache": {"path": str(cfg.gallery_cache), **_cache_summary(cfg.gallery_cache)} if cfg.gallery_cache else None,
-        "evaluated_on": str(target),
+        "cache": {"path": str(cfg.cache), **_cache_summary(cache_identity(cfg.cache) if cfg.gallery_cache else q.identity)},
+        "gallery_cache": {"path": str(cfg.gallery_cache), **_cache_summary(q.identity)} if cfg.gallery_cache else None,
+        "evaluated_on": str(target.path),
         "partial": {"pending": counts["pending"], "failed": counts["failed"],
                     "complete": not any(counts["pending"].values()) and not any(counts["failed"].values())},
         "agreement": agreement,
@@ -179,6 +187,11 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "tie_break": "equal scores: earlier gallery entry (cache order) ranks first",
         "timings": {"features_s": t_feat, "search_and_metrics_s": t_search, "total_s": time.perf_counter() - t0},
     }
+    return _finish(report, cfg, q, g, qf, gf, per_query)
+
+
+def _finish(report: dict, cfg: EvalConfig, q: CacheSplit, g: CacheSplit, qf: np.ndarray, gf: np.ndarray, per_query) -> Evaluation:
+    """The evaluation with its notes and config, its outputs written; a write that fails keeps the metrics."""
     _note_training(report, cfg)
     ev = Evaluation(report, q, g, qf, gf, per_query)
     report["config"] = cfg.to_dict(absolute=True)
@@ -209,9 +222,9 @@ def _write_outputs(ev: Evaluation, cfg: EvalConfig) -> None:
         save_resolved(cfg.json_out.with_name(cfg.json_out.name + ".config.yaml"), cfg)
 
 
-def _load_split(cache: Path, split: str) -> CacheSplit:
+def _load_split(cache: CacheReader, split: str) -> CacheSplit:
     try:
-        return CacheSplit.load(cache, split)
+        return cache.split(split)
     except EmptySplit as exc:
         raise InputError(f"{exc}: nothing to evaluate") from None
 

@@ -78,8 +78,8 @@ def stored_from_specs(specs: dict[str, dict], tokens: str) -> dict[str, dict[str
 
     out: dict[str, dict[str, Stored]] = {b: {} for b in specs}
     for arr in run_arrays(specs, tokens):
-        if arr.name.startswith("backbones/"):
-            _, b, o = arr.name.split("/")
+        if arr.output is not None:
+            b, o = arr.output
             out[b][o] = Stored(np.dtype(arr.dtype), arr.per, tuple(arr.tail))
     return out
 

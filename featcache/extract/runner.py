@@ -32,6 +32,7 @@ from featcache.datasets import load_listing
 from featcache.extract.config import ExtractConfig
 from featcache.extract.mapper import Stored, make_mapper, stored_layout
 from featcache.cache.lock import WriterLock
+from featcache.extract.result import ExtractResult
 from featcache.extract.reader import BlockSampler, DecodedBatch, die_with_parent, ImageReader, collate
 from featcache.extract.writer import BackgroundWriter, MappedBatch, settle
 from featcache.preprocess import AUG_PAD, ERASE_AREA, ERASE_ASPECT, ERASE_FILL, ERASE_P
@@ -39,29 +40,6 @@ from featcache.progress import progress
 from featcache.runtime import loader_options, on_device, resolve_device, resolve_workers
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class ExtractResult:
-    cache: Path
-    processed: int
-    seconds: float
-    summary: dict[str, Any]
-    bytes_out: int = 0       # stored outputs copied off the device, counted at the copy calls
-    check_bytes: int = 0     # value-check codes copied off the device
-    stored_bytes: int = 0    # what the cache's arrays hold for the images processed (decoded ones)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-    def describe(self, rank: str | None = None) -> str:
-        """One line for the command line: what the cache holds now, and this run's work."""
-        s = self.summary
-        return ((f"rank {rank}: " if rank is not None else "") + f"{self.cache}: cached train {s['splits']['train']}, "
-                f"query {s['splits']['query']}, gallery {s['splits']['gallery']}; failed {len(s['failed'])}; "
-                f"{self.processed} images this run at {self.images_per_second:.1f} img/s")
 
 
 def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None) -> ExtractResult:
@@ -214,7 +192,7 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> ExtractResult:
         raise RunError(f"{out}: shards not published: {', '.join(missing)}; run the same command to finish them")
     result.summary = summary(out)
     if ranks.rank == 0:
-        _log_summary(result)
+        result.log()
     return result
 
 
@@ -262,27 +240,34 @@ def _extract_shard(job: _Job, window: Window, final: Path) -> ExtractResult:
     return result
 
 
-def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
-    """Extract every pending image of ``out`` (a whole cache, or a shard's window of it)."""
-    cfg, listing, device = job.cfg, job.listing, job.device
-    n_items = len(listing.items)
+def _pending(job: _Job, out: Path, window: Window | None) -> tuple[np.ndarray, dict, int]:
+    """Which of the listing's images ``out`` still lacks (a mask over the whole listing), the stored layout (its
+    dtypes checked against the options), and how many images ``out`` covers."""
+    n_items = len(job.listing.items)
     with CacheReader(out) as c:
         status = c.table("status")
         stored = stored_layout({b: {o: c.output_info(b, o) for o in c.outputs(b)} for b in c.backbones})
-    _check_dtypes(cfg, out, job.specs, stored)
+    _check_dtypes(job.cfg, out, job.specs, stored)
     pending = np.zeros(n_items, dtype=bool)
     lo = window.images[0] if window else 0
     hi = min(n_items, lo + len(status))
     pending[lo:hi] = status[: hi - lo] == PENDING
+    return pending, stored, hi - lo
+
+
+def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
+    """Extract every pending image of ``out`` (a whole cache, or a shard's window of it)."""
+    cfg, listing, device = job.cfg, job.listing, job.device
+    n_items = len(listing.items)
+    pending, stored, mine = _pending(job, out, window)
     workers = resolve_workers(cfg.workers, device)
     sampler = BlockSampler(n_items, cfg.batch_size, pending)
     todo = sum(len(b) for b in sampler.blocks)
-    mine = hi - lo
     logger.info("%d of %d images to extract (%d already done)", todo, mine, mine - int(pending.sum()))
     if todo == 0:  # nothing to write: the cache is read, never opened for writing (it may be read-only)
         result = ExtractResult(out, 0, 0.0, summary(out))
         if window is None:
-            _log_summary(result)
+            result.log()
         return result
     n_views, backbones = job.n_views, job.backbones
     reader = ImageReader(listing.root, listing.items, cfg.image_size, n_views, cfg.aug_seed)
@@ -322,7 +307,7 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
                     "image of value checks (%s path)", mapper.bytes_out / done / 1024, stored_bytes / done / 1024,
                     mapper.check_bytes / done, cfg.mapper)
     if window is None:
-        _log_summary(result)
+        result.log()
     return result
 
 
@@ -380,15 +365,3 @@ def _check_dtypes(cfg: ExtractConfig, out: Path, specs: dict[str, dict], stored:
     if differ:
         logger.warning("%s keeps the dtypes it was created with: %s; --float32 applies to new caches "
                        "(--overwrite to start anew)", out, ", ".join(differ))
-
-
-def _log_summary(res: ExtractResult) -> None:
-    s = res.summary
-    logger.info(
-        "extracted %d images in %.1f s (%.1f img/s); cached per split: %s; failed: %d; pending: %d",
-        res.processed, res.seconds, res.images_per_second, s["splits"], len(s["failed"]), s["pending"],
-    )
-    for rec in s["failed"][:50]:
-        logger.warning("failed: %s (%s)", rec["path"], rec["reason"])
-    if len(s["failed"]) > 50:
-        logger.warning("... and %d more failures (featcache info %s)", len(s["failed"]) - 50, res.cache)

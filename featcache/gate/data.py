@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheIdentity, EmptySplit, CacheReader, CacheSplit, known_route, training_coverage
+from featcache.cache import CacheIdentity, EmptySplit, CacheReader, known_route, training_coverage
 from featcache.errors import InputError
 from featcache.training.validation import val_identities, val_queries
 
@@ -57,20 +57,20 @@ def load_train(cache: Path, experts: list[str], val_ids: int = 0, allow_partial:
                oracle: dict[str, str] | None = None) -> TrainData:
     """The training split's views, less the ``val_ids`` identities held out for validation (in ``val``); a cache whose
     extraction has not finished is refused unless ``allow_partial`` (then ``partial`` records what was used)."""
-    try:
-        split = CacheSplit.load(cache, "train")
-    except EmptySplit:
-        raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
-    ident = split.identity
-    partial = training_coverage(cache, allow_partial, "train", split)
-    missing = [e for e in experts if e not in ident.backbones]
-    if missing:
-        raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")
-    families = [ident.backbones[e]["family"] for e in experts]
-    weights = [ident.weights(e) for e in experts]
-    held = np.isin(split.pids, val_identities(split.pids, val_ids))
-    val = None
-    with CacheReader(cache) as c:
+    with CacheReader(cache) as c:  # one open: the split, its coverage and its features read through it
+        try:
+            split = c.split("train")
+        except EmptySplit:
+            raise InputError(f"{cache} holds no cached training images: train-gate needs the training split") from None
+        ident = split.identity
+        partial = training_coverage(c, allow_partial, "train", split)
+        missing = [e for e in experts if e not in ident.backbones]
+        if missing:
+            raise InputError(f"{cache} lacks the expert(s) {missing}; it holds: {', '.join(ident.backbones)}")
+        families = [ident.backbones[e]["family"] for e in experts]
+        weights = [ident.weights(e) for e in experts]
+        held = np.isin(split.pids, val_identities(split.pids, val_ids))
+        val = None
         if held.any():
             vrows = split.view_start[held]
             val = ValData([c.read(e, "pooled", vrows).astype(np.float32) for e in experts], split.pids[held],

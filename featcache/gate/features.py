@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CacheReader, CacheSplit, known_route
+from featcache.cache import CacheSplit, known_route
 from featcache.errors import InputError
 from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind
 from featcache.evaluation.search import l2_normalize
@@ -48,7 +48,7 @@ class GateFeatures(RunFeatures):
         per_row = 4 * (sum(meta["dims"]) + 4 * DIM * len(meta["experts"]) + 2 * DIM)
         block = ctx.rows_per_block(per_row)
         out = np.zeros((len(split), DIM), dtype=np.float32)
-        with CacheReader(split.cache) as c, torch.inference_mode():
+        with split.open() as c, torch.inference_mode():
             for v in views:
                 rows = split.rows(v)
                 for s in range(0, len(rows), block):

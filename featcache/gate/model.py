@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featcache.gate.config import Routing
+from featcache.gate.routing import Routing
 from featcache.registry import Registry
 
 DIM = 2048

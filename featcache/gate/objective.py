@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from featcache.gate.config import Routing
+from featcache.gate.routing import Routing
 from featcache.gate.model import FusionOut, GateModel, Gated
 from featcache.gate.route_targets import NO_TARGET
 from featcache.training.losses import batch_hard_triplet

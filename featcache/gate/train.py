@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from featcache.errors import ConfigError, InputError
-from featcache.gate.config import SINGLE_EXPERT, GateConfig, Routing, check_experts
+from featcache.gate.config import GateConfig, check_experts
+from featcache.gate.routing import SINGLE_EXPERT, Routing
 from featcache.gate.data import TrainData, load_train
 from featcache.gate.model import TAU_TEST, TAU_TRAIN, GateModel, Gated
 from featcache.gate.objective import balance_losses, expert_losses, route_loss

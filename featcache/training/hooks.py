@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -23,8 +23,7 @@ from featcache.errors import RunError
 from featcache.progress import progress
 from featcache.training.rundir import training_state
 
-if TYPE_CHECKING:
-    from featcache.training.loop import Epoch, Loop, Step
+from featcache.training.stage import Epoch, LoopState, Step
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +31,22 @@ logger = logging.getLogger(__name__)
 class Hook:
     """A part of training that runs at the loop's fixed points; every method does nothing unless overridden."""
 
-    def before_train(self, loop: "Loop") -> None:
+    def before_train(self, loop: LoopState) -> None:
         """Before the first epoch left to run."""
 
-    def before_epoch(self, loop: "Loop", epoch: int, plan: "Epoch") -> None:
+    def before_epoch(self, loop: LoopState, epoch: int, plan: Epoch) -> None:
         """After the stage drew the epoch's batches, before its first step."""
 
-    def before_step(self, loop: "Loop", epoch: int, i: int) -> None:
+    def before_step(self, loop: LoopState, epoch: int, i: int) -> None:
         """Before the stage's forward pass of batch ``i``."""
 
-    def after_step(self, loop: "Loop", epoch: int, i: int, out: "Step") -> None:
+    def after_step(self, loop: LoopState, epoch: int, i: int, out: Step) -> None:
         """After backward and the optimizer step of batch ``i``."""
 
-    def after_epoch(self, loop: "Loop", epoch: int, row: dict[str, Any]) -> None:
+    def after_epoch(self, loop: LoopState, epoch: int, row: dict[str, Any]) -> None:
         """With the epoch's log row, once its means are on the host."""
 
-    def after_train(self, loop: "Loop") -> None:
+    def after_train(self, loop: LoopState) -> None:
         """After the last epoch, or when the run stops with an error."""
 
 
@@ -57,15 +56,15 @@ class ProgressBar(Hook):
     def __init__(self) -> None:
         self.bar = None
 
-    def before_epoch(self, loop: "Loop", epoch: int, plan: "Epoch") -> None:
+    def before_epoch(self, loop: LoopState, epoch: int, plan: Epoch) -> None:
         self.after_train(loop)
         self.bar = progress(total=plan.steps, desc=f"{loop.desc} epoch {epoch + 1}/{loop.schedule.epochs}", unit="batch",
                             leave=False)
 
-    def after_step(self, loop: "Loop", epoch: int, i: int, out: "Step") -> None:
+    def after_step(self, loop: LoopState, epoch: int, i: int, out: Step) -> None:
         self.bar.update(1)
 
-    def after_train(self, loop: "Loop") -> None:
+    def after_train(self, loop: LoopState) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -79,11 +78,11 @@ class NanStop(Hook):
         self.defer = defer
         self.bad = self.bad_value = None
 
-    def before_epoch(self, loop: "Loop", epoch: int, plan: "Epoch") -> None:
+    def before_epoch(self, loop: LoopState, epoch: int, plan: Epoch) -> None:
         self.bad = torch.full((), -1, dtype=torch.int64, device=loop.device)  # the first batch whose loss was not finite
         self.bad_value = torch.zeros((), dtype=torch.float32, device=loop.device)
 
-    def after_step(self, loop: "Loop", epoch: int, i: int, out: "Step") -> None:
+    def after_step(self, loop: LoopState, epoch: int, i: int, out: Step) -> None:
         loss = out.loss.detach()
         if not self.defer:
             self.check(loop, loss, epoch, i)
@@ -92,12 +91,12 @@ class NanStop(Hook):
         self.bad = torch.where(first, torch.full_like(self.bad, i), self.bad)
         self.bad_value = torch.where(first, loss.float(), self.bad_value)
 
-    def after_epoch(self, loop: "Loop", epoch: int, row: dict[str, Any]) -> None:
+    def after_epoch(self, loop: LoopState, epoch: int, row: dict[str, Any]) -> None:
         if int(self.bad) >= 0:  # raised before this epoch's checkpoint: the last good one stays
             self.check(loop, self.bad_value, epoch, int(self.bad))
 
     @staticmethod
-    def check(loop: "Loop", loss: torch.Tensor, epoch: int, batch: int) -> None:
+    def check(loop: LoopState, loss: torch.Tensor, epoch: int, batch: int) -> None:
         if torch.isfinite(loss):
             return
         stop = f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: stopped"
@@ -109,14 +108,14 @@ class NanStop(Hook):
 class Checkpointer(Hook):
     """After every epoch, the run directory's atomic checkpoint and log row."""
 
-    def after_epoch(self, loop: "Loop", epoch: int, row: dict[str, Any]) -> None:
+    def after_epoch(self, loop: LoopState, epoch: int, row: dict[str, Any]) -> None:
         loop.run.checkpoint(epoch + 1, loop.model.state_dict(), training_state(loop.opt, loop.rng, loop.device), row)
 
 
 class EpochLogger(Hook):
     """One log line an epoch: ``loss 1.2345 (id 0.5, triplet 0.7) acc 0.312, 1790.2 img/s``."""
 
-    def after_epoch(self, loop: "Loop", epoch: int, row: dict[str, Any]) -> None:
+    def after_epoch(self, loop: LoopState, epoch: int, row: dict[str, Any]) -> None:
         logger.info("%s epoch %d: %s", loop.desc, epoch + 1, epoch_summary(row, loop.stage.columns))
 
 

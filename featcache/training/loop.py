@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Generic, Iterable, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from featcache.training.precision import Precision
 from featcache.training.hooks import Checkpointer, EpochLogger, Hook, NanStop, ProgressBar, added_hooks
 from featcache.training.rundir import Checkpoint, RunDir
 from featcache.training.schedule import cosine_lr, set_lr
+from featcache.training.stage import Epoch, Stage, Step
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ DEFER_NAN_CHECK: bool | None = None
 #: Adam as one fused kernel; None: on every device but the CPU. Off the CPU the default (foreach) Adam launches
 #: several kernels per parameter group; on the CPU the unfused default is what the distill runs of record used.
 FUSED_ADAM: bool | None = None
-
-B = TypeVar("B")
-
 
 def adam(params, lr: float, weight_decay: float, device: torch.device, fused: bool | None = None) -> torch.optim.Adam:
     """The trained stages' optimizer: Adam, fused where ``fused`` (or ``FUSED_ADAM``, or the device) says so."""
@@ -55,40 +53,6 @@ def per_batch_on_device(device: torch.device, sizes: list[int], *arrays: np.ndar
     batches' ``sizes``: one tuple of views a batch. A copy a step would make the host wait for the device each step."""
     on_device = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
     return list(zip(*(t.split(sizes) for t in on_device)))
-
-
-@dataclass
-class Step:
-    """What one step gives the loop: the loss it minimises and the scalars the epoch's log averages (the loss is
-    logged as ``loss``; a column a stage never logs in an epoch is left empty in the log)."""
-
-    loss: torch.Tensor
-    logged: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class Epoch(Generic[B]):
-    """An epoch's plan: its batches (any iterable: a list, a DataLoader), how many, and how many images they hold."""
-
-    batches: Iterable[B]
-    steps: int
-    images: int
-
-
-class Stage(Protocol[B]):
-    """What a trained stage gives the loop."""
-
-    #: the averaged columns of the log, in order (``loss`` first)
-    columns: tuple[str, ...]
-
-    def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch[B]:
-        """Set the model up for ``epoch`` (schedules of its own) and draw the epoch's batches from ``rng``."""
-
-    def step(self, batch: B) -> Step:
-        """The forward pass and losses of one batch (the loop does backward and the optimizer step)."""
-
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Extra columns for the epoch's log row (after the averaged ones, lr, seconds and images/s)."""
 
 
 @dataclass
@@ -166,3 +130,5 @@ class Loop:
                "images_per_s": plan.images / max(seconds, 1e-9), **stage.end_epoch(epoch)}
         self._call("after_epoch", epoch, row)
         return row
+
+__all__ = ["Epoch", "Loop", "Schedule", "Stage", "Step", "adam", "per_batch_on_device"]
