@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from featcache.cache.store import file_digests, items_digest
+from featcache.cache.digests import file_digests, items_digest
 from featcache.datasets import load_listing
 from featcache.synth import SynthConfig, generate
 

@@ -138,7 +138,7 @@ def camera_cache(tmp_path_factory) -> Path:
 def test_default_recipe_routes_by_camera_and_the_paper_recipe_runs(camera_cache, tmp_path):
     routed = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "routed", epochs=15)))
     assert fidelity(routed.run, camera_cache) >= 0.8
-    paper = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "paper", epochs=15, gate_recipe="paper")))
+    paper = run_train_gate(GateConfig.from_dict(dict(cache=camera_cache, out=tmp_path / "paper", epochs=2, gate_recipe="paper")))
     saved = json.loads(json.dumps(__import__("yaml").safe_load((paper.run / "config.yaml").read_text())))["train-gate"]
     routing = saved["routing"]  # the recipe's values, resolved, as one nested map
     assert (saved["gate_recipe"], routing["gate_input"], routing["train_routing"], routing["route_by_loss"]) == ("paper", "adapted", "dense", 0.0)

@@ -19,7 +19,8 @@ import torch
 
 from featcache.backbones import OutputSpec, build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
-from featcache.cache.store import file_digests, restore_static, view_counts
+from featcache.cache.digests import file_digests
+from featcache.cache.store import restore_static, view_counts
 from featcache.cache import PENDING, CacheBusy, CacheError, NotResumable, CacheReader, CacheWriter, check_identity, create_cache, make_identity, summary
 from featcache.cache.shards import (
     Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from featcache.cache import cache_identity
-from featcache.cache.store import content_digest, file_digests, follow_moved_data, items_digest
+from featcache.cache.digests import content_digest, file_digests, items_digest
+from featcache.cache.store import follow_moved_data
 from featcache.datasets import load_listing
 from featcache.distill.data import file_digest
 from featcache.fileio import atomic_write
