@@ -5,6 +5,8 @@
 - ``open_cache``: a feature cache for reading (``CacheReader``: pooled features, tokens and attention maps
   of a split, every row checked).
 - ``read_teacher_targets``: a gate run's teacher targets (``TeacherTargets``).
+- ``load_model``: a trained student or teacher as a ``torch.nn.Module`` that embeds images exactly as ``featcache
+  eval`` does (``featcache.evaluation.embedder.Embedder``).
 
 These names, and the classes they return, are public and kept stable; everything else in the package may
 change between versions.
@@ -22,6 +24,7 @@ from featcache.runtime import check_device_name, resolve_device
 
 if TYPE_CHECKING:
     from featcache.cache.reader import CacheReader
+    from featcache.evaluation.embedder import Embedder
     from featcache.cache.targets import TeacherTargets
 
 ArrayLike = Any  # a NumPy array, a torch tensor, or a (nested) list
@@ -178,3 +181,22 @@ def read_teacher_targets(path: str | Path, cache_identity: str | None = None) ->
     from featcache.cache.targets import TeacherTargets
 
     return TeacherTargets.load(Path(path), cache_identity)
+
+
+def load_model(run: str | Path, device: str = "cpu") -> "Embedder":
+    """A finished ``distill`` run (the student) or ``train-gate`` run (the teacher, with its backbones loaded the
+    standard way, from the weights its cache was made with) as a ``torch.nn.Module`` in eval mode on ``device``.
+
+    ``model.embed(images)`` gives the features ``featcache eval`` ranks, L2-normalised, as an (N, d) array;
+    ``images`` are file paths, PIL images or a uint8 tensor (N, 3, H, W). ``model.preprocess(images)`` gives the
+    pixels evaluation feeds the model, and ``model(pixels)`` the features, for a loop of one's own.
+    """
+    from featcache.evaluation.features import RUN_MODELS
+    from featcache.training.rundir import RunDir
+
+    check_device_name(str(device), "device")
+    run = Path(run)
+    command = RunDir.command_of(run)
+    if command not in RUN_MODELS.names():  # names() loads the stages that register their runs
+        raise InputError(f"{run} is a {command} run; load_model loads {' and '.join(RUN_MODELS.names())} runs")
+    return RUN_MODELS.get(command)(run, str(resolve_device(device)))

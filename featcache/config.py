@@ -237,6 +237,20 @@ def load_yaml(path: Path) -> dict[str, dict[str, Any]]:
     return read_sections(path, f"--config {path}", "it", "command names to mappings of options")
 
 
+def resolved_beside(output: Path) -> Path:
+    """Where the resolved config of a stage's file output is kept: beside it, as ``<name>.config.yaml``."""
+    output = Path(output)
+    return output.with_name(output.name + ".config.yaml")
+
+
+def read_resolved(output: Path, command: str) -> dict[str, Any] | None:
+    """The resolved config ``command`` saved beside ``output`` (``resolved_beside``), or None if there is none."""
+    path = resolved_beside(output)
+    if not path.is_file():
+        return None
+    return read_sections(path, str(path), "the resolved config", "command names to mappings of options").get(command)
+
+
 def save_resolved(path: Path, cfg: StageConfig) -> None:
     """Write the resolved config beside the outputs, readable back with ``featcache --config``."""
     from featcache.fileio import atomic_write

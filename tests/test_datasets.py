@@ -127,8 +127,20 @@ def test_missing_folder_names_expected_layout(tmp_path):
         load_listing("veri776", tmp_path / "nope")
     from featcache.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="available: csv, dukemtmc, market1501, msmt17, veri776"):
+    with pytest.raises(ConfigError, match="available: csv, dukemtmc, folder, market1501, msmt17, veri776"):
         load_listing("cuhk03", tmp_path)
+
+
+def test_a_folder_is_every_image_below_it_sorted_without_labels(tmp_path):
+    for rel in ("b/2.png", "a.jpg", "b/1.JPG", "notes.txt", "c/d/e.webp"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    lst = load_listing("folder", tmp_path)
+    assert [it.path for it in lst.items] == ["a.jpg", "b/1.JPG", "b/2.png", "c/d/e.webp"]
+    assert {(it.pid, it.camid, it.split) for it in lst.items} == {(0, 0, "gallery")}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="no images found"):
+        load_listing("folder", tmp_path / "empty")
 
 
 def test_csv_manifest(tmp_path):

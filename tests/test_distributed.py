@@ -111,6 +111,29 @@ def test_readers_of_a_growing_cache_see_only_complete_images(market_root, market
     assert_same_cache(market_cache, out)
 
 
+def test_a_cache_is_whole_when_it_is_published(market_root, tmp_path, monkeypatch):
+    """The cache a reader can open never grows afterwards but by raw rows: its annotations (the synthetic
+    dataset's camera conditions) are written under the temporary name, before the rename publishes it. A
+    reader that opened it while they were added saw a truncated file (HDF5: "truncated file: eof < stored_eof")."""
+    from conftest import extract_cfg
+    from featcache.cache import CacheReader
+    from featcache.cache import store
+    from featcache.extract.runner import run_extract
+
+    seen = []
+    real = store.os.replace
+
+    def publish(src, dst):
+        if str(src).endswith(".creating"):
+            with CacheReader(src) as c:
+                seen.append(c.conditions() is not None)
+        real(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", publish)
+    run_extract(extract_cfg(market_root, tmp_path / "c.h5", views=1))
+    assert seen == [True]
+
+
 @pytest.mark.slow
 def test_a_pipeline_under_two_ranks_shards_its_extraction_and_rank_0_runs_the_rest(tmp_path, monkeypatch):
     """``torchrun --nproc-per-node 2 -m featcache demo ...``: extraction on both ranks, every other stage on rank 0,

@@ -1,5 +1,6 @@
 """Reading a cache: ``CacheReader`` (the one way stages read a cache file), the cached images of a split
-(identities, cameras, view rows) and a summary of the file.
+(identities, cameras, view rows, read through the reader they came from), and what a stage trains on when the
+extraction has not finished (``training_coverage``).
 
 Stages never name the file's HDF5 paths: they ask a ``CacheReader`` for tables by name (``table('pid')``), for
 stored arrays by backbone and output (``read``, every row checked against its checksum and refused when it holds
@@ -40,7 +41,6 @@ class CacheReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._f = open_cache_file(self.path)
-        self.opens = 1  # times the file was opened: once, and again after each ``fork_safe`` block
 
     @contextlib.contextmanager
     def fork_safe(self) -> Iterator[None]:
@@ -51,7 +51,6 @@ class CacheReader:
             yield
         finally:
             self._f = open_cache_file(self.path)
-            self.opens += 1
 
     def __enter__(self) -> "CacheReader":
         return self

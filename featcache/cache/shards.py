@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -79,8 +80,10 @@ def shard_info(f: h5py.File) -> dict | None:
 
 
 def write_master(cache: Path, listing: Listing, identity: CacheIdentity, n_views: dict[str, int],
-                 specs: dict[str, dict[str, OutputSpec]], tokens: str, windows: list[Window]) -> None:
-    """Create ``cache``: the fixed tables, and a virtual dataset per run array over the shards (tmp + rename)."""
+                 specs: dict[str, dict[str, OutputSpec]], tokens: str, windows: list[Window],
+                 before_publish: Callable[[Path], None] | None = None) -> None:
+    """Create ``cache``: the fixed tables, and a virtual dataset per run array over the shards (tmp + rename;
+    ``before_publish(tmp)`` adds to it first, so a published master never grows under a reader)."""
     counts = view_counts(listing, n_views)
     n = {"image": len(counts), "view": int(counts.sum())}
     files = [os.path.relpath(shard_path(cache, w.rank, w.world), cache.parent) for w in windows]
@@ -99,6 +102,8 @@ def write_master(cache: Path, listing: Listing, identity: CacheIdentity, n_views
                         layout[lo:hi] = h5py.VirtualSource(name, arr.name, shape=(hi - lo, *arr.tail), dtype=np.dtype(arr.dtype))
                 ds = f.create_virtual_dataset(arr.name, layout)  # fill: zeros, so status reads 0, pending
                 ds.attrs.update(arr.attrs)
+        if before_publish is not None:
+            before_publish(tmp)
         os.replace(tmp, cache)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -142,12 +142,15 @@ def create_cache(
     specs: dict[str, dict[str, OutputSpec]],
     tokens: str,
     window: Window | None = None,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> None:
     """Create the whole file under a temporary name, then rename it into place.
 
     With ``window`` (one rank's share of a distributed extraction, see
     featcache.cache.shards) the file holds only that window's images and
-    view rows, numbered as in the whole cache, and records the window."""
+    view rows, numbered as in the whole cache, and records the window.
+    ``before_publish(tmp)`` adds to the file before it is renamed (annotations): a reader never opens a
+    published cache while it grows."""
     counts = view_counts(listing, n_views)
     ilo, ihi = window.images if window else (0, len(counts))
     rlo, rhi = window.rows if window else (0, int(counts.sum()))
@@ -159,6 +162,8 @@ def create_cache(
     tmp = path.with_name(path.name + ".creating")
     try:
         _write_new(tmp, listing, identity, specs, tokens, counts, window)
+        if before_publish is not None:
+            before_publish(tmp)
         _reserve(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # nothing half-made stays behind to stop a rerun

@@ -58,6 +58,7 @@ class FeatcacheGroup(click.Group):
 #: how each long command continues after Ctrl-C (or SIGTERM): what is done stays done
 CONTINUE = {
     "extract": "the images written so far are kept; rerun the same command to extract the rest.",
+    "embed": "the images written so far are kept; rerun the same command to embed the rest.",
     "train-gate": "rerun the same command with --resume to continue from the last finished epoch.",
     "distill": "rerun the same command with --resume to continue from the last finished epoch.",
     "pretrain-standins": "rerun the same command: stand-ins already trained are kept, and the stopped one starts again.",

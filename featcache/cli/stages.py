@@ -121,7 +121,7 @@ def extract(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
 
     cfg = resolve(ctx, ExtractConfig, params, sets)
     res = run_extract(cfg)
-    click.echo(res.describe(os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None))
+    click.echo(res.describe(os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, cfg.out))
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -75,6 +75,36 @@ def export(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     click.echo(f"{res['path']}: checked with ONNX Runtime against PyTorch: " + json.dumps({k: v for k, v in res.items() if k != 'path'}))
 
 
+def _embed_options(f: Callable) -> Callable:
+    from featcache.embed.config import EmbedConfig as C
+
+    return stack(f, [
+        opt(C, "model", help="student:RUN_DIR, gate:RUN_DIR (the teacher, with its backbones), backbone:PRESET, or a bare run folder or preset name (spelled as in eval and profile)."),
+        opt(C, "images", type=click.Path(file_okay=False, path_type=Path), help="Any folder of images (searched recursively, sorted by path)."),
+        opt(C, "dataset", help="Or a dataset in its official layout (with --root): its splits and labels, so that featcache eval reads the output."),
+        opt(C, "root", type=click.Path(path_type=Path), help="The dataset's folder (with --dataset)."),
+        opt(C, "out", type=click.Path(dir_okay=False, path_type=Path), help="The feature cache (HDF5) to write or resume."),
+        opt(C, "batch_size", type=int, help="Images per batch."),
+        opt(C, "workers", help="Decoding processes: a number or auto.  [default: auto]"),
+        opt(C, "device", type=DEVICE, help="Where the model runs."),
+        opt(C, "image_size", help="Input HxW for a backbone preset (a trained run uses the size it was trained at)  [default: 256x256]"),
+        opt(C, "overwrite", is_flag=True, help="Replace an existing output instead of resuming it."),
+        set_option(C),
+    ])
+
+
+@main.command()
+@_embed_options
+@click.pass_context
+def embed(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
+    """Features of any image folder, or of a dataset, from a trained student or teacher or a backbone preset, as a feature cache."""
+    from featcache.embed.config import EmbedConfig
+    from featcache.embed.runner import run_embed
+
+    cfg = resolve(ctx, EmbedConfig, params, sets)
+    click.echo(run_embed(cfg).describe())
+
+
 # ---------------------------------------------------------------------------------------------- run, demo
 @main.command("run")
 @click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False, path_type=Path))

@@ -181,6 +181,19 @@ def read_msmt17(root: Path) -> Listing:
 
 
 # --------------------------------------------------------------------------- CSV manifest
+#: what the folder layout counts as an image
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@register("folder", "any folder of images (searched recursively, sorted by path; no labels: identity 0, camera 0, "
+                    "the gallery split)")
+def read_folder(root: Path) -> Listing:
+    listing = Listing("folder", root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    listing.items = [Item(rel, 0, 0, "gallery") for rel in files]
+    return listing
+
+
 @register("csv", "a CSV with header path,pid,camid,split (split: train, query or gallery)")
 def read_csv(root: Path) -> Listing:
     """Any other data: ``ROOT/manifest.csv`` (or ROOT given as the CSV itself), paths relative to its folder."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache.cache import CacheSplit
 from featcache.errors import InputError
-from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind
+from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind, register_run_model
 from featcache.evaluation.search import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -89,3 +89,10 @@ class StudentFeatures(RunFeatures):
 @register_kind("student", "RUN_DIR (a distill run: the student, run over the images)")
 def _student(ref: str) -> FeatureSource:
     return StudentFeatures(Path(ref))
+
+
+@register_run_model("distill", "a distilled student: its BN feature, from the images")
+def _student_model(run: Path, device: str):
+    from featcache.distill.embedder import load_student_model  # torch: only when a model is loaded
+
+    return load_student_model(run, device)

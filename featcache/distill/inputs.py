@@ -11,6 +11,7 @@ Both yield, per step, the batch's uint8 pixels and a ``TeacherBatch``; the value
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,11 @@ def read_teacher_maps(cache: Path, rows: np.ndarray, names: dict[str, list[str]]
 
 class HostTeacher:
     """The teacher's side of each batch from host memory: the targets' arrays, and the attention maps of the
-    epoch's views read from the cache at the start of the epoch (one open, closed before the loader's workers
-    start: an open HDF5 file never crosses their fork)."""
+    epoch's views read from the cache a chunk of ``CHUNK`` batches at a time, with one open each (never one per
+    step; memory bounded by the chunk). No open HDF5 file crosses the loader workers' fork: the first chunk is
+    read, and its file closed, before the workers start, and later chunks open the file after they have."""
+
+    CHUNK = 256
 
     def __init__(self, teacher: Teacher, cache: Path, maps: dict[str, list[str]] | None, device: torch.device,
                  kd_space: str) -> None:
@@ -61,14 +65,21 @@ class HostTeacher:
         self.feature = teacher.targets.retrieval if kd_space == "retrieval" else teacher.targets.feature
 
     def epoch(self, batches: list[np.ndarray], views: list[np.ndarray]) -> Iterator[TeacherBatch]:
+        """The teacher's side of each batch; the first chunk's maps are read now, before this returns."""
+        n = self.CHUNK
+        first = self._batches(batches[:n], views[:n])  # read now
+        rest = (b for s in range(n, len(batches), n) for b in self._batches(batches[s: s + n], views[s: s + n]))  # when reached
+        return itertools.chain(first, rest)
+
+    def _batches(self, batches: list[np.ndarray], views: list[np.ndarray]) -> Iterator[TeacherBatch]:
         t, teacher = self.teacher.targets, self.teacher
         maps = None
-        if self.maps is not None:  # every view of the epoch at once; each batch takes its slice
+        if self.maps is not None:  # every view of the chunk in one read; each batch takes its slice
             rows = np.concatenate([teacher.view_start[b] + v for b, v in zip(batches, views)])
             maps = read_teacher_maps(self.cache, rows, self.maps)
-        return self._batches(batches, views, maps, t)
+        return self._slices(batches, views, maps, t)
 
-    def _batches(self, batches, views, maps, t) -> Iterator[TeacherBatch]:
+    def _slices(self, batches, views, maps, t) -> Iterator[TeacherBatch]:
         start = 0
         for imgs, vv in zip(batches, views):
             rows = t.rows(self.teacher.images[imgs], vv)

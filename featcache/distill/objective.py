@@ -70,7 +70,7 @@ def measure_terms(model: Student, teacher: Teacher, dataset: ViewDataset, cache:
     views = np.concatenate([np.arange(n) for n in teacher.n_views])
     starts = range(0, len(imgs), batch)
     batches, batch_views = [imgs[s: s + batch] for s in starts], [views[s: s + batch] for s in starts]
-    host = HostTeacher(teacher, cache, attention_names(cache, teacher.experts, required=False), device, cfg.kd_space)
+    host = HostTeacher(teacher, cache, attention_names(cache, teacher.experts, required=False), device, cfg.kd_space)  # chunked reads
     sums: dict[str, float] = {}
     n = 0
     for i, v, b in zip(batches, batch_views, host.epoch(batches, batch_views)):

@@ -67,6 +67,16 @@ class RunFeatures:
         return self._loaded
 
 
+#: loaders of trained runs by the command that made them (``distill``, ``train-gate``), for ``featcache.load_model``:
+#: ``fn(run, device) -> Embedder`` (``evaluation.embedder``); registered beside each stage's kind, and loaded with them
+RUN_MODELS: Registry[Callable[[Path, str], Any]] = Registry("trained run of", entry_points="featcache.model_kinds")
+
+
+def register_run_model(command: str, help: str) -> Callable:
+    """Register ``fn(run, device) -> Embedder`` for the runs ``featcache <command>`` makes."""
+    return RUN_MODELS.register(command, help)
+
+
 def register_kind(name: str, help: str) -> Callable:
     """Register a ``--model`` kind: ``fn(ref) -> FeatureSource``, with a line of help for ``eval --help``."""
     return KINDS.register(name, help)

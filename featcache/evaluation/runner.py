@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache import CacheIdentity, CacheReader, CacheSplit, EmptySplit, cache_identity, partial_note
-from featcache.config import StageConfig, save_resolved
+from featcache.config import StageConfig, resolved_beside, save_resolved
 from featcache.errors import ConfigError, FeatcacheError, InputError, RunError, check_choice
 from featcache.evaluation.features import FeatureContext, parse_model
 from featcache.evaluation.metrics import AP_FORMS, agreement as rank_agreement
@@ -210,7 +210,7 @@ def _write_outputs(ev: Evaluation, cfg: EvalConfig) -> None:
     report = ev.report
     if cfg.save_features:
         save_features(ev, cfg.save_features)
-        save_resolved(cfg.save_features.with_name(cfg.save_features.name + ".config.yaml"), cfg)
+        save_resolved(resolved_beside(cfg.save_features), cfg)
     if cfg.plots:
         from featcache.evaluation.plots import write_plots
 
@@ -219,7 +219,7 @@ def _write_outputs(ev: Evaluation, cfg: EvalConfig) -> None:
     if cfg.json_out:
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cfg.json_out, lambda p: p.write_text(json.dumps(report, indent=2)))
-        save_resolved(cfg.json_out.with_name(cfg.json_out.name + ".config.yaml"), cfg)
+        save_resolved(resolved_beside(cfg.json_out), cfg)
 
 
 def _load_split(cache: CacheReader, split: str) -> CacheSplit:

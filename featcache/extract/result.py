@@ -24,10 +24,11 @@ class ExtractResult:
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
-    def describe(self, rank: str | None = None) -> str:
-        """One line for the command line: what the cache holds now, and this run's work."""
+    def describe(self, rank: str | None = None, cache: Path | None = None) -> str:
+        """One line for the command line: what the cache holds now, and this run's work (``cache``: the path to
+        name, when it is not the file this run wrote, a rank's shard)."""
         s = self.summary
-        return ((f"rank {rank}: " if rank is not None else "") + f"{self.cache}: cached train {s['splits']['train']}, "
+        return ((f"rank {rank}: " if rank is not None else "") + f"{cache or self.cache}: cached train {s['splits']['train']}, "
                 f"query {s['splits']['query']}, gallery {s['splits']['gallery']}; failed {len(s['failed'])}; "
                 f"{self.processed} images this run at {self.images_per_second:.1f} img/s")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.backbones import OutputSpec, build_backbone
+from featcache.backbones import Backbone, OutputSpec, build_backbone
 from featcache.cache.checksum import mark_for_repair, verify_cache
 from featcache.cache.digests import file_digests
 from featcache.cache.store import restore_static, view_counts
@@ -26,7 +26,7 @@ from featcache.cache.shards import (
     Window, check_master, check_window, partial_path, plan_windows, shard_dir, shard_path, shard_status, write_master,
 )
 from featcache.extract.distributed import Group, Ranks, rank_device, ranks_from_env
-from featcache.config import save_resolved
+from featcache.config import resolved_beside, save_resolved
 from featcache.fileio import check_output
 from featcache.errors import ConfigError, RunError
 from featcache.datasets import load_listing
@@ -43,16 +43,17 @@ from featcache.runtime import loader_options, on_device, resolve_device, resolve
 logger = logging.getLogger(__name__)
 
 
-def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None) -> ExtractResult:
+def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None, prebuilt: dict[str, Backbone] | None = None) -> ExtractResult:
     """Extract every image of the dataset into ``cfg.out``, resuming what an earlier run cached. ``digests``: the
-    listed files' ``store.file_digests`` when the caller has just computed them (the pipeline's key has)."""
+    listed files' ``digests.file_digests`` when the caller has just computed them (the pipeline's key has);
+    ``prebuilt``: backbones built by the caller instead of from ``cfg.backbones``' presets (``featcache embed``)."""
     if not Path(cfg.out).is_file():  # a cache to resume (or a finished, read-only one) is checked as it opens
         check_output(cfg.out, "--out")  # before the dataset is listed and hashed
     ranks = ranks_from_env()
     listing = load_listing(cfg.dataset, cfg.root, strict=not cfg.skip_bad_names)
     logger.info("dataset: %s", listing.summary())
     device = rank_device(resolve_device(cfg.device), ranks)
-    backbones = {n: build_backbone(n, cfg.image_size, cfg.weights.get(n), cfg.random_init) for n in cfg.backbones}
+    backbones = prebuilt or {n: build_backbone(n, cfg.image_size, cfg.weights.get(n), cfg.random_init) for n in cfg.backbones}
     specs = with_float32({n: b.output_specs() for n, b in backbones.items()}, cfg.float32)
     n_views = {"train": cfg.views, "query": min(cfg.views, 2), "gallery": min(cfg.views, 2)}
     preprocessing = {
@@ -78,7 +79,7 @@ def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None) -> Extrac
         return _extract_sharded(job, ranks)
     with WriterLock(cfg.out), _sigterm_as_interrupt():  # one writer, from the existence check to the end
         _prepare_single(job)
-        save_resolved(cfg.out.with_name(cfg.out.name + ".config.yaml"), cfg)
+        save_resolved(resolved_beside(cfg.out), cfg)
         return _extract_into(job, cfg.out, None)
 
 
@@ -108,7 +109,7 @@ class _Job:
     specs: dict
     n_views: dict[str, int]
     identity: Any
-    digests: Any = None        # SHA-1 of every listed file (store.file_digests)
+    digests: Any = None        # SHA-1 of every listed file (digests.file_digests)
 
 
 def _prepare_single(job: _Job) -> None:
@@ -134,8 +135,9 @@ def _prepare_single(job: _Job) -> None:
             _repair(out, job.listing, job.n_views, None)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        create_cache(out, job.listing, job.identity, job.n_views, job.specs, cfg.tokens)
-    record_conditions(out, job.listing, job.n_views)
+        create_cache(out, job.listing, job.identity, job.n_views, job.specs, cfg.tokens,
+                     before_publish=lambda tmp: record_conditions(tmp, job.listing, job.n_views))
+    record_conditions(out, job.listing, job.n_views)  # a cache created before a kill, or damaged: else only read
 
 
 def record_conditions(out: Path, listing, n_views: dict[str, int]) -> None:
@@ -172,7 +174,7 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> ExtractResult:
             try:  # rank 0 holds the master's lock for the whole launch: no other run replaces it meanwhile
                 held.enter_context(WriterLock(out))
                 _prepare_master(job, windows)
-                save_resolved(out.with_name(out.name + ".config.yaml"), cfg)
+                save_resolved(resolved_beside(out), cfg)
             except Exception as exc:  # every rank learns of it, or the others would wait for rank 0 forever
                 problem = str(exc)
         problem = group.share(problem)
@@ -211,8 +213,9 @@ def _prepare_master(job: _Job, windows: list[Window]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         if shard_dir(out).exists() and any(shard_dir(out).iterdir()):
             raise CacheError(f"{shard_dir(out)} holds shards but {out} is missing; use --overwrite to start anew")
-        write_master(out, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, windows)
-    record_conditions(out, job.listing, job.n_views)  # as a one-process cache carries them
+        write_master(out, job.listing, job.identity, job.n_views, job.specs, job.cfg.tokens, windows,
+                     before_publish=lambda tmp: record_conditions(tmp, job.listing, job.n_views))
+    record_conditions(out, job.listing, job.n_views)  # as a one-process cache carries them (else only read)
 
 
 def _extract_shard(job: _Job, window: Window, final: Path) -> ExtractResult:

@@ -51,8 +51,10 @@ class GateConfig(StageConfig):
 
     @classmethod
     def keys(cls) -> list[str]:
-        """The fields, and each remedy by its own name (an override of the recipe's value)."""
-        return super().keys() + list(ROUTING_FIELDS)
+        """The fields, with each remedy by its own name (an override of the recipe's value) in ``routing``'s place."""
+        out = super().keys()
+        i = out.index("routing")
+        return out[:i] + list(ROUTING_FIELDS) + out[i + 1:]
 
     @classmethod
     def build(cls, *layers: tuple[str, Mapping[str, Any]]) -> "GateConfig":
@@ -65,11 +67,8 @@ class GateConfig(StageConfig):
                 overrides[key] = _convert_remedy(key, value, source)
             rest.append((source, values))
         merged = cls.merge(*rest)
-        from featcache.gate.model import FUSIONS  # an unknown fusion is named before its routing is resolved
-
-        FUSIONS.get(merged.get("fusion", "moe-top1"))
-        merged["routing"] = resolve_routing(merged.get("gate_recipe", "routed"), merged.get("fusion", "moe-top1"), overrides)
-        return cls(**merged)
+        checked = cls(**merged, routing=Routing())  # every other field's checks first, as before routing was a field
+        return dataclasses.replace(checked, routing=resolve_routing(checked.gate_recipe, checked.fusion, overrides))
 
     @classmethod
     def upgrade(cls, saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from featcache.cache import CacheSplit, known_route
 from featcache.errors import InputError
-from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind
+from featcache.evaluation.features import FeatureContext, FeatureSource, RunFeatures, register_kind, register_run_model
 from featcache.evaluation.search import l2_normalize
 
 
@@ -79,3 +79,10 @@ class GateFeatures(RunFeatures):
 @register_kind("gate", "RUN_DIR (a train-gate run: the teacher's retrieval feature)")
 def _gate(ref: str) -> FeatureSource:
     return GateFeatures(Path(ref))
+
+
+@register_run_model("train-gate", "a trained teacher: its experts' backbones, adapters, gate and BN neck")
+def _teacher_model(run: Path, device: str):
+    from featcache.gate.embedder import load_teacher_model  # torch and the backbones: only when a model is loaded
+
+    return load_teacher_model(run, device)

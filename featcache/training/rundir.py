@@ -293,6 +293,19 @@ class RunDir:
         last = self.path / CKPT / "last"
         return int(last.read_text()) if last.is_file() else 0
 
+    @staticmethod
+    def command_of(path: Path) -> str:
+        """The command that made the run in ``path`` (``distill``, ``train-gate``, ...), from its saved config."""
+        path = Path(path)
+        saved = path / CONFIG
+        if not saved.is_file():
+            raise InputError(f"{path} is not a featcache run folder (it holds no {CONFIG}): give the --out folder of a "
+                             "finished train-gate or distill run")
+        data = RunDir(path).saved_config()
+        if not isinstance(data, dict) or len(data) != 1:
+            raise InputError(f"{saved}: expected one command's section, as featcache writes it")
+        return str(next(iter(data)))
+
     @classmethod
     def open(cls, path: Path, command: str, purpose: str = "using it") -> tuple["RunDir", dict[str, Any], dict[str, Any],
                                                                              dict[str, torch.Tensor]]:

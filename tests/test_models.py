@@ -1,0 +1,155 @@
+"""Trained models in Python: ``featcache.load_model`` gives the features ``featcache eval`` ranks, row for row, and
+the student's trunk loads into torchvision's own model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import featcache
+from featcache.cli import main
+from featcache.errors import FeatcacheError
+
+
+@pytest.fixture(scope="module")
+def runs(market_cache, tmp_path_factory) -> dict[str, Path]:
+    """A teacher (train-gate) and a student distilled from it, one epoch each."""
+    root = tmp_path_factory.mktemp("models")
+    r = CliRunner()
+    res = r.invoke(main, ["train-gate", "--cache", str(market_cache), "--out", str(root / "gate"), "--epochs", "1",
+                          "--batch-size", "16", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["distill", "--cache", str(market_cache), "--gate", str(root / "gate"), "--out", str(root / "student"),
+                          "--epochs", "1", "--batch-size", "16", "--student-init", "random", "--device", "cpu", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    return {"gate": root / "gate", "student": root / "student", "root": root}
+
+
+def eval_features(model: str, cache: Path, out: Path) -> np.lib.npyio.NpzFile:
+    res = CliRunner().invoke(main, ["eval", "--cache", str(cache), "--model", model, "--save-features", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return np.load(out)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("kind,run", [("student", "student"), ("gate", "gate")])
+def test_embed_equals_what_eval_ranks_row_for_row(runs, market_cache, market_root, tmp_path, kind, run):
+    saved = eval_features(f"{kind}:{runs[run]}", market_cache, tmp_path / "f.npz")
+    paths = [market_root / n for n in saved["query_names"]]
+    model = featcache.load_model(runs[run])
+    assert isinstance(model, torch.nn.Module) and not model.training
+    ours = model.embed(paths, batch_size=5)
+    assert ours.shape == saved["query"].shape and ours.dtype == np.float32
+    assert cosines(ours, saved["query"]).min() >= 0.9999  # float32 on the CPU: equal up to rounding
+    pixels = model.preprocess(paths[:3])  # the user's own loop: preprocess, then the module
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape[2:]) == model.image_size
+    with torch.no_grad():
+        np.testing.assert_allclose(model(pixels).numpy(), ours[:3], atol=1e-5)
+    pil = [Image.open(p) for p in paths[:3]]
+    np.testing.assert_allclose(model.embed(pil), ours[:3], atol=1e-5)  # PIL images and uint8 tensors alike
+    np.testing.assert_allclose(model.embed(pixels), ours[:3], atol=1e-5)
+
+
+def test_the_student_trunk_loads_into_torchvision_and_computes_the_same(runs):
+    import torchvision
+
+    model = featcache.load_model(runs["student"])
+    tv = torchvision.models.resnet18()
+    result = tv.load_state_dict(model.torchvision_state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    tv.eval()
+    x = torch.randn(2, 3, *model.image_size)
+    with torch.no_grad():
+        theirs = torch.nn.Sequential(*list(tv.children())[:-2])(x)
+        ours, _ = model.student._trunk(x)
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
+
+def test_bad_runs_and_images_are_one_line(runs, tmp_path):
+    cases = [(tmp_path, "is not a featcache run folder"),  # a folder that is not a run
+             ]
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((runs["student"] / "config.yaml").read_text())
+    (unfinished / "run.json").write_text((runs["student"] / "run.json").read_text())
+    cases.append((unfinished, "is an unfinished run"))
+    for run, words in cases:
+        with pytest.raises(FeatcacheError, match=words) as exc:
+            featcache.load_model(run)
+        assert "\n" not in str(exc.value)
+    model = featcache.load_model(runs["student"])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(FeatcacheError, match="broken.jpg: cannot read the image"):
+        model.embed([bad])
+    with pytest.raises(FeatcacheError, match="expected a uint8 tensor"):
+        model.embed(torch.zeros(1, 3, 8, 8))
+    assert "load_model" in dir(featcache)
+
+
+def _embed(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    """``featcache embed`` in a process of its own (a fault point may kill it)."""
+    env = {k: v for k, v in os.environ.items() if k != "FEATCACHE_FAULT"}
+    if fault:
+        env["FEATCACHE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "featcache", "embed", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("ids", [pytest.param(8, id="small"), pytest.param(126, id="1000-images", marks=pytest.mark.slow)])
+def test_embed_a_folder_killed_resumes_to_the_same_file(runs, tmp_path, ids):
+    from conftest import assert_same_cache
+    from featcache.synth import SynthConfig, generate
+
+    root = tmp_path / "ds"
+    generate(SynthConfig(root, "market1501", ids=ids, cams=3, seed=2))
+    folder = root  # every split's folder below it: searched recursively
+    n = sum(1 for p in folder.rglob("*.jpg"))
+    assert ids < 100 or n >= 1000
+    (folder / "sub").mkdir()
+    (folder / "sub" / "broken.jpg").write_bytes(b"not an image")  # recorded as failed, the rest go on
+    base = ["--model", f"student:{runs['student']}", "--images", str(folder), "--batch-size", "4", "--device", "cpu", "--workers", "0"]
+    whole = CliRunner().invoke(main, ["embed", *base, "--out", str(tmp_path / "whole.h5")])
+    assert whole.exit_code == 0, whole.output
+    cut = _embed([*base, "--out", str(tmp_path / "cut.h5")], fault="extract.after_batch:3")  # SIGKILL after batch 3
+    assert cut.returncode == -9, cut.stderr
+    again = CliRunner().invoke(main, ["embed", *base, "--out", str(tmp_path / "cut.h5")])  # the same command resumes
+    assert again.exit_code == 0 and "images this run" in again.output, again.output
+    assert_same_cache(tmp_path / "whole.h5", tmp_path / "cut.h5")
+    with featcache.open_cache(tmp_path / "cut.h5") as c:
+        assert c.backbones == ["student"] and c.status_counts()["failed"]["gallery"] == 1
+        gallery = c.split("gallery")
+        stored = gallery.read("student", "pooled")
+    assert len(stored) == n
+    ours = featcache.load_model(runs["student"]).embed([folder / p for p in gallery.names])
+    assert cosines(ours, stored).min() >= 0.9999
+
+
+def test_embed_a_dataset_and_evaluate_it(runs, market_cache, market_root, tmp_path):
+    out = tmp_path / "teacher.h5"
+    res = CliRunner().invoke(main, ["embed", "--model", f"gate:{runs['gate']}", "--dataset", "market1501", "--root",
+                                    str(market_root), "--out", str(out), "--device", "cpu", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert "teacher" in featcache.open_cache(out).backbones
+    embedded = eval_features("backbone:teacher", out, tmp_path / "a.npz")
+    direct = eval_features(f"gate:{runs['gate']}", market_cache, tmp_path / "b.npz")
+    assert list(embedded["query_names"]) == list(direct["query_names"])
+    assert cosines(embedded["query"], direct["query"]).min() >= 0.9999
+    bad = CliRunner().invoke(main, ["embed", "--model", f"student:{runs['gate']}", "--images", str(tmp_path), "--out", str(tmp_path / "x.h5")])
+    assert bad.exit_code == 1 and "is a train-gate run" in bad.output and len(bad.output.strip().splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = CliRunner().invoke(main, ["embed", "--model", "backbone:clip-tiny", "--images", str(empty), "--out", str(tmp_path / "y.h5")])
+    assert bad.exit_code == 1 and "no images found" in bad.output
