@@ -2,7 +2,7 @@
 
 Children come from a multiprocessing *forkserver* that has imported torch
 and featcache once, so starting one costs milliseconds, not the seconds of a
-new interpreter: twenty kills and resumes fit in a CI test. A child runs the
+new interpreter: a campaign of kills and resumes fits in a CI test. A child runs the
 real command line (``featcache.cli.main``) and nothing of the test process.
 
 A kill moment is drawn (seeded) from the run a start is expected to make:
@@ -117,7 +117,7 @@ def kill_when(procs: list, ready, delay, victim: int, passed=lambda: False) -> t
 
 @dataclass
 class Campaign:
-    """Twenty seeded kills of a command, each followed by ``check``, then a run to the end.
+    """Seeded kills of a command (``kills``, 20 unless told), each followed by ``check``, then a run to the end.
 
     Kill moments are placed by the run's progress, not by the clock of another run: the machine's speed
     changes while a campaign runs (a parallel test starts or ends), and delays taken from the timing run alone

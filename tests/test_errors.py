@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from featcache.cli import main
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
 def env(tmp_path_factory, market_root, market_cache) -> dict[str, Path]:
     from featcache.synth_cache import write_feature_cache
 

@@ -19,7 +19,7 @@ from featcache.gate.config import GateConfig
 from featcache.synth_cache import write_feature_cache
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
 def fcache(tmp_path_factory) -> Path:
     return write_feature_cache(tmp_path_factory.mktemp("fc") / "feat.h5", ids=24, per_id=6, cams=4, views=3)
 

@@ -19,7 +19,7 @@ from featcache.cli import main
 from featcache.errors import FeatcacheError
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
 def runs(market_cache, tmp_path_factory) -> dict[str, Path]:
     """A teacher (train-gate) and a student distilled from it, one epoch each."""
     root = tmp_path_factory.mktemp("models")

@@ -48,7 +48,7 @@ def make_run(path: Path, arch: str, n_classes: int = 5) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
 def runs(tmp_path_factory) -> dict:
     """arch -> (run, exported file, export result), made on first use and shared by the tests."""
     return {"root": tmp_path_factory.mktemp("students")}
@@ -178,7 +178,7 @@ def test_profile_of_a_student(runs):
         profile_model(f"student:{run}", "cpu", precision="fp8")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
 def gate_run(market_cache, tmp_path_factory) -> Path:
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate

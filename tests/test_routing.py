@@ -129,7 +129,7 @@ def fidelity(run: Path, cache: Path) -> float:
     return sum(per[c][names[int(c) % 2]] for c in per) / len(per)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
 def camera_cache(tmp_path_factory) -> Path:
     return write_feature_cache(tmp_path_factory.mktemp("routing") / "cam.h5", ids=24, per_id=6, cams=4, views=3, kind="camera")
 
