@@ -153,3 +153,44 @@ def test_embed_a_dataset_and_evaluate_it(runs, market_cache, market_root, tmp_pa
     empty.mkdir()
     bad = CliRunner().invoke(main, ["embed", "--model", "backbone:clip-tiny", "--images", str(empty), "--out", str(tmp_path / "y.h5")])
     assert bad.exit_code == 1 and "no images found" in bad.output
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"])
+def test_every_student_trunk_loads_into_its_torchvision_model_with_only_the_head_missing(arch):
+    import torchvision
+
+    from featcache.distill.embedder import StudentModel
+    from featcache.distill.students import STUDENTS, build_student
+
+    student = build_student(arch, 5, "random", seed=0).eval()
+    model = StudentModel(student, (64, 32), Path("."), torch.device("cpu"))
+    tv = torchvision.models.get_model(STUDENTS.get(arch).tv_name, weights=None).eval()
+    result = tv.load_state_dict(model.torchvision_state_dict(), strict=False)
+    head = "fc" if arch.startswith("resnet") else "classifier"
+    assert result.missing_keys and all(k.startswith(head + ".") for k in result.missing_keys) and not result.unexpected_keys
+    x = torch.randn(1, 3, 64, 32)
+    with torch.no_grad():
+        trunk = tv.features(x) if head == "classifier" else torch.nn.Sequential(*list(tv.children())[:-2])(x)
+        assert torch.allclose(trunk, student._trunk(x)[0], atol=1e-5)
+
+
+def test_a_teacher_whose_backbone_weights_are_gone_says_where_it_looked(runs, market_cache, tmp_path):
+    import shutil
+
+    import yaml
+
+    from featcache.config import resolved_beside
+
+    cache = tmp_path / "market.h5"
+    shutil.copy(market_cache, cache)
+    saved = yaml.safe_load(resolved_beside(market_cache).read_text())
+    saved["extract"]["weights"] = {"clip-tiny": str(tmp_path / "gone.pt")}
+    resolved_beside(cache).write_text(yaml.safe_dump(saved))
+    gate = tmp_path / "gate"
+    shutil.copytree(runs["gate"], gate)
+    cfg = yaml.safe_load((gate / "config.yaml").read_text())
+    cfg["train-gate"]["cache"] = str(cache)
+    (gate / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(FeatcacheError, match="expert clip-tiny: .*gone.pt") as exc:
+        featcache.load_model(gate)
+    assert "\n" not in str(exc.value)
