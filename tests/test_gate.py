@@ -287,8 +287,8 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(fcache, tmp_p
     CliRunner().invoke(main, args)
     undo()
     assert not (run / "model.safetensors").exists()
-    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run), "--epochs", "4"])
-    assert res.exit_code == 1 and "--resume with another config (epochs: 3 -> 4)" in res.output
+    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run), "--set", "lr=0.01"])
+    assert res.exit_code == 1 and "--resume with another config (lr: 0.001 -> 0.01)" in res.output
     res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run)])
     assert res.exit_code == 0, res.output
     assert (run / "model.safetensors").exists() and len((run / "log.csv").read_text().splitlines()) == 4

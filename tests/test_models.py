@@ -79,7 +79,7 @@ def test_the_student_trunk_loads_into_torchvision_and_computes_the_same(runs):
 
 def test_bad_runs_and_images_are_one_line(runs, tmp_path):
     cases = [(tmp_path, "is not a featcache run folder"),  # a folder that is not a run
-             ]
+             (tmp_path / "nothere", "does not exist")]
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((runs["student"] / "config.yaml").read_text())
@@ -96,6 +96,9 @@ def test_bad_runs_and_images_are_one_line(runs, tmp_path):
         model.embed([bad])
     with pytest.raises(FeatcacheError, match="expected a uint8 tensor"):
         model.embed(torch.zeros(1, 3, 8, 8))
+    for empty in (model.embed, model.preprocess):
+        with pytest.raises(FeatcacheError, match="expected at least one image"):
+            empty([])
     assert "load_model" in dir(featcache)
 
 
@@ -148,7 +151,8 @@ def test_embed_a_dataset_and_evaluate_it(runs, market_cache, market_root, tmp_pa
     assert list(embedded["query_names"]) == list(direct["query_names"])
     assert cosines(embedded["query"], direct["query"]).min() >= 0.9999
     bad = CliRunner().invoke(main, ["embed", "--model", f"student:{runs['gate']}", "--images", str(tmp_path), "--out", str(tmp_path / "x.h5")])
-    assert bad.exit_code == 1 and "is a train-gate run" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert bad.exit_code == 1 and f"is a train-gate run: give --model gate:{runs['gate']}" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = CliRunner().invoke(main, ["embed", "--model", "backbone:clip-tiny", "--images", str(empty), "--out", str(tmp_path / "y.h5")])

@@ -200,6 +200,7 @@ def _gate_options(f: Callable) -> Callable:
         opt(C, "device", type=DEVICE, help="Where training runs."),
         opt(C, "label_smoothing", type=float, help="Label smoothing of the ID loss."),
         opt(C, "allow_partial", is_flag=True, help="Train on a cache whose extraction has not finished (recorded in run.json; eval and distill say so)."),
+        opt(C, "tensorboard", "--tensorboard/--no-tensorboard", help="TensorBoard curves in RUN/tb as training goes  [default: on when tensorboard is installed]"),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the options it was started with (give only --out; options given too must agree, except where files are and the device)."),
         set_option(C),
     ])
@@ -235,6 +236,7 @@ def _distill_options(f: Callable) -> Callable:
         opt(C, "seed", type=int, help="The paper uses 42, 1337 and 2024."),
         opt(C, "device", type=DEVICE, help="Where training runs."),
         opt(C, "allow_partial", is_flag=True, help="Train on a cache, or from a gate, that covers only part of the training images (recorded in run.json)."),
+        opt(C, "tensorboard", "--tensorboard/--no-tensorboard", help="TensorBoard curves in RUN/tb as training goes  [default: on when tensorboard is installed]"),
         opt(C, "precision", type=click.Choice(list(TRAIN_PRECISIONS)), help="auto: bf16 autocast on CUDA, float32 on the "
             "CPU; fp32; bf16 (autocast). Losses in float32 either way; on CUDA the student is channels_last at any precision."),
         opt(C, "pixel_cache", type=click.Path(dir_okay=False, path_type=Path), help="HDF5 of decoded, letterboxed images: built (or resumed) on first use, so no epoch decodes a JPEG."),

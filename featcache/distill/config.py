@@ -74,6 +74,7 @@ class DistillConfig(StageConfig):
     # training device, views replayed there by distill.replay), auto (device on CUDA with a pixel cache)
     input_path: str = "auto"
     allow_partial: bool = False          # distill from a gate, or a cache, covering part of the training images (run.json)
+    tensorboard: bool | None = None      # curves in RUN/tb as training goes; None: when the package is installed
     precision: str = "auto"              # auto: bf16 autocast and channels_last on CUDA, float32 on the CPU; fp32; bf16
 
     def __post_init__(self) -> None:

@@ -17,9 +17,12 @@ class DistillResult:
     run: Path
     last: dict  # the log row of the last epoch
     val: dict | None = None  # the student on the teacher's held-out identities (RUN/val.json), if it held some out
+    finished_before: bool = False  # resumed a run that had finished its epochs: nothing was done
 
     def describe(self, student: str) -> list[str]:
         """Lines for the command line: the last epoch's losses, and the validation if there was one."""
+        if self.finished_before:
+            return [f"{self.run}: nothing to do: the run has finished its epochs (give a larger --epochs to extend it)"]
         last = self.last
         lines = [f"{self.run}: {student} after epoch {last.get('epoch')}: loss {float(last.get('loss', 'nan')):.4f}, "
                  f"kd {float(last.get('kd') or 'nan'):.4f}, train acc {float(last.get('acc', 'nan')):.3f}"]
@@ -34,6 +37,9 @@ class DistillResult:
 
 def run_distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     model, rd, val = train(cfg, resume)
+    if resume and rd.is_finished():  # finished before, and not extended (an extension removes the final weights)
+        rows = rd.log_rows()
+        return DistillResult(rd.path, rows[-1] if rows else {}, val, finished_before=True)
     rd.finish(model.state_dict(), note=f"{cfg.student} student distilled from {Path(cfg.gate).resolve()}")
     rows = rd.log_rows()
     return DistillResult(rd.path, rows[-1] if rows else {}, val)

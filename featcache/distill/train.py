@@ -22,6 +22,7 @@ from featcache.distill.students import Student, build_student, normalize
 from featcache.distill.validate import log_validation, validate
 from featcache.errors import InputError
 from featcache.runtime import resolve_device, resolve_workers
+from featcache.training.hooks import tensorboard_available, tensorboard_once
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam
 from featcache.training.options import check_identities
 from featcache.training.precision import Precision
@@ -144,12 +145,20 @@ def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, di
     model = student.to(device)
     opt = adam(model.parameters(), cfg.lr, cfg.weight_decay, device)  # fused off the CPU
     schedule = Schedule(cfg.epochs, steps_per_epoch(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances), cfg.lr, cfg.lr_min)
-    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, precision=precision, desc="distill")
+    tensorboard = tensorboard_available(cfg.tensorboard)
+    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, precision=precision, desc="distill",
+                tensorboard=tensorboard)
     logger.info("training on %s: %s, %s", device, precision.name, "channels_last" if precision.channels_last else "default layout")
     loop.fit(DistillStage(cfg, model, teacher, input_path(cfg, teacher, dataset, maps, device), device, precision))
     model.eval()
+    if rd.is_finished():  # a finished run resumed as it was: its validation stands
+        return model, rd, rd.val()
     val = validate(model, teacher, dataset, device)
     if val is not None:
         rd.write_json(VAL, val)  # the student on the gate's held-out identities: mAP, agreement with the teacher
         log_validation(val)
+        if tensorboard and val["mAP"] is not None:
+            a = val["agreement"]
+            tensorboard_once(rd, "distill", {"val_mAP": val["mAP"], f"val_top{a['k']}_overlap_with_teacher": a["top_k_overlap"],
+                                             "val_rank_correlation_with_teacher": a["rank_correlation"]}, cfg.epochs)
     return model, rd, val

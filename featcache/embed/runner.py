@@ -19,6 +19,7 @@ from featcache.backbones.base import Backbone, sha256_file
 from featcache.backbones.presets import Preset
 from featcache.embed.config import EmbedConfig
 from featcache.errors import InputError
+from featcache.registry import nearest
 from featcache.evaluation.embedder import Embedder
 from featcache.extract.config import ExtractConfig
 from featcache.extract.result import ExtractResult
@@ -66,13 +67,20 @@ def model_of(spec: str, device: str) -> tuple[str, ModelBackbone | None]:
     if not sep:
         kind, ref = ("run" if Path(spec).is_dir() else "backbone"), spec
     if kind == "backbone":
+        from featcache.backbones.presets import preset_files
+
+        known = list(preset_files())
+        if ref not in known:
+            raise InputError(f"--model {spec}: no backbone preset {ref!r}{nearest(ref, known)} (`featcache backbones` lists them), "
+                             "and no run folder of that name")
         return ref, None
     if kind not in ("student", "gate", "run"):
         raise InputError(f"--model {spec}: expected student:RUN, gate:RUN, backbone:PRESET, a run folder or a preset name")
     run = Path(ref)
     command = RunDir.command_of(run)
     if command not in STORED_AS or (kind != "run" and STORED_AS[command] != {"student": "student", "gate": "teacher"}[kind]):
-        raise InputError(f"--model {spec}: {run} is a {command} run")
+        right = {"distill": "student", "train-gate": "gate"}.get(command)
+        raise InputError(f"--model {spec}: {run} is a {command} run" + (f": give --model {right}:{run}" if right else ""))
     RUN_MODELS.names()  # loads the stages that register their runs
     model = RUN_MODELS.get(command)(run, device)
     return STORED_AS[command], ModelBackbone(STORED_AS[command], model, f"featcache-{command}-run:sha256:{sha256_file(RunDir(run).weights_file)}")
@@ -82,6 +90,8 @@ def run_embed(cfg: EmbedConfig) -> ExtractResult:
     """Write the features of ``cfg``'s images to ``cfg.out`` (resuming a run a kill left behind)."""
     from featcache.runtime import resolve_device
 
+    if cfg.images is not None and not Path(cfg.images).is_dir():
+        raise InputError(f"--images {cfg.images}: no such folder (expected a folder of images)")
     name, backbone = model_of(cfg.model, str(resolve_device(cfg.device)))
     size = backbone.image_size if backbone is not None else cfg.image_size
     if backbone is not None and cfg.image_size not in (None, backbone.image_size):

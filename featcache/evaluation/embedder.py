@@ -30,11 +30,15 @@ def read_image(item: Any) -> Image.Image:
     if isinstance(item, (str, Path)):
         path = Path(item)
         try:
-            img = Image.open(io.BytesIO(path.read_bytes()))  # as evaluation decodes it: the file's bytes
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the image ({exc.strerror or type(exc).__name__})") from None
+        try:
+            img = Image.open(io.BytesIO(data))  # as evaluation decodes it: the file's bytes
             img.load()
             return img
-        except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"{path}: cannot read the image ({getattr(exc, 'strerror', None) or exc})") from None
+        except (OSError, UnidentifiedImageError, ValueError):
+            raise InputError(f"{path}: cannot read the image (not an image file PIL can decode, or a truncated one)") from None
     raise InputError(f"images: expected file paths, PIL images or a uint8 tensor (N, 3, H, W), got {type(item).__name__}")
 
 
@@ -69,7 +73,10 @@ class Embedder(torch.nn.Module):
     def preprocess(self, images: Images) -> torch.Tensor:
         """(N, 3, H, W) uint8 on the model's device: each image letterboxed to the run's input size, exactly the
         pixels ``featcache eval`` gives the model (view 0)."""
-        pixels = np.stack([letterbox(img, self.image_size) for img in as_pil(images)])
+        images = as_pil(images)
+        if not images:
+            raise InputError("images: expected at least one image")
+        pixels = np.stack([letterbox(img, self.image_size) for img in images])
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(self.device)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

@@ -43,6 +43,7 @@ class GateConfig(StageConfig):
     label_smoothing: float = 0.0
     val_ids: int = 0                     # training identities held out for validation (featcache.training.validation)
     allow_partial: bool = False          # train on a cache whose extraction has not finished (recorded in run.json)
+    tensorboard: bool | None = None      # curves in RUN/tb as training goes; None: when the package is installed
     gate_recipe: str = "routed"          # paper: Eq. 7-9 exactly; routed: the default (docs/train-gate.md)
     routing: Routing | None = None       # the recipe's values with the remedies given on top (built by ``build``)
     # moe-oracle on rendered data: each camera condition's expert, "condition=expert" (night=align-mini, ...); the

@@ -10,7 +10,7 @@ from featcache.gate.diagnostics import evaluate_val
 from featcache.gate.outputs import collapse_note, gate_statistics, recalibrate_bn
 from featcache.gate.targets import TARGETS, write_targets
 from featcache.gate.train import GateConfig, check_experts, default_experts, train
-from featcache.training.rundir import VAL, RunDir
+from featcache.training.rundir import VAL
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,12 @@ class GateResult:
     run: Path
     stats: dict
     targets: Path
+    finished_before: bool = False  # resumed a run that had finished its epochs: nothing was done
 
     def describe(self, fusion: str) -> str:
         """One line for the command line: the gate's routing, or that the fusion has none."""
+        if self.finished_before:
+            return f"{self.run}: nothing to do: the run has finished its epochs (give a larger --epochs to extend it)"
         if self.stats.get("gated", self.stats.get("routed_share") is not None):  # stats of older runs lack "gated"
             return (f"{self.run}: gate mean weights {self.stats['mean_weight']}; routed {self.stats['routed_share']}; "
                     f"teacher targets {self.targets}")
@@ -34,11 +37,10 @@ def run_train_gate(cfg: GateConfig, resume: bool = False) -> GateResult:
         experts = default_experts(cfg.cache)
         check_experts(cfg.fusion, experts)
         cfg = cfg.replace(experts=list(experts))
-    finished = resume and RunDir(cfg.out).is_finished()
     model, data, rd = train(cfg, resume)  # checks the config and inputs against the run's, finished or not
-    if finished:  # its outputs were written before its final weights: nothing to redo
+    if resume and rd.is_finished():  # its outputs were written before its final weights (an extension removes them)
         logger.info("%s is a finished run: nothing to resume", rd.path)
-        return GateResult(rd.path, rd.gate_stats(), rd.artifact(TARGETS))
+        return GateResult(rd.path, rd.gate_stats(), rd.artifact(TARGETS), finished_before=True)
     recalibrate_bn(model, data)  # the BN neck must see the features inference produces
     stats = gate_statistics(model, data, rd)
     if data.val is not None:  # what a recipe is chosen on: never the test split

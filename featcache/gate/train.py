@@ -23,6 +23,7 @@ from featcache.gate.objective import balance_losses, expert_losses, route_loss
 from featcache.gate.route_targets import retrieval_targets
 from featcache.gate.outputs import routing_row
 from featcache.runtime import resolve_device
+from featcache.training.hooks import tensorboard_available
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam, per_batch_on_device
 from featcache.training.losses import batch_hard_triplet, id_loss
 from featcache.training.options import check_identities
@@ -79,7 +80,8 @@ def train(cfg: GateConfig, resume: bool = False) -> tuple[GateModel, TrainData, 
     # fused Adam on every device: one kernel for all parameters (the foreach default spends 5x longer on the step here)
     opt = adam([q for q in model.parameters() if q.requires_grad], cfg.lr, cfg.weight_decay, device, fused=True)
     schedule = Schedule(cfg.epochs, steps_per_epoch(data.labels, p, cfg.instances), cfg.lr, cfg.lr_min)
-    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, desc="train-gate")
+    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, desc="train-gate",
+                tensorboard=tensorboard_available(cfg.tensorboard))
     loop.fit(GateStage(cfg, model, data, device))
     return model, data, rd
 

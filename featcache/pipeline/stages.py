@@ -168,7 +168,7 @@ def _extract_managed(plan: Plan) -> dict[str, Any]:
 
 #: config fields added after stages were first keyed: left out of a key while at their default, so that adding them
 #: does not make finished stages run again
-LATER_FIELDS = {"allow_partial": False, "oracle_route": (), "train_ids": 0, "test_ids": 0}
+LATER_FIELDS = {"allow_partial": False, "oracle_route": (), "train_ids": 0, "test_ids": 0, "tensorboard": None}
 
 
 def unkeyed_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +289,7 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
             cfg = cfg.replace(pixel_cache=plan.out / px.with_name(f"{px.stem}-{plan.cache_key}{px.suffix}"))
         # precision auto and no --allow-partial are how every student before the fields trained: keys stay as they were
         config = {k: v for k, v in cfg.to_dict(absolute=True).items()
-                  if k not in ("out", "gate") and not (k == "precision" and v == "auto") and not (k == "allow_partial" and not v)}
+                  if k not in ("out", "gate", "tensorboard") and not (k == "precision" and v == "auto") and not (k == "allow_partial" and not v)}
         return cfg, {"config": config, "cache": _cache_id(plan), "teacher": file_digest(_run_dir(gate).weights_file)}
 
     stage = f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}"

@@ -14,12 +14,13 @@ directory), ``EpochLogger``. So a NaN stop is raised before that epoch's checkpo
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from typing import Any, Iterator
 
 import torch
 
-from featcache.errors import RunError
+from featcache.errors import ConfigError, RunError
 from featcache.progress import progress
 from featcache.training.rundir import training_state
 
@@ -51,18 +52,23 @@ class Hook:
 
 
 class ProgressBar(Hook):
-    """A bar per epoch, with an ETA (a plain line every few seconds when stderr is a file)."""
+    """One bar over the whole run's steps left, with its ETA, naming the epoch (a plain line every few seconds when
+    stderr is a file)."""
 
     def __init__(self) -> None:
         self.bar = None
 
+    def before_train(self, loop: LoopState) -> None:
+        steps = loop.schedule.steps_per_epoch * max(0, loop.schedule.epochs - loop.start)
+        self.bar = progress(total=steps, desc=loop.desc, unit="batch", leave=False) if steps else None
+
     def before_epoch(self, loop: LoopState, epoch: int, plan: Epoch) -> None:
-        self.after_train(loop)
-        self.bar = progress(total=plan.steps, desc=f"{loop.desc} epoch {epoch + 1}/{loop.schedule.epochs}", unit="batch",
-                            leave=False)
+        if self.bar is not None:
+            self.bar.set_description(f"{loop.desc} epoch {epoch + 1}/{loop.schedule.epochs}")
 
     def after_step(self, loop: LoopState, epoch: int, i: int, out: Step) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def after_train(self, loop: LoopState) -> None:
         if self.bar is not None:
@@ -146,3 +152,61 @@ def added(*hooks: Hook) -> Iterator[None]:
 
 def added_hooks() -> list[Hook]:
     return list(_ADDED)
+
+
+_NOTED: set[str] = set()
+
+
+def tensorboard_available(wanted: bool | None) -> bool:
+    """Whether to write TensorBoard curves: ``wanted`` (``--tensorboard`` / ``--no-tensorboard``), by default when
+    the package is importable; without it, one note per process says how to install it."""
+    if wanted is False:
+        return False
+    if importlib.util.find_spec("tensorboard") is None:
+        if wanted:
+            raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                              "(pip install -e '.[tensorboard]', or pip install tensorboard)") from None
+        if "tensorboard" not in _NOTED:
+            _NOTED.add("tensorboard")
+            logger.warning("no TensorBoard curves: the tensorboard package is not installed "
+                           "(pip install -e '.[tensorboard]'); log.csv and the plots are written as always")
+        return False
+    return True
+
+
+class TensorBoard(Hook):
+    """Every epoch's log row as TensorBoard scalars in the run's ``tb/`` folder, as training goes: each loss
+    term, the learning rate, images/s, and the validation figures a stage logs. A resumed run continues the
+    curves from its checkpoint (later steps of a killed run are purged)."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def before_train(self, loop: LoopState) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(loop.run.tensorboard_dir), purge_step=loop.start + 1 if loop.start else None)
+
+    def after_epoch(self, loop: LoopState, epoch: int, row: dict[str, Any]) -> None:
+        write_scalars(self.writer, loop.desc, row, epoch + 1)
+
+    def after_train(self, loop: LoopState) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def write_scalars(writer, prefix: str, values: dict[str, Any], step: int) -> None:
+    """The numeric ``values`` as scalars ``prefix/name`` at ``step`` (empty log cells and texts left out)."""
+    for key, v in values.items():
+        if key != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(f"{prefix}/{key}", float(v), step)
+    writer.flush()
+
+
+def tensorboard_once(run, prefix: str, values: dict[str, Any], step: int) -> None:
+    """Scalars written after training (a final validation) into the run's ``tb/`` folder."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run.tensorboard_dir)) as writer:
+        write_scalars(writer, prefix, values, step)

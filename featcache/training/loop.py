@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from featcache.training.precision import Precision
-from featcache.training.hooks import Checkpointer, EpochLogger, Hook, NanStop, ProgressBar, added_hooks
+from featcache.training.hooks import Checkpointer, EpochLogger, Hook, NanStop, ProgressBar, TensorBoard, added_hooks
 from featcache.training.rundir import Checkpoint, RunDir
 from featcache.training.schedule import cosine_lr, set_lr
 from featcache.training.stage import Epoch, Stage, Step
@@ -72,11 +72,13 @@ class Loop:
     """Train ``model`` with ``opt`` through a stage's epochs; ``run`` (a run directory) gets the log and checkpoints,
     ``checkpoint`` (from ``RunDir.start`` on ``--resume``) is restored first. Without a run directory the rows are
     only returned (stand-ins keep them in their own metadata). ``hooks`` run after the loop's own (``hooks``
-    module), and so do those a caller adds around it with ``hooks.added``."""
+    module), and so do those a caller adds around it with ``hooks.added``; ``tensorboard`` adds the curves'
+    hook last (with a run directory)."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, schedule: Schedule, rng: np.random.Generator,
                  device: torch.device, *, run: RunDir | None = None, checkpoint: Checkpoint | None = None,
-                 precision: Precision | None = None, desc: str = "train", hooks: tuple[Hook, ...] = ()) -> None:
+                 precision: Precision | None = None, desc: str = "train", hooks: tuple[Hook, ...] = (),
+                 tensorboard: bool = False) -> None:
         self.model, self.opt, self.schedule, self.rng, self.device = model, opt, schedule, rng, device
         self.run, self.desc = run, desc
         self.precision = precision or Precision()
@@ -85,6 +87,8 @@ class Loop:
         self.defer_nan_check = DEFER_NAN_CHECK if DEFER_NAN_CHECK is not None else device.type != "cpu"
         own: list[Hook] = [ProgressBar(), NanStop(self.defer_nan_check)]
         self.hooks = own + ([Checkpointer()] if run is not None else []) + [EpochLogger(), *hooks, *added_hooks()]
+        if tensorboard and run is not None:
+            self.hooks.append(TensorBoard())
         self.stage: Stage | None = None
 
     def _call(self, point: str, *args: Any) -> None:

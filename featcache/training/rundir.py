@@ -42,7 +42,11 @@ CONFIG, META, LOG, FINAL, CKPT = "config.yaml", "run.json", "log.csv", "model.sa
 #: the stage files a run may hold beside those (read and written through ``RunDir.artifact`` and friends)
 VAL, GATE_STATS = "val.json", "gate_stats.json"
 #: config keys that may differ when a run is resumed (where the files are, where it runs)
-RESUME_FREE = ("cache", "out", "device", "root", "pixel_cache", "workers", "input_path", "allow_partial")
+#: the folder of TensorBoard event files
+TENSORBOARD = "tb"
+#: run.json's record of ``--resume --epochs N`` extensions (not compared on resume)
+EXTENDED = "extended"
+RESUME_FREE = ("cache", "out", "device", "root", "pixel_cache", "workers", "input_path", "allow_partial", "tensorboard")
 
 
 @dataclass
@@ -117,6 +121,10 @@ class RunDir:
     def log_file(self) -> Path:
         return self.path / LOG
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
+
     def is_started(self) -> bool:
         return self.config_file.is_file()
 
@@ -187,6 +195,7 @@ class RunDir:
         if (rd.path / CONFIG).is_file():
             cls.refuse_existing(rd.path, resume)
             saved_cfg, saved_meta = cfg.upgrade(rd.read_config()), rd.meta()  # in today's form: keys added since
+            extended = saved_meta.pop(EXTENDED, [])
             if saved_meta != meta:
                 diff = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
                 if "partial" in diff:  # the cache's training images are not those the run started from
@@ -199,15 +208,32 @@ class RunDir:
                                  "experts); use another --out")
             mine = cfg.to_dict()
             changed = sorted(k for k in set(saved_cfg) | set(mine) if k not in RESUME_FREE and saved_cfg.get(k) != mine.get(k))
+            more = "epochs" in changed and int(mine["epochs"]) > int(saved_cfg["epochs"])
+            if "epochs" in changed and not more:
+                raise InputError(f"{rd.path}: --epochs {mine['epochs']} is fewer than the run's {saved_cfg['epochs']}: a run "
+                                 "is extended, never shortened; choose another --out")
+            changed = [k for k in changed if not (k == "epochs" and more)]
             if changed:
                 raise InputError(f"{rd.path}: --resume with another config ({', '.join(f'{k}: {saved_cfg.get(k)!r} -> {mine.get(k)!r}' for k in changed)}); "
                                  "resume with the run's own options or choose another --out")
+            if more:
+                rd._extend(cfg, {**meta, EXTENDED: extended}, int(saved_cfg["epochs"]))
             return rd, rd._load_checkpoint()
         rd.path.mkdir(parents=True, exist_ok=True)
         atomic_write(rd.path / META, lambda p: p.write_text(json.dumps(meta, indent=1)))
         save_resolved(rd.path / CONFIG, cfg)
         (rd.path / LOG).unlink(missing_ok=True)
         return rd, None
+
+    def _extend(self, cfg: StageConfig, meta: dict[str, Any], was: int) -> None:
+        """``--resume --epochs N`` above the run's epochs: the config records the new total, ``run.json`` the
+        extension, and final weights written before are removed (the run is unfinished until it reaches N)."""
+        meta[EXTENDED] = [*meta[EXTENDED], {"from_epochs": was, "to_epochs": int(cfg.epochs), "after_epoch": self.last_epoch()}]
+        atomic_write(self.path / META, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        save_resolved(self.path / CONFIG, cfg)
+        (self.path / FINAL).unlink(missing_ok=True)
+        logger.info("%s: extended from %d to %d epochs; the cosine schedule is planned over %d from here", self.path, was,
+                    cfg.epochs, cfg.epochs)
 
     def _load_checkpoint(self) -> Checkpoint | None:
         last = self.path / CKPT / "last"
@@ -298,6 +324,8 @@ class RunDir:
         """The command that made the run in ``path`` (``distill``, ``train-gate``, ...), from its saved config."""
         path = Path(path)
         saved = path / CONFIG
+        if not path.exists():
+            raise InputError(f"{path} does not exist: give the --out folder of a finished train-gate or distill run")
         if not saved.is_file():
             raise InputError(f"{path} is not a featcache run folder (it holds no {CONFIG}): give the --out folder of a "
                              "finished train-gate or distill run")

@@ -58,3 +58,4 @@ class LoopState(Protocol):
     run: Any            # the RunDir, or None
     desc: str
     stage: Stage
+    start: int          # the first epoch this process trains (after a resumed checkpoint)
