@@ -19,20 +19,6 @@ from featcache.cli import main
 from featcache.errors import FeatcacheError
 
 
-@pytest.fixture(scope="session")  # session: kept while other modules interleave (a module scope is redone each time)
-def runs(market_cache, tmp_path_factory) -> dict[str, Path]:
-    """A teacher (train-gate) and a student distilled from it, one epoch each."""
-    root = tmp_path_factory.mktemp("models")
-    r = CliRunner()
-    res = r.invoke(main, ["train-gate", "--cache", str(market_cache), "--out", str(root / "gate"), "--epochs", "1",
-                          "--batch-size", "16", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    res = r.invoke(main, ["distill", "--cache", str(market_cache), "--gate", str(root / "gate"), "--out", str(root / "student"),
-                          "--epochs", "1", "--batch-size", "16", "--student-init", "random", "--device", "cpu", "--workers", "0"])
-    assert res.exit_code == 0, res.output
-    return {"gate": root / "gate", "student": root / "student", "root": root}
-
-
 def eval_features(model: str, cache: Path, out: Path) -> np.lib.npyio.NpzFile:
     res = CliRunner().invoke(main, ["eval", "--cache", str(cache), "--model", model, "--save-features", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output

@@ -120,7 +120,7 @@ def test_a_failing_check_names_the_batch_and_writes_nothing(runs, tmp_path, monk
     assert out.read_bytes() == b"an older file" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # about 7 s; the default suite makes the ORT check refuse an export in the test above
 def test_check_catches_a_model_that_differs_from_the_file(runs):
     run, out, _ = exported(runs, "resnet18")
     model, _, _ = load_student(run, "cpu")

@@ -41,20 +41,10 @@ def test_train_gate_writes_live_curves_and_distill_its_validation(feat_cache, tm
     assert [s for s, _ in curves["train-gate/loss"]] == [1, 2]
 
 
-def test_distill_writes_its_curves(runs_for_distill):
+def test_distill_writes_its_curves(runs):
     pytest.importorskip("tensorboard")
-    curves = scalars(runs_for_distill)
+    curves = scalars(runs["student"])
     assert {"distill/loss", "distill/kd", "distill/feat", "distill/lr"} <= set(curves)
-
-
-@pytest.fixture(scope="session")
-def runs_for_distill(market_cache, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tbdistill")
-    gate("--cache", str(market_cache), "--out", str(root / "gate"), "--epochs", "1", "--batch-size", "16", "--device", "cpu")
-    res = CliRunner().invoke(main, ["distill", "--cache", str(market_cache), "--gate", str(root / "gate"), "--out", str(root / "s"),
-                                    "--epochs", "1", "--batch-size", "16", "--student-init", "random", "--device", "cpu", "--workers", "0"])
-    assert res.exit_code == 0, res.output
-    return root / "s"
 
 
 def test_without_tensorboard_no_curves_and_one_note(feat_cache, tmp_path, monkeypatch):
@@ -71,24 +61,23 @@ def test_without_tensorboard_no_curves_and_one_note(feat_cache, tmp_path, monkey
     res = CliRunner().invoke(main, ["train-gate", "--cache", str(feat_cache), "--out", str(tmp_path / "c"), "--epochs", "1",
                                     "--tensorboard"])
     assert res.exit_code == 2 and "tensorboard package is not installed" in res.output
-    gate("--cache", str(feat_cache), "--out", str(tmp_path / "d"), "--epochs", "1", "--device", "cpu", "--no-tensorboard")
 
 
 def test_a_finished_run_extends_with_a_larger_epochs(feat_cache, tmp_path):
     run = tmp_path / "g"
     base = ["--cache", str(feat_cache), "--device", "cpu", "--no-tensorboard"]
-    gate(*base, "--out", str(run), "--epochs", "2")
-    out = gate("--resume", "--out", str(run), "--epochs", "4")
-    assert "nothing to do" not in out
+    gate(*base, "--out", str(run), "--epochs", "1")
+    out = gate("--resume", "--out", str(run), "--epochs", "3")
+    assert "nothing to do" not in out and not (run / "tb").exists()  # --no-tensorboard: no curves
     rows = list(csv.DictReader((run / "log.csv").open()))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and (run / "model.safetensors").is_file()
-    assert json.loads((run / "run.json").read_text())["extended"] == [{"from_epochs": 2, "to_epochs": 4, "after_epoch": 2}]
-    gate(*base, "--out", str(tmp_path / "four"), "--epochs", "4")  # the schedule: re-planned over the new total
-    fresh = list(csv.DictReader((tmp_path / "four" / "log.csv").open()))
-    assert [r["lr"] for r in rows[2:]] == [r["lr"] for r in fresh[2:]]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and (run / "model.safetensors").is_file()
+    assert json.loads((run / "run.json").read_text())["extended"] == [{"from_epochs": 1, "to_epochs": 3, "after_epoch": 1}]
+    gate(*base, "--out", str(tmp_path / "three"), "--epochs", "3")  # the schedule: re-planned over the new total
+    fresh = list(csv.DictReader((tmp_path / "three" / "log.csv").open()))
+    assert [r["lr"] for r in rows[1:]] == [r["lr"] for r in fresh[1:]]
     assert "nothing to do" in gate("--resume", "--out", str(run))
-    assert "nothing to do" in gate("--resume", "--out", str(run), "--epochs", "4")
-    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run), "--epochs", "3"])
-    assert res.exit_code == 1 and "is fewer than the run's 4" in res.output and len(res.output.strip().splitlines()) == 1
+    assert "nothing to do" in gate("--resume", "--out", str(run), "--epochs", "3")
+    res = CliRunner().invoke(main, ["train-gate", "--resume", "--out", str(run), "--epochs", "2"])
+    assert res.exit_code == 1 and "is fewer than the run's 3" in res.output and len(res.output.strip().splitlines()) == 1
     rows_after = list(csv.DictReader((run / "log.csv").open()))
     assert rows_after == rows  # nothing lost by the refusal
