@@ -12,6 +12,10 @@ Sections, in order (expected time on one H100-class GPU, an estimate until measu
 ``--budget SECONDS`` skips, saying so in the table, each section whose expected time would end the run past the
 budget. Both training sections count how often the host waited for the GPU inside each training step, through a
 training-loop hook (``torch.cuda.set_sync_debug_mode``).
+
+Several GPUs: this script times one. How distillation's images/s scale with the number of GPUs is
+``benchmarks/distill_ranks.py --device cuda`` on a machine with two (one rank a GPU): not yet measured on GPUs;
+on 2 CPU cores two ranks trained 1.81x the images/s of one (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -6,8 +6,13 @@ import contextlib
 import logging
 import os
 import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from featcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +105,39 @@ def on_device(device):
     import torch
 
     return torch.cuda.device(device)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def ranks_from_env() -> Ranks:
+    """This process's place in a torchrun launch (rank 0 of 1 outside one)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK {rank} and WORLD_SIZE {world}: expected 0 <= RANK < WORLD_SIZE (torchrun sets them)")
+    if world > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        raise ConfigError(f"WORLD_SIZE is {world} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
+    return Ranks(rank, world, local)
+
+
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """A rank's own GPU (LOCAL_RANK) when the run is on CUDA; the device unchanged otherwise."""
+    import torch
+
+    if device.type == "cuda" and ranks.distributed:
+        device = torch.device("cuda", ranks.local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    return device

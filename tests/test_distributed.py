@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import assert_same_cache
 from crash import finish, free_port, start
@@ -151,3 +152,49 @@ def test_a_pipeline_under_two_ranks_shards_its_extraction_and_rank_0_runs_the_re
     assert finish(start(["demo", "--out", str(tmp_path / "one"), *SMALL], tmp_path / "log", env_per_rank=[home])) == [0]
     two, one = (json.loads((tmp_path / d / "report" / "summary.json").read_text())["rows"] for d in ("two", "one"))
     assert two == one
+
+
+def _distill_argv(cache: Path, gate: Path, out: Path, epochs: int = 4) -> list[str]:
+    return ["distill", "--cache", str(cache), "--gate", str(gate), "--out", str(out), "--epochs", str(epochs),
+            "--batch-size", "8", "--instances", "2", "--student-init", "random", "--device", "cpu", "--workers", "0",
+            "--no-tensorboard", "--resume"]
+
+
+@pytest.mark.slow  # two ranks of distill and an evaluation: about 15 s
+def test_distill_on_two_ranks_finishes_records_its_world_and_evaluates(market_cache, runs, tmp_path):
+    """``torchrun --nproc-per-node 2 -m featcache distill ...`` on the CPU (gloo): each rank trains its share of every
+    epoch, rank 0 writes the run, and the model it writes is evaluated like any student."""
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    out = tmp_path / "s"
+    assert finish(start(_distill_argv(market_cache, runs["gate"], out), tmp_path / "log", world=2)) == [0, 0]
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    rows = (out / "log.csv").read_text().splitlines()
+    assert len(rows) == 5 and (out / "model.safetensors").is_file()
+    res = CliRunner().invoke(main, ["eval", "--cache", str(market_cache), "--model", f"student:{out}", "--device", "cpu"])
+    assert res.exit_code == 0 and "mAP" in res.output, res.output
+
+
+@pytest.mark.slow  # three two-rank runs of distill: about 25 s
+def test_two_ranks_killed_together_resume_to_the_same_run(market_cache, runs, tmp_path):
+    """SIGKILL of every rank once rank 0 has written a checkpoint, then ``--resume`` on two ranks: the run finishes
+    and equals an uninterrupted two-rank run; resuming it on another number of ranks is refused."""
+    from safetensors.torch import load_file
+
+    from crash import kill_when
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert finish(start(_distill_argv(market_cache, runs["gate"], whole), tmp_path / "log", world=2)) == [0, 0]
+    procs = start(_distill_argv(market_cache, runs["gate"], cut), tmp_path / "log", world=2)
+    landed, _ = kill_when(procs, lambda: (cut / "ckpt" / "last").is_file(), 0.0, victim=2)
+    finish(procs)
+    assert landed and not (cut / "model.safetensors").exists()
+    refused = finish(start(_distill_argv(market_cache, runs["gate"], cut), tmp_path / "log1"))
+    assert refused == [1] and "was trained on 2 rank(s), this launch has 1" in (tmp_path / "log1").read_text()
+    assert finish(start(_distill_argv(market_cache, runs["gate"], cut), tmp_path / "log", world=2)) == [0, 0]
+    a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

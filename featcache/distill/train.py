@@ -21,12 +21,13 @@ from featcache.distill.objective import total_loss
 from featcache.distill.students import Student, build_student, normalize
 from featcache.distill.validate import log_validation, validate
 from featcache.errors import InputError
-from featcache.runtime import resolve_device, resolve_workers
+from featcache.runtime import Ranks, rank_device, ranks_from_env, resolve_device, resolve_workers
+from featcache.training.distributed import TrainingGroup
 from featcache.training.hooks import tensorboard_available, tensorboard_once
 from featcache.training.loop import Epoch, Loop, Schedule, Step, adam
 from featcache.training.options import check_identities
 from featcache.training.precision import Precision
-from featcache.training.rundir import VAL, RunDir
+from featcache.training.rundir import VAL, Checkpoint, RunDir
 from featcache.training.sampling import pk_batches, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -109,21 +110,24 @@ class DistillStage:
     columns = ("loss", *LOSSES, "acc")
 
     def __init__(self, cfg: DistillConfig, model: Student, teacher: Teacher, inputs: InputPath, device: torch.device,
-                 precision: Precision) -> None:
+                 precision: Precision, group: TrainingGroup | None = None) -> None:
         self.cfg, self.model, self.teacher, self.inputs = cfg, model, teacher, inputs
         self.device, self.precision = device, precision
         self.p = cfg.batch_size // cfg.instances
+        self.group = group or TrainingGroup(Ranks(), device)
+        self.outputs = self.group.wrap(model, model.outputs)  # under torchrun: gradients averaged across ranks
 
     def begin_epoch(self, epoch: int, rng: np.random.Generator) -> Epoch:
         cfg, teacher = self.cfg, self.teacher
         batches = pk_batches(teacher.labels, self.p, cfg.instances, rng)
         views = [rng.integers(0, teacher.n_views[b]) if cfg.views == "cached" else np.zeros(len(b), np.int64) for b in batches]
+        batches, views = self.group.share(batches), self.group.share(views)  # this rank's share (all of it alone)
         return Epoch(self.inputs.epoch(batches, views), len(batches), sum(map(len, batches)))
 
     def step(self, batch) -> Step:
         pixels, b = batch
         with self.precision.autocast():
-            out = self.model.outputs(self.precision.images(normalize(pixels.to(self.device, non_blocking=True))))
+            out = self.outputs(self.precision.images(normalize(pixels.to(self.device, non_blocking=True))))
         return Step(*total_loss(out, b, self.cfg))
 
     def end_epoch(self, epoch: int) -> dict:
@@ -131,28 +135,54 @@ class DistillStage:
 
 
 def train(cfg: DistillConfig, resume: bool = False) -> tuple[Student, RunDir, dict | None]:
-    """Train the student of ``cfg``; returns it (in eval mode), its run directory and its validation (or None)."""
-    device = resolve_device(cfg.device)
+    """Train the student of ``cfg``; returns it (in eval mode), its run directory and its validation (or None).
+    Under torchrun each rank trains its share of every epoch (``training.distributed``); rank 0 writes the run."""
+    ranks = ranks_from_env()
+    group = TrainingGroup(ranks, rank_device(resolve_device(cfg.device), ranks))
+    try:
+        return _train(cfg, resume, group)
+    finally:
+        group.close()
+
+
+def _start(cfg: DistillConfig, teacher: Teacher, dataset: ViewDataset, resume: bool,
+           group: TrainingGroup) -> tuple[ViewDataset, RunDir, Checkpoint | None]:
+    """The pixel cache and the run directory, made by rank 0; the other ranks read them once it has."""
+    meta = {**run_meta(cfg, teacher), **({"world_size": group.world} if group.world > 1 else {})}
+    if group.is_main:
+        dataset = with_pixel_cache(cfg, dataset)
+        rd, ckpt = RunDir.start(cfg.out, cfg, meta, resume)
+    group.barrier()
+    if not group.is_main:
+        dataset = ViewDataset(cfg.cache, cfg.root, cfg.pixel_cache) if cfg.pixel_cache is not None else dataset
+        rd = RunDir(cfg.out, cfg.command)
+        ckpt = rd.read_checkpoint()
+    return dataset, rd, ckpt
+
+
+def _train(cfg: DistillConfig, resume: bool, group: TrainingGroup) -> tuple[Student, RunDir, dict | None]:
+    device = group.device
     precision = Precision.resolve(cfg.precision, device, convolutional=True)
     RunDir.refuse_existing(cfg.out, resume)  # before the slow checks and builds below
     teacher, dataset = load_inputs(cfg)
     maps = attention_names(cfg.cache, teacher.experts, required="att" in cfg.losses)
     student = build_student(cfg.student, teacher.n_classes, cfg.student_init, seed=cfg.seed)  # before the pixel cache's build
-    dataset = with_pixel_cache(cfg, dataset)
-    rd, ckpt = RunDir.start(cfg.out, cfg, run_meta(cfg, teacher), resume)
+    dataset, rd, ckpt = _start(cfg, teacher, dataset, resume, group)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: each draws the epoch, then takes its share
     model = student.to(device)
     opt = adam(model.parameters(), cfg.lr, cfg.weight_decay, device)  # fused off the CPU
-    schedule = Schedule(cfg.epochs, steps_per_epoch(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances), cfg.lr, cfg.lr_min)
-    tensorboard = tensorboard_available(cfg.tensorboard)
-    loop = Loop(model, opt, schedule, rng, device, run=rd, checkpoint=ckpt, precision=precision, desc="distill",
-                tensorboard=tensorboard)
+    steps = steps_per_epoch(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances) // group.world
+    schedule = Schedule(cfg.epochs, steps, cfg.lr, cfg.lr_min)
+    tensorboard = group.is_main and tensorboard_available(cfg.tensorboard)
+    loop = Loop(model, opt, schedule, rng, device, run=rd if group.is_main else None, checkpoint=ckpt, precision=precision,
+                desc="distill", tensorboard=tensorboard)
     logger.info("training on %s: %s, %s", device, precision.name, "channels_last" if precision.channels_last else "default layout")
-    loop.fit(DistillStage(cfg, model, teacher, input_path(cfg, teacher, dataset, maps, device), device, precision))
+    stage = DistillStage(cfg, model, teacher, input_path(cfg, teacher, dataset, maps, device), device, precision, group)
+    loop.fit(stage)
     model.eval()
-    if rd.is_finished():  # a finished run resumed as it was: its validation stands
-        return model, rd, rd.val()
+    if rd.is_finished() or not group.is_main:  # a finished run resumed as it was: its validation stands
+        return model, rd, rd.val() if rd.is_finished() else None
     val = validate(model, teacher, dataset, device)
     if val is not None:
         rd.write_json(VAL, val)  # the student on the gate's held-out identities: mAP, agreement with the teacher

@@ -10,49 +10,15 @@ needed. Each rank then works on its own shard (featcache.cache.shards).
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from featcache.errors import ConfigError
+from featcache.runtime import Ranks, rank_device, ranks_from_env
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def ranks_from_env() -> Ranks:
-    """This process's place in a torchrun launch (rank 0 of 1 outside one)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise ConfigError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK {rank} and WORLD_SIZE {world}: expected 0 <= RANK < WORLD_SIZE (torchrun sets them)")
-    if world > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
-        raise ConfigError(f"WORLD_SIZE is {world} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
-    return Ranks(rank, world, local)
-
-
-def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
-    """A rank's own GPU (LOCAL_RANK) when the run is on CUDA; the device unchanged otherwise."""
-    if device.type == "cuda" and ranks.distributed:
-        device = torch.device("cuda", ranks.local_rank % max(1, torch.cuda.device_count()))
-        torch.cuda.set_device(device)
-    return device
+__all__ = ["Group", "Ranks", "rank_device", "ranks_from_env"]  # the ranks themselves live in featcache.runtime
 
 
 class Group:

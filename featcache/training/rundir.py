@@ -204,6 +204,10 @@ class RunDir:
                                      f"{was.get('images_total', 'the')} training images and the cache now holds "
                                      f"{now.get('images_used', 'all')} of them: its extraction progressed or changed "
                                      "since; start a new --out")
+                if "world_size" in diff:  # data-parallel: each rank's share of an epoch depends on the number of ranks
+                    was = saved_meta.get("world_size", 1)
+                    raise InputError(f"{rd.path} was trained on {was} rank(s), this launch has {meta.get('world_size', 1)}: "
+                                     f"resume it with torchrun --nproc-per-node {was}" + (" (or without torchrun)" if was == 1 else ""))
                 raise InputError(f"{rd.path} was trained from other inputs ({', '.join(diff)} differ: another cache or "
                                  "experts); use another --out")
             mine = cfg.to_dict()
@@ -235,10 +239,15 @@ class RunDir:
         logger.info("%s: extended from %d to %d epochs; the cosine schedule is planned over %d from here", self.path, was,
                     cfg.epochs, cfg.epochs)
 
-    def _load_checkpoint(self) -> Checkpoint | None:
+    def read_checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint, read only (the other ranks of a data-parallel run, once rank 0 has started it)."""
+        return self._load_checkpoint(trim=False)
+
+    def _load_checkpoint(self, trim: bool = True) -> Checkpoint | None:
         last = self.path / CKPT / "last"
         if not last.is_file():
-            self._trim_log(0)  # killed after logging epoch 1, before its checkpoint: start over, log included
+            if trim:
+                self._trim_log(0)  # killed after logging epoch 1, before its checkpoint: start over, log included
             return None
         epoch = int(last.read_text())
         ck = self.path / CKPT
@@ -248,7 +257,8 @@ class RunDir:
         except Exception as exc:  # a corrupt or planted file: say which, never run it
             raise InputError(f"{ck}: the checkpoint of epoch {epoch} cannot be read ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); start a new run") from None
-        self._trim_log(epoch)
+        if trim:
+            self._trim_log(epoch)
         logger.info("resuming %s after epoch %d", self.path, epoch)
         return Checkpoint(epoch, weights, state)
 
