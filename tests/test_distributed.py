@@ -137,21 +137,26 @@ def test_a_cache_is_whole_when_it_is_published(market_root, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_a_pipeline_under_two_ranks_shards_its_extraction_and_rank_0_runs_the_rest(tmp_path, monkeypatch):
-    """``torchrun --nproc-per-node 2 -m featcache demo ...``: extraction on both ranks, every other stage on rank 0,
-    and the report's numbers equal a one-process run's. (slow: two whole small demos, about 30 s)"""
+    """``torchrun --nproc-per-node 2 -m featcache demo ...``: extraction and distillation on both ranks, every other
+    stage on rank 0; the teacher's numbers equal a one-process run's (the student's batches are shared out, so its
+    own differ). (slow: two whole small demos, about 30 s)"""
     import json
 
     from test_pipeline import SMALL
 
+    small = [*SMALL, "--set", "distill.batch_size=8"]  # three PK batches an epoch: one for each rank at least
     home = {"FEATCACHE_HOME": str(tmp_path / "home")}
-    assert finish(start(["demo", "--out", str(tmp_path / "two"), *SMALL], tmp_path / "log", world=2,
+    assert finish(start(["demo", "--out", str(tmp_path / "two"), *small], tmp_path / "log", world=2,
                         env_per_rank=[home, home])) == [0, 0]
     log = (tmp_path / "log").read_text()
     assert "rank 1: the sharded stages are done; rank 0 runs the rest" in log and log.count("stage(s) ran") == 1
     assert len(list((tmp_path / "two").glob("cache-*.h5.shards/rank-*-of-00002.h5"))) == 2
-    assert finish(start(["demo", "--out", str(tmp_path / "one"), *SMALL], tmp_path / "log", env_per_rank=[home])) == [0]
+    students = list((tmp_path / "two" / "student").glob("*/run.json"))
+    assert students and all(json.loads(p.read_text())["world_size"] == 2 for p in students)
+    assert finish(start(["demo", "--out", str(tmp_path / "one"), *small], tmp_path / "log", env_per_rank=[home])) == [0]
     two, one = (json.loads((tmp_path / d / "report" / "summary.json").read_text())["rows"] for d in ("two", "one"))
-    assert two == one
+    assert set(two) == set(one) and any(k.startswith("student") for k in two)
+    assert {k: v for k, v in two.items() if not k.startswith("student")} == {k: v for k, v in one.items() if not k.startswith("student")}
 
 
 def _distill_argv(cache: Path, gate: Path, out: Path, epochs: int = 4) -> list[str]:
@@ -171,7 +176,8 @@ def test_distill_on_two_ranks_finishes_records_its_world_and_evaluates(market_ca
     from featcache.cli import main
 
     out = tmp_path / "s"
-    assert finish(start(_distill_argv(market_cache, runs["gate"], out), tmp_path / "log", world=2)) == [0, 0]
+    argv = [*_distill_argv(market_cache, runs["gate"], out), "--pixel-cache", str(tmp_path / "px.h5"), "--input-path", "device"]
+    assert finish(start(argv, tmp_path / "log", world=2)) == [0, 0]  # rank 0 builds the pixel cache; each rank keeps it resident
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     rows = (out / "log.csv").read_text().splitlines()
     assert len(rows) == 5 and (out / "model.safetensors").is_file()

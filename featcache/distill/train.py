@@ -163,7 +163,8 @@ def _start(cfg: DistillConfig, teacher: Teacher, dataset: ViewDataset, resume: b
 def _train(cfg: DistillConfig, resume: bool, group: TrainingGroup) -> tuple[Student, RunDir, dict | None]:
     device = group.device
     precision = Precision.resolve(cfg.precision, device, convolutional=True)
-    RunDir.refuse_existing(cfg.out, resume)  # before the slow checks and builds below
+    if group.is_main:  # the run folder is rank 0's: the others may already see the one it made
+        RunDir.refuse_existing(cfg.out, resume)  # before the slow checks and builds below
     teacher, dataset = load_inputs(cfg)
     maps = attention_names(cfg.cache, teacher.experts, required="att" in cfg.losses)
     student = build_student(cfg.student, teacher.n_classes, cfg.student_init, seed=cfg.seed)  # before the pixel cache's build
@@ -173,6 +174,9 @@ def _train(cfg: DistillConfig, resume: bool, group: TrainingGroup) -> tuple[Stud
     model = student.to(device)
     opt = adam(model.parameters(), cfg.lr, cfg.weight_decay, device)  # fused off the CPU
     steps = steps_per_epoch(teacher.labels, cfg.batch_size // cfg.instances, cfg.instances) // group.world
+    if steps == 0:
+        raise InputError(f"an epoch of {cfg.out} has fewer PK batches than the {group.world} ranks: use a smaller "
+                         "--batch-size, or fewer ranks")
     schedule = Schedule(cfg.epochs, steps, cfg.lr, cfg.lr_min)
     tensorboard = group.is_main and tensorboard_available(cfg.tensorboard)
     loop = Loop(model, opt, schedule, rng, device, run=rd if group.is_main else None, checkpoint=ckpt, precision=precision,

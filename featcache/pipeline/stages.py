@@ -222,9 +222,11 @@ def _cache_id(plan: Plan) -> str:
 
 # ---------------------------------------------------------------------------------------------- training
 def _trained(plan: Plan, name: str, folder: str, row: Row, seed: int, kind: str,
-             build: Callable[[], tuple[Any, dict]], register: Callable[[Path], None], train: Callable[..., Any]) -> Stage:
+             build: Callable[[], tuple[Any, dict]], register: Callable[[Path], None], train: Callable[..., Any],
+             sharded: bool = False) -> Stage:
     """A stage that trains a run: ``build()`` gives its config and key; the run's folder is ``folder`` plus a short
-    key (an edit trains a new run beside the old one), and a run a kill left behind is resumed."""
+    key (an edit trains a new run beside the old one), and a run a kill left behind is resumed. ``sharded``: under
+    torchrun every rank trains it together (distillation's data-parallel training)."""
     state: dict[str, Any] = {}
 
     def key() -> dict:
@@ -240,7 +242,7 @@ def _trained(plan: Plan, name: str, folder: str, row: Row, seed: int, kind: str,
         cfg = state["cfg"]
         train(cfg, resume=_run_dir(cfg.out).is_started())
 
-    return Stage(name, key, lambda: [_run_dir(state["cfg"].out).weights_file], run)
+    return Stage(name, key, lambda: [_run_dir(state["cfg"].out).weights_file], run, sharded=sharded)
 
 
 def _run_dir(path: Path | str):
@@ -294,7 +296,7 @@ def _distill(plan: Plan, name: str, seed: int, row: Row) -> Stage:
 
     stage = f"distill {name} seed {seed}" if plan.pipeline.settings.students else f"distill seed {seed}"
     return _trained(plan, stage, str(plan.out / "student" / f"{_safe(name)}-seed{seed}"), row, seed, "student", build,
-                    lambda out: plan.students.__setitem__((name, seed), out), run_distill)
+                    lambda out: plan.students.__setitem__((name, seed), out), run_distill, sharded=True)
 
 
 # ---------------------------------------------------------------------------------------------- measuring

@@ -40,11 +40,16 @@ class TrainingGroup:
 
     def __init__(self, ranks: Ranks, device: torch.device, timeout_s: float = 3600) -> None:
         self.ranks, self.device = ranks, device
+        self.owned, self.group = False, None  # whether this joined the default group; the group gradients use
         if ranks.distributed:
             import torch.distributed as dist
 
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world, timeout=timedelta(seconds=timeout_s))
+            if not dist.is_initialized():
+                dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world, timeout=timedelta(seconds=timeout_s))
+                self.owned = True
+            elif dist.get_backend() != backend:  # a pipeline's gloo group: the GPUs' gradients go through NCCL
+                self.group = dist.new_group(backend=backend)
             logger.info("rank %d of %d (%s)", ranks.rank, ranks.world, backend)
 
     @classmethod
@@ -72,7 +77,7 @@ class TrainingGroup:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(CallOf(module, fn), device_ids=ids)
+        return DistributedDataParallel(CallOf(module, fn), device_ids=ids, process_group=self.group)
 
     def share(self, items: list[T]) -> list[T]:
         """This rank's share of an epoch's batches: every ``world``-th of the first ``world * (n // world)``."""
@@ -85,5 +90,7 @@ class TrainingGroup:
         if self.ranks.distributed:
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            if self.group is not None:
+                dist.destroy_process_group(self.group)
+            if self.owned and dist.is_initialized():  # a pipeline's group stays its own
                 dist.destroy_process_group()
