@@ -164,7 +164,7 @@ def test_train_gate_survives_sigkill_at_random_moments(tmp_path, kept_log, kills
 
 
 def _distill_campaign(market_cache: Path, tmp_path: Path, log: Path, timing_scale: float = 1.0, kills: int = 20) -> Campaign:
-    """``kills`` SIGKILLs of distill (8 epochs), each run's files checked, and the end equal to an uninterrupted run.
+    """``kills`` SIGKILLs of distill (6 epochs), each run's files checked, and the end equal to an uninterrupted run.
     ``timing_scale`` stretches the timing run's figures: the campaign then runs that much faster than its timing."""
     from featcache.gate.config import GateConfig
     from featcache.gate.runner import run_train_gate
@@ -173,11 +173,11 @@ def _distill_campaign(market_cache: Path, tmp_path: Path, log: Path, timing_scal
     run_train_gate(GateConfig.from_dict(dict(cache=market_cache, out=gate, epochs=1, batch_size=16, device="cpu")))
 
     def argv(out: Path) -> list[str]:
-        return ["distill", "--cache", str(market_cache), "--gate", str(gate), "--out", str(out), "--epochs", "8",
+        return ["distill", "--cache", str(market_cache), "--gate", str(gate), "--out", str(out), "--epochs", "6",
                 "--student-init", "random", "--device", "cpu", "--workers", "0", "--pixel-cache", str(tmp_path / f"{out.name}-px.h5"),
                 "--set", "batch_size=16", "--resume"]
 
-    full = timing(argv(tmp_path / "whole"), log, lambda: _epochs_left(tmp_path / "whole", 8))
+    full = timing(argv(tmp_path / "whole"), log, lambda: _epochs_left(tmp_path / "whole", 6))
     full = dataclasses.replace(full, startup=full.startup * timing_scale, work=full.work * timing_scale)
     run = tmp_path / "cut"
 
@@ -188,8 +188,8 @@ def _distill_campaign(market_cache: Path, tmp_path: Path, log: Path, timing_scal
             with h5py.File(px, "r") as f:
                 f["done"][...]
 
-    camp = Campaign(argv(run), log, units=8, kills=kills, seed=4)
-    _landed(camp, camp.run(full, lambda: _epochs_left(run, 8), check))
+    camp = Campaign(argv(run), log, units=6, kills=kills, seed=4)
+    _landed(camp, camp.run(full, lambda: _epochs_left(run, 6), check))
     _assert_same_run(tmp_path / "whole", run)
     return camp
 
