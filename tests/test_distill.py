@@ -464,6 +464,7 @@ def test_a_resident_epoch_reads_nothing_back_to_the_host_per_step(market_cache, 
     assert steps[0] > steps[1] and seen[0] == seen[1], (steps, seen)
 
 
+@pytest.mark.slow  # about 5 s: bf16 autocast is the GPU default; on the CPU it checks the precision path's equality
 def test_bf16_and_channels_last_train_the_same_student_within_rounding(market_cache, gate_run, tmp_path, monkeypatch):
     """What CUDA's auto precision does (bf16 autocast, the student and its images channels_last), run on CPU torch:
     the model is put in the layout and autocast reaches the convolutions, the saved weights are contiguous and

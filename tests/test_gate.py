@@ -53,8 +53,9 @@ def test_gate_temperatures_sparsity_and_gradients():
     torch.testing.assert_close(g, p)  # dense mixture at inference too
 
 
-# the method's fusion and its plainest baseline in every run; the others with -m slow (about 1.4 s each)
-@pytest.mark.parametrize("fusion", [f if f in ("moe-top1", "concat") else pytest.param(f, marks=pytest.mark.slow)
+# the method's fusion in every run; the others with -m slow (concat, its plainest baseline, trains in every run's
+# pipeline test too: test_pipeline.py's demo trains concat and moe-top1)
+@pytest.mark.parametrize("fusion", [f if f == "moe-top1" else pytest.param(f, marks=pytest.mark.slow)
                                     for f in fusion_names()])
 @pytest.mark.heavy
 def test_every_fusion_trains_and_beats_raw_concatenation(fcache, tmp_path, fusion):
@@ -188,6 +189,7 @@ def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
     assert len((a.run / "log.csv").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow  # tests/test_faults.py resumes train-gate after 8 random SIGKILLs in every run; this is the in-process form
 def test_resume_after_interruption_equals_an_uninterrupted_run(fcache, tmp_path, monkeypatch):
     from conftest import interrupt_after_epoch
 
