@@ -1,6 +1,6 @@
 """Faults at scale: SIGKILL at seeded random moments of extraction (one process and two ranks), train-gate and
 distill; each run resumes, no file under its own name is ever unreadable, and the end equals an uninterrupted run.
-The default suite runs 8 kills a campaign; ``-m slow`` runs each with 20."""
+The default suite runs 5 kills a campaign; ``-m slow`` runs each with 20."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from featcache.cache.checksum import verify_cache
 from featcache.cache.shards import partial_path, shard_dir
 
 
-#: kills a campaign: 8 in the default suite, the whole 20 under -m slow
-KILLS = [pytest.param(8, id="8-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.slow)]
+#: kills a campaign: 5 in the default suite, the whole 20 under -m slow
+KILLS = [pytest.param(5, id="5-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.slow)]
 
 
 def _landed(camp: Campaign, hits: int) -> None:
