@@ -81,3 +81,11 @@ def test_a_finished_run_extends_with_a_larger_epochs(feat_cache, tmp_path):
     assert res.exit_code == 1 and "is fewer than the run's 3" in res.output and len(res.output.strip().splitlines()) == 1
     rows_after = list(csv.DictReader((run / "log.csv").open()))
     assert rows_after == rows  # nothing lost by the refusal
+
+
+def test_a_finished_student_resumed_as_it_was_has_nothing_to_do(runs):
+    student = runs["student"]
+    before = (student / "model.safetensors").read_bytes(), (student / "log.csv").read_text()
+    res = CliRunner().invoke(main, ["distill", "--resume", "--out", str(student)])
+    assert res.exit_code == 0 and "nothing to do" in res.output, res.output
+    assert ((student / "model.safetensors").read_bytes(), (student / "log.csv").read_text()) == before

@@ -169,6 +169,9 @@ def _train(cfg: DistillConfig, resume: bool, group: TrainingGroup) -> tuple[Stud
     maps = attention_names(cfg.cache, teacher.experts, required="att" in cfg.losses)
     student = build_student(cfg.student, teacher.n_classes, cfg.student_init, seed=cfg.seed)  # before the pixel cache's build
     dataset, rd, ckpt = _start(cfg, teacher, dataset, resume, group)
+    if rd.is_finished():  # a finished run resumed as it was (an extension removes its final weights): nothing to build
+        student.load_state_dict(rd.weights())
+        return student.to(device).eval(), rd, rd.val()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # the same on every rank: each draws the epoch, then takes its share
     model = student.to(device)
@@ -185,8 +188,8 @@ def _train(cfg: DistillConfig, resume: bool, group: TrainingGroup) -> tuple[Stud
     stage = DistillStage(cfg, model, teacher, input_path(cfg, teacher, dataset, maps, device), device, precision, group)
     loop.fit(stage)
     model.eval()
-    if rd.is_finished() or not group.is_main:  # a finished run resumed as it was: its validation stands
-        return model, rd, rd.val() if rd.is_finished() else None
+    if not group.is_main:  # rank 0 validates and writes the run
+        return model, rd, None
     val = validate(model, teacher, dataset, device)
     if val is not None:
         rd.write_json(VAL, val)  # the student on the gate's held-out identities: mAP, agreement with the teacher

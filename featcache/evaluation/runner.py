@@ -119,18 +119,19 @@ def _cache_summary(ident: CacheIdentity) -> dict[str, Any]:
     return {"dataset": ident.dataset, "items": ident.items, "identity": ident.digest()}
 
 
-def _load_target(cfg: EvalConfig, target: CacheReader) -> tuple[CacheSplit, CacheSplit, dict[str, dict[str, int]]]:
+def _load_target(cfg: EvalConfig, target: CacheReader) -> tuple[CacheSplit, CacheSplit, dict[str, dict[str, int]], CacheIdentity]:
     """Query and gallery of the open cache evaluated on, refused while its extraction is unfinished (unless
-    ``--allow-partial``), and checked against the training cache in cross-domain evaluation."""
+    ``--allow-partial``), checked against the training cache in cross-domain evaluation, and ``--cache``'s identity."""
     counts = target.status_counts()
     pending = {k: v for k, v in counts["pending"].items() if v}
     if pending and not cfg.allow_partial:
         raise InputError(f"{target.path} has pending images ({', '.join(f'{k} {v}' for k, v in pending.items())}): its extraction "
                          "has not finished. Run it to the end, or pass --allow-partial to evaluate the cached images only")
     q, g = _load_split(target, "query"), _load_split(target, "gallery")
+    source = cache_identity(cfg.cache) if cfg.gallery_cache else q.identity
     if cfg.gallery_cache:
-        _check_compatible(cache_identity(cfg.cache), cfg.cache, q)
-    return q, g, counts
+        _check_compatible(source, cfg.cache, q)
+    return q, g, counts, source
 
 
 def _agreement(cfg: EvalConfig, q: CacheSplit, g: CacheSplit, qf: np.ndarray, gf: np.ndarray, ctx: FeatureContext) -> dict | None:
@@ -152,7 +153,7 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
     check_output(cfg.plots, "--plots", folder=True)
     source = parse_model(cfg.model)
     with CacheReader(cfg.gallery_cache or cfg.cache) as target:  # cross-domain: query and gallery from the other cache
-        q, g, counts = _load_target(cfg, target)
+        q, g, counts, source_identity = _load_target(cfg, target)
         ctx = FeatureContext(cfg.device, cfg.flip, cfg.budget_mb * 2**20)
         qf, gf = source.features(q, ctx), source.features(g, ctx)
         if qf.shape[1] != gf.shape[1]:
@@ -176,7 +177,7 @@ def run_eval(cfg: EvalConfig) -> Evaluation:
         "model": {"spec": cfg.model, **source.describe()},
         "flip": cfg.flip,
         "rerank": {"k1": cfg.k1, "k2": cfg.k2, "lambda": cfg.lambda_} if cfg.rerank else None,
-        "cache": {"path": str(cfg.cache), **_cache_summary(cache_identity(cfg.cache) if cfg.gallery_cache else q.identity)},
+        "cache": {"path": str(cfg.cache), **_cache_summary(source_identity)},
         "gallery_cache": {"path": str(cfg.gallery_cache), **_cache_summary(q.identity)} if cfg.gallery_cache else None,
         "evaluated_on": str(target.path),
         "partial": {"pending": counts["pending"], "failed": counts["failed"],
