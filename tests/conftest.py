@@ -69,6 +69,16 @@ def standin_home(tmp_path_factory) -> Path:
         os.environ["FEATCACHE_HOME"] = old
 
 
+@pytest.fixture(autouse=True)
+def own_preset_registry(monkeypatch) -> None:
+    """Preset files and folders a test adds (``--backbone my.json``) stay that test's: the registry is per process,
+    and a later test would otherwise list a preset whose file went with the first test's folder."""
+    from featcache.backbones import presets
+
+    monkeypatch.setattr(presets, "_added_files", {})
+    monkeypatch.setattr(presets, "_added_dirs", [])
+
+
 @pytest.fixture(scope="session")
 def market_root(tmp_path_factory) -> Path:
     from featcache.synth import SynthConfig, generate

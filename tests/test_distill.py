@@ -230,7 +230,7 @@ def test_losses_switch_terms_off_and_every_term_is_logged(market_cache, gate_run
     assert r["loss"] == pytest.approx(r["id"] + 0.5 * r["tri"] + 0.5 * r["kd"] + 30 * r["feat"] + 0.1 * r["att"] + 0.1 * r["rel"], rel=1e-5)
 
 
-@pytest.mark.slow  # tests/test_faults.py resumes distill after 5 random SIGKILLs in every run (20 under -m slow); this is the in-process form
+@pytest.mark.slow  # tests/test_faults.py resumes distill after 3 random SIGKILLs in every run (20 under -m slow); this is the in-process form
 def test_resume_after_interruption_equals_an_uninterrupted_run(market_cache, gate_run, tmp_path, monkeypatch):
     from featcache.distill.runner import run_distill
     from conftest import interrupt_after_epoch

@@ -164,7 +164,11 @@ def test_an_error_raised_in_a_dataloader_worker_prints_its_own_line():
 
     from featcache.errors import InputError, one_line
 
-    with pytest.raises(InputError) as exc:
-        list(torch.utils.data.DataLoader(_Refusing(), num_workers=1))
+    batches = iter(torch.utils.data.DataLoader(_Refusing(), num_workers=1))
+    try:
+        with pytest.raises(InputError) as exc:
+            next(batches)
+    finally:  # left to the garbage collector, an iterator whose worker raised stalls a later collection for 5 s
+        batches._shutdown_workers()
     assert "Original Traceback" in str(exc.value)  # what torch hands back
     assert one_line(exc.value) == "image0.jpg changed since it was extracted"

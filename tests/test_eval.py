@@ -319,7 +319,7 @@ def test_approximate_search_is_labelled_and_exact_when_it_sees_everything(tmp_pa
               "rerank": None, "gallery_size": len(gf), "feature_dim": 16, "search_backend": "faiss-cpu",
               "timings": {"total_s": 0.0}, "random_init_backbones": []}
     assert "APPROXIMATE search (IVF" in format_table(report) and "mAP is AP@20" in format_table(report)
-    with pytest.raises(ConfigError, match="--approx-k 10 is shorter than the largest of --ranks \(20\)"):
+    with pytest.raises(ConfigError, match=r"--approx-k 10 is shorter than the largest of --ranks \(20\)"):
         EvalConfig(Path("c.h5"), "backbone:x", search="approx", approx_k=10)
 
 

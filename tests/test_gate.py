@@ -189,7 +189,7 @@ def test_deterministic_for_a_seed_and_outputs(fcache, tmp_path):
     assert len((a.run / "log.csv").read_text().splitlines()) == 4
 
 
-@pytest.mark.slow  # tests/test_faults.py resumes train-gate after 5 random SIGKILLs in every run; this is the in-process form
+@pytest.mark.slow  # tests/test_faults.py resumes train-gate after 3 random SIGKILLs in every run (20 under -m slow); this is the in-process form
 def test_resume_after_interruption_equals_an_uninterrupted_run(fcache, tmp_path, monkeypatch):
     from conftest import interrupt_after_epoch
 
