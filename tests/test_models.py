@@ -143,6 +143,10 @@ def test_embed_a_dataset_and_evaluate_it(runs, market_cache, market_root, tmp_pa
     empty.mkdir()
     bad = CliRunner().invoke(main, ["embed", "--model", "backbone:clip-tiny", "--images", str(empty), "--out", str(tmp_path / "y.h5")])
     assert bad.exit_code == 1 and "no images found" in bad.output
+    for spec, code, words in (("nothing:x", 2, "expected student:RUN, gate:RUN"), ("backbone:clip-tinny", 2, "did you mean"),
+                              (str(tmp_path / "nowhere"), 1, "and no run folder of that name")):  # a bad value, or a missing input
+        bad = CliRunner().invoke(main, ["embed", "--model", spec, "--images", str(empty), "--out", str(tmp_path / "z.h5")])
+        assert bad.exit_code == code and words in bad.output and len(bad.output.strip().splitlines()) == 1, (spec, bad.output)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"])

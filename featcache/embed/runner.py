@@ -18,7 +18,7 @@ import torch
 from featcache.backbones.base import Backbone, sha256_file
 from featcache.backbones.presets import Preset
 from featcache.embed.config import EmbedConfig
-from featcache.errors import InputError
+from featcache.errors import ConfigError, InputError
 from featcache.registry import nearest
 from featcache.evaluation.embedder import Embedder
 from featcache.extract.config import ExtractConfig
@@ -70,12 +70,13 @@ def model_of(spec: str, device: str) -> tuple[str, ModelBackbone | None]:
         from featcache.backbones.presets import preset_files
 
         known = list(preset_files())
-        if ref not in known:
-            raise InputError(f"--model {spec}: no backbone preset {ref!r}{nearest(ref, known)} (`featcache backbones` lists them), "
-                             "and no run folder of that name")
+        if ref not in known:  # a misspelt preset is a bad value; a bare name may also be a run folder that is missing
+            raise (InputError if not sep else ConfigError)(
+                f"--model {spec}: no backbone preset {ref!r}{nearest(ref, known)} (`featcache backbones` lists them)"
+                + ("" if sep else ", and no run folder of that name"))
         return ref, None
     if kind not in ("student", "gate", "run"):
-        raise InputError(f"--model {spec}: expected student:RUN, gate:RUN, backbone:PRESET, a run folder or a preset name")
+        raise ConfigError(f"--model {spec}: expected student:RUN, gate:RUN, backbone:PRESET, a run folder or a preset name")
     run = Path(ref)
     command = RunDir.command_of(run)
     if command not in STORED_AS or (kind != "run" and STORED_AS[command] != {"student": "student", "gate": "teacher"}[kind]):
