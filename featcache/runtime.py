@@ -49,6 +49,15 @@ def resolve_device(name: str, option: str = "--device"):
     return device
 
 
+def torch_device_name(device) -> str:
+    """A device by name, for reports (the GPU model on CUDA)."""
+    if device.type == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
 def resolve_workers(workers: int | None, device) -> int:
     """Decoding processes. Auto (None): none on CPU, where decoding (about 1.5 ms an image) is cheap next to
     inference and a worker process would preempt torch's threads. On CUDA the GPU outruns decoding (CLIP

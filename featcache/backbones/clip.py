@@ -144,8 +144,26 @@ def _load(model, ckpt: Path, preset: Preset) -> None:
     try:
         open_clip.load_checkpoint(model, str(ckpt))
     except Exception as exc:  # unreadable file, wrong architecture: the file is not this model's checkpoint
+        _refuse_another_grid(model, ckpt, preset)
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise InputError(f"{ckpt} is not an open_clip checkpoint of {preset.model or preset.name} ({type(exc).__name__}: {first})") from None
+
+
+def _refuse_another_grid(model, ckpt: Path, preset: Preset) -> None:
+    """A checkpoint whose position embeddings cover another patch grid than this image size's: open_clip resizes
+    only square grids, so a model trained at 128x64 (8x4 patches) cannot run at 64x32. Say so, or return."""
+    from open_clip.factory import load_state_dict
+
+    try:
+        theirs = load_state_dict(str(ckpt)).get("visual.positional_embedding")
+    except Exception:
+        return
+    ours = model.visual.positional_embedding
+    if theirs is not None and theirs.shape != ours.shape and theirs.shape[1:] == ours.shape[1:]:
+        grid = model.visual.grid_size
+        raise InputError(f"{ckpt}: {preset.name} was trained at another image size ({theirs.shape[0] - 1} patches, this "
+                         f"size's grid has {grid[0]}x{grid[1]} = {ours.shape[0] - 1}) and open_clip resizes only square "
+                         "grids: extract at the size it was trained at (a stand-in's standin.json records it)")
 
 
 @register_family("open_clip")

@@ -67,12 +67,15 @@ def pretrain_standins(ctx: click.Context, sets: tuple[str, ...], **params) -> No
     Prints the --weights option that extraction takes for each.
     """
     from featcache.standins.config import StandinConfig
-    from featcache.standins.runner import run_pretrain_standins
+    from featcache.standins.runner import run_pretrain_standins, shipped_of
 
     if not params.get("presets"):
         params.pop("presets", None)
     cfg = resolve(ctx, StandinConfig, params, sets)
-    for name, path in run_pretrain_standins(cfg).items():
+    paths = run_pretrain_standins(cfg)
+    if shipped_of(paths):
+        click.echo(f"{', '.join(shipped_of(paths))}: shipped with featcache for this recipe, nothing trained (--force trains anew)")
+    for name, path in paths.items():
         click.echo(f"--weights {name}={path}")
 
 

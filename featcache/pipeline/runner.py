@@ -46,6 +46,7 @@ class Stage:
     run: Callable[[], None]
     sharded: bool = False  # under torchrun every rank runs it (extraction); other stages run on rank 0
     reuse: Callable[[], None] | None = None  # what a skipped stage's outputs need before later stages read them
+    note: Callable[[], str] | None = None  # a word on what the run did, after its "done" line
 
 
 @dataclass
@@ -155,6 +156,7 @@ def _execute(pipeline: Pipeline, stages: list[Stage], echo: Callable[[str], None
                                                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)))
         if shared and not group.all_true(True):  # the others wait here for rank 0's stage
             raise RunError(f"stage {stage.name} did not finish on every rank")
-        echo(f"[{i}/{len(stages)}] {stage.name}: done in {seconds:.1f} s")
+        note = stage.note() if stage.note is not None else ""
+        echo(f"[{i}/{len(stages)}] {stage.name}: done in {seconds:.1f} s" + (f"; {note}" if note else ""))
         result.stages.append(StageLog(stage.name, "ran", reason, seconds))
     return result

@@ -121,8 +121,13 @@ def standin_backbones(pipeline: Pipeline) -> tuple[str, ...]:
     """The extract section's stand-in presets whose weights the section does not give: the pipeline trains them."""
     from featcache.backbones.presets import get_preset
 
-    cfg = pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")})  # parsed: lists or "a,b"
+    cfg = _extract_config(pipeline)
     return tuple(n for n in cfg.backbones if get_preset(n).standin and n not in cfg.weights)
+
+
+def _extract_config(pipeline: Pipeline):
+    """The extract section, parsed (lists or "a,b", sizes), with placeholders for what the pipeline sets."""
+    return pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")})
 
 
 def weights_identity(path: str) -> Any:
@@ -139,10 +144,13 @@ def weights_identity(path: str) -> Any:
 
 
 def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
-    """Pre-train the stand-in experts, once per machine: their weights live in the user's cache, keyed by recipe."""
-    from featcache.standins.runner import run_pretrain_standins, standin_paths
+    """Pre-train the stand-in experts, once per machine (their weights live in the user's cache, keyed by recipe),
+    or take the ones shipped with featcache for the default recipe."""
+    from featcache.standins.runner import run_pretrain_standins, shipped_of, standin_paths
 
-    cfg = plan.pipeline.stage_config("pretrain-standins", presets=names)
+    given = plan.pipeline.sections.get("pretrain-standins") or {}
+    size = {} if "image_size" in given else {"image_size": _extract_config(plan.pipeline).image_size}  # trained as used
+    cfg = plan.pipeline.stage_config("pretrain-standins", presets=names, **size)
 
     def key() -> dict:
         plan.standins = standin_paths(cfg)  # each folder is named by its stand-in's key
@@ -151,7 +159,11 @@ def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
     def outputs() -> list[Path]:
         return [p / "standin.json" for p in plan.standins.values()]
 
-    return Stage("pretrain-standins", key, outputs, lambda: plan.standins.update(run_pretrain_standins(cfg)))
+    def note() -> str:
+        shipped = shipped_of(plan.standins)
+        return f"the stand-ins shipped with featcache were used ({', '.join(shipped)}): nothing trained" if shipped else ""
+
+    return Stage("pretrain-standins", key, outputs, lambda: plan.standins.update(run_pretrain_standins(cfg)), note=note)
 
 
 def _extract_managed(plan: Plan) -> dict[str, Any]:
@@ -353,7 +365,7 @@ def _profile(plan: Plan) -> Stage:
         return s.profile_config(specs(), image_size())
 
     def key() -> dict:
-        from featcache.runtime import resolve_device
+        from featcache.runtime import resolve_device, torch_device_name
 
         cfg = config()
         machine = resolve_device(cfg.device)  # auto on a GPU machine is another measurement than auto on a CPU one
@@ -370,15 +382,6 @@ def _profile(plan: Plan) -> Stage:
         atomic_write(plan.profile, lambda p: p.write_text(json.dumps(rows, indent=1, default=str)))
 
     return Stage("profile", key, lambda: [plan.profile], run)
-
-
-def torch_device_name(device) -> str:
-    """The device a profile ran on, by name (the GPU model on CUDA)."""
-    if device.type == "cuda":
-        import torch
-
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return "cpu"
 
 
 def _report(plan: Plan) -> Stage:

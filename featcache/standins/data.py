@@ -8,7 +8,8 @@ from featcache.progress import progress
 from featcache.synth_render import Person, Scene, render_person
 
 
-def render_pretraining_set(ids: int, cams: int, per_id: int, seed: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def render_pretraining_set(ids: int, cams: int, per_id: int, seed: int, size: tuple[int, int],
+                          quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, H, W, 3), labels (N,)): ``per_id`` shots of each identity across daylight scenes.
 
     Seeded apart from ``featcache synth`` (its streams are ``[seed, 1|2|3, ...]``; these are ``[seed, 7|8|9, ...]``),
@@ -19,7 +20,7 @@ def render_pretraining_set(ids: int, cams: int, per_id: int, seed: int, size: tu
     images = np.empty((ids * per_id, h, w, 3), np.uint8)
     labels = np.repeat(np.arange(ids), per_id)
     rng = np.random.default_rng([seed, 9])
-    for pid in progress(range(ids), desc="pretrain-standins: render", unit="id"):
+    for pid in progress(range(ids), desc="pretrain-standins: render", unit="id", disable=quiet):
         person = Person.sample(np.random.default_rng([seed, 8, pid]))
         for k in range(per_id):
             img = render_person(person, scenes[int(rng.integers(cams))], np.random.default_rng(rng.integers(2**31)), size=(w, h))

@@ -1,4 +1,5 @@
-"""``featcache pretrain-standins``: train each stand-in once per machine, keyed by everything that shapes it."""
+"""``featcache pretrain-standins``: train each stand-in once per machine, keyed by its recipe; the default recipe's
+are shipped with featcache (featcache/standins/shipped.py) and used as they are."""
 
 from __future__ import annotations
 
@@ -10,37 +11,33 @@ from pathlib import Path
 
 from featcache import __version__
 from featcache.fileio import give_umask_mode
-from featcache.backbones.presets import PRESET_DIR
 from featcache.standins.config import StandinConfig
+from featcache.standins.shipped import RECIPE_VERSION, architecture, recipe_options, shipped_weights
 
 logger = logging.getLogger(__name__)
 
-#: config keys that do not change the weights (where they go, whether to train again, which presets); the device
-#: does (CPU and CUDA kernels differ), so its resolved type is part of the key
-HOW = ("root", "device", "force", "presets")
-#: the code that shapes the weights: an edit to any of these trains anew (the package version alone would not see it)
-RECIPE_CODE = ("standins/data.py", "standins/views.py", "standins/train.py", "synth_render.py", "training/loop.py",
-               "training/hooks.py", "training/losses.py", "training/sampling.py", "training/schedule.py")
-
 
 def standin_key(cfg: StandinConfig, name: str) -> str:
-    """A digest of what the weights depend on: the recipe, the preset file, the featcache version."""
+    """A digest of what the weights depend on: the recipe version, the options and the preset's architecture.
+
+    Not the device (weights made on a CPU serve a GPU) nor the code: a change that alters what the recipe trains
+    raises :data:`~featcache.standins.shipped.RECIPE_VERSION` instead."""
     import hashlib
 
-    from featcache.backbones.base import sha256_file
-    from featcache.runtime import resolve_device
-
-    recipe = {k: v for k, v in cfg.to_dict(absolute=True).items() if k not in HOW}
-    root = Path(__file__).resolve().parents[1]
-    code = {f: sha256_file(root / f) for f in RECIPE_CODE}
-    data = {"recipe": recipe, "preset": (PRESET_DIR / f"{name}.json").read_text(), "version": __version__, "code": code,
-            "device": resolve_device(cfg.device).type}
+    data = {"version": RECIPE_VERSION, "options": recipe_options(cfg), "preset": architecture(name)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def standin_paths(cfg: StandinConfig) -> dict[str, Path]:
-    """Where each preset's weights are (or will be): ``ROOT/NAME-KEY``."""
-    return {name: cfg.where() / f"{name}-{standin_key(cfg, name)}" for name in cfg.presets}
+    """Where each preset's weights are (or will be): the shipped ones for their recipe, else ``ROOT/NAME-KEY``."""
+    return {name: shipped_weights(cfg, name) or cfg.where() / f"{name}-{standin_key(cfg, name)}" for name in cfg.presets}
+
+
+def shipped_of(paths: dict[str, Path]) -> list[str]:
+    """The presets whose weights in ``paths`` are the shipped ones."""
+    from featcache.standins.shipped import SHIPPED_DIR
+
+    return sorted(n for n, p in paths.items() if p.parent == SHIPPED_DIR)
 
 
 def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
@@ -49,8 +46,11 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
 
     paths = standin_paths(cfg)
     todo = [n for n, p in paths.items() if cfg.force or not (p / "standin.json").is_file()]
-    for name in sorted(set(paths) - set(todo)):
-        logger.info("%s: trained weights found at %s (same recipe, preset and version): reused", name, paths[name])
+    shipped = shipped_of(paths)
+    if shipped:
+        logger.info("%s: the shipped stand-ins are used (made with this recipe): nothing to train", ", ".join(shipped))
+    for name in sorted(set(paths) - set(todo) - set(shipped)):
+        logger.info("%s: trained weights found at %s (same recipe and preset): reused", name, paths[name])
     if not todo:
         return paths
     device = resolve_device(cfg.device)

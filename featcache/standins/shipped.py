@@ -1,0 +1,88 @@
+"""The demo's stand-ins, shipped: float16 weights made once with the default recipe, in the package.
+
+A new machine would otherwise spend minutes pre-training the same two tiny experts. The shipped weights are
+used wherever the recipe asked for is the one they were made with: the same :data:`RECIPE_VERSION`, the same
+options (``featcache pretrain-standins``'s defaults, which the demo uses) and the same architectures (the presets'
+``model_cfg``). Any other recipe, or ``--force``, trains its own as before.
+
+:data:`RECIPE_VERSION` stands for what the options do not show: the renderer, the views, the training code. Raise
+it when the recipe's result changes, then regenerate (``python -m featcache.standins.ship``, docs/development.md).
+``recipe.json`` beside the weights records the version, the options, the architectures and where they were made;
+``probe.npz`` holds two rendered pre-training images and what each view makes of them, so that a test notices a
+renderer or a view that changed while the version stayed. The weights are made on a CPU and used on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.standins.config import StandinConfig
+
+logger = logging.getLogger(__name__)
+
+#: raise when the stand-ins the default recipe trains would change (renderer, views, loop, losses, sampling)
+RECIPE_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+RECIPE_FILE = "recipe.json"
+PROBE_FILE = "probe.npz"
+#: config fields that do not change the weights: where they go, whether to train again, which presets, the device
+HOW = ("root", "device", "force", "presets")
+PROBE_IMAGES = 2
+
+
+def recipe_options(cfg: StandinConfig) -> dict[str, Any]:
+    """The options that shape a stand-in's weights, as plain values."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in HOW}
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """What a preset builds: its file's entries but the description."""
+    from featcache.backbones.presets import get_preset
+
+    return {k: v for k, v in get_preset(name).to_dict().items() if k != "description"}
+
+
+def recipe_record(cfg: StandinConfig) -> dict[str, Any]:
+    """What the shipped weights were made with, as ``recipe.json`` records it (less where they were made)."""
+    return {"version": RECIPE_VERSION, "options": recipe_options(cfg),
+            "presets": {name: architecture(name) for name in sorted(cfg.presets)}}
+
+
+def read_recipe(folder: Path = SHIPPED_DIR) -> dict[str, Any] | None:
+    path = folder / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shipped_weights(cfg: StandinConfig, name: str, folder: Path = SHIPPED_DIR) -> Path | None:
+    """The shipped weights of preset ``name`` when ``cfg`` asks for the recipe they were made with, else None."""
+    rec = read_recipe(folder)
+    if rec is None or cfg.force or name not in rec["presets"] or not (folder / name / "standin.json").is_file():
+        return None
+    same = rec["version"] == RECIPE_VERSION and rec["options"] == _plain(recipe_options(cfg))
+    return folder / name if same and rec["presets"][name] == _plain(architecture(name)) else None
+
+
+def probe(cfg: StandinConfig) -> dict[str, np.ndarray]:
+    """The first rendered pre-training images and each view's output on them (fixed generator), as stored."""
+    import torch
+
+    from featcache.standins.data import render_pretraining_set
+    from featcache.standins.views import VIEWS
+
+    images, _ = render_pretraining_set(1, cfg.cams, max(cfg.per_id, PROBE_IMAGES), cfg.seed, cfg.image_size, quiet=True)
+    images = images[:PROBE_IMAGES]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    out = {"images": images}
+    for view in VIEWS.names():
+        out[f"view:{view}"] = VIEWS.get(view)(x, torch.Generator().manual_seed(0)).numpy().astype(np.float16)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists), to compare with what a file holds."""
+    return json.loads(json.dumps(value))

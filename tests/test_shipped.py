@@ -1,0 +1,103 @@
+"""The stand-ins shipped with featcache: used for the default recipe only, kept in step with that recipe, and what
+the recipe trains again (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featcache.backbones import build_backbone
+from featcache.cli import main
+from featcache.standins.config import StandinConfig
+from featcache.standins.runner import run_pretrain_standins, standin_paths
+from featcache.standins.shipped import (PROBE_FILE, RECIPE_VERSION, SHIPPED_DIR, architecture, probe, read_recipe,
+                                        recipe_options)
+from featcache.standins import train as train_mod
+
+REGENERATE = "raise RECIPE_VERSION in featcache/standins/shipped.py and regenerate the weights (docs/development.md)"
+
+
+def test_the_recipe_is_the_one_the_shipped_weights_were_made_with():
+    """Options, architectures, rendered images and views as recorded beside the weights: a change to any of them
+    with the version unchanged fails here (the images and views within what CPUs may differ by)."""
+    rec = read_recipe()
+    assert rec is not None, f"no {SHIPPED_DIR}/recipe.json: python -m featcache.standins.shipped makes it"
+    assert rec["version"] == RECIPE_VERSION, f"RECIPE_VERSION is {RECIPE_VERSION}, the shipped weights' {rec['version']}: regenerate them"
+    cfg = StandinConfig()
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe_options(cfg).items()}
+    changed = sorted(k for k in set(now) | set(rec["options"]) if now.get(k) != rec["options"].get(k))
+    assert not changed, f"the default recipe's {', '.join(changed)} changed: {REGENERATE}"
+    for name in cfg.presets:
+        assert rec["presets"][name] == json.loads(json.dumps(architecture(name))), f"{name}'s preset changed: {REGENERATE}"
+    stored, fresh = np.load(SHIPPED_DIR / PROBE_FILE), probe(cfg)
+    assert sorted(stored.files) == sorted(fresh), f"the views are now {sorted(fresh)}: {REGENERATE}"
+    off = np.abs(stored["images"].astype(int) - fresh["images"].astype(int))
+    assert (off > 2).mean() < 1e-3, f"the pre-training images render otherwise ({(off > 2).mean():.1%} of values): {REGENERATE}"
+    for key in stored.files:
+        if key.startswith("view:"):
+            gap = np.abs(stored[key].astype(np.float32) - fresh[key].astype(np.float32)).max()
+            assert gap <= 4e-3, f"{key} gives other images (max |difference| {gap:.3g}): {REGENERATE}"
+
+
+def test_the_default_recipe_takes_the_shipped_weights_and_any_other_trains(tmp_path, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("trained a stand-in the package ships")
+
+    cfg = StandinConfig(root=tmp_path, device="cpu")
+    paths = standin_paths(cfg)
+    assert paths == {n: SHIPPED_DIR / n for n in ("clip-mini", "align-mini")}
+    monkeypatch.setattr(train_mod, "train_standin", no_training)
+    assert run_pretrain_standins(cfg) == paths and not any(tmp_path.iterdir())
+    res = CliRunner().invoke(main, ["pretrain-standins", "--root", str(tmp_path)])
+    assert res.exit_code == 0 and "align-mini, clip-mini: shipped with featcache for this recipe" in res.output, res.output
+    assert f"--weights clip-mini={SHIPPED_DIR / 'clip-mini'}" in res.output
+    for other in (cfg.replace(epochs=3), cfg.replace(force=True), cfg.replace(image_size=(64, 32))):
+        assert all(p.parent == tmp_path for p in standin_paths(other).values())  # another recipe, or --force: its own
+
+
+@pytest.mark.parametrize("name", ["clip-mini", "align-mini"])
+def test_the_shipped_weights_load_in_float32(name):
+    """At the size they were trained at; the CNN at any size, the ViT only there (open_clip resizes square grids)."""
+    from featcache.errors import InputError
+
+    x = torch.rand(2, 3, 64, 32)
+    sizes = ((128, 64), (64, 32)) if name == "align-mini" else ((128, 64),)
+    if name == "clip-mini":
+        with pytest.raises(InputError, match=r"clip-mini was trained at another image size \(32 patches, this size's grid has 4x2"):
+            build_backbone(name, (64, 32), weights=str(SHIPPED_DIR / name))
+    for size in sizes:
+        shipped = build_backbone(name, size, weights=str(SHIPPED_DIR / name))
+        assert all(p.dtype == torch.float32 for p in shipped.parameters())
+        random = build_backbone(name, size, random_init=True)
+        with torch.no_grad():
+            a = shipped(torch.nn.functional.interpolate(x, size=size))["pooled"]
+            b = random(torch.nn.functional.interpolate(x, size=size))["pooled"]
+        assert a.dtype == torch.float32 and not torch.allclose(a, b)
+
+
+@pytest.mark.slow  # about 4 minutes on 2 cores: the whole pre-training of both stand-ins
+def test_the_shipped_recipe_trains_stand_ins_that_agree_with_the_shipped_ones(tmp_path):
+    """Retrained here with the shipped recipe, each stand-in's features of rendered people it never saw agree with
+    the shipped weights' (cosine; CPUs differ, so not bit for bit), and rank a gallery the same way."""
+    from featcache.standins.data import render_pretraining_set
+
+    cfg = StandinConfig(root=tmp_path, device="cpu", force=True)
+    retrained = run_pretrain_standins(cfg)
+    images, labels = render_pretraining_set(12, 4, 4, 77, cfg.image_size, quiet=True)  # other people: another seed
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    for name, path in retrained.items():
+        assert path.parent == tmp_path
+        feats = []
+        for weights in (SHIPPED_DIR / name, path):
+            bb = build_backbone(name, cfg.image_size, weights=str(weights))
+            with torch.no_grad():
+                f = bb(bb.normalize(x))["pooled"]
+            feats.append(torch.nn.functional.normalize(f, dim=1).numpy())
+        cos = (feats[0] * feats[1]).sum(1)
+        assert np.median(cos) >= 0.99 and cos.min() >= 0.9, (name, float(np.median(cos)), float(cos.min()))
+        nearest = [(f @ f.T - 2 * np.eye(len(f))).argmax(1) for f in feats]
+        assert (nearest[0] == nearest[1]).mean() >= 0.8, name  # the same nearest neighbour for most images
