@@ -79,25 +79,39 @@ def test_the_shipped_weights_load_in_float32(name):
         assert a.dtype == torch.float32 and not torch.allclose(a, b)
 
 
-@pytest.mark.slow  # about 4 minutes on 2 cores: the whole pre-training of both stand-ins
-def test_the_shipped_recipe_trains_stand_ins_that_agree_with_the_shipped_ones(tmp_path):
-    """Retrained here with the shipped recipe, each stand-in's features of rendered people it never saw agree with
-    the shipped weights' (cosine; CPUs differ, so not bit for bit), and rank a gallery the same way."""
+def retrieval_map(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean average precision of each image against all the others (its identity's other images are the matches)."""
+    scores = features @ features.T
+    np.fill_diagonal(scores, -np.inf)
+    aps = []
+    for i in range(len(labels)):
+        order = np.argsort(-scores[i], kind="stable")[:-1]
+        hits = labels[order] == labels[i]
+        aps.append((np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits].mean())
+    return float(np.mean(aps))
+
+
+@pytest.mark.slow  # about 8 minutes on one thread: the whole pre-training of both stand-ins
+def test_the_shipped_recipe_trains_stand_ins_as_good_as_the_shipped_ones(tmp_path):
+    """Retrained here with the shipped recipe, each stand-in ranks 40 rendered people it never saw as well as the
+    shipped one (mAP within 0.1), far above its random init. Not bit for bit, nor even feature for feature:
+    retrained on one thread instead of the two that made the shipped weights (other rounding, as another CPU
+    gives), align-mini's features came out unrelated to the shipped ones (median cosine 0.04) while its mAP was
+    0.380 against 0.345 (docs/notes/shipped-standins.md)."""
     from featcache.standins.data import render_pretraining_set
 
     cfg = StandinConfig(root=tmp_path, device="cpu", force=True)
     retrained = run_pretrain_standins(cfg)
-    images, labels = render_pretraining_set(12, 4, 4, 77, cfg.image_size, quiet=True)  # other people: another seed
+    images, labels = render_pretraining_set(40, 4, 4, 77, cfg.image_size, quiet=True)  # other people: another seed
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     for name, path in retrained.items():
         assert path.parent == tmp_path
-        feats = []
-        for weights in (SHIPPED_DIR / name, path):
-            bb = build_backbone(name, cfg.image_size, weights=str(weights))
+        scores = {}
+        for kind, kw in (("shipped", {"weights": str(SHIPPED_DIR / name)}), ("retrained", {"weights": str(path)}),
+                         ("random", {"random_init": True})):
+            bb = build_backbone(name, cfg.image_size, **kw)
             with torch.no_grad():
-                f = bb(bb.normalize(x))["pooled"]
-            feats.append(torch.nn.functional.normalize(f, dim=1).numpy())
-        cos = (feats[0] * feats[1]).sum(1)
-        assert np.median(cos) >= 0.99 and cos.min() >= 0.9, (name, float(np.median(cos)), float(cos.min()))
-        nearest = [(f @ f.T - 2 * np.eye(len(f))).argmax(1) for f in feats]
-        assert (nearest[0] == nearest[1]).mean() >= 0.8, name  # the same nearest neighbour for most images
+                f = torch.nn.functional.normalize(bb(bb.normalize(x))["pooled"], dim=1).numpy()
+            scores[kind] = retrieval_map(f, labels)
+        assert abs(scores["retrained"] - scores["shipped"]) <= 0.1, (name, scores)
+        assert scores["retrained"] - scores["random"] >= 0.5 * (scores["shipped"] - scores["random"]), (name, scores)
