@@ -59,6 +59,43 @@ def test_the_default_recipe_takes_the_shipped_weights_and_any_other_trains(tmp_p
         assert all(p.parent == tmp_path for p in standin_paths(other).values())  # another recipe, or --force: its own
 
 
+def test_a_damaged_install_or_a_changed_recipe_under_the_same_version_is_refused(tmp_path):
+    import shutil
+
+    from featcache.errors import InputError, RunError
+    from featcache.standins.ship import write_shipped
+    from featcache.standins.shipped import shipped_weights
+
+    copy = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR, copy)
+    cfg = StandinConfig(root=tmp_path / "home")
+    assert shipped_weights(cfg, "clip-mini", copy) == copy / "clip-mini"
+    with pytest.raises(RunError, match="other options or presets under the same RECIPE_VERSION"):
+        write_shipped(cfg.replace(ids=255), copy)  # refused before any training
+    (copy / "align-mini" / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="the shipped align-mini is incomplete"):
+        shipped_weights(cfg, "align-mini", copy)
+    (copy / "recipe.json").write_text("{")
+    with pytest.raises(InputError, match="recipe.json: not a readable recipe of shipped stand-ins"):
+        shipped_weights(cfg, "clip-mini", copy)
+
+
+def test_a_pipeline_pre_trains_its_stand_ins_at_its_extraction_size(tmp_path):
+    """Unless its pretrain-standins section gives a size; pipeline.yaml records the size that runs."""
+    from pathlib import Path
+
+    from featcache.pipeline.config import load_pipeline
+
+    demo = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+    p = load_pipeline(demo, (), out=tmp_path / "o")
+    assert p.stage_config("pretrain-standins", presets=("clip-mini",)).image_size == (128, 64)  # the shipped recipe
+    p = load_pipeline(demo, ("extract.image_size=64x32",), out=tmp_path / "o")
+    assert p.stage_config("pretrain-standins", presets=("clip-mini",)).image_size == (64, 32)
+    assert p.resolved()["pretrain-standins"]["image_size"] == [64, 32]
+    p = load_pipeline(demo, ("extract.image_size=64x32", "pretrain-standins.image_size=96x48"), out=tmp_path / "o")
+    assert p.stage_config("pretrain-standins", presets=("clip-mini",)).image_size == (96, 48)
+
+
 @pytest.mark.parametrize("name", ["clip-mini", "align-mini"])
 def test_the_shipped_weights_load_in_float32(name):
     """At the size they were trained at; the CNN at any size, the ViT only there (open_clip resizes square grids)."""

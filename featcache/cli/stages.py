@@ -53,7 +53,7 @@ def _standin_options(f: Callable) -> Callable:
         opt(C, "epochs", type=int, help="Pre-training epochs  [default: each preset's own]"),
         opt(C, "seed", type=int, help="Seed of the pre-training set and of training."),
         opt(C, "device", type=DEVICE, help="Where pre-training runs."),
-        opt(C, "force", is_flag=True, help="Train again even where weights with the same key exist."),
+        opt(C, "force", is_flag=True, help="Train again even where weights with the same key exist, or are shipped with featcache."),
         set_option(C),
     ])
 
@@ -64,7 +64,8 @@ def _standin_options(f: Callable) -> Callable:
 def pretrain_standins(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     """Pre-train the demo's stand-in experts (clip-mini, align-mini) on a synthetic set of their own, once per machine.
 
-    Prints the --weights option that extraction takes for each.
+    The default recipe's are shipped with featcache and used as they are. Prints the --weights option that
+    extraction takes for each.
     """
     from featcache.standins.config import StandinConfig
     from featcache.standins.runner import run_pretrain_standins, shipped_of

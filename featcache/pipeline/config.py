@@ -104,8 +104,13 @@ class Pipeline:
         return self.settings.out
 
     def stage_config(self, section: str, **managed: Any) -> StageConfig:
-        """The section's config with the pipeline's own values filled in."""
-        return SECTIONS[section].build((f"{self.source} [{section}]", self.sections.get(section, {})), ("pipeline", managed))
+        """The section's config with the pipeline's own values filled in. Stand-ins are pre-trained at the extract
+        section's image size unless their section gives one: they run at the size they were trained at."""
+        given = self.sections.get(section, {})
+        if section == "pretrain-standins" and "image_size" not in given and "image_size" not in managed and "extract" in self.sections:
+            size = self.stage_config("extract", **_placeholders("extract", self.sections)).image_size
+            given = {**given, "image_size": size}
+        return SECTIONS[section].build((f"{self.source} [{section}]", given), ("pipeline", managed))
 
     def student_config(self, name: str, **managed: Any) -> StageConfig:
         """The distill config of student ``name``: the distill section, then that student's own keys."""

@@ -46,7 +46,7 @@ def write_report(plan) -> Path:
     standins = standin_backbones_of(plan)
     if standins:
         lines += [f"> **{', '.join(standins)} are synthetic stand-ins, not CLIP and ALIGN.** Tiny models of the two "
-                  "families, pre-trained here by `featcache pretrain-standins` on a synthetic set of other people, each "
+                  "families, pre-trained by `featcache pretrain-standins` (or shipped with featcache) on a synthetic set of other people, each "
                   "seeing it its own way (docs/demo.md). The numbers show the method's mechanics on synthetic data; they "
                   "are not results of MoE-KD. The real thing needs the CLIP ViT-B/16 and ALIGN weights, the dataset and a "
                   "GPU: `featcache run market1501` (see the README).", ""]

@@ -148,9 +148,7 @@ def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
     or take the ones shipped with featcache for the default recipe."""
     from featcache.standins.runner import run_pretrain_standins, shipped_of, standin_paths
 
-    given = plan.pipeline.sections.get("pretrain-standins") or {}
-    size = {} if "image_size" in given else {"image_size": _extract_config(plan.pipeline).image_size}  # trained as used
-    cfg = plan.pipeline.stage_config("pretrain-standins", presets=names, **size)
+    cfg = plan.pipeline.stage_config("pretrain-standins", presets=names)  # at the extract section's size
 
     def key() -> dict:
         plan.standins = standin_paths(cfg)  # each folder is named by its stand-in's key

@@ -16,7 +16,9 @@ import numpy as np
 from featcache import __version__
 from featcache.standins.config import StandinConfig
 from featcache.standins.runner import run_pretrain_standins
-from featcache.standins.shipped import PROBE_FILE, RECIPE_FILE, SHIPPED_DIR, probe, recipe_record
+from featcache.errors import RunError
+from featcache.fileio import give_umask_mode
+from featcache.standins.shipped import PROBE_FILE, RECIPE_FILE, RECIPE_VERSION, SHIPPED_DIR, probe, read_recipe, recipe_record
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,10 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
     from safetensors.torch import load_file, save_file
 
     cfg = cfg or StandinConfig()
+    old = read_recipe(folder)
+    if old is not None and old["version"] == RECIPE_VERSION and _recipe_only(old) != _recipe_only(recipe_record(cfg)):
+        raise RunError(f"{folder / RECIPE_FILE}: made with other options or presets under the same RECIPE_VERSION "
+                       f"{RECIPE_VERSION}: raise it in featcache/standins/shipped.py first")
     with tempfile.TemporaryDirectory() as tmp:
         trained = run_pretrain_standins(cfg.replace(root=Path(tmp), device="cpu", force=True))
         staging = folder.with_name(f".{folder.name}.tmp")
@@ -34,6 +40,7 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
             shutil.copytree(path, staging / name)
             for f in (staging / name).glob("*.safetensors"):
                 save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(f)).items()}, str(f))
+                give_umask_mode(f)  # safetensors writes 0600
             clean_meta(staging / name / "standin.json")
     made = {"date": time.strftime("%Y-%m-%d"), "featcache": __version__, "device": "cpu", "machine": platform.machine(),
             "processor": cpu_name()}
@@ -42,6 +49,11 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+def _recipe_only(record: dict) -> str:
+    """A recipe record's version, options and presets, comparable across a JSON round trip."""
+    return json.dumps({k: record[k] for k in ("version", "options", "presets")}, sort_keys=True)
 
 
 def clean_meta(path: Path) -> None:

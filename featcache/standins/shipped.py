@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.errors import InputError
 from featcache.standins.config import StandinConfig
 
 logger = logging.getLogger(__name__)
@@ -54,15 +55,28 @@ def recipe_record(cfg: StandinConfig) -> dict[str, Any]:
 
 
 def read_recipe(folder: Path = SHIPPED_DIR) -> dict[str, Any] | None:
+    """What ``recipe.json`` records (None where no weights are shipped); a damaged file is one line naming it."""
     path = folder / RECIPE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        rec["version"], rec["options"], rec["presets"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable recipe of shipped stand-ins ({type(exc).__name__}: {exc}); "
+                         "reinstall featcache") from None
+    return rec
 
 
 def shipped_weights(cfg: StandinConfig, name: str, folder: Path = SHIPPED_DIR) -> Path | None:
     """The shipped weights of preset ``name`` when ``cfg`` asks for the recipe they were made with, else None."""
     rec = read_recipe(folder)
-    if rec is None or cfg.force or name not in rec["presets"] or not (folder / name / "standin.json").is_file():
+    if rec is None or cfg.force or name not in rec["presets"]:
         return None
+    files = [folder / name / "standin.json", *(folder / name).glob("*.safetensors")]
+    if len(files) < 2 or not all(f.is_file() for f in files):
+        raise InputError(f"{folder / name}: the shipped {name} is incomplete (standin.json and its weights expected); "
+                         "reinstall featcache")
     same = rec["version"] == RECIPE_VERSION and rec["options"] == _plain(recipe_options(cfg))
     return folder / name if same and rec["presets"][name] == _plain(architecture(name)) else None
 
