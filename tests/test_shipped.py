@@ -3,8 +3,6 @@ the recipe trains again (slow)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -14,8 +12,7 @@ from featcache.backbones import build_backbone
 from featcache.cli import main
 from featcache.standins.config import StandinConfig
 from featcache.standins.runner import run_pretrain_standins, standin_paths
-from featcache.standins.shipped import (PROBE_FILE, RECIPE_VERSION, SHIPPED_DIR, architecture, probe, read_recipe,
-                                        recipe_options)
+from featcache.standins.shipped import PROBE_FILE, RECIPE_VERSION, SHIPPED_DIR, probe, read_recipe, recipe_record
 from featcache.standins import train as train_mod
 
 REGENERATE = "raise RECIPE_VERSION in featcache/standins/shipped.py and regenerate the weights (docs/development.md)"
@@ -28,11 +25,11 @@ def test_the_recipe_is_the_one_the_shipped_weights_were_made_with():
     assert rec is not None, f"no {SHIPPED_DIR}/recipe.json: python -m featcache.standins.shipped makes it"
     assert rec["version"] == RECIPE_VERSION, f"RECIPE_VERSION is {RECIPE_VERSION}, the shipped weights' {rec['version']}: regenerate them"
     cfg = StandinConfig()
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe_options(cfg).items()}
-    changed = sorted(k for k in set(now) | set(rec["options"]) if now.get(k) != rec["options"].get(k))
+    now = recipe_record(cfg)
+    changed = sorted(k for k in set(now["options"]) | set(rec["options"]) if now["options"].get(k) != rec["options"].get(k))
     assert not changed, f"the default recipe's {', '.join(changed)} changed: {REGENERATE}"
     for name in cfg.presets:
-        assert rec["presets"][name] == json.loads(json.dumps(architecture(name))), f"{name}'s preset changed: {REGENERATE}"
+        assert rec["presets"][name] == now["presets"][name], f"{name}'s preset changed: {REGENERATE}"
     stored, fresh = np.load(SHIPPED_DIR / PROBE_FILE), probe(cfg)
     assert sorted(stored.files) == sorted(fresh), f"the views are now {sorted(fresh)}: {REGENERATE}"
     off = np.abs(stored["images"].astype(int) - fresh["images"].astype(int))

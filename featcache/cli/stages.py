@@ -74,8 +74,9 @@ def pretrain_standins(ctx: click.Context, sets: tuple[str, ...], **params) -> No
         params.pop("presets", None)
     cfg = resolve(ctx, StandinConfig, params, sets)
     paths = run_pretrain_standins(cfg)
-    if shipped_of(paths):
-        click.echo(f"{', '.join(shipped_of(paths))}: shipped with featcache for this recipe, nothing trained (--force trains anew)")
+    shipped = shipped_of(paths)
+    if shipped:
+        click.echo(f"{', '.join(shipped)}: shipped with featcache for this recipe, nothing trained (--force trains anew)")
     for name, path in paths.items():
         click.echo(f"--weights {name}={path}")
 

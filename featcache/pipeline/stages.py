@@ -121,13 +121,8 @@ def standin_backbones(pipeline: Pipeline) -> tuple[str, ...]:
     """The extract section's stand-in presets whose weights the section does not give: the pipeline trains them."""
     from featcache.backbones.presets import get_preset
 
-    cfg = _extract_config(pipeline)
+    cfg = pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")})  # parsed: lists or "a,b"
     return tuple(n for n in cfg.backbones if get_preset(n).standin and n not in cfg.weights)
-
-
-def _extract_config(pipeline: Pipeline):
-    """The extract section, parsed (lists or "a,b", sizes), with placeholders for what the pipeline sets."""
-    return pipeline.stage_config("extract", **{"out": Path("cache.h5"), "root": Path("data")})
 
 
 def weights_identity(path: str) -> Any:

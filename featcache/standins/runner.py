@@ -12,7 +12,7 @@ from pathlib import Path
 from featcache import __version__
 from featcache.fileio import give_umask_mode
 from featcache.standins.config import StandinConfig
-from featcache.standins.shipped import RECIPE_VERSION, architecture, recipe_options, shipped_weights
+from featcache.standins.shipped import RECIPE_VERSION, SHIPPED_DIR, architecture, recipe_options, shipped_weights
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ def standin_paths(cfg: StandinConfig) -> dict[str, Path]:
 
 def shipped_of(paths: dict[str, Path]) -> list[str]:
     """The presets whose weights in ``paths`` are the shipped ones."""
-    from featcache.standins.shipped import SHIPPED_DIR
-
     return sorted(n for n, p in paths.items() if p.parent == SHIPPED_DIR)
 
 

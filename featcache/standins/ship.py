@@ -28,8 +28,8 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
     from safetensors.torch import load_file, save_file
 
     cfg = cfg or StandinConfig()
-    old = read_recipe(folder)
-    if old is not None and old["version"] == RECIPE_VERSION and _recipe_only(old) != _recipe_only(recipe_record(cfg)):
+    old, want = read_recipe(folder), recipe_record(cfg)
+    if old is not None and old["version"] == RECIPE_VERSION and {k: old[k] for k in want} != want:
         raise RunError(f"{folder / RECIPE_FILE}: made with other options or presets under the same RECIPE_VERSION "
                        f"{RECIPE_VERSION}: raise it in featcache/standins/shipped.py first")
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,16 +44,11 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
             clean_meta(staging / name / "standin.json")
     made = {"date": time.strftime("%Y-%m-%d"), "featcache": __version__, "device": "cpu", "machine": platform.machine(),
             "processor": cpu_name()}
-    (staging / RECIPE_FILE).write_text(json.dumps({**recipe_record(cfg), "made": made}, indent=1) + "\n")
+    (staging / RECIPE_FILE).write_text(json.dumps({**want, "made": made}, indent=1) + "\n")
     np.savez_compressed(staging / PROBE_FILE, **probe(cfg))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
-
-
-def _recipe_only(record: dict) -> str:
-    """A recipe record's version, options and presets, comparable across a JSON round trip."""
-    return json.dumps({k: record[k] for k in ("version", "options", "presets")}, sort_keys=True)
 
 
 def clean_meta(path: Path) -> None:

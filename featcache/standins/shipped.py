@@ -49,9 +49,11 @@ def architecture(name: str) -> dict[str, Any]:
 
 
 def recipe_record(cfg: StandinConfig) -> dict[str, Any]:
-    """What the shipped weights were made with, as ``recipe.json`` records it (less where they were made)."""
-    return {"version": RECIPE_VERSION, "options": recipe_options(cfg),
-            "presets": {name: architecture(name) for name in sorted(cfg.presets)}}
+    """What the shipped weights were made with, as ``recipe.json`` records it (less where they were made), in the
+    values JSON gives back (lists for tuples), so that it compares with what the file holds."""
+    record = {"version": RECIPE_VERSION, "options": recipe_options(cfg),
+              "presets": {name: architecture(name) for name in sorted(cfg.presets)}}
+    return json.loads(json.dumps(record))
 
 
 def read_recipe(folder: Path = SHIPPED_DIR) -> dict[str, Any] | None:
@@ -77,8 +79,9 @@ def shipped_weights(cfg: StandinConfig, name: str, folder: Path = SHIPPED_DIR) -
     if len(files) < 2 or not all(f.is_file() for f in files):
         raise InputError(f"{folder / name}: the shipped {name} is incomplete (standin.json and its weights expected); "
                          "reinstall featcache")
-    same = rec["version"] == RECIPE_VERSION and rec["options"] == _plain(recipe_options(cfg))
-    return folder / name if same and rec["presets"][name] == _plain(architecture(name)) else None
+    want = recipe_record(cfg)
+    same = rec["version"] == want["version"] and rec["options"] == want["options"]
+    return folder / name if same and rec["presets"][name] == want["presets"][name] else None
 
 
 def probe(cfg: StandinConfig) -> dict[str, np.ndarray]:
@@ -95,8 +98,3 @@ def probe(cfg: StandinConfig) -> dict[str, np.ndarray]:
     for view in VIEWS.names():
         out[f"view:{view}"] = VIEWS.get(view)(x, torch.Generator().manual_seed(0)).numpy().astype(np.float16)
     return out
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON gives it back (tuples as lists), to compare with what a file holds."""
-    return json.loads(json.dumps(value))
