@@ -56,7 +56,10 @@ def test_a_stand_in_without_weights_says_how_to_make_them():
         build_backbone("align-mini", (32, 16))
 
 
-def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path):
+def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path, monkeypatch):
+    """Each stand-in trains in a worker process of the recipe's arithmetic (one thread, AVX2 kernels), so a run
+    asking for other threads repeats the weights exactly."""
+    import json
     import os
 
     cfg = StandinConfig(root=tmp_path / "a", **TINY)
@@ -79,6 +82,11 @@ def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path):
     stamp = {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()}
     assert run_pretrain_standins(cfg) == paths  # the same key: reused, not trained again
     assert {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()} == stamp
+    seen = [json.loads((p / "standin.json").read_text())["arithmetic"] for p in paths.values()]
+    assert all(a["threads"] == 1 and a["device"] == "cpu" for a in seen), seen
+    if "avx2" in Path("/proc/cpuinfo").read_text():
+        assert {a["cpu_capability"] for a in seen} == {"AVX2"}, seen
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the workers' arithmetic is the recipe's, not their parent's
     again = run_pretrain_standins(cfg.replace(root=tmp_path / "b"))
     from safetensors.torch import load_file
 
@@ -123,3 +131,24 @@ def test_a_pipeline_trains_only_the_stand_ins_it_is_not_given(tmp_path):
     assert names[:3] == ["synth", "pretrain-standins", "extract"]
     p = load_pipeline(demo, (f"extract.weights={{clip-mini: {given}, align-mini: {given}}}",), out=tmp_path / "o")
     assert "pretrain-standins" not in [st.name for st in build_stages(p)[0]]
+
+
+def test_a_failed_worker_is_one_line_naming_its_stand_in_and_publishes_nothing(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from featcache.errors import RunError
+    from featcache.standins import worker
+
+    def fake_start(job, cfg, data, device):
+        assert np.load(data)["images"].shape[0] == cfg.ids * cfg.per_id  # the rendered set, handed over by file
+        code = ("import sys, time; print('warming up', file=sys.stderr); time.sleep(30)" if job.name == "clip-mini" else
+                f"import sys; print('error: {job.name}: the loss became NaN at epoch 1', file=sys.stderr); sys.exit(1)")
+        job.proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+    monkeypatch.setattr(worker.Job, "start", fake_start)
+    monkeypatch.setattr("featcache.standins.runner.usable_cores", lambda: 2)
+    cfg = StandinConfig(root=tmp_path, presets=("align-mini", "clip-mini"), **{**TINY, "ids": 8})
+    with pytest.raises(RunError, match=r"^pretrain-standins align-mini: the loss became NaN at epoch 1$"):
+        run_pretrain_standins(cfg)
+    assert not list(tmp_path.iterdir())  # the other worker stopped, no folder left behind

@@ -43,7 +43,7 @@ def _load_local(path: Path):
         model = AlignVisionModel.from_pretrained(path)
     else:
         raise WeightsNotFoundError(f"{cfg_file}: model_type {model_type!r} is not an ALIGN model ('align' or 'align_vision_model')")
-    model = model.float()  # float32 whatever the file stores (the shipped stand-ins are float16)
+    model = model.float()  # float32 whatever the file stores (a checkpoint saved in half precision)
     weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
     ident = f"dir:{path.name}:sha256:{sha256_file(weights)}" if weights else f"dir:{path}"
     return model, ident

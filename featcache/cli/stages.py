@@ -64,8 +64,9 @@ def _standin_options(f: Callable) -> Callable:
 def pretrain_standins(ctx: click.Context, sets: tuple[str, ...], **params) -> None:
     """Pre-train the demo's stand-in experts (clip-mini, align-mini) on a synthetic set of their own, once per machine.
 
-    The default recipe's are shipped with featcache and used as they are. Prints the --weights option that
-    extraction takes for each.
+    The default recipe's are shipped with featcache and used as they are. On a CPU each stand-in trains in a
+    process of its own with one thread and AVX2 kernels (several side by side on several cores), so that a recipe
+    trains the same weights whatever the core count. Prints the --weights option that extraction takes for each.
     """
     from featcache.standins.config import StandinConfig
     from featcache.standins.runner import run_pretrain_standins, shipped_of

@@ -8,11 +8,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
-from featcache import __version__
+from featcache.errors import RunError
 from featcache.fileio import give_umask_mode
 from featcache.standins.config import StandinConfig
 from featcache.standins.shipped import RECIPE_VERSION, SHIPPED_DIR, architecture, recipe_options, shipped_weights
+from featcache.standins.worker import Job
 
 logger = logging.getLogger(__name__)
 
@@ -57,30 +59,76 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
 
     for name in todo:  # a preset naming no known view fails now, not after rendering the set
         VIEWS.get(get_preset(name).standin.get("view", "(none)"))
+    jobs = [Job(name, paths[name].name.rsplit("-", 1)[1], paths[name].with_name(f".{paths[name].name}.tmp-{os.getpid()}"))
+            for name in todo]
+    for job in train_in_workers(cfg, jobs, device):
+        publish(job.out, paths[job.name])
+    return paths
+
+
+def train_in_workers(cfg: StandinConfig, jobs: list[Job], device) -> Iterator[Job]:
+    """Render the pre-training set once, train each job in a worker process (as many at once as there are cores to
+    give each one thread; one at a time on a GPU) and yield each job as its weights are complete."""
+    import tempfile
+    import threading
+    import time
+
+    import numpy as np
+
     from featcache.standins.data import render_pretraining_set
-    from featcache.standins.train import save_standin, train_standin
 
     images, labels = render_pretraining_set(cfg.ids, cfg.cams, cfg.per_id, cfg.seed, cfg.image_size)
-    for name in todo:
-        final = paths[name]
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        backbone, log = train_standin(name, cfg, images, labels, device)
-        save_standin(backbone, tmp)
-        meta = {"preset": name, "key": final.name.rsplit("-", 1)[1], "featcache": __version__, "config": cfg.to_dict(absolute=True),
-                "images": int(len(labels)), "identities": int(labels.max() + 1), "log": log}
-        (tmp / "standin.json").write_text(json.dumps(meta, indent=1, default=str))
-        for f in tmp.iterdir():  # safetensors writes 0600 through a private temporary file: the umask's mode instead
-            give_umask_mode(f)
-        if final.exists():  # --force: the old weights go only once the new ones are complete
-            shutil.rmtree(final, ignore_errors=True)
+    slots = max(1, min(len(jobs), usable_cores())) if device.type == "cpu" else 1
+    with tempfile.TemporaryDirectory(prefix="featcache-standins-") as tmp:
+        data = Path(tmp) / "set.npz"
+        np.savez(data, images=images, labels=labels)
+        waiting, running = list(jobs), []
         try:
-            os.replace(tmp, final)  # published whole: a killed run leaves only a temporary folder
-        except OSError:
-            if not (final / "standin.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another run published the same key meanwhile: same recipe, kept
-            logger.info("%s: another run published %s first; kept it", name, final)
-            continue
-        logger.info("%s: trained in %.0f s, saved to %s", name, sum(r["seconds"] for r in log), final)
-    return paths
+            while waiting or running:
+                while waiting and len(running) < slots:
+                    job = waiting.pop(0)
+                    shutil.rmtree(job.out, ignore_errors=True)
+                    job.start(cfg, data, str(device))
+                    running.append((job, threading.Thread(target=job.relay, daemon=True)))
+                    running[-1][1].start()
+                done = next((r for r in running if r[0].proc.poll() is not None), None)
+                if done is None:
+                    time.sleep(0.2)
+                    continue
+                running.remove(done)
+                job, relay = done
+                relay.join()
+                if job.proc.returncode != 0:
+                    shutil.rmtree(job.out, ignore_errors=True)
+                    raise RunError(f"pretrain-standins {job.failure()}")
+                yield job
+        finally:
+            for job, relay in running:
+                job.proc.kill()
+                job.proc.wait()
+                relay.join()
+                shutil.rmtree(job.out, ignore_errors=True)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system says, else the CPU count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a worker's complete folder to ``final`` with the umask's modes; another run's complete copy is kept."""
+    name = final.name.rsplit("-", 1)[0]
+    for f in tmp.iterdir():  # safetensors writes 0600 through a private temporary file: the umask's mode instead
+        give_umask_mode(f)
+    if final.exists():  # --force: the old weights go only once the new ones are complete
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)  # published whole: a killed run leaves only a temporary folder
+    except OSError:
+        if not (final / "standin.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another run published the same key meanwhile: same recipe, kept
+        logger.info("%s: another run published %s first; kept it", name, final)
+        return
+    log = json.loads((final / "standin.json").read_text())["log"]
+    logger.info("%s: trained in %.0f s, saved to %s", name, sum(r["seconds"] for r in log), final)

@@ -1,11 +1,11 @@
 """Making the shipped stand-ins: ``python -m featcache.standins.ship`` trains them with the default recipe on the CPU
-and writes them, in float16, with ``recipe.json`` and ``probe.npz``, into the package (docs/development.md says when)."""
+(in the recipe's fixed arithmetic) and writes them with ``recipe.json`` and ``probe.npz`` into the package
+(docs/development.md says when)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -17,16 +17,13 @@ from featcache import __version__
 from featcache.standins.config import StandinConfig
 from featcache.standins.runner import run_pretrain_standins
 from featcache.errors import RunError
-from featcache.fileio import give_umask_mode
 from featcache.standins.shipped import PROBE_FILE, RECIPE_FILE, RECIPE_VERSION, SHIPPED_DIR, probe, read_recipe, recipe_record
 
 logger = logging.getLogger(__name__)
 
 
 def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) -> Path:
-    """Train the stand-ins with ``cfg`` (the defaults) on the CPU and write them, in float16, under ``folder``."""
-    from safetensors.torch import load_file, save_file
-
+    """Train the stand-ins with ``cfg`` (the defaults) on the CPU and write them under ``folder``, as trained."""
     cfg = cfg or StandinConfig()
     old, want = read_recipe(folder), recipe_record(cfg)
     if old is not None and old["version"] == RECIPE_VERSION and {k: old[k] for k in want} != want:
@@ -38,12 +35,9 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
         shutil.rmtree(staging, ignore_errors=True)
         for name, path in trained.items():
             shutil.copytree(path, staging / name)
-            for f in (staging / name).glob("*.safetensors"):
-                save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(f)).items()}, str(f))
-                give_umask_mode(f)  # safetensors writes 0600
             clean_meta(staging / name / "standin.json")
-    made = {"date": time.strftime("%Y-%m-%d"), "featcache": __version__, "device": "cpu", "machine": platform.machine(),
-            "processor": cpu_name()}
+    seen = json.loads((staging / cfg.presets[0] / "standin.json").read_text())["arithmetic"]
+    made = {"date": time.strftime("%Y-%m-%d"), "featcache": __version__, **seen}
     (staging / RECIPE_FILE).write_text(json.dumps({**want, "made": made}, indent=1) + "\n")
     np.savez_compressed(staging / PROBE_FILE, **probe(cfg))
     shutil.rmtree(folder, ignore_errors=True)
@@ -56,17 +50,6 @@ def clean_meta(path: Path) -> None:
     meta = json.loads(path.read_text())
     meta["config"].update(root=None, force=False, device="auto")
     path.write_text(json.dumps(meta, indent=1, default=str))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":  # a few minutes on 2 cores

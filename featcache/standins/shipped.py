@@ -1,4 +1,4 @@
-"""The demo's stand-ins, shipped: float16 weights made once with the default recipe, in the package.
+"""The demo's stand-ins, shipped: float32 weights made once with the default recipe, in the package.
 
 A new machine would otherwise spend minutes pre-training the same two tiny experts. The shipped weights are
 used wherever the recipe asked for is the one they were made with: the same :data:`RECIPE_VERSION`, the same
@@ -10,6 +10,10 @@ it when the recipe's result changes, then regenerate (``python -m featcache.stan
 ``recipe.json`` beside the weights records the version, the options, the architectures and where they were made;
 ``probe.npz`` holds two rendered pre-training images and what each view makes of them, so that a test notices a
 renderer or a view that changed while the version stayed. The weights are made on a CPU and used on any device.
+
+On a CPU, stand-ins train in the fixed arithmetic of :data:`ARITHMETIC` (one thread, AVX2 kernels in torch, MKL
+and oneDNN), so that retraining the default recipe gives the shipped weights bit for bit whatever the machine's
+core count or vector width, with the same torch build (docs/notes/shipped-standins.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ from featcache.standins.config import StandinConfig
 logger = logging.getLogger(__name__)
 
 #: raise when the stand-ins the default recipe trains would change (renderer, views, loop, losses, sampling)
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+#: the environment each stand-in trains in on a CPU (``featcache.standins.worker``): torch, MKL and oneDNN fix their
+#: kernels and threads when a process starts, and training carries any rounding difference on into other weights
+ARITHMETIC = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+              "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 RECIPE_FILE = "recipe.json"
 PROBE_FILE = "probe.npz"
@@ -51,7 +59,7 @@ def architecture(name: str) -> dict[str, Any]:
 def recipe_record(cfg: StandinConfig) -> dict[str, Any]:
     """What the shipped weights were made with, as ``recipe.json`` records it (less where they were made), in the
     values JSON gives back (lists for tuples), so that it compares with what the file holds."""
-    record = {"version": RECIPE_VERSION, "options": recipe_options(cfg),
+    record = {"version": RECIPE_VERSION, "options": recipe_options(cfg), "arithmetic": ARITHMETIC,
               "presets": {name: architecture(name) for name in sorted(cfg.presets)}}
     return json.loads(json.dumps(record))
 
