@@ -131,10 +131,10 @@ def retrieval_map(features: np.ndarray, labels: np.ndarray) -> float:
 @pytest.mark.slow  # about 5 minutes on 2 cores: the whole pre-training of both stand-ins
 def test_the_shipped_recipe_retrains_the_shipped_stand_ins(tmp_path):
     """Retrained here with the shipped recipe, each stand-in gives the shipped one's features (median cosine 0.999)
-    on 40 rendered people it never saw, where the recipe's arithmetic is the same (AVX2 kernels, the torch that
-    made them): the arithmetic is fixed, whatever this machine's core count or vector width. Elsewhere, training
-    carries rounding differences on into other weights (docs/notes/shipped-standins.md), so only the quality is
-    compared: mAP within 0.1 of the shipped one's, and at least half its gain over the random init."""
+    on 40 rendered people it never saw, where the arithmetic is the recipe's (AVX2 kernels, one thread, the torch
+    that made them), whatever this machine's core count. Elsewhere training carries rounding differences on into
+    other weights (docs/notes/shipped-standins.md), so only the quality is compared there: mAP within 0.1 of the
+    shipped one's, and at least half its gain over the random init."""
     from featcache.standins.data import render_pretraining_set
 
     cfg = StandinConfig(root=tmp_path, device="cpu", force=True)

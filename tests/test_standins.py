@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from featcache.backbones import WeightsNotFoundError, build_backbone
 from featcache.cli import main
 from featcache.errors import ConfigError
-from featcache.standins.config import StandinConfig
+from featcache.standins.config import META_FILE, StandinConfig
+from featcache.standins.shipped import ARITHMETIC
 from featcache.standins.runner import run_pretrain_standins, standin_key
 from featcache.standins.views import VIEWS
 
@@ -82,10 +83,6 @@ def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path, monkeyp
     stamp = {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()}
     assert run_pretrain_standins(cfg) == paths  # the same key: reused, not trained again
     assert {n: (p / "standin.json").stat().st_mtime_ns for n, p in paths.items()} == stamp
-    seen = [json.loads((p / "standin.json").read_text())["arithmetic"] for p in paths.values()]
-    assert all(a["threads"] == 1 and a["device"] == "cpu" for a in seen), seen
-    if "avx2" in Path("/proc/cpuinfo").read_text():
-        assert {a["cpu_capability"] for a in seen} == {"AVX2"}, seen
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the workers' arithmetic is the recipe's, not their parent's
     again = run_pretrain_standins(cfg.replace(root=tmp_path / "b"))
     from safetensors.torch import load_file
@@ -94,6 +91,11 @@ def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path, monkeyp
         first, second = load_file(str(paths[name] / file)), load_file(str(again[name] / file))
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name  # deterministic
     assert not list((tmp_path / "a").glob(".*tmp*"))  # published whole, nothing half-written left behind
+    fixed = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # a CPU that runs the recipe's kernels
+    for run in (paths, again):
+        seen = [json.loads((p / META_FILE).read_text())["arithmetic"] for p in run.values()]
+        assert all(a["threads"] == 1 and a["device"] == "cpu" for a in seen), seen
+        assert not fixed or all(a["environment"] == ARITHMETIC and a["cpu_capability"] == "AVX2" for a in seen), seen
 
 
 def test_cli_prints_the_weights_options(tmp_path):
@@ -133,22 +135,41 @@ def test_a_pipeline_trains_only_the_stand_ins_it_is_not_given(tmp_path):
     assert "pretrain-standins" not in [st.name for st in build_stages(p)[0]]
 
 
-def test_a_failed_worker_is_one_line_naming_its_stand_in_and_publishes_nothing(tmp_path, monkeypatch):
+def test_a_failed_worker_is_one_line_naming_its_stand_in_and_stops_the_others(tmp_path, monkeypatch):
     import subprocess
     import sys
+    import time
 
     from featcache.errors import RunError
     from featcache.standins import worker
 
-    def fake_start(job, cfg, data, device):
+    started = {}
+
+    def fake_start(job, cfg, data, device, env):
         assert np.load(data)["images"].shape[0] == cfg.ids * cfg.per_id  # the rendered set, handed over by file
-        code = ("import sys, time; print('warming up', file=sys.stderr); time.sleep(30)" if job.name == "clip-mini" else
+        assert env["OMP_NUM_THREADS"] == "1"
+        job.out.mkdir(parents=True)  # a folder half written, as a worker leaves it
+        code = ("import sys, time; print('warming up', file=sys.stderr); time.sleep(60)" if job.name == "clip-mini" else
                 f"import sys; print('error: {job.name}: the loss became NaN at epoch 1', file=sys.stderr); sys.exit(1)")
-        job.proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        job.proc = started[job.name] = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
 
     monkeypatch.setattr(worker.Job, "start", fake_start)
     monkeypatch.setattr("featcache.standins.runner.usable_cores", lambda: 2)
-    cfg = StandinConfig(root=tmp_path, presets=("align-mini", "clip-mini"), **{**TINY, "ids": 8})
+    cfg = StandinConfig(root=tmp_path, presets=("clip-mini", "align-mini"), **{**TINY, "ids": 8})
+    t0 = time.monotonic()
     with pytest.raises(RunError, match=r"^pretrain-standins align-mini: the loss became NaN at epoch 1$"):
         run_pretrain_standins(cfg)
-    assert not list(tmp_path.iterdir())  # the other worker stopped, no folder left behind
+    assert time.monotonic() - t0 < 30 and started["clip-mini"].returncode == -9  # stopped, not waited for
+    assert not list(tmp_path.iterdir())  # neither worker's folder left behind
+
+
+def test_a_killed_worker_says_which_stand_in_and_how():
+    import subprocess
+    import sys
+
+    from featcache.standins.worker import Job
+
+    job = Job("align-mini", "k", Path("unused"), subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]))
+    job.proc.wait()
+    job.tail = ["align-mini epoch 3/12:  20%"]
+    assert job.failure() == "align-mini: its training process killed by SIGKILL (last output: align-mini epoch 3/12:  20%)"

@@ -22,24 +22,6 @@ logger = logging.getLogger(__name__)
 _ORIENTATION = 0x0112  # the EXIF tag
 
 
-def die_with_parent(worker_id: int) -> None:
-    """DataLoader worker start: on Linux, ask the kernel to kill this worker when its parent dies (SIGKILL,
-    SIGTERM or a crash), so no decoding worker outlives its run blocked on a pipe."""
-    import ctypes
-    import os
-    import signal
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not Linux: workers notice a dead parent at their next pipe operation
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM to the group stops the run through the parent alone
-    ppid = os.getppid()
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != ppid:  # the parent died before the request took effect
-        os._exit(1)
-
-
 @dataclass(frozen=True)
 class Decoded:
     index: int

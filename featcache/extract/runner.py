@@ -6,10 +6,8 @@ import dataclasses
 import fnmatch
 import logging
 import os
-import signal
-import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,8 @@ from featcache.extract.config import ExtractConfig
 from featcache.extract.mapper import Stored, make_mapper, stored_layout
 from featcache.cache.lock import WriterLock
 from featcache.extract.result import ExtractResult
-from featcache.extract.reader import BlockSampler, DecodedBatch, die_with_parent, ImageReader, collate
+from featcache.extract.reader import BlockSampler, DecodedBatch, ImageReader, collate
+from featcache.processes import die_with_parent, sigterm_as_interrupt
 from featcache.extract.writer import BackgroundWriter, MappedBatch, settle
 from featcache.preprocess import AUG_PAD, ERASE_AREA, ERASE_ASPECT, ERASE_FILL, ERASE_P
 from featcache.progress import progress
@@ -77,7 +76,7 @@ def run_extract(cfg: ExtractConfig, digests: np.ndarray | None = None, prebuilt:
     job = _Job(cfg, listing, device, backbones, specs, n_views, identity, digests)
     if ranks.distributed:
         return _extract_sharded(job, ranks)
-    with WriterLock(cfg.out), _sigterm_as_interrupt():  # one writer, from the existence check to the end
+    with WriterLock(cfg.out), sigterm_as_interrupt():  # one writer, from the existence check to the end
         _prepare_single(job)
         save_resolved(resolved_beside(cfg.out), cfg)
         return _extract_into(job, cfg.out, None)
@@ -182,7 +181,7 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> ExtractResult:
             raise CacheError(problem if ranks.rank == 0 else f"rank 0 refused the cache: {problem}")
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with WriterLock(final), _sigterm_as_interrupt():
+            with WriterLock(final), sigterm_as_interrupt():
                 result = _extract_shard(job, window, final)
         except Exception:
             group.all_true(False)  # the others stop waiting for this rank, then this rank's error is raised
@@ -313,23 +312,6 @@ def _extract_into(job: _Job, out: Path, window: Window | None) -> ExtractResult:
     if window is None:
         result.log()
     return result
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops a run like Ctrl-C: the batches already queued are written, the rest stays pending."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _repair(out: Path, listing, n_views: dict[str, int], window: Window | None) -> None:

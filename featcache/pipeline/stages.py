@@ -18,6 +18,7 @@ from featcache.distill.data import file_digest
 from featcache.fileio import atomic_write
 from featcache.pipeline.config import Pipeline
 from featcache.pipeline.runner import Stage, digest, portable
+from featcache.standins.config import META_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def weights_identity(path: str) -> Any:
         return p.stat().st_size
     if p.is_dir():
         files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file())
-        meta = p / "standin.json"
+        meta = p / META_FILE
         return {"files": files, "standin": file_digest(meta) if meta.is_file() else None}
     return None
 
@@ -150,7 +151,7 @@ def _standins(plan: Plan, names: tuple[str, ...]) -> Stage:
         return {name: path.name for name, path in plan.standins.items()}
 
     def outputs() -> list[Path]:
-        return [p / "standin.json" for p in plan.standins.values()]
+        return [p / META_FILE for p in plan.standins.values()]
 
     def note() -> str:
         shipped = shipped_of(plan.standins)

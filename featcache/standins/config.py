@@ -13,6 +13,10 @@ from featcache.runtime import check_device_name
 from featcache.training.options import check_training
 
 
+#: each trained stand-in's record beside its weights (preset, key, config, arithmetic, per-epoch log)
+META_FILE = "standin.json"
+
+
 def default_root() -> Path:
     """Where trained stand-ins live: $FEATCACHE_HOME/standins, else $XDG_CACHE_HOME or ~/.cache, /featcache/standins."""
     home = os.environ.get("FEATCACHE_HOME")

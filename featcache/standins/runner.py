@@ -8,13 +8,18 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
 
 from featcache.errors import RunError
 from featcache.fileio import give_umask_mode
-from featcache.standins.config import StandinConfig
+from featcache.standins.config import META_FILE, StandinConfig
 from featcache.standins.shipped import RECIPE_VERSION, SHIPPED_DIR, architecture, recipe_options, shipped_weights
-from featcache.standins.worker import Job
+from featcache.standins.worker import Job, worker_env
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
     from featcache.runtime import resolve_device
 
     paths = standin_paths(cfg)
-    todo = [n for n, p in paths.items() if cfg.force or not (p / "standin.json").is_file()]
+    todo = [n for n, p in paths.items() if cfg.force or not (p / META_FILE).is_file()]
     shipped = shipped_of(paths)
     if shipped:
         logger.info("%s: the shipped stand-ins are used (made with this recipe): nothing to train", ", ".join(shipped))
@@ -61,22 +66,27 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
         VIEWS.get(get_preset(name).standin.get("view", "(none)"))
     jobs = [Job(name, paths[name].name.rsplit("-", 1)[1], paths[name].with_name(f".{paths[name].name}.tmp-{os.getpid()}"))
             for name in todo]
-    for job in train_in_workers(cfg, jobs, device):
-        publish(job.out, paths[job.name])
+    from featcache.processes import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # a SIGTERM stops the workers and removes their folders, as Ctrl-C does
+        train_in_workers(cfg, jobs, device, lambda job: publish(job.out, paths[job.name]))
     return paths
 
 
-def train_in_workers(cfg: StandinConfig, jobs: list[Job], device) -> Iterator[Job]:
+def train_in_workers(cfg: StandinConfig, jobs: list[Job], device: torch.device, done: Callable[[Job], None]) -> None:
     """Render the pre-training set once, train each job in a worker process (as many at once as there are cores to
-    give each one thread; one at a time on a GPU) and yield each job as its weights are complete."""
+    give each one thread; one at a time on a GPU) and call ``done`` with each job as its weights are complete. On
+    any failure or interruption the other workers are stopped and their folders removed."""
     import tempfile
-    import threading
-    import time
 
     import numpy as np
 
     from featcache.standins.data import render_pretraining_set
 
+    if device.type != "cpu":
+        logger.warning("pre-training on %s: stand-ins of the same quality as on a CPU but other weights (another "
+                       "arithmetic); --device cpu trains those of CPUs with AVX2, as the shipped ones were", device)
+    env = worker_env(device.type)
     images, labels = render_pretraining_set(cfg.ids, cfg.cams, cfg.per_id, cfg.seed, cfg.image_size)
     slots = max(1, min(len(jobs), usable_cores())) if device.type == "cpu" else 1
     with tempfile.TemporaryDirectory(prefix="featcache-standins-") as tmp:
@@ -86,28 +96,33 @@ def train_in_workers(cfg: StandinConfig, jobs: list[Job], device) -> Iterator[Jo
         try:
             while waiting or running:
                 while waiting and len(running) < slots:
-                    job = waiting.pop(0)
-                    shutil.rmtree(job.out, ignore_errors=True)
-                    job.start(cfg, data, str(device))
-                    running.append((job, threading.Thread(target=job.relay, daemon=True)))
-                    running[-1][1].start()
-                done = next((r for r in running if r[0].proc.poll() is not None), None)
-                if done is None:
+                    running.append(start(waiting.pop(0), cfg, data, str(device), env))
+                finished = next((r for r in running if r[0].proc.poll() is not None), None)
+                if finished is None:
                     time.sleep(0.2)
                     continue
-                running.remove(done)
-                job, relay = done
+                running.remove(finished)
+                job, relay = finished
                 relay.join()
                 if job.proc.returncode != 0:
                     shutil.rmtree(job.out, ignore_errors=True)
                     raise RunError(f"pretrain-standins {job.failure()}")
-                yield job
+                done(job)
         finally:
             for job, relay in running:
                 job.proc.kill()
                 job.proc.wait()
                 relay.join()
                 shutil.rmtree(job.out, ignore_errors=True)
+
+
+def start(job: Job, cfg: StandinConfig, data: Path, device: str, env: dict[str, str]) -> tuple[Job, threading.Thread]:
+    """Start ``job``'s worker and the thread that passes its output on."""
+    shutil.rmtree(job.out, ignore_errors=True)
+    job.start(cfg, data, device, env)
+    relay = threading.Thread(target=job.relay, daemon=True)
+    relay.start()
+    return job, relay
 
 
 def usable_cores() -> int:
@@ -125,10 +140,10 @@ def publish(tmp: Path, final: Path) -> None:
     try:
         os.replace(tmp, final)  # published whole: a killed run leaves only a temporary folder
     except OSError:
-        if not (final / "standin.json").is_file():
+        if not (final / META_FILE).is_file():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another run published the same key meanwhile: same recipe, kept
         logger.info("%s: another run published %s first; kept it", name, final)
         return
-    log = json.loads((final / "standin.json").read_text())["log"]
+    log = json.loads((final / META_FILE).read_text())["log"]
     logger.info("%s: trained in %.0f s, saved to %s", name, sum(r["seconds"] for r in log), final)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
-from featcache.standins.config import StandinConfig
+from featcache.standins.config import META_FILE, StandinConfig
 from featcache.standins.runner import run_pretrain_standins
 from featcache.errors import RunError
-from featcache.standins.shipped import PROBE_FILE, RECIPE_FILE, RECIPE_VERSION, SHIPPED_DIR, probe, read_recipe, recipe_record
+from featcache.standins.shipped import ARITHMETIC, PROBE_FILE, RECIPE_FILE, RECIPE_VERSION, SHIPPED_DIR, probe, read_recipe, recipe_record
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,15 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
         shutil.rmtree(staging, ignore_errors=True)
         for name, path in trained.items():
             shutil.copytree(path, staging / name)
-            clean_meta(staging / name / "standin.json")
-    seen = json.loads((staging / cfg.presets[0] / "standin.json").read_text())["arithmetic"]
-    made = {"date": time.strftime("%Y-%m-%d"), "featcache": __version__, **seen}
+            clean_meta(staging / name / META_FILE)
+    seen = {name: json.loads((staging / name / META_FILE).read_text())["arithmetic"] for name in cfg.presets}
+    off = [name for name, a in seen.items() if a["environment"] != ARITHMETIC or a["threads"] != 1]
+    if off:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunError(f"{', '.join(off)}: not trained in the recipe's arithmetic ({seen[off[0]]['cpu_capability']} "
+                       "kernels here): regenerate on an x86-64 CPU with AVX2; the shipped stand-ins are unchanged")
+    made = {"date": time.strftime("%Y-%m-%d"), "featcache": __version__,
+            **{k: v for k, v in seen[cfg.presets[0]].items() if k != "environment"}}
     (staging / RECIPE_FILE).write_text(json.dumps({**want, "made": made}, indent=1) + "\n")
     np.savez_compressed(staging / PROBE_FILE, **probe(cfg))
     shutil.rmtree(folder, ignore_errors=True)

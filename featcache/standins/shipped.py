@@ -13,7 +13,8 @@ renderer or a view that changed while the version stayed. The weights are made o
 
 On a CPU, stand-ins train in the fixed arithmetic of :data:`ARITHMETIC` (one thread, AVX2 kernels in torch, MKL
 and oneDNN), so that retraining the default recipe gives the shipped weights bit for bit whatever the machine's
-core count or vector width, with the same torch build (docs/notes/shipped-standins.md).
+core count, with the same torch build (measured on one CPU model; meant for any x86-64 CPU with AVX2:
+docs/notes/shipped-standins.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import InputError
-from featcache.standins.config import StandinConfig
+from featcache.standins.config import META_FILE, StandinConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def shipped_weights(cfg: StandinConfig, name: str, folder: Path = SHIPPED_DIR) -
     rec = read_recipe(folder)
     if rec is None or cfg.force or name not in rec["presets"]:
         return None
-    files = [folder / name / "standin.json", *(folder / name).glob("*.safetensors")]
+    files = [folder / name / META_FILE, *(folder / name).glob("*.safetensors")]
     if len(files) < 2 or not all(f.is_file() for f in files):
         raise InputError(f"{folder / name}: the shipped {name} is incomplete (standin.json and its weights expected); "
                          "reinstall featcache")
