@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from featcache.backbones import build_backbone
 from featcache.cli import main
-from featcache.standins.config import StandinConfig
+from featcache.standins.config import META_FILE, StandinConfig
 from featcache.standins.runner import run_pretrain_standins, standin_paths
 from featcache.standins.shipped import ARITHMETIC, PROBE_FILE, RECIPE_VERSION, SHIPPED_DIR, probe, read_recipe, recipe_record
 from featcache.standins import runner
@@ -24,7 +24,7 @@ def test_the_recipe_is_the_one_the_shipped_weights_were_made_with():
     """Options, architectures, rendered images and views as recorded beside the weights: a change to any of them
     with the version unchanged fails here (the images and views within what CPUs may differ by)."""
     rec = read_recipe()
-    assert rec is not None, f"no {SHIPPED_DIR}/recipe.json: python -m featcache.standins.shipped makes it"
+    assert rec is not None, f"no {SHIPPED_DIR}/recipe.json: python -m featcache.standins.ship makes it"
     assert rec["version"] == RECIPE_VERSION, f"RECIPE_VERSION is {RECIPE_VERSION}, the shipped weights' {rec['version']}: regenerate them"
     cfg = StandinConfig()
     now = recipe_record(cfg)
@@ -70,7 +70,7 @@ def test_a_damaged_install_or_a_changed_recipe_under_the_same_version_is_refused
     shutil.copytree(SHIPPED_DIR, copy)
     cfg = StandinConfig(root=tmp_path / "home")
     assert shipped_weights(cfg, "clip-mini", copy) == copy / "clip-mini"
-    with pytest.raises(RunError, match="other options or presets under the same RECIPE_VERSION"):
+    with pytest.raises(RunError, match="other options, arithmetic or presets under the same RECIPE_VERSION"):
         write_shipped(cfg.replace(ids=255), copy)  # refused before any training
     (copy / "align-mini" / "model.safetensors").unlink()
     with pytest.raises(InputError, match="the shipped align-mini is incomplete"):
@@ -153,7 +153,7 @@ def test_the_shipped_recipe_retrains_the_shipped_stand_ins(tmp_path):
             scores[kind] = retrieval_map(features[kind], labels)
         assert abs(scores["retrained"] - scores["shipped"]) <= 0.1, (name, scores)
         assert scores["retrained"] - scores["random"] >= 0.5 * (scores["shipped"] - scores["random"]), (name, scores)
-        seen = json.loads((path / "standin.json").read_text())["arithmetic"]
+        seen = json.loads((path / META_FILE).read_text())["arithmetic"]
         assert seen["threads"] == 1, seen
         if (seen["cpu_capability"], seen["torch"]) == (made["cpu_capability"], made["torch"]):
             cosine = float(np.median((features["retrained"] * features["shipped"]).sum(1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from featcache.cli import main
 from featcache.errors import ConfigError
 from featcache.standins.config import META_FILE, StandinConfig
 from featcache.standins.shipped import ARITHMETIC
+from featcache.standins.worker import FIXED_KERNELS, worker_env
 from featcache.standins.runner import run_pretrain_standins, standin_key
 from featcache.standins.views import VIEWS
 
@@ -91,7 +93,7 @@ def test_pretrain_once_load_through_weights_and_repeat_exactly(tmp_path, monkeyp
     first, second = (load_file(str(run["align-mini"] / "model.safetensors")) for run in (paths, again))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # deterministic
     assert not list((tmp_path / "a").glob(".*tmp*"))  # published whole, nothing half-written left behind
-    fixed = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # a CPU that runs the recipe's kernels
+    fixed = torch.backends.cpu.get_cpu_capability() in FIXED_KERNELS  # a CPU that runs the recipe's kernels
     for run in (paths, again):
         seen = [json.loads((p / META_FILE).read_text())["arithmetic"] for p in run.values()]
         assert all(a["threads"] == 1 and a["device"] == "cpu" for a in seen), seen
@@ -174,3 +176,17 @@ def test_a_killed_worker_says_which_stand_in_and_how():
     job.proc.wait()
     job.tail = ["align-mini epoch 3/12:  20%"]
     assert job.failure() == "align-mini: its training process killed by SIGKILL (last output: align-mini epoch 3/12:  20%)"
+
+
+def test_a_cpu_without_avx2_keeps_one_thread_but_its_own_kernels(monkeypatch, caplog):
+    """Asking torch for AVX2 kernels on a CPU without them would not be a fallback: the worker is left the CPU's own
+    kernels, one thread, and the user a warning that its weights differ."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with caplog.at_level("WARNING", logger="featcache.standins.worker"):
+        env = worker_env("cpu")
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert all(env.get(k) == os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"))
+    assert "this CPU has no AVX2 (torch reports DEFAULT kernels)" in caplog.text
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert {k: worker_env("cpu")[k] for k in ARITHMETIC} == ARITHMETIC
+    assert worker_env("cuda") == dict(os.environ)  # a GPU's arithmetic is not the CPU recipe's

@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import shutil
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from featcache.errors import RunError
 from featcache.fileio import give_umask_mode
+from featcache.processes import sigterm_as_interrupt
 from featcache.standins.config import META_FILE, StandinConfig
 from featcache.standins.shipped import RECIPE_VERSION, SHIPPED_DIR, architecture, recipe_options, shipped_weights
 from featcache.standins.worker import Job, worker_env
@@ -66,8 +67,6 @@ def run_pretrain_standins(cfg: StandinConfig) -> dict[str, Path]:
         VIEWS.get(get_preset(name).standin.get("view", "(none)"))
     jobs = [Job(name, paths[name].name.rsplit("-", 1)[1], paths[name].with_name(f".{paths[name].name}.tmp-{os.getpid()}"))
             for name in todo]
-    from featcache.processes import sigterm_as_interrupt
-
     with sigterm_as_interrupt():  # a SIGTERM stops the workers and removes their folders, as Ctrl-C does
         train_in_workers(cfg, jobs, device, lambda job: publish(job.out, paths[job.name]))
     return paths

@@ -27,7 +27,7 @@ def write_shipped(cfg: StandinConfig | None = None, folder: Path = SHIPPED_DIR) 
     cfg = cfg or StandinConfig()
     old, want = read_recipe(folder), recipe_record(cfg)
     if old is not None and old["version"] == RECIPE_VERSION and {k: old[k] for k in want} != want:
-        raise RunError(f"{folder / RECIPE_FILE}: made with other options or presets under the same RECIPE_VERSION "
+        raise RunError(f"{folder / RECIPE_FILE}: made with other options, arithmetic or presets under the same RECIPE_VERSION "
                        f"{RECIPE_VERSION}: raise it in featcache/standins/shipped.py first")
     with tempfile.TemporaryDirectory() as tmp:
         trained = run_pretrain_standins(cfg.replace(root=Path(tmp), device="cpu", force=True))

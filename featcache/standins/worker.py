@@ -37,10 +37,11 @@ def worker_env(device: str) -> dict[str, str]:
 
     if device != "cpu":
         return dict(os.environ)
-    if torch.backends.cpu.get_cpu_capability() in FIXED_KERNELS:
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if kernels in FIXED_KERNELS:
         return {**os.environ, **ARITHMETIC}
     logger.warning("this CPU has no AVX2 (torch reports %s kernels): stand-ins train in its own arithmetic, and "
-                   "their weights differ from the shipped ones and from other machines'", torch.backends.cpu.get_cpu_capability())
+                   "their weights differ from the shipped ones and from other machines'", kernels)
     return {**os.environ, **{k: v for k, v in ARITHMETIC.items() if k.endswith("_NUM_THREADS")}}
 
 
